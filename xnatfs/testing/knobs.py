@@ -1,0 +1,142 @@
+"""Test and benchmark knobs of the test server: shaping, faults, request log.
+
+Real XNAT has none of this; it exists so that tests can make the server slow,
+flaky or silent on purpose, and count what the mount asked for. The knobs can
+be changed while the server runs through ``/_testserver/knobs`` (loopback
+only), so one server can be healthy for set-up and failing for the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from aiohttp import web
+
+CHUNK = 256 * 1024
+
+
+@dataclasses.dataclass
+class Knobs:
+    """Everything a test may turn. Rates are probabilities per request."""
+
+    latency_ms: float = 0.0          # added before every request is handled
+    bandwidth_mb_s: float = 0.0      # cap per connection for large bodies (0 = none)
+    range: bool = False              # honour HTTP Range on file downloads (real XNAT: no)
+    fail_rate: float = 0.0           # answer 503 instead of handling the request
+    drop_rate: float = 0.0           # abort the connection halfway through a file body
+    truncate_rate: float = 0.0       # close cleanly after half of a file body
+    hang: bool = False               # accept requests but never answer them
+    fault_path: str = ""             # regex: faults apply only to matching paths ("" = all)
+    session_timeout_s: float = 900.0  # JSESSION inactivity timeout
+    prearchive_settle_s: float = 5.0  # gradual-DICOM RECEIVING -> READY after this idle time
+
+    def update(self, changes: dict[str, Any]) -> None:
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for key, value in changes.items():
+            if key not in fields:
+                raise KeyError(key)
+            kind = type(getattr(self, key))
+            setattr(self, key, kind(value))
+
+    def fault_applies(self, path: str) -> bool:
+        return not self.fault_path or re.search(self.fault_path, path) is not None
+
+    def roll(self, rate: float, path: str) -> bool:
+        return rate > 0 and self.fault_applies(path) and random.random() < rate
+
+
+class RequestLog:
+    """Append-only JSON-lines log of every request, readable by tests.
+
+    Each line: ``{"t", "method", "path", "query", "status", "route", "bytes", "range"}``.
+    ``route`` is a coarse name (``files.download``, ``scans.list``...) set by the
+    handler, so a test can count requests by kind without parsing URLs.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    def write(self, entry: dict[str, Any]) -> None:
+        self._file.write(json.dumps(entry) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_request_log(path: Path | str, since: int = 0) -> list[dict[str, Any]]:
+    """Entries of a request log after byte offset ``since`` (see :func:`log_offset`)."""
+    with open(path, encoding="utf-8") as f:
+        f.seek(since)
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def log_offset(path: Path | str) -> int:
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+class Throttle:
+    """Token bucket for one connection's large body, ``bandwidth_mb_s`` MB/s."""
+
+    def __init__(self, mb_s: float) -> None:
+        self.rate = mb_s * 1_000_000
+        self.start = time.monotonic()
+        self.sent = 0
+
+    async def consumed(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        self.sent += n
+        ahead = self.sent / self.rate - (time.monotonic() - self.start)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
+async def send_file_body(request: web.Request, response: web.StreamResponse,
+                         fobj: BinaryIO, offset: int, count: int, knobs: Knobs) -> None:
+    """Send ``count`` bytes of an open file, honouring bandwidth caps and body faults.
+
+    Without shaping or faults the kernel's ``sendfile`` does the work, so that the
+    server is never what limits a loopback benchmark.
+    """
+    path = request.path
+    cut_at = None
+    if knobs.roll(knobs.drop_rate, path):
+        cut_at, how = count // 2, "drop"
+    elif knobs.roll(knobs.truncate_rate, path):
+        cut_at, how = count // 2, "truncate"
+    if cut_at is None and knobs.bandwidth_mb_s <= 0:
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("client went away")
+        await response.write(b"")  # flush headers before handing the socket to sendfile
+        await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
+        return
+    throttle = Throttle(knobs.bandwidth_mb_s)
+    loop = asyncio.get_running_loop()
+    remaining = count if cut_at is None else cut_at
+    fobj.seek(offset)
+    while remaining > 0:
+        chunk = await loop.run_in_executor(None, fobj.read, min(CHUNK, remaining))
+        if not chunk:
+            break
+        await response.write(chunk)
+        remaining -= len(chunk)
+        await throttle.consumed(len(chunk))
+    if cut_at is not None:
+        request["fault"] = how
+        transport = request.transport
+        if transport is not None:
+            if how == "drop":
+                transport.abort()
+            else:
+                transport.close()
+        raise ConnectionResetError(f"fault injected: {how}")

@@ -1,0 +1,120 @@
+"""``columns=``, filters and paging for XNAT's query-organiser listings.
+
+Projects, subjects, experiments and scans go through XNAT's
+``QueryOrganizerResource``: ``columns`` picks aliases (unknown ones are
+silently dropped, ``DEFAULT`` keeps the defaults), ``URI`` and the root
+element's primary-key column are always added, xpath columns come back
+lower-cased, any alias used as a query parameter filters (``*``/``%`` mean
+LIKE, a comma means OR), and ``limit``/``offset`` page (dropping
+``totalRecords``). Resources and files ignore all of this.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .xnatformat import cell, table_response
+
+# Query parameters that are never filters.
+_CONTROL_PARAMS = {"format", "columns", "limit", "offset", "sortBy", "sortOrder", "xsiType",
+                   "accessible", "owner", "member", "collaborator", "recent", "favorite",
+                   "activeSince", "admin", "prearc_code", "all", "includeHistory", "_",
+                   "structure", "inbody", "handler", "req_format"}
+
+
+@dataclass(frozen=True)
+class ListingSpec:
+    """How one listing behaves: its defaults, its key column, and its aliases.
+
+    ``aliases`` maps alias → row key; the row dictionaries handed to
+    :func:`render` hold every alias's value under its row key.
+    """
+
+    defaults: Sequence[str]
+    aliases: Mapping[str, str]
+    pk_column: str | None = None
+    title: str | None = None
+
+
+def choose_columns(request: web.Request, spec: ListingSpec) -> list[tuple[str, str]]:
+    """(output column, row key) pairs for this request."""
+    wanted = request.query.get("columns")
+    names = list(spec.defaults) if not wanted else []
+    if wanted:
+        lower_aliases = {a.lower(): a for a in spec.aliases}
+        for raw in wanted.split(","):
+            name = raw.strip()
+            if not name:
+                continue
+            if name == "DEFAULT":
+                names.extend(spec.defaults)
+            elif name in spec.aliases:
+                names.append(name)
+            elif "/" in name:
+                # An xpath such as xnat:mrSessionData/label: known leaf, lower-cased name.
+                leaf = name.rsplit("/", 1)[1]
+                alias = lower_aliases.get(leaf.lower())
+                if alias:
+                    names.append(f"\x00{name.lower()}\x00{alias}")
+            elif name.lower() in lower_aliases and name != "URI":
+                names.append(lower_aliases[name.lower()])
+    columns: list[tuple[str, str]] = []
+    seen = set()
+    for name in names:
+        if name.startswith("\x00"):
+            _, out, alias = name.split("\x00")
+            pair = (out, spec.aliases[alias])
+        else:
+            if name == "URI":
+                continue
+            pair = (name, spec.aliases[name])
+        if pair[0] not in seen:
+            seen.add(pair[0])
+            columns.append(pair)
+    if spec.pk_column and spec.pk_column not in seen:
+        columns.append((spec.pk_column, spec.aliases.get(spec.pk_column, "ID")))
+        seen.add(spec.pk_column)
+    columns.append(("URI", "URI"))
+    return columns
+
+
+def apply_filters(request: web.Request, spec: ListingSpec,
+                  rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for param, value in request.query.items():
+        if param in _CONTROL_PARAMS:
+            continue
+        key = spec.aliases.get(param)
+        if key is None:
+            lowered = {a.lower(): k for a, k in spec.aliases.items()}
+            key = lowered.get(param.lower())
+        if key is None:
+            continue
+        patterns = [p.replace("%", "*") for p in value.split(",")]
+        rows = [r for r in rows
+                if any(fnmatch.fnmatchcase(cell(r.get(key)).lower(), p.lower()) for p in patterns)]
+    return rows
+
+
+def render(request: web.Request, spec: ListingSpec, rows: list[dict[str, Any]],
+           extra_envelope: Mapping[str, Any] | None = None) -> web.Response:
+    """Filter, page and render rows through ``spec``."""
+    rows = apply_filters(request, spec, rows)
+    columns = choose_columns(request, spec)
+    envelope: dict[str, Any] = {}
+    limit = request.query.get("limit")
+    offset = request.query.get("offset")
+    if limit is not None or offset is not None:
+        start = int(offset or 0)
+        rows = rows[start:start + int(limit)] if limit is not None else rows[start:]
+    else:
+        envelope["totalRecords"] = str(len(rows))
+    if spec.title:
+        envelope["title"] = spec.title
+    envelope.update(extra_envelope or {})
+    out_rows = [{out: row.get(key) for out, key in columns} for row in rows]
+    return table_response(request, out_rows, [out for out, _ in columns], envelope=envelope)

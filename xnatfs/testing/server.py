@@ -1,0 +1,346 @@
+"""The XNAT 1.8-compatible test server: app assembly, dispatch and auth routes.
+
+``xnatfs testserver --data DIR --port N`` runs it. Requests pass through one
+middleware (request log, latency, faults, authentication, error pages) and
+are then dispatched on their path the way XNAT's Restlet router matches
+prefixes: ``/data/archive/X`` is ``/data/X``, and ``/REST`` is ``/data``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from aiohttp import web
+
+from .archive import ArchiveRoutes
+from .auth import (
+    Caller,
+    SessionRegistry,
+    authenticate,
+    login_with_password,
+    session_cookies,
+    unauthorized,
+)
+from .knobs import Knobs, RequestLog
+from .store import Store, StoreError
+from .xnatformat import XnatHTTPError, error_response, json_response, text_response
+
+log = logging.getLogger("xnatfs.testserver")
+
+XNAT_VERSION = "1.8.10"
+BUILD_INFO = {
+    "version": XNAT_VERSION, "buildNumber": "1651", "buildDate": "Tue Aug 20 18:10:41 CDT 2024",
+    "sha": "5696414138", "isDirty": "false", "commit": "2", "tag": XNAT_VERSION,
+    "shaFull": "56964141386a5f1b4bbcd7e5a0e1f8c3d2b4a6e9", "branch": "master",
+    "timestamp": "1566342641000",
+}
+SCHEMAS = ("xnat", "xdat")
+
+
+@dataclass
+class ServerContext:
+    store: Store
+    knobs: Knobs
+    sessions: SessionRegistry
+    request_log: RequestLog | None
+    archive: ArchiveRoutes
+    services: Any = None  # ServiceRoutes: import, prearchive and archiving
+
+
+def _split(path: str) -> list[str]:
+    return [p for p in path.split("/") if p]
+
+
+def normalise_data_path(segments: list[str]) -> list[str] | None:
+    """Segments after ``/data`` (or ``/REST``), with the ``archive`` alias removed."""
+    if not segments or segments[0] not in ("data", "REST"):
+        return None
+    rest = segments[1:]
+    if rest and rest[0] == "archive" and (len(rest) == 1 or rest[1] in (
+            "projects", "subjects", "experiments")):
+        rest = rest[1:]
+    return rest
+
+
+CTX = web.AppKey("ctx", ServerContext)
+
+# Paths that answer without a logged-in user.
+_OPEN_PATHS = re.compile(r"^/(|app/.*|data/services/auth/?|data/JSESSION/?|_testserver/.*)$")
+
+
+def build_app(ctx: ServerContext) -> web.Application:
+    app = web.Application(middlewares=[_make_middleware(ctx)], client_max_size=0)
+    app[CTX] = ctx
+
+    async def add_session_cookies(request: web.Request, response: web.StreamResponse) -> None:
+        # Runs just before headers go out, streamed responses included; handlers
+        # may have logged the caller in or out (services/auth, DELETE JSESSION).
+        session_cookies(response, request.get("caller"), ctx.knobs)
+
+    app.on_response_prepare.append(add_session_cookies)
+    app.router.add_route("*", "/{tail:.*}", _dispatch)
+    return app
+
+
+def _make_middleware(ctx: ServerContext):  # noqa: ANN202 - aiohttp middleware
+    @web.middleware
+    async def middleware(request: web.Request, handler):  # noqa: ANN001, ANN202
+        started = time.monotonic()
+        knobs = ctx.knobs
+        path = request.path
+        status = 500
+        response: web.StreamResponse | None = None
+        try:
+            if not path.startswith("/_testserver/"):
+                if knobs.hang and knobs.fault_applies(path):
+                    request["route"] = "hang"
+                    await asyncio.Event().wait()
+                if knobs.latency_ms > 0:
+                    await asyncio.sleep(knobs.latency_ms / 1000)
+                if knobs.roll(knobs.fail_rate, path):
+                    request["fault"] = "5xx"
+                    raise XnatHTTPError(503, "Service temporarily unavailable (fault injected)")
+            caller = authenticate(request, ctx.store, ctx.sessions)
+            request["caller"] = caller
+            if caller is None and not _OPEN_PATHS.match(path):
+                raise unauthorized(request)
+            response = await handler(request)
+        except XnatHTTPError as exc:
+            response = error_response(exc.status, exc.message, exc.headers)
+        except StoreError as exc:
+            response = error_response(exc.status, exc.message)
+        except web.HTTPException as exc:
+            response = exc
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
+            status = 499
+            _log_request(ctx, request, started, status)
+            raise exc
+        except Exception:
+            log.exception("unhandled error for %s %s", request.method, request.path_qs)
+            response = error_response(500, "Internal Server Error")
+        status = response.status
+        _log_request(ctx, request, started, status)
+        return response
+
+    return middleware
+
+
+def _log_request(ctx: ServerContext, request: web.Request, started: float, status: int) -> None:
+    if ctx.request_log is None:
+        return
+    ctx.request_log.write({
+        "t": round(time.time(), 4), "method": request.method, "path": request.path,
+        "query": request.query_string, "status": status,
+        "route": request.get("route", "other"), "bytes": request.get("bytes", 0),
+        "range": request.get("range"), "fault": request.get("fault"),
+        "ms": round((time.monotonic() - started) * 1000, 2),
+    })
+
+
+async def _dispatch(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    segments = _split(request.path)
+    caller: Caller | None = request.get("caller")
+    if not segments:
+        return _home_page(caller)
+    head = segments[0]
+    if head == "app":
+        return _home_page(caller)
+    if head == "_testserver":
+        return await _control(ctx, request, segments[1:])
+    if head == "xapi":
+        return _xapi(ctx, request, caller, segments[1:])
+    data = normalise_data_path(segments)
+    if data is None:
+        raise XnatHTTPError(404, "The requested resource was not found.")
+    if not data:
+        raise XnatHTTPError(404, "The requested resource was not found.")
+    first = data[0]
+    if first == "JSESSION":
+        return _jsession(ctx, request, caller)
+    if first == "services" and len(data) >= 2 and data[1] == "auth":
+        return await _services_auth(ctx, request)
+    if first == "auth":
+        request["route"] = "auth"
+        assert caller is not None
+        return text_response(f"User '{caller.login}' is logged in")
+    if first == "version":
+        raise XnatHTTPError(404, "The requested resource was not found.")
+    if first == "services" and len(data) >= 3 and data[1] == "tokens":
+        assert caller is not None
+        return _tokens(ctx, request, caller, data[2:])
+    if first in ("services", "prearchive") and ctx.services is not None:
+        assert caller is not None
+        return await ctx.services.handle(request, caller, data)
+    if first in ("projects", "subjects", "experiments"):
+        assert caller is not None
+        return await ctx.archive.handle(request, caller, data)
+    if first == "user" and len(data) == 1:
+        raise XnatHTTPError(404, "The requested resource was not found.")
+    raise XnatHTTPError(404, "The requested resource was not found.")
+
+
+def _home_page(caller: Caller | None) -> web.Response:
+    """XNAT's web UI is out of scope; this page carries the login marker xnatpy reads."""
+    who = (f'<span id="user_info">Logged in as: &nbsp;<a id="username-link" '
+           f'href="/app/template/XDATScreen_UpdateUser.vm">{caller.login}</a></span>'
+           if caller else '<form name="form1" method="post" action="/xnat/login"></form>')
+    return web.Response(text=f"<!DOCTYPE html>\n<html><head><title>XNAT</title></head><body>"
+                             f"{who}</body></html>", content_type="text/html")
+
+
+# ---------------------------------------------------------------- auth routes
+def _jsession(ctx: ServerContext, request: web.Request, caller: Caller | None) -> web.Response:
+    request["route"] = "jsession"
+    if request.method == "DELETE":
+        if caller is not None and caller.session is not None:
+            ctx.sessions.invalidate(caller.session.id)
+        response = web.Response(status=200, body=b"")
+        response.del_cookie("JSESSIONID", path="/")
+        request["caller"] = None
+        return response
+    if request.method not in ("GET", "POST"):
+        raise XnatHTTPError(405, "Method Not Allowed")
+    if caller is None or caller.session is None:
+        raise unauthorized(request)
+    return text_response(caller.session.id)
+
+
+async def _services_auth(ctx: ServerContext, request: web.Request) -> web.Response:
+    """xnatpy's password login: a form body, answered with a bare session id."""
+    request["route"] = "services.auth"
+    if request.method not in ("PUT", "POST"):
+        raise XnatHTTPError(405, "Method Not Allowed")
+    body = await request.text()
+    form = {k: v[0] for k, v in parse_qs(body).items()}
+    for key, values in parse_qs(request.query_string).items():
+        form.setdefault(key, values[0])
+    user = form.get("username") or form.get("j_username") or ""
+    password = form.get("password") or form.get("j_password") or ""
+    login_name = login_with_password(ctx.store, user, password) if user else None
+    if login_name is None:
+        raise XnatHTTPError(401, "Authentication failed.")
+    session = ctx.sessions.create(login_name)
+    user_row = ctx.store.user(login_name)
+    request["caller"] = Caller(login_name, bool(user_row and user_row["is_admin"]), session, True)
+    return text_response(session.id)
+
+
+def _tokens(ctx: ServerContext, request: web.Request, caller: Caller,
+            rest: list[str]) -> web.Response:
+    """``/data/services/tokens/{issue[/user/U], validate/A/S, invalidate/A}``."""
+    request["route"] = "tokens"
+    store = ctx.store
+    if rest and rest[0] == "issue":
+        target = caller.login
+        if len(rest) >= 3 and rest[1] == "user":
+            target = rest[2]
+            if target != caller.login and not caller.is_admin:
+                raise XnatHTTPError(403, "Only administrators can issue tokens for other users.")
+            if store.user(target) is None:
+                raise XnatHTTPError(404, f"User {target} not found.")
+        row = store.issue_token(target)
+        return json_response({
+            "id": row["id"], "enabled": bool(row["enabled"]), "created": row["created"],
+            "timestamp": row["created"], "disabled": 0, "alias": row["alias"],
+            "secret": row["secret"], "estimatedExpirationTime": row["expires"],
+            "singleUse": False, "xdatUserId": row["login"], "validIPAddresses": [],
+            "expired": False,
+        })
+    if len(rest) == 3 and rest[0] == "validate":
+        login = store.check_token(rest[1], rest[2])
+        return json_response({"valid": login} if login else {})
+    if len(rest) == 2 and rest[0] == "invalidate":
+        token = store.token(rest[1])
+        if token is None:
+            raise XnatHTTPError(404, "Token not found.")
+        if token["login"] != caller.login and not caller.is_admin:
+            raise XnatHTTPError(403, "Forbidden")
+        store.invalidate_token(rest[1])
+        return json_response({"result": "OK"})
+    raise XnatHTTPError(404, "The requested resource was not found.")
+
+
+def _xapi(ctx: ServerContext, request: web.Request, caller: Caller | None,
+          rest: list[str]) -> web.Response:
+    request["route"] = "xapi"
+    assert caller is not None
+    if rest == ["users", "username"]:
+        return text_response(caller.login)
+    if rest[:2] == ["siteConfig", "buildInfo"]:
+        if len(rest) == 2:
+            return json_response(BUILD_INFO)
+        if len(rest) == 3 and rest[2] in BUILD_INFO:
+            return text_response(BUILD_INFO[rest[2]])
+    if rest == ["schemas"]:
+        return json_response(list(SCHEMAS))
+    if len(rest) == 2 and rest[0] == "schemas" and rest[1] in SCHEMAS:
+        xsd = resources.files("xnatfs.testing").joinpath(f"schemas/{rest[1]}.xsd").read_text()
+        return text_response(xsd, content_type="application/xml")
+    raise XnatHTTPError(404, "The requested resource was not found.")
+
+
+# ------------------------------------------------------------- test control
+async def _control(ctx: ServerContext, request: web.Request, rest: list[str]) -> web.Response:
+    """Loopback-only knobs for tests: change knobs, expire sessions."""
+    request["route"] = "control"
+    peer = request.remote or ""
+    if not (peer.startswith("127.") or peer == "::1"):
+        raise XnatHTTPError(403, "Forbidden")
+    if rest == ["knobs"]:
+        if request.method == "POST":
+            try:
+                ctx.knobs.update(await request.json())
+            except (KeyError, ValueError, TypeError) as exc:
+                raise XnatHTTPError(400, f"bad knob: {exc}") from None
+        return json_response(ctx.knobs.__dict__)
+    if rest == ["expire-sessions"] and request.method == "POST":
+        return json_response({"expired": ctx.sessions.expire_all()})
+    raise XnatHTTPError(404, "The requested resource was not found.")
+
+
+# ------------------------------------------------------------------- running
+def make_context(data_dir: Path, knobs: Knobs, *, request_log: Path | None = None) -> ServerContext:
+    store = Store(data_dir)
+    log_path = request_log if request_log is not None else data_dir / "requests.log"
+    ctx = ServerContext(store=store, knobs=knobs, sessions=SessionRegistry(knobs),
+                        request_log=RequestLog(log_path), archive=ArchiveRoutes(store, knobs))
+    try:
+        from .services import ServiceRoutes
+    except ImportError:  # pragma: no cover - services land in a later commit
+        ServiceRoutes = None  # type: ignore[assignment,misc]  # noqa: N806
+    if ServiceRoutes is not None:
+        ctx.services = ServiceRoutes(store, knobs)
+    return ctx
+
+
+async def serve(ctx: ServerContext, host: str, port: int,
+                ready: asyncio.Event | None = None) -> None:
+    app = build_app(ctx)
+    runner = web.AppRunner(app, access_log=None, handle_signals=True)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=512)
+    await site.start()
+    log.info("XNAT test server listening on http://%s:%d", host, port)
+    print(json.dumps({"listening": f"http://{host}:{port}"}), flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        if ctx.services is not None and hasattr(ctx.services, "background"):
+            await ctx.services.background()
+        else:
+            await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        ctx.store.close()
+        if ctx.request_log is not None:
+            ctx.request_log.close()

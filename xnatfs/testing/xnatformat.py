@@ -1,0 +1,154 @@
+"""XNAT's response shapes: table envelopes (JSON and CSV), item JSON, error pages.
+
+Everything here follows ``shared/reference/xnat-rest-api.md`` section 0: all
+table cells are strings, errors are Restlet's HTML status page, and a 2xx
+never carries HTML.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from aiohttp import web
+
+# Restlet's status-page anchors into RFC 2616 section 10.
+_RFC_ANCHORS = {
+    400: "10.4.1", 401: "10.4.2", 403: "10.4.4", 404: "10.4.5", 405: "10.4.6",
+    406: "10.4.7", 409: "10.4.10", 417: "10.4.18", 422: "10.4.1",
+    500: "10.5.1", 502: "10.5.3", 503: "10.5.4",
+}
+_REASONS = {
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 406: "Not Acceptable", 409: "Conflict",
+    417: "Expectation Failed", 422: "Unprocessable Entity", 500: "Internal Server Error",
+    502: "Bad Gateway", 503: "Service Unavailable",
+}
+
+REALM = 'Basic realm="XNAT Protected Area"'
+
+
+class XnatHTTPError(Exception):
+    """Raised by handlers; rendered as XNAT's HTML status page."""
+
+    def __init__(self, status: int, message: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message or _REASONS.get(status, "Error"))
+        self.status = status
+        self.message = message or _REASONS.get(status, "Error")
+        self.headers = dict(headers or {})
+
+
+def status_page(status: int, message: str) -> str:
+    anchor = _RFC_ANCHORS.get(status, "10.4.1")
+    return (
+        "<html>\n<head>\n   <title>Status page</title>\n</head>\n<body>\n"
+        f"<h3>{_html_escape(message)}</h3><p>You can get technical details <a href="
+        f'"http://www.w3.org/Protocols/rfc2616/rfc2616-sec10.html#sec{anchor}">here</a>.<br>\n'
+        'Please continue your visit at our <a href="/">home page</a>.\n</p>\n</body>\n</html>\n'
+    )
+
+
+def error_response(status: int, message: str,
+                   headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=status_page(status, message),
+                        content_type="text/html", charset="UTF-8", headers=headers)
+
+
+def _html_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def cell(value: Any) -> str:
+    """XNAT renders every table cell as a string; null is the empty string."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def requested_format(request: web.Request, default: str = "json") -> str:
+    return (request.query.get("format") or default).lower()
+
+
+def table_response(request: web.Request, rows: Sequence[Mapping[str, Any]],
+                   columns: Sequence[str], *, envelope: Mapping[str, Any] | None = None,
+                   json_columns_header: list[dict[str, str]] | None = None,
+                   default_format: str = "json") -> web.Response:
+    """Render a listing as XNAT does (``JSONTableRepresentation``/``toCSV``).
+
+    ``envelope`` holds the extras next to ``Result`` (``totalRecords``, ``title``);
+    ``json_columns_header`` is the ``Columns`` list some listings carry.
+    """
+    fmt = requested_format(request, default_format)
+    table = [{col: cell(row.get(col)) for col in columns} for row in rows]
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(columns)
+        for row in table:
+            writer.writerow([row[c] for c in columns])
+        return web.Response(text=buf.getvalue(), content_type="text/csv", charset="UTF-8")
+    if fmt in ("json", "jsonp"):
+        result_set: dict[str, Any] = {}
+        if json_columns_header is not None:
+            result_set["Columns"] = json_columns_header
+        result_set["Result"] = table
+        for key, value in (envelope or {}).items():
+            result_set[key] = cell(value)
+        return json_response({"ResultSet": result_set})
+    if fmt in ("xml", "html", "txt"):
+        return _xml_table(table, columns) if fmt == "xml" else _text_table(table, columns, fmt)
+    raise XnatHTTPError(400, f"Unsupported format: {fmt}")
+
+
+def _xml_table(table: list[dict[str, str]], columns: Sequence[str]) -> web.Response:
+    from xml.sax.saxutils import escape, quoteattr
+
+    out = ['<?xml version="1.0" encoding="UTF-8"?>\n<results xmlns="http://nrg.wustl.edu/xe">'
+           "<columns>"]
+    out += [f"<column>{escape(c)}</column>" for c in columns]
+    out.append("</columns><rows>")
+    for row in table:
+        out.append("<row>" + "".join(f"<cell name={quoteattr(c)}>{escape(row[c])}</cell>"
+                                     for c in columns) + "</row>")
+    out.append("</rows></results>")
+    return web.Response(text="".join(out), content_type="text/xml", charset="UTF-8")
+
+
+def _text_table(table: list[dict[str, str]], columns: Sequence[str], fmt: str) -> web.Response:
+    # HTML tables are what XNAT's browser view serves; keep them out of the JSON paths.
+    if fmt == "html":
+        head = "".join(f"<th>{_html_escape(c)}</th>" for c in columns)
+        body = "".join("<tr>" + "".join(f"<td>{_html_escape(r[c])}</td>" for c in columns)
+                       + "</tr>" for r in table)
+        return web.Response(text=f"<html><body><table><tr>{head}</tr>{body}</table></body></html>",
+                            content_type="text/html", charset="UTF-8")
+    lines = ["\t".join(columns)] + ["\t".join(r[c] for c in columns) for r in table]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="UTF-8")
+
+
+def json_response(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, text=json.dumps(payload),
+                        content_type="application/json", charset="UTF-8")
+
+
+def text_response(text: str, status: int = 200, content_type: str = "text/plain") -> web.Response:
+    return web.Response(status=status, text=text, content_type=content_type, charset="UTF-8")
+
+
+def item_json(xsi_type: str, data_fields: Mapping[str, Any],
+              children: Sequence[Mapping[str, Any]] = (),
+              meta_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One ``ItemJSONBuilder`` item; ``data_fields`` keep their Java types."""
+    meta: dict[str, Any] = {"create_event_id": 1, "xsi:type": xsi_type, "isHistory": False}
+    meta.update(meta_extra or {})
+    return {"children": list(children), "meta": meta, "data_fields": dict(data_fields)}
+
+
+def child_field(field: str, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {"field": field, "items": list(items)}
