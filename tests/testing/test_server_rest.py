@@ -1,0 +1,327 @@
+"""The test server over a real socket: auth, listings, writes and error statuses.
+
+Each status XNAT answers (reference section 7) has a test here; data is made
+through the REST API itself, as a client would.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from xnatfs.testing.harness import TestServer
+
+ADMIN = ("admin", "admin")
+ALICE = ("alice", "alice")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
+    srv = TestServer(tmp_path_factory.mktemp("rest") / "data", dataset="none")
+    with srv:
+        with httpx.Client(base_url=srv.url, auth=ADMIN) as c:
+            for pid, access in (("PUBP", "public"), ("PROTP", "protected"), ("PRIVP", "private")):
+                assert c.put(f"/data/projects/{pid}?accessibility={access}").status_code == 201
+            assert c.put("/data/projects/PUBP/subjects/SUBJ1").status_code == 201
+            r = c.put("/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1"
+                      "?xsiType=xnat:mrSessionData&date=2020-02-03")
+            assert r.status_code == 201
+            r = c.put("/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1/scans/3"
+                      "?xsiType=xnat:mrScanData&type=T1 MPRAGE/2&series_description=t1")
+            assert r.status_code == 201
+            base = "/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1"
+            assert c.put(f"{base}/scans/3/resources/DICOM/files/a.dcm",
+                         content=b"A" * 1000).status_code == 200
+            assert c.put(f"{base}/scans/3/resources/DICOM/files/sub/dir/b.dcm",
+                         content=b"B" * 10).status_code == 200
+            assert c.put(f"{base}/resources/NOTES/files/n.txt",
+                         content=b"notes").status_code == 200
+        yield srv
+
+
+@pytest.fixture
+def admin(server: TestServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, auth=ADMIN) as c:
+        yield c
+
+
+@pytest.fixture
+def alice(server: TestServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, auth=ALICE) as c:
+        yield c
+
+
+def h3(response: httpx.Response) -> str:
+    match = re.search(r"<h3>(.*)</h3>", response.text)
+    assert match, response.text
+    return match.group(1)
+
+
+# ------------------------------------------------------------------- auth
+def test_jsession_login_sets_cookie_and_body(server: TestServer) -> None:
+    with httpx.Client(base_url=server.url) as c:
+        r = c.post("/data/JSESSION", auth=ADMIN)
+        assert r.status_code == 200
+        assert re.fullmatch(r"[0-9A-F]{32}", r.text)
+        assert r.cookies["JSESSIONID"] == r.text
+        expiry = [v for k, v in r.headers.multi_items()
+                  if k == "set-cookie" and v.startswith("SESSION_EXPIRATION_TIME")]
+        assert re.match(r'SESSION_EXPIRATION_TIME="\d+,900000"', expiry[0])
+        # Later requests carry the cookie and no Basic header.
+        assert c.get("/data/auth").text == "User 'admin' is logged in"
+        assert c.delete("/data/JSESSION").status_code == 200
+        r = c.get("/data/projects")
+        assert r.status_code == 401
+        assert r.headers["WWW-Authenticate"].startswith("Basic realm=")
+
+
+def test_services_auth_password_login(server: TestServer) -> None:
+    with httpx.Client(base_url=server.url) as c:
+        r = c.put("/data/services/auth", data={"username": "alice", "password": "alice"})
+        assert r.status_code == 200 and r.cookies["JSESSIONID"] == r.text
+        assert c.get("/xapi/users/username").text == "alice"
+        bad = c.put("/data/services/auth", data={"username": "alice", "password": "nope"})
+        assert bad.status_code == 401
+        assert c.get("/data/services/auth").status_code == 405
+
+
+def test_bad_basic_credentials_are_401(server: TestServer) -> None:
+    r = httpx.get(f"{server.url}/data/projects", auth=("admin", "wrong"))
+    assert r.status_code == 401
+    assert h3(r) == "Login attempt failed. Please try again."
+
+
+def test_browser_agents_are_redirected_to_login(server: TestServer) -> None:
+    r = httpx.get(f"{server.url}/data/projects", headers={"User-Agent": "Mozilla/5.0"})
+    assert r.status_code == 302
+
+
+def test_session_expires_after_inactivity(server: TestServer) -> None:
+    with httpx.Client(base_url=server.url) as c:
+        assert c.post("/data/JSESSION", auth=ADMIN).status_code == 200
+        assert c.get("/data/projects").status_code == 200
+        server.expire_sessions()
+        r = c.get("/data/projects")
+        assert r.status_code == 401 and "WWW-Authenticate" in r.headers
+
+
+def test_alias_token_works_as_basic_credentials(admin: httpx.Client, server: TestServer) -> None:
+    token = admin.get("/data/services/tokens/issue").json()
+    assert re.fullmatch(r"[0-9a-f-]{36}", token["alias"]) and token["xdatUserId"] == "admin"
+    r = httpx.get(f"{server.url}/data/auth", auth=(token["alias"], token["secret"]))
+    assert r.text == "User 'admin' is logged in"
+    valid = admin.get(f"/data/services/tokens/validate/{token['alias']}/{token['secret']}")
+    assert valid.json() == {"valid": "admin"}
+    assert admin.get(f"/data/services/tokens/invalidate/{token['alias']}").json() == {
+        "result": "OK"}
+    r = httpx.get(f"{server.url}/data/auth", auth=(token["alias"], token["secret"]))
+    assert r.status_code == 401
+
+
+def test_non_admin_cannot_issue_tokens_for_others(alice: httpx.Client) -> None:
+    assert alice.get("/data/services/tokens/issue/user/admin").status_code == 403
+    assert alice.get("/data/services/tokens/issue").status_code == 200
+
+
+def test_version_is_404_and_build_info_answers(admin: httpx.Client) -> None:
+    assert admin.get("/data/version").status_code == 404
+    info = admin.get("/xapi/siteConfig/buildInfo").json()
+    assert info["version"].startswith("1.8")
+    assert admin.get("/xapi/siteConfig/buildInfo/version").text == info["version"]
+    assert set(admin.get("/xapi/schemas?format=json").json()) >= {"xnat", "xdat"}
+    assert "schema" in admin.get("/xapi/schemas/xnat").text
+
+
+# --------------------------------------------------------------- listings
+def test_project_listing_envelope_and_csv(admin: httpx.Client) -> None:
+    body = admin.get("/data/projects?format=json").json()
+    rows = body["ResultSet"]["Result"]
+    assert body["ResultSet"]["totalRecords"] == str(len(rows))
+    assert {"PUBP", "PROTP", "PRIVP"} <= {r["ID"] for r in rows}
+    assert all(isinstance(v, str) for r in rows for v in r.values())
+    assert rows[0]["URI"] == f"/data/projects/{rows[0]['ID']}"
+    csv = admin.get("/data/projects?format=csv").text.splitlines()
+    assert csv[0] == "ID,secondary_ID,name,description,pi_firstname,pi_lastname,URI"
+
+
+def test_archive_alias_and_columns(admin: httpx.Client) -> None:
+    plain = admin.get("/data/projects/PUBP/experiments").json()
+    alias = admin.get("/data/archive/projects/PUBP/experiments").json()
+    assert plain == alias
+    row = plain["ResultSet"]["Result"][0]
+    assert row["xnat:subjectassessordata/id"] == row["ID"]
+    assert row["URI"] == f"/data/experiments/{row['ID']}"
+    picked = admin.get("/data/projects/PUBP/experiments?columns=ID,label,bogus").json()
+    assert list(picked["ResultSet"]["Result"][0]) == ["ID", "label",
+                                                     "xnat:subjectassessordata/id", "URI"]
+    filtered = admin.get("/data/projects/PUBP/experiments?label=SES*").json()
+    assert len(filtered["ResultSet"]["Result"]) == 1
+    none = admin.get("/data/projects/PUBP/experiments?label=nothing*").json()
+    assert none["ResultSet"]["Result"] == []
+    paged = admin.get("/data/projects/PUBP/experiments?limit=1&offset=0").json()
+    assert "totalRecords" not in paged["ResultSet"]
+
+
+def test_labels_resolve_under_projects_but_not_at_top_level(admin: httpx.Client) -> None:
+    eid = admin.get("/data/projects/PUBP/experiments").json()["ResultSet"]["Result"][0]["ID"]
+    assert admin.get("/data/projects/PUBP/experiments/SESS1?format=json").status_code == 200
+    assert admin.get(f"/data/experiments/{eid}?format=json").status_code == 200
+    r = admin.get("/data/experiments/SESS1?format=json")
+    assert r.status_code == 404 and h3(r) == "Unable to find the specified experiment."
+    assert admin.get("/data/subjects/SUBJ1").status_code == 404
+    item = admin.get(f"/data/experiments/{eid}?format=json").json()["items"][0]
+    assert item["meta"]["xsi:type"] == "xnat:mrSessionData"
+    assert item["data_fields"]["ID"] == eid and item["data_fields"]["date"] == "2020-02-03"
+
+
+def test_scan_resource_and_file_listings(admin: httpx.Client) -> None:
+    base = "/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1"
+    scans = admin.get(f"{base}/scans").json()["ResultSet"]["Result"]
+    assert scans[0]["ID"] == "3" and scans[0]["type"] == "T1 MPRAGE/2"
+    res = admin.get(f"{base}/scans/3/resources").json()["ResultSet"]
+    assert res["title"] == "Resources" and "URI" not in res["Result"][0]
+    assert res["Result"][0]["file_count"] == "2" and res["Result"][0]["file_size"] == "1010"
+    files = admin.get(f"{base}/scans/3/resources/DICOM/files").json()["ResultSet"]
+    assert "totalRecords" not in files
+    by_name = {f["Name"]: f for f in files["Result"]}
+    rid = res["Result"][0]["xnat_abstractresource_id"]
+    assert by_name["b.dcm"]["URI"].endswith(f"/resources/{rid}/files/sub/dir/b.dcm")
+    assert by_name["a.dcm"]["URI"].startswith("/data/projects/PUBP/subjects/")
+    assert by_name["a.dcm"]["digest"] == "e8c6f8d08b3a22553f63bd7feb7d4d77" or len(
+        by_name["a.dcm"]["digest"]) == 32
+    # Multi-resource forms: URIs built from resource_path lack /data.
+    multi = admin.get(f"{base}/scans/ALL/files").json()["ResultSet"]["Result"]
+    assert {f["Name"] for f in multi} == {"a.dcm", "b.dcm"}
+    assert all(f["URI"].startswith("/experiments/") for f in multi)
+    by_type = admin.get(f"{base}/scans/T1 MPRAGE[SLASH]2/files").json()["ResultSet"]["Result"]
+    assert len(by_type) == 2
+    session = admin.get(f"{base}/files").json()["ResultSet"]["Result"]
+    assert [f["Name"] for f in session] == ["n.txt"]
+
+
+def test_downloads_file_and_zip_layout(admin: httpx.Client) -> None:
+    import io
+    import zipfile
+
+    base = "/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1"
+    r = admin.get(f"{base}/scans/3/resources/DICOM/files/a.dcm")
+    assert r.content == b"A" * 1000
+    assert r.headers["Content-Type"] == "application/octet-stream"
+    assert r.headers["Content-Disposition"] == 'attachment; filename="a.dcm";'
+    assert "Last-Modified" in r.headers and "Accept-Ranges" not in r.headers
+    # Range is ignored by default, as XNAT 1.8 does.
+    ranged = admin.get(f"{base}/scans/3/resources/DICOM/files/a.dcm",
+                       headers={"Range": "bytes=0-9"})
+    assert ranged.status_code == 200 and len(ranged.content) == 1000
+    z = admin.get(f"{base}/scans/ALL/files?format=zip")
+    assert z.headers["Content-Type"] == "application/zip" and "Content-Length" not in z.headers
+    names = zipfile.ZipFile(io.BytesIO(z.content)).namelist()
+    assert sorted(names) == ["SESS1/scans/3-T1_MPRAGE_2/resources/DICOM/files/a.dcm",
+                             "SESS1/scans/3-T1_MPRAGE_2/resources/DICOM/files/sub/dir/b.dcm"]
+    missing = admin.get(f"{base}/scans/3/resources/DICOM/files/nope.dcm")
+    assert missing.status_code == 404 and h3(missing) == "Unable to find file."
+
+
+def test_range_on_when_enabled(admin: httpx.Client, server: TestServer) -> None:
+    url = "/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1/scans/3/resources/DICOM/files/a.dcm"
+    server.set_knobs(range=True)
+    try:
+        r = admin.get(url, headers={"Range": "bytes=10-19"})
+        assert r.status_code == 206 and r.content == b"A" * 10
+        assert r.headers["Content-Range"] == "bytes 10-19/1000"
+    finally:
+        server.set_knobs(range=False)
+
+
+# ------------------------------------------------------- statuses, writes
+def test_private_project_is_invisible_and_protected_is_forbidden(alice: httpx.Client) -> None:
+    ids = {r["ID"] for r in alice.get("/data/projects").json()["ResultSet"]["Result"]}
+    assert "PRIVP" not in ids and "PUBP" in ids
+    assert alice.get("/data/projects/PRIVP/subjects").status_code == 404
+    r = alice.get("/data/projects/PROTP/subjects")
+    assert r.status_code == 403 and h3(r) == "Unable to read subjects for Project: PROTP"
+    assert "#sec10.4.4" in r.text
+    r = alice.get("/data/projects/PROTP/experiments")
+    assert r.status_code == 403 and h3(r) == "Unable to read experiments for Project: PROTP"
+
+
+def test_reader_cannot_write(alice: httpx.Client) -> None:
+    r = alice.put("/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1/resources/X/files/x.txt",
+                  content=b"x")
+    assert r.status_code == 403
+
+
+def test_duplicate_file_put_is_200_and_keeps_the_file(admin: httpx.Client) -> None:
+    url = "/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1/resources/NOTES/files/n.txt"
+    r = admin.put(url, content=b"changed")
+    assert r.status_code == 200 and r.json() == {"duplicates": ["n.txt"]}
+    assert admin.get(url).content == b"notes"
+    assert admin.put(url + "?overwrite=true", content=b"changed").status_code == 200
+    assert admin.get(url).content == b"changed"
+    assert admin.put(url + "?overwrite=true", content=b"notes").status_code == 200
+
+
+def test_empty_put_is_400(admin: httpx.Client) -> None:
+    r = admin.put("/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1/resources/NOTES/files/e",
+                  content=b"")
+    assert r.status_code == 400 and "didn't provide any data" in h3(r)
+
+
+def test_resource_creation_and_conflict(admin: httpx.Client) -> None:
+    url = "/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1/resources/QC"
+    assert admin.put(url + "?format=JSON").status_code == 200
+    r = admin.put(url)
+    assert r.status_code == 409 and h3(r) == "Specified resource already exists."
+    assert admin.delete(url).status_code == 200
+
+
+def test_object_creation_statuses(admin: httpx.Client) -> None:
+    r = admin.put("/data/archive/projects/PUBP/subjects/NEWSUB?xsiType=xnat:subjectData"
+                  "&req_format=qs&xnat:subjectData/label=NEWSUB")
+    assert r.status_code == 201 and re.fullmatch(r"XNAT_S\d{5}", r.text)
+    again = admin.put("/data/archive/projects/PUBP/subjects/NEWSUB")
+    assert again.status_code == 200 and again.text == r.text
+    assert admin.delete("/data/projects/PUBP/subjects/NEWSUB").status_code == 200
+    bad = admin.put("/data/projects/bad%20id")
+    assert bad.status_code == 417 and h3(bad) == "Invalid character in project ID."
+
+
+def test_file_delete(admin: httpx.Client) -> None:
+    url = "/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1/resources/NOTES/files/tmp.txt"
+    assert admin.put(url, content=b"t").status_code == 200
+    assert admin.delete(url).status_code == 200
+    r = admin.delete(url)
+    assert r.status_code == 404 and h3(r) == "No matched files"
+
+
+def test_request_log_counts_routes(admin: httpx.Client, server: TestServer) -> None:
+    mark = server.log_mark()
+    admin.get("/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1/scans")
+    admin.get("/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1/scans/3/resources/DICOM/files")
+    routes = [e["route"] for e in server.requests_since(mark)]
+    assert routes == ["scans.list", "files.list"]
+
+
+def test_injected_faults(admin: httpx.Client, server: TestServer) -> None:
+    url = "/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1/scans/3/resources/DICOM/files/a.dcm"
+    server.set_knobs(fail_rate=1.0)
+    try:
+        assert admin.get(url).status_code == 503
+    finally:
+        server.set_knobs(fail_rate=0.0)
+    server.set_knobs(truncate_rate=1.0)
+    try:
+        with pytest.raises(httpx.RemoteProtocolError):
+            admin.get(url)
+    finally:
+        server.set_knobs(truncate_rate=0.0)
+    server.set_knobs(hang=True)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            admin.get(url, timeout=0.5)
+    finally:
+        server.set_knobs(hang=False)
+    assert admin.get(url).status_code == 200

@@ -1,0 +1,116 @@
+"""Run ``xnatfs testserver`` as a subprocess and steer it, for tests and benchmarks.
+
+Tests talk to the server over a real socket, as every client does; this
+module only starts it, waits until it listens, turns its knobs through the
+loopback control endpoint and reads its request log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .knobs import log_offset, read_request_log
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TestServer:
+    """One ``xnatfs testserver`` process on a free loopback port."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, data_dir: Path, *, dataset: str = "demo", args: list[str] | None = None,
+                 port: int | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.dataset = dataset
+        self.extra_args = list(args or [])
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.data_dir / "requests.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stderr_path = self.data_dir.parent / f"{self.data_dir.name}-server.log"
+
+    def start(self, timeout: float = 600.0) -> TestServer:
+        """Start and wait until the port answers (building the data set may take a while)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "xnatfs.cli", "testserver", "--data", str(self.data_dir),
+               "--port", str(self.port), "--dataset", self.dataset, "--log-level", "WARNING",
+               *self.extra_args]
+        with open(self.stderr_path, "ab") as err:
+            self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"test server exited: {self.stderr_path.read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise TimeoutError("test server did not start listening")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> TestServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ control
+    def _control(self, path: str, payload: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(payload).encode() if payload is not None else b""
+        req = urllib.request.Request(f"{self.url}/_testserver/{path}", data=data,
+                                     method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as response:
+            return json.loads(response.read())
+
+    def set_knobs(self, **changes: Any) -> dict[str, Any]:
+        """Change shaping/fault knobs while the server runs (see :class:`Knobs`)."""
+        return self._control("knobs", changes)
+
+    def expire_sessions(self) -> int:
+        return int(self._control("expire-sessions")["expired"])
+
+    # -------------------------------------------------------- request log
+    def log_mark(self) -> int:
+        """A position in the request log; pass it to :meth:`requests_since`."""
+        return log_offset(self.log_path)
+
+    def requests_since(self, mark: int) -> list[dict[str, Any]]:
+        return read_request_log(self.log_path, mark) if self.log_path.exists() else []
+
+
+def env_without_proxies() -> dict[str, str]:
+    """Subprocess environment that keeps loopback traffic away from any proxy."""
+    env = dict(os.environ)
+    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy",
+                "ALL_PROXY"):
+        env.pop(key, None)
+    env["NO_PROXY"] = "127.0.0.1,localhost"
+    return env
