@@ -500,7 +500,12 @@ class ArchiveRoutes:
                 raise XnatHTTPError(404, "Unable to find the specified scan.")
             item = self._scan_item(res.scans[0], res.experiment)
         elif level == "resource":
-            return self._list_files(request, path, res)
+            if res.resource_multi:
+                raise XnatHTTPError(404, "Unable to find the specified resource.")
+            item = self._resource_item(res.resources[0])
+            if fmt != "json":
+                return text_response(catalog_xml(self.store, res.resources[0]),
+                                     content_type="text/xml")
         else:
             raise XnatHTTPError(404, "The requested resource was not found.")
         if fmt == "json":
@@ -1133,6 +1138,21 @@ def _extract_members(archive: Path, name: str, tmp_dir: Path) -> list[tuple[str,
     except tarfile.TarError:
         raise XnatHTTPError(400, f"Unable to extract {name}: not a zip or tar archive.") from None
     return out
+
+
+def catalog_xml(store: Store, resource: sqlite3.Row) -> str:
+    """A resource's catalog, as XNAT serves it for a plain GET of the resource."""
+    from xml.sax.saxutils import quoteattr
+
+    entries = "".join(
+        f"<cat:entry URI={quoteattr(f.path)} ID={quoteattr(f.path)} name="
+        f"{quoteattr(f.path.rsplit('/', 1)[-1])} digest={quoteattr(f.digest)} "
+        f'xsi:type="cat:entry"/>' for f in store.files(resource["id"]))
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n<cat:Catalog '
+            'xmlns:cat="http://nrg.wustl.edu/catalog" '
+            'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+            f'ID={quoteattr(str(resource["id"]))}><cat:entries>{entries}</cat:entries>'
+            "</cat:Catalog>")
 
 
 def item_to_xml(item: dict[str, Any]) -> str:

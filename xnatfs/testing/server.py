@@ -32,7 +32,13 @@ from .auth import (
 )
 from .knobs import Knobs, RequestLog
 from .store import Store, StoreError
-from .xnatformat import XnatHTTPError, error_response, json_response, text_response
+from .xnatformat import (
+    XnatHTTPError,
+    error_response,
+    json_response,
+    table_response,
+    text_response,
+)
 
 log = logging.getLogger("xnatfs.testserver")
 
@@ -184,6 +190,8 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
     if first in ("projects", "subjects", "experiments"):
         assert caller is not None
         return await ctx.archive.handle(request, caller, data)
+    if first == "search" and len(data) >= 2 and data[1] == "elements":
+        return _search_elements(request, data[2:])
     if first == "user" and len(data) == 1:
         raise XnatHTTPError(404, "The requested resource was not found.")
     raise XnatHTTPError(404, "The requested resource was not found.")
@@ -196,6 +204,38 @@ def _home_page(caller: Caller | None) -> web.Response:
            if caller else '<form name="form1" method="post" action="/xnat/login"></form>')
     return web.Response(text=f"<!DOCTYPE html>\n<html><head><title>XNAT</title></head><body>"
                              f"{who}</body></html>", content_type="text/html")
+
+
+# Data types the site knows, for xnatpy's mandatory GET /data/search/elements.
+SEARCH_ELEMENTS = {
+    "xnat:projectData": ("Project", ["ID", "NAME", "SECONDARY_ID", "DESCRIPTION"]),
+    "xnat:subjectData": ("Subject", ["SUBJECT_ID", "SUBJECT_LABEL", "PROJECT", "INSERT_DATE"]),
+    "xnat:mrSessionData": ("MR Session", ["SESSION_ID", "SUBJECT_ID", "DATE", "PROJECT"]),
+    "xnat:ctSessionData": ("CT Session", ["SESSION_ID", "SUBJECT_ID", "DATE", "PROJECT"]),
+    "xnat:petSessionData": ("PET Session", ["SESSION_ID", "SUBJECT_ID", "DATE", "PROJECT"]),
+    "xnat:mrScanData": ("MR Scan", ["ID", "TYPE", "SERIES_DESCRIPTION"]),
+    "xnat:ctScanData": ("CT Scan", ["ID", "TYPE", "SERIES_DESCRIPTION"]),
+    "xnat:petScanData": ("PET Scan", ["ID", "TYPE", "SERIES_DESCRIPTION"]),
+}
+
+
+def _search_elements(request: web.Request, rest: list[str]) -> web.Response:
+    request["route"] = "search.elements"
+    if not rest:
+        rows = [{"ELEMENT_NAME": name, "SINGULAR": singular, "PLURAL": singular + "s",
+                 "COUNT": "0", "SECURED": "true"}
+                for name, (singular, _fields) in SEARCH_ELEMENTS.items()]
+        return table_response(request, rows,
+                              ["ELEMENT_NAME", "SINGULAR", "PLURAL", "COUNT", "SECURED"],
+                              envelope={"totalRecords": str(len(rows))})
+    if len(rest) == 1 and rest[0] in SEARCH_ELEMENTS:
+        fields = SEARCH_ELEMENTS[rest[0]][1]
+        rows = [{"FIELD_ID": f, "HEADER": f.title(), "SUMMARY": "", "TYPE": "string",
+                 "REQUIRES_VALUE": "false", "DESC": "", "ELEMENT_NAME": rest[0],
+                 "SRC": "0"} for f in fields]
+        return table_response(request, rows, list(rows[0]),
+                              envelope={"totalRecords": str(len(rows))})
+    raise XnatHTTPError(404, "The requested resource was not found.")
 
 
 # ---------------------------------------------------------------- auth routes
