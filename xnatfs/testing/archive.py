@@ -630,43 +630,12 @@ class ArchiveRoutes:
         for _scan, resource in self._file_sources(res):
             f = self.store.file(resource["id"], path.file_path)
             if f is not None:
-                return await self._send_file(request, f)
+                return await send_blob(request, self.store.blob_path(f.blob),
+                                       f.path.rsplit("/", 1)[-1], f.size, f.mtime,
+                                       self.knobs)
         if request.query.get("accept-not-found") == "true":
             return web.Response(status=204)
         raise XnatHTTPError(404, "Unable to find file.")
-
-    async def _send_file(self, request: web.Request, f: FileRow) -> web.StreamResponse:
-        blob = self.store.blob_path(f.blob)
-        name = f.path.rsplit("/", 1)[-1]
-        suffix = Path(name).suffix.lower()
-        headers = {
-            "Content-Disposition": f'attachment; filename="{name}";',
-            "Cache-Control": "must-revalidate",
-            "Last-Modified": email.utils.formatdate(f.mtime, usegmt=True),
-        }
-        response = web.StreamResponse(status=200, headers=headers)
-        response.content_type = _KNOWN_TYPES.get(suffix, "application/octet-stream")
-        start, count = 0, f.size
-        if self.knobs.range:
-            response.headers["Accept-Ranges"] = "bytes"
-            byte_range = _parse_range(request.headers.get("Range"), f.size)
-            if byte_range == "unsatisfiable":
-                raise XnatHTTPError(416, "Requested Range Not Satisfiable",
-                                    {"Content-Range": f"bytes */{f.size}"})
-            if byte_range is not None:
-                start, end = byte_range
-                count = end - start + 1
-                response.set_status(206)
-                response.headers["Content-Range"] = f"bytes {start}-{end}/{f.size}"
-                request["range"] = f"{start}-{end}"
-        response.content_length = count
-        await response.prepare(request)
-        if request.method == "HEAD" or count == 0:
-            return response
-        with open(blob, "rb") as fobj:
-            await send_file_body(request, response, fobj, start, count, self.knobs)
-        request["bytes"] = count
-        return response
 
     async def _archive_download(self, request: web.Request, path: ArchivePath,
                                 res: Resolved, fmt: str) -> web.StreamResponse:
@@ -908,6 +877,40 @@ class ArchiveRoutes:
 
 
 # ---------------------------------------------------------------- helpers
+async def send_blob(request: web.Request, blob: Path, name: str, size: int, mtime: float,
+                    knobs: Knobs) -> web.StreamResponse:
+    """A single-file download with XNAT's headers; Range only when the knob allows it."""
+    suffix = Path(name).suffix.lower()
+    headers = {
+        "Content-Disposition": f'attachment; filename="{name}";',
+        "Cache-Control": "must-revalidate",
+        "Last-Modified": email.utils.formatdate(mtime, usegmt=True),
+    }
+    response = web.StreamResponse(status=200, headers=headers)
+    response.content_type = _KNOWN_TYPES.get(suffix, "application/octet-stream")
+    start, count = 0, size
+    if knobs.range:
+        response.headers["Accept-Ranges"] = "bytes"
+        byte_range = _parse_range(request.headers.get("Range"), size)
+        if byte_range == "unsatisfiable":
+            raise XnatHTTPError(416, "Requested Range Not Satisfiable",
+                                {"Content-Range": f"bytes */{size}"})
+        if byte_range is not None:
+            start, end = byte_range
+            count = end - start + 1
+            response.set_status(206)
+            response.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            request["range"] = f"{start}-{end}"
+    response.content_length = count
+    await response.prepare(request)
+    if request.method == "HEAD" or count == 0:
+        return response
+    with open(blob, "rb") as fobj:
+        await send_file_body(request, response, fobj, start, count, knobs)
+    request["bytes"] = count
+    return response
+
+
 def _prefixed_fields(query: Any, xsi_type: str, names: set[str]) -> dict[str, str]:
     """``xnat:mrSessionData/date=..`` style (``req_format=qs``) and plain fields."""
     out: dict[str, str] = {}

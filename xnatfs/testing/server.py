@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs
 
 from aiohttp import web
@@ -31,6 +30,7 @@ from .auth import (
     unauthorized,
 )
 from .knobs import Knobs, RequestLog
+from .services import ServiceRoutes
 from .store import Store, StoreError
 from .xnatformat import (
     XnatHTTPError,
@@ -59,7 +59,7 @@ class ServerContext:
     sessions: SessionRegistry
     request_log: RequestLog | None
     archive: ArchiveRoutes
-    services: Any = None  # ServiceRoutes: import, prearchive and archiving
+    services: ServiceRoutes | None = None  # import, prearchive and archiving
 
 
 def _split(path: str) -> list[str]:
@@ -354,12 +354,7 @@ def make_context(data_dir: Path, knobs: Knobs, *, request_log: Path | None = Non
     log_path = request_log if request_log is not None else data_dir / "requests.log"
     ctx = ServerContext(store=store, knobs=knobs, sessions=SessionRegistry(knobs),
                         request_log=RequestLog(log_path), archive=ArchiveRoutes(store, knobs))
-    try:
-        from .services import ServiceRoutes
-    except ImportError:  # pragma: no cover - services land in a later commit
-        ServiceRoutes = None  # type: ignore[assignment,misc]  # noqa: N806
-    if ServiceRoutes is not None:
-        ctx.services = ServiceRoutes(store, knobs)
+    ctx.services = ServiceRoutes(store, knobs)
     return ctx
 
 
@@ -375,7 +370,7 @@ async def serve(ctx: ServerContext, host: str, port: int,
     if ready is not None:
         ready.set()
     try:
-        if ctx.services is not None and hasattr(ctx.services, "background"):
+        if ctx.services is not None:
             await ctx.services.background()
         else:
             await asyncio.Event().wait()
