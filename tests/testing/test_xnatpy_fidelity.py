@@ -138,6 +138,7 @@ def test_import_zip_then_archive_through_xnatpy(session: xnat.session.XNATSessio
     assert n_files == len(members)
     experiment = listed[0].archive(subject="IMPSUBJ", experiment="IMP001_MR")
     assert experiment.label == "IMP001_MR"
+    session.clearcache()  # xnatpy caches listings; earlier tests walked this project
     scans = session.projects["NEURO_PUB"].subjects["IMPSUBJ"].experiments["IMP001_MR"].scans
     assert sorted(scans.keys(), key=int) == sorted((str(s.series_number) for s in series), key=int)
     assert prearchived.uri not in {s.uri for s in session.prearchive.sessions("NEURO_PUB")}
