@@ -1,14 +1,83 @@
-"""The ``xnatfs`` command: sub-commands dispatch to their own modules."""
+"""The ``xnatfs`` command: ``mount``, ``umount``, ``demo`` and ``testserver``.
+
+``xnatfs mount`` returns once the mount answers: it starts a detached child
+(``--foreground`` runs in this process instead), hands it the credentials on
+a pipe (never on argv or in the environment) and waits for its "ready" line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .credentials import Credentials
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xnatfs"
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 10G or 500M)")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(float(match.group(1)) * scale[match.group(2).upper()])
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xnatfs", description="Mount an XNAT archive.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    mount = commands.add_parser("mount", help="mount an XNAT site (returns once mounted)")
+    mount.add_argument("target", nargs="+", metavar="[URL] MOUNTPOINT",
+                       help="site URL (or XNAT_URL / --profile) and the mount point")
+    mount.add_argument("--user", help="XNAT user or alias token (the password is prompted)")
+    mount.add_argument("--profile", help="profile in ~/.config/xnatfs/config.toml")
+    mount.add_argument("--foreground", action="store_true", help="stay attached")
+    mount.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                       help=f"block cache location (default {DEFAULT_CACHE_DIR})")
+    mount.add_argument("--cache-size", type=parse_size, default=parse_size("10G"),
+                       help="disk cache limit (default 10G)")
+    mount.add_argument("--metadata-ttl", type=float, default=60.0,
+                       help="seconds listings are cached (default 60, minimum 1)")
+    mount.add_argument("--read-only", action="store_true", help="mount read-only")
+    mount.add_argument("--insecure", action="store_true",
+                       help="do not verify the server's TLS certificate")
+    mount.add_argument("--range", choices=("auto", "on", "off"), default="auto",
+                       help="use HTTP Range requests: probe the server (auto), or force")
+    mount.add_argument("--timeout", type=float, default=30.0,
+                       help="seconds before an unanswered request counts as failed")
+    mount.add_argument("--log-level", default="WARNING")
+    mount.add_argument("--log-file", type=Path,
+                       help="log here (default: stderr in the foreground, "
+                            "CACHE_DIR/xnatfs.log in the background)")
+    mount.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
+    mount.add_argument("--credentials-on-stdin", action="store_true", help=argparse.SUPPRESS)
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    umount = commands.add_parser("umount", help="unmount")
+    umount.add_argument("mountpoint", type=Path)
+
+    demo = commands.add_parser("demo", help="start the bundled server with demo data and "
+                                            "mount it (Ctrl-C stops both)")
+    demo.add_argument("mountpoint", type=Path, nargs="?", default=Path("xnat-demo"))
+    demo.add_argument("--data", type=Path, default=DEFAULT_CACHE_DIR / "demo-server")
+    demo.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+
     testserver = commands.add_parser(
         "testserver", help="run the bundled XNAT-compatible server (tests, demos, benchmarks)")
     from .testing.cli import add_arguments
@@ -17,12 +86,172 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ------------------------------------------------------------------- mount
+def _mount_target(args: argparse.Namespace) -> tuple[str | None, Path]:
+    if len(args.target) == 2:
+        return args.target[0], Path(args.target[1])
+    if len(args.target) == 1:
+        return None, Path(args.target[0])
+    raise UserError("usage: xnatfs mount [URL] MOUNTPOINT")
+
+
+def _resolve_credentials(args: argparse.Namespace, url: str | None) -> Credentials:
+    from .credentials import Credentials, CredentialsError, resolve_credentials
+
+    if args.credentials_on_stdin:
+        data = json.loads(sys.stdin.readline())
+        return Credentials(data["url"], data["user"], data["password"], "parent process")
+    try:
+        return resolve_credentials(
+            url, user=args.user, profile=args.profile,
+            ask_password=lambda site, user: getpass.getpass(f"Password for {user} at {site}: "))
+    except CredentialsError as exc:
+        raise UserError(f"xnatfs: {exc}") from None
+
+
+def _setup_logging(level: str, log_file: Path | None) -> None:
+    handlers: list[logging.Handler]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        handlers = [logging.StreamHandler(os.fdopen(fd, "a", buffering=1))]
+    else:
+        handlers = [logging.StreamHandler()]
+    logging.basicConfig(level=level.upper(), handlers=handlers, force=True,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def mount(args: argparse.Namespace) -> int:
+    url, mountpoint = _mount_target(args)
+    if not mountpoint.is_dir():
+        raise UserError(f"mount point {mountpoint} is not a directory")
+    credentials = _resolve_credentials(args, url)
+    if not args.foreground:
+        return _mount_in_background(args, credentials, mountpoint)
+    return _mount_in_foreground(args, credentials, mountpoint)
+
+
+def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
+                         mountpoint: Path) -> int:
+    import trio
+
+    from .errors import XnatError
+    from .mount import MountConfig, run_mount
+
+    _setup_logging(args.log_level, args.log_file)
+    config = MountConfig(credentials=credentials, mountpoint=mountpoint.resolve(),
+                         cache_dir=args.cache_dir, cache_size=args.cache_size,
+                         metadata_ttl=args.metadata_ttl, read_only=args.read_only,
+                         verify_tls=not args.insecure, range_mode=args.range,
+                         request_timeout=args.timeout, debug_fuse=args.debug_fuse)
+    ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
+
+    def on_ready() -> None:
+        if ready_pipe is not None:
+            ready_pipe.write("ready\n")
+            ready_pipe.close()
+
+    try:
+        trio.run(run_mount, config, on_ready)
+    except (XnatError, OSError) as exc:
+        message = f"xnatfs: cannot mount {credentials.url}: {exc}"
+        if ready_pipe is not None and not ready_pipe.closed:
+            ready_pipe.write(f"error: {message}\n")
+            ready_pipe.close()
+        raise UserError(message) from None
+    return 0
+
+
+def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
+                         mountpoint: Path) -> int:
+    read_fd, write_fd = os.pipe()
+    log_file = args.log_file or (args.cache_dir / "xnatfs.log")
+    argv = [sys.executable, "-m", "xnatfs.cli", "mount", str(mountpoint.resolve()),
+            "--foreground", "--credentials-on-stdin", "--ready-fd", str(write_fd),
+            "--cache-dir", str(args.cache_dir), "--cache-size", str(args.cache_size),
+            "--metadata-ttl", str(args.metadata_ttl), "--range", args.range,
+            "--timeout", str(args.timeout), "--log-level", args.log_level,
+            "--log-file", str(log_file)]
+    if args.read_only:
+        argv.append("--read-only")
+    if args.insecure:
+        argv.append("--insecure")
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, pass_fds=(write_fd,),
+                             start_new_session=True)
+    os.close(write_fd)
+    assert child.stdin is not None
+    child.stdin.write(json.dumps({"url": credentials.url, "user": credentials.user,
+                                  "password": credentials.password}).encode() + b"\n")
+    child.stdin.close()
+    with os.fdopen(read_fd) as ready:
+        line = ready.readline().strip()
+    if line == "ready":
+        return 0
+    child.wait(timeout=30)
+    raise UserError(line.removeprefix("error: ") if line else
+                    f"xnatfs: the mount process exited (see {log_file})")
+
+
+def umount(args: argparse.Namespace) -> int:
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    if fusermount is None:
+        raise UserError("fusermount3 not found (install the fuse3 package)")
+    result = subprocess.run([fusermount, "-u", str(args.mountpoint)], check=False)
+    return result.returncode
+
+
+# -------------------------------------------------------------------- demo
+def demo(args: argparse.Namespace) -> int:
+    """One command for a new user: the bundled server with demo data, mounted."""
+    from .testing.harness import TestServer
+
+    args.mountpoint.mkdir(parents=True, exist_ok=True)
+    server = TestServer(args.data, dataset="demo", port=args.port or None)
+    print(f"Starting the bundled XNAT server (demo data in {args.data}) ...", flush=True)
+    with server:
+        env = dict(os.environ, XNAT_USER="admin", XNAT_PASS="admin")
+        cmd = [sys.executable, "-m", "xnatfs.cli", "mount", server.url, str(args.mountpoint)]
+        result = subprocess.run(cmd, env=env, check=False)
+        if result.returncode != 0:
+            return result.returncode
+        mp = args.mountpoint
+        print(f"""
+XNAT demo mounted at {mp} (server {server.url}, user admin/admin). Try:
+
+    ls {mp}
+    ls -l {mp}/NEURO_PUB/NP001/NP001_MR1/scans/
+    find {mp}/NEURO_PUB -name '*.nii.gz'
+    getfattr -d {mp}/NEURO_PUB/NP001/NP001_MR1
+    python -c "import nibabel; print(nibabel.load('{mp}/SAMPLES/nibabel/nibabel_1234_MR/resources/NIFTI/files/example4d.nii.gz').shape)"
+
+Press Ctrl-C to unmount and stop the server.""", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("\nUnmounting ...", flush=True)
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mp)], check=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "testserver":
-        from .testing.cli import run
+    try:
+        if args.command == "mount":
+            return mount(args)
+        if args.command == "umount":
+            return umount(args)
+        if args.command == "demo":
+            return demo(args)
+        if args.command == "testserver":
+            from .testing.cli import run
 
-        return run(args)
+            return run(args)
+    except UserError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     raise AssertionError(args.command)
 
 

@@ -12,7 +12,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
+import threading
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from .knobs import log_offset, read_request_log
 
 
 def free_port() -> int:
+    """A loopback port nothing listens on (for "server is down" tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -36,31 +37,39 @@ class TestServer:
         self.data_dir = Path(data_dir)
         self.dataset = dataset
         self.extra_args = list(args or [])
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.requested_port = port or 0  # 0: the server binds a free port and reports it
+        self.port = 0
+        self.url = ""
         self.log_path = self.data_dir / "requests.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.stderr_path = self.data_dir.parent / f"{self.data_dir.name}-server.log"
 
     def start(self, timeout: float = 600.0) -> TestServer:
-        """Start and wait until the port answers (building the data set may take a while)."""
+        """Start and wait for the server's "listening" line (building data may take a while)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "xnatfs.cli", "testserver", "--data", str(self.data_dir),
-               "--port", str(self.port), "--dataset", self.dataset, "--log-level", "WARNING",
-               *self.extra_args]
+               "--port", str(self.requested_port), "--dataset", self.dataset,
+               "--log-level", "WARNING", *self.extra_args]
         with open(self.stderr_path, "ab") as err:
-            self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"test server exited: {self.stderr_path.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise TimeoutError("test server did not start listening")
+            self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err,
+                                            env=env_without_proxies())
+        assert self.process.stdout is not None
+        ready = [b""]
+
+        def read_first_line() -> None:
+            ready[0] = self.process.stdout.readline()  # type: ignore[union-attr]
+
+        reader = threading.Thread(target=read_first_line, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        line = ready[0]
+        if not line:
+            self.stop()
+            raise RuntimeError(f"test server did not start: "
+                               f"{self.stderr_path.read_text()[-2000:]}")
+        self.url = json.loads(line)["listening"]
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

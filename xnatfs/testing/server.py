@@ -365,6 +365,9 @@ async def serve(ctx: ServerContext, host: str, port: int,
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=512)
     await site.start()
+    server = site._server  # aiohttp exposes the bound sockets only here
+    if port == 0 and server is not None and server.sockets:  # type: ignore[union-attr]
+        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     log.info("XNAT test server listening on http://%s:%d", host, port)
     print(json.dumps({"listening": f"http://{host}:{port}"}), flush=True)
     if ready is not None:

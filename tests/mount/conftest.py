@@ -1,0 +1,81 @@
+"""Real kernel mounts of the test server, through the ``xnatfs`` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from xnatfs.testing.harness import TestServer
+
+
+def fuse_available() -> bool:
+    return os.path.exists("/dev/fuse") and any(
+        os.access(os.path.join(d, "fusermount3"), os.X_OK)
+        for d in os.environ.get("PATH", "").split(os.pathsep))
+
+
+pytestmark = pytest.mark.skipif(not fuse_available(), reason="FUSE is not available")
+
+
+@dataclass
+class Mount:
+    """A mounted xnatfs: where it is, and the server behind it."""
+
+    path: Path
+    server: TestServer
+    cache_dir: Path
+    env: dict[str, str]
+    options: list[str]
+
+    def remount(self) -> None:
+        unmount(self.path)
+        mount_xnatfs(self.server, self.path, self.cache_dir, self.env, self.options)
+
+
+def mount_xnatfs(server: TestServer, mountpoint: Path, cache_dir: Path, env: dict[str, str],
+                 options: list[str]) -> None:
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "xnatfs.cli", "mount", server.url, str(mountpoint),
+           "--cache-dir", str(cache_dir), "--log-level", "INFO",
+           "--log-file", str(cache_dir.parent / "mount.log"), *options]
+    subprocess.run(cmd, env=env, check=True, timeout=60)
+
+
+def unmount(mountpoint: Path) -> None:
+    subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False, timeout=60)
+
+
+def make_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ, XNAT_USER="admin", XNAT_PASS="admin",
+               XDG_CACHE_HOME=str(home / "cache"), XDG_CONFIG_HOME=str(home / "config"))
+    env.pop("XNAT_URL", None)
+    return env
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path) -> Iterator:
+    """Mount a server with options; everything mounted is unmounted afterwards."""
+    mounts: list[Mount] = []
+
+    def factory(server: TestServer, *options: str, name: str = "mnt") -> Mount:
+        home = tmp_path / f"home-{name}"
+        cache = home / "blocks"
+        mount = Mount(tmp_path / name, server, cache, make_env(home), list(options))
+        mount_xnatfs(server, mount.path, cache, mount.env, mount.options)
+        mounts.append(mount)
+        return mount
+
+    yield factory
+    for mount in mounts:
+        unmount(mount.path)
+
+
+@pytest.fixture
+def demo_mount(demo_server: TestServer, mount_factory) -> Mount:  # noqa: ANN001
+    return mount_factory(demo_server)

@@ -1,0 +1,145 @@
+"""Browsing a real mount with ordinary tools: ls, stat, find, cp, getfattr."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import Mount
+
+SESSION = Path("NEURO_PUB/NP001/NP001_MR1")
+
+
+def server_files(mount: Mount, experiment_label: str = "NP001_MR1",
+                 project: str = "NEURO_PUB") -> dict[str, dict[str, str]]:
+    """Relative mount path (below the session) → listing row, straight from the server."""
+    with httpx.Client(base_url=mount.server.url, auth=("admin", "admin")) as c:
+        base = f"/data/projects/{project}/experiments/{experiment_label}"
+        scans = {s["ID"]: s for s in c.get(f"{base}/scans").json()["ResultSet"]["Result"]}
+        out = {}
+        for scan_id, scan in scans.items():
+            from xnatfs.naming import scan_folder_name
+
+            folder = scan_folder_name(scan_id, scan["type"])
+            resources = c.get(f"{base}/scans/{scan_id}/resources").json()["ResultSet"]["Result"]
+            for r in resources:
+                files = c.get(f"{base}/scans/{scan_id}/resources/{r['label']}/files").json()
+                for f in files["ResultSet"]["Result"]:
+                    rel = f["URI"].split("/files/", 1)[1]
+                    out[f"scans/{folder}/resources/{r['label']}/files/{rel}"] = f
+        for r in c.get(f"{base}/resources").json()["ResultSet"]["Result"]:
+            files = c.get(f"{base}/resources/{r['label']}/files").json()
+            for f in files["ResultSet"]["Result"]:
+                rel = f["URI"].split("/files/", 1)[1]
+                out[f"resources/{r['label']}/files/{rel}"] = f
+    return out
+
+
+def test_root_lists_projects_and_reserved_folders(demo_mount: Mount) -> None:
+    names = set(os.listdir(demo_mount.path))
+    assert {"NEURO_PUB", "ONC-PROT", "ALICE_LAB", "SAMPLES", "uploads", "prearchive"} <= names
+
+
+def test_hierarchy_and_scan_folder_names(demo_mount: Mount) -> None:
+    root = demo_mount.path
+    assert set(os.listdir(root / "NEURO_PUB")) >= {"NP001", "NP002", "NP 003"}
+    assert set(os.listdir(root / SESSION)) == {"scans", "resources"}
+    scans = set(os.listdir(root / SESSION / "scans"))
+    assert "2-T1_MPRAGE_2" in scans
+    # A bare scan ID resolves although it is not listed.
+    assert "2" not in scans and (root / SESSION / "scans" / "2").is_dir()
+    assert os.listdir(root / SESSION / "scans" / "2" / "resources")
+
+
+def test_stat_sizes_match_listings_without_per_file_requests(demo_mount: Mount) -> None:
+    expected = server_files(demo_mount)
+    mark = demo_mount.server.log_mark()
+    for rel, row in expected.items():
+        st = os.stat(demo_mount.path / SESSION / rel)
+        assert st.st_size == int(row["Size"]), rel
+        assert st.st_mode & 0o777 == 0o444
+    routes = [e["route"] for e in demo_mount.server.requests_since(mark)]
+    assert "files.download" not in routes
+    # One listing per level on the way down, then the whole session's
+    # scans/resources/files: one item, one scans/ALL/files, one session files.
+    walk = ["projects.list", "subjects.list", "experiments.list"]
+    assert routes[:3] == walk
+    assert sorted(routes[3:]) == ["experiment.get", "files.list", "files.list"], routes
+
+
+def test_cp_r_session_is_byte_identical(demo_mount: Mount, tmp_path: Path) -> None:
+    target = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(demo_mount.path / SESSION), str(target)], check=True)
+    expected = server_files(demo_mount)
+    copied = {str(p.relative_to(target)): p for p in target.rglob("*") if p.is_file()}
+    assert set(copied) == set(expected)
+    for rel, row in expected.items():
+        assert hashlib.md5(copied[rel].read_bytes()).hexdigest() == row["digest"], rel
+
+
+def test_find_lists_everything_and_ls_l_costs_one_listing(demo_mount: Mount) -> None:
+    session = demo_mount.path / "NEURO_PUB" / "NP002" / "NP002_MR1"
+    mark = demo_mount.server.log_mark()
+    out = subprocess.run(["find", str(session), "-ls"], check=True, capture_output=True,
+                         text=True).stdout
+    assert ".dcm" in out
+    routes = [e["route"] for e in demo_mount.server.requests_since(mark)]
+    below_subject = [r for r in routes if r not in ("projects.list", "subjects.list",
+                                                     "experiments.list")]
+    assert len(below_subject) <= 3 and "files.download" not in routes, routes
+    mark = demo_mount.server.log_mark()
+    subprocess.run(["ls", "-lR", str(session)], check=True, capture_output=True)
+    assert demo_mount.server.requests_since(mark) == []  # all cached
+
+
+def test_extended_attributes(demo_mount: Mount) -> None:
+    session = demo_mount.path / SESSION
+    out = subprocess.run(["getfattr", "-d", str(session)], check=True, capture_output=True,
+                         text=True).stdout
+    assert 'user.xnat.label="NP001_MR1"' in out
+    assert 'user.xnat.xsi_type="xnat:mrSessionData"' in out
+    accession = os.getxattr(session, "user.xnat.id").decode()
+    assert accession.startswith("XNAT_E")
+    dicom = next((session / "scans/2-T1_MPRAGE_2/resources/DICOM/files").iterdir())
+    assert len(os.getxattr(dicom, "user.xnat.digest")) == 32
+    assert os.getxattr(dicom, "user.xnat.uri").decode().startswith("/data/")
+
+
+def test_archive_is_read_only(demo_mount: Mount) -> None:
+    files = demo_mount.path / SESSION / "resources"
+    with pytest.raises(OSError) as info:
+        (files / "new.txt").write_text("x")
+    assert info.value.errno in (errno.EROFS, errno.EACCES)
+    with pytest.raises(OSError) as info:
+        os.mkdir(demo_mount.path / "NEURO_PUB" / "NEWSUBJ")
+    assert info.value.errno in (errno.EROFS, errno.EACCES)
+    dicom = next((demo_mount.path / SESSION / "scans/2-T1_MPRAGE_2/resources/DICOM/files")
+                 .iterdir())
+    with pytest.raises(OSError) as info:
+        dicom.unlink()
+    assert info.value.errno in (errno.EROFS, errno.EACCES)
+
+
+def test_missing_names_are_enoent(demo_mount: Mount) -> None:
+    assert not (demo_mount.path / "NO_SUCH_PROJECT").exists()
+    assert not (demo_mount.path / SESSION / "scans" / "999").exists()
+
+
+def test_mount_is_private_to_its_user(demo_mount: Mount) -> None:
+    mounts = Path("/proc/self/mounts").read_text()
+    line = next(line for line in mounts.splitlines() if str(demo_mount.path) in line)
+    assert "allow_other" not in line
+
+
+def test_labels_with_spaces_are_reachable(demo_mount: Mount, tmp_path: Path) -> None:
+    session = demo_mount.path / "NEURO_PUB" / "NP 003" / "NP 003_MR1"
+    assert (session / "scans").is_dir()
+    shutil.copytree(session / "resources", tmp_path / "res")
+    assert any((tmp_path / "res").rglob("qc.json"))

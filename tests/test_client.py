@@ -1,0 +1,552 @@
+"""XnatClient against a real test-server subprocess, plus the errno table.
+
+The server is this module's own (not the shared demo server), because these
+tests turn its fault knobs. Every knob a test turns is put back by
+:func:`knobs` before the test ends. Random faults cannot be seeded, so those
+tests allow enough attempts that a spurious failure is vanishingly unlikely,
+and check the request log to see that faults did happen and were retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import logging
+import time
+from base64 import b64encode
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from xnatfs import errors
+from xnatfs.client import ClientSettings, RemoteFile, XnatClient
+from xnatfs.credentials import Credentials, SessionCache
+from xnatfs.errors import (
+    AuthenticationFailed,
+    Forbidden,
+    NotFound,
+    ServerError,
+    Unreachable,
+    XnatError,
+    errno_for,
+)
+from xnatfs.testing.harness import TestServer, free_port
+from xnatfs.testing.knobs import Knobs
+
+CAROL_PASSWORD = "Carol-s3cret-pa55phrase"  # distinctive, so a leak is unmistakable
+
+# Short bounds keep failing tests fast; backoff stays small but real.
+FAST = ClientSettings(connect_timeout=2.0, read_timeout=2.0, deadline=5.0, max_attempts=4,
+                      backoff_initial=0.02, backoff_max=0.2)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
+    data = tmp_path_factory.mktemp("client") / "data"
+    with TestServer(data, dataset="demo", args=["--user", f"carol:{CAROL_PASSWORD}"]) as srv:
+        yield srv
+
+
+@contextmanager
+def knobs(server: TestServer, **changes: Any) -> Iterator[None]:
+    """Turn some knobs for the duration of a block, then put their defaults back."""
+    defaults = dataclasses.asdict(Knobs())
+    server.set_knobs(**changes)
+    try:
+        yield
+    finally:
+        server.set_knobs(**{name: defaults[name] for name in changes})
+
+
+def new_client(server: TestServer, tmp_path: Path, user: str = "admin",
+               password: str | None = None, *, settings: ClientSettings = FAST,
+               http: httpx.AsyncClient | None = None) -> XnatClient:
+    return XnatClient(Credentials(server.url, user, user if password is None else password),
+                      settings=settings, session_cache=SessionCache(tmp_path / "sessions.json"),
+                      http=http)
+
+
+@pytest.fixture
+async def client(server: TestServer, tmp_path: Path) -> AsyncIterator[XnatClient]:
+    async with new_client(server, tmp_path) as connected:
+        yield connected
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def requests_since(server: TestServer, mark: int) -> list[dict[str, Any]]:
+    """The server's log since ``mark``, without the tests' own knob turning."""
+    return [e for e in server.requests_since(mark) if not e["path"].startswith("/_testserver/")]
+
+
+def logins(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in entries if e["method"] == "POST" and e["path"] == "/data/JSESSION"]
+
+
+async def session_files(client: XnatClient, project: str = "NEURO_PUB",
+                        subject: str = "NP001") -> tuple[str, list[RemoteFile]]:
+    (experiment, *_) = await client.list_experiments(project, subject)
+    return experiment.id, await client.list_scan_files(experiment.id)
+
+
+async def full_download(client: XnatClient, uri: str) -> bytes:
+    async with client.open_stream(uri) as stream:
+        return b"".join([chunk async for chunk in stream])
+
+
+# ------------------------------------------------------------------ errors
+def test_every_error_class_has_an_errno() -> None:
+    def subclasses(cls: type[XnatError]) -> set[type[XnatError]]:
+        found = set(cls.__subclasses__())
+        for sub in list(found):
+            found |= subclasses(sub)
+        return found
+
+    assert subclasses(XnatError) | {XnatError} == set(errors.ERRNO_BY_ERROR)
+    assert errno_for(NotFound("x")) == errno.ENOENT
+    assert errno_for(Unreachable("x")) == errno.EIO
+    assert errno_for(errors.Stale("x")) == errno.ESTALE
+    assert errno_for(errors.ReadOnly("x")) == errno.EROFS
+
+
+# ------------------------------------------------------------------- login
+async def test_password_login_then_only_the_cookie(server: TestServer, tmp_path: Path) -> None:
+    sent: list[httpx.Request] = []
+
+    async def record(request: httpx.Request) -> None:
+        sent.append(request)
+
+    async with httpx.AsyncClient(event_hooks={"request": [record]}) as http, \
+            new_client(server, tmp_path, http=http) as client:
+        await client.list_projects()
+        await client.list_subjects("NEURO_PUB")
+    with_basic = [(r.method, r.url.path) for r in sent if "authorization" in r.headers]
+    assert with_basic == [("POST", "/data/JSESSION")]
+    data_requests = [r for r in sent if r.url.path.startswith("/data/projects")]
+    assert len(data_requests) == 2
+    assert all(r.headers["cookie"].startswith("JSESSIONID=") for r in data_requests)
+    assert sent[-1].method == "DELETE" and sent[-1].url.path == "/data/JSESSION"
+
+
+async def test_alias_token_login(server: TestServer, tmp_path: Path) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        issued = (await http.get("/data/services/tokens/issue",
+                                 headers=basic("admin", "admin"))).json()
+    mark = server.log_mark()
+    async with new_client(server, tmp_path, issued["alias"], issued["secret"]) as client:
+        projects = {p.id for p in await client.list_projects()}
+    assert "SECRET" in projects  # admin's view: the token stands for admin
+    assert [e["status"] for e in logins(requests_since(server, mark))] == [200]
+
+
+async def test_bad_password_fails_once_without_retrying(server: TestServer,
+                                                        tmp_path: Path) -> None:
+    mark = server.log_mark()
+    with pytest.raises(AuthenticationFailed) as caught:
+        async with new_client(server, tmp_path, "admin", "wrong"):
+            pass
+    assert caught.value.status == 401
+    assert "Login attempt failed" in caught.value.message
+    # One attempt only: retrying bad credentials would lock the account.
+    assert [e["status"] for e in logins(requests_since(server, mark))] == [401]
+
+
+async def test_credentials_never_reach_the_log(server: TestServer, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        token = (await http.get("/data/services/tokens/issue",
+                                headers=basic("carol", CAROL_PASSWORD))).json()
+    caplog.set_level(logging.DEBUG)
+    for user, password in (("carol", CAROL_PASSWORD), (token["alias"], token["secret"])):
+        async with new_client(server, tmp_path, user, password) as client:
+            await client.list_projects()
+            server.expire_sessions()  # force a second login through the 401 path
+            await client.list_projects()
+            assert client.statistics()["relogins"] == 1
+        text = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}"
+                         for r in caplog.records)
+        assert password not in text
+        assert b64encode(f"{user}:{password}".encode()).decode() not in text
+        assert "authorization" not in text.lower()
+    assert any(r.name.startswith("httpcore") for r in caplog.records)  # DEBUG was captured
+
+
+# ---------------------------------------------------------------- sessions
+async def test_second_client_reuses_the_cached_session(server: TestServer,
+                                                       tmp_path: Path) -> None:
+    first = new_client(server, tmp_path)
+    await first.connect()
+    try:
+        mark = server.log_mark()
+        async with new_client(server, tmp_path) as second:
+            await second.list_projects()
+            assert second.statistics()["sessions_reused"] == 1
+            assert logins(requests_since(server, mark)) == []
+        # The second client logged the shared session out; the first renews it.
+        await first.list_projects()
+        assert first.statistics()["relogins"] == 1
+        cached = SessionCache(tmp_path / "sessions.json").get(server.url, "admin")
+        assert cached is not None
+    finally:
+        await first.aclose()
+    assert SessionCache(tmp_path / "sessions.json").get(server.url, "admin") is None
+
+
+async def test_expired_session_is_renewed_mid_walk(server: TestServer,
+                                                   client: XnatClient) -> None:
+    subjects = await client.list_subjects("NEURO_PUB")
+    server.expire_sessions()
+    mark = server.log_mark()
+    experiments = await client.list_experiments("NEURO_PUB", subjects[0].id)
+    await client.get_experiment(experiments[0].id)
+    statuses = [(e["method"], e["path"], e["status"]) for e in requests_since(server, mark)]
+    assert [s for _, _, s in statuses].count(401) == 1
+    assert len(logins(requests_since(server, mark))) == 1
+    assert statuses[-1][2] == 200
+    assert client.statistics()["relogins"] == 1
+
+
+async def test_concurrent_401s_lead_to_one_login(server: TestServer,
+                                                 client: XnatClient) -> None:
+    server.expire_sessions()
+    mark = server.log_mark()
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(client.list_projects)
+    assert len(logins(requests_since(server, mark))) == 1
+
+
+async def test_idle_session_is_renewed_before_use(server: TestServer, tmp_path: Path) -> None:
+    with knobs(server, session_timeout_s=1.0):
+        async with new_client(server, tmp_path) as client:
+            await client.list_projects()
+            await trio.sleep(1.0)  # let XNAT's (shortened) idle timeout pass
+            mark = server.log_mark()
+            await client.list_projects()
+    entries = requests_since(server, mark)
+    assert [e["status"] for e in entries if e["status"] == 401] == []
+    assert (entries[0]["method"], entries[0]["path"]) == ("POST", "/data/JSESSION")
+
+
+# ---------------------------------------------------------------- listings
+async def test_listings(server: TestServer, client: XnatClient, tmp_path: Path) -> None:
+    projects = {p.id: p for p in await client.list_projects()}
+    assert {"NEURO_PUB", "ONC-PROT", "ALICE_LAB", "SECRET"} <= set(projects)
+    assert projects["NEURO_PUB"].name == "Neuroimaging Demo (public)"
+
+    subjects = {s.label: s for s in await client.list_subjects("NEURO_PUB")}
+    assert set(subjects) == {"NP001", "NP002", "NP 003"}
+    assert all(s.project == "NEURO_PUB" and s.insert_date for s in subjects.values())
+
+    experiments = await client.list_experiments("NEURO_PUB", subjects["NP001"].id)
+    assert [e.label for e in experiments] == ["NP001_MR1", "NP001_MR2"]
+    first = experiments[0]
+    assert (first.xsi_type, first.date, first.subject_id) == (
+        "xnat:mrSessionData", "2023-03-14", subjects["NP001"].id)
+
+    detail = await client.get_experiment(first.id)
+    assert (detail.id, detail.label, detail.project) == (first.id, "NP001_MR1", "NEURO_PUB")
+    scans = {scan.id: scan for scan in detail.scans}
+    assert scans["2"].type == "T1 MPRAGE/2"
+    assert scans["2"].xsi_type == "xnat:mrScanData"
+    assert "DICOM" in {r.label for r in scans["2"].resources}
+    assert {r.label for r in detail.resources} == {"QC", "NOTES"}
+    assert all(r.id.isdigit() and r.file_count for r in detail.resources)
+
+    async with new_client(server, tmp_path, "alice") as alice:
+        assert "SECRET" not in {p.id for p in await alice.list_projects()}
+
+
+async def test_scan_files_come_from_one_request_and_parse_fully(server: TestServer,
+                                                                client: XnatClient) -> None:
+    experiment_id, _ = await session_files(client)
+    detail = await client.get_experiment(experiment_id)
+    mark = server.log_mark()
+    files = await client.list_scan_files(experiment_id)
+    assert len(requests_since(server, mark)) == 1
+
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        raw = (await http.get(f"/data/experiments/{experiment_id}/scans/ALL/files",
+                              params={"format": "json"},
+                              headers=basic("admin", "admin"))).json()["ResultSet"]["Result"]
+    assert len(files) == len(raw) > 0
+    for f, row in zip(files, raw, strict=True):
+        assert f.uri == "/data" + row["URI"]  # multi-resource URIs lack /data
+        assert f.uri.endswith(f"/scans/{f.scan_id}/resources/{f.resource_id}/files/{f.path}")
+        assert f.path.rsplit("/", 1)[-1] == row["Name"]
+        assert (f.size, f.digest, f.resource_label) == (
+            int(row["Size"]), row["digest"], row["collection"])
+    expected = {(scan.id, r.label): r.file_size for scan in detail.scans for r in scan.resources}
+    totals: Counter[tuple[str | None, str]] = Counter()
+    for f in files:
+        totals[(f.scan_id, f.resource_label)] += f.size
+    assert totals == expected
+
+
+async def test_session_and_resource_files(client: XnatClient) -> None:
+    experiment_id, scan_files = await session_files(client)
+    session_level = {f.path: f for f in await client.list_session_files(experiment_id)}
+    assert {"qc.json", "reports/2023/qc.json", "notes.txt", "scan notes.txt"} <= set(session_level)
+    assert all(f.scan_id is None for f in session_level.values())
+    notes = session_level["scan notes.txt"]
+    expected = b"NP001_MR1 (2023-03-14 09:12:33): scan notes.txt\n"
+    assert await full_download(client, notes.uri) == expected
+
+    dicom = next(f for f in scan_files if f.resource_label == "DICOM")
+    resource_uri = dicom.uri.split("/files/", 1)[0]
+    in_resource = await client.list_resource_files(resource_uri)
+    assert dicom in in_resource
+    assert all(f.resource_id == dicom.resource_id for f in in_resource)
+
+
+# ------------------------------------------------------------------- data
+async def test_range_reads_equal_a_full_download(server: TestServer, client: XnatClient) -> None:
+    _, files = await session_files(client)
+    nifti = next(f for f in files if f.path.endswith(".nii.gz"))
+    with knobs(server, range=True):
+        whole = await full_download(client, nifti.uri)
+        assert len(whole) == nifti.size
+        assert hashlib.md5(whole).hexdigest() == nifti.digest
+        assert await client.probe_range_support(nifti.uri) is True
+        mark = server.log_mark()
+        size = nifti.size
+        for start, end in ((0, 348), (1000, 300_000), (size - 10, size), (size - 10, size + 99),
+                           (size, size + 10), (5, 5)):
+            assert await client.read_range(nifti.uri, start, end) == whole[start:end]
+        ranged = [e for e in requests_since(server, mark) if e["route"] == "files.download"]
+        assert [e["status"] for e in ranged] == [206, 206, 206, 206, 416]
+
+
+async def test_without_range_support_reads_still_return_the_right_bytes(
+        server: TestServer, client: XnatClient) -> None:
+    _, files = await session_files(client)
+    nifti = next(f for f in files if f.path.endswith(".nii.gz"))
+    whole = await full_download(client, nifti.uri)
+    assert await client.probe_range_support(nifti.uri) is False
+    assert await client.read_range(nifti.uri, 1000, 5000) == whole[1000:5000]
+    assert client.statistics()["range_ignored"] == 1
+    for start, end in ((0, None), (777, None), (nifti.size - 1, None), (nifti.size, None),
+                       (1000, 5000), (1000, nifti.size + 10)):
+        async with client.open_stream(nifti.uri, start, end) as stream:
+            assert b"".join([c async for c in stream]) == whole[start:end]
+            assert stream.size == nifti.size
+
+
+async def test_stream_from_an_offset_with_range_support(server: TestServer,
+                                                        client: XnatClient) -> None:
+    _, files = await session_files(client)
+    nifti = next(f for f in files if f.path.endswith(".nii.gz"))
+    whole = await full_download(client, nifti.uri)
+    with knobs(server, range=True):
+        mark = server.log_mark()
+        async with client.open_stream(nifti.uri, 4096) as stream:
+            assert b"".join([c async for c in stream]) == whole[4096:]
+        async with client.open_stream(nifti.uri, 4096, 10_000) as stream:
+            assert b"".join([c async for c in stream]) == whole[4096:10_000]
+        async with client.open_stream(nifti.uri, 10_000, 10_000) as stream:
+            assert [c async for c in stream] == []  # nothing wanted, nothing asked
+        assert [(e["status"], e["range"]) for e in requests_since(server, mark)] == [
+            (206, f"4096-{nifti.size - 1}"), (206, "4096-9999")]
+
+
+# ------------------------------------------------------------------ errors
+async def test_not_found_is_final_at_once(server: TestServer, client: XnatClient) -> None:
+    mark = server.log_mark()
+    with pytest.raises(NotFound) as caught:
+        await client.get_experiment("XNAT_E99999")
+    assert caught.value.status == 404
+    assert caught.value.message == "Unable to find the specified experiment."
+    assert len(requests_since(server, mark)) == 1
+    _, files = await session_files(client)
+    with pytest.raises(NotFound):
+        await client.read_range(files[0].uri + ".missing", 0, 10)
+
+
+async def test_protected_and_private_projects(server: TestServer, tmp_path: Path) -> None:
+    async with new_client(server, tmp_path, "bob") as bob:
+        with pytest.raises(Forbidden) as caught:
+            await bob.list_subjects("ONC-PROT")
+        assert "Unable to read subjects for Project: ONC-PROT" in caught.value.message
+    async with new_client(server, tmp_path, "alice") as alice:
+        with pytest.raises(NotFound):
+            await alice.list_subjects("SECRET")
+
+
+async def test_flaky_server_is_ridden_out_by_retries(server: TestServer, tmp_path: Path) -> None:
+    patient = dataclasses.replace(FAST, max_attempts=10)
+    async with new_client(server, tmp_path, settings=patient) as client:
+        mark = server.log_mark()
+        with knobs(server, fail_rate=0.3):
+            for _ in range(30):
+                assert len(await client.list_subjects("NEURO_PUB")) == 3
+        failed = [e for e in requests_since(server, mark) if e["status"] == 503]
+        assert failed, "30 requests at a 30% failure rate should have met a 503"
+        assert client.statistics()["retries"] == len(failed)
+
+
+async def test_persistent_5xx_gives_up_after_the_attempts(server: TestServer,
+                                                          client: XnatClient) -> None:
+    mark = server.log_mark()
+    with knobs(server, fail_rate=1.0), pytest.raises(ServerError) as caught:
+        await client.list_projects()
+    assert caught.value.status == 503
+    assert [e["status"] for e in requests_since(server, mark)] == [503] * FAST.max_attempts
+
+
+async def test_silent_server_fails_within_the_deadline(server: TestServer,
+                                                       tmp_path: Path) -> None:
+    bounded = dataclasses.replace(FAST, read_timeout=1.0, deadline=3.0)
+    async with new_client(server, tmp_path, settings=bounded) as client:
+        with knobs(server, hang=True):
+            started = time.monotonic()
+            with pytest.raises(Unreachable):
+                await client.list_projects()
+            assert time.monotonic() - started < 10
+            started = time.monotonic()
+            with pytest.raises(Unreachable):
+                await client.read_range("/data/experiments/X/resources/1/files/a", 0, 10)
+            assert time.monotonic() - started < 10
+
+
+async def test_nothing_listening_is_unreachable(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    client = XnatClient(Credentials(url, "admin", "admin"), settings=FAST)
+    started = time.monotonic()
+    with pytest.raises(Unreachable):
+        async with client:
+            pass
+    assert time.monotonic() - started < FAST.deadline + 1
+    assert client.statistics()["session.login"] == FAST.max_attempts
+
+
+async def test_broken_bodies_are_retried_and_never_short(server: TestServer,
+                                                         tmp_path: Path) -> None:
+    patient = dataclasses.replace(FAST, max_attempts=10)
+    async with new_client(server, tmp_path, settings=patient) as client:
+        _, files = await session_files(client)
+        nifti = next(f for f in files if f.path.endswith(".nii.gz"))
+        whole = await full_download(client, nifti.uri)
+        mark = server.log_mark()
+        with knobs(server, truncate_rate=0.2, drop_rate=0.2):
+            for _ in range(6):
+                assert await full_download(client, nifti.uri) == whole
+                assert await client.read_range(nifti.uri, 100, 200_000) == whole[100:200_000]
+            with knobs(server, range=True):
+                for _ in range(6):
+                    assert await full_download(client, nifti.uri) == whole
+                    assert await client.read_range(nifti.uri, 100, 200_000) == whole[100:200_000]
+        faults = [e for e in requests_since(server, mark) if e["fault"]]
+        assert faults, "24 downloads at a 36% fault rate should have met a fault"
+        stats = client.statistics()
+        assert stats.get("retries", 0) + stats.get("stream_resumes", 0) >= len(faults)
+
+
+async def test_bodies_that_always_break_raise_unreachable(server: TestServer,
+                                                          client: XnatClient) -> None:
+    _, files = await session_files(client)
+    nifti = next(f for f in files if f.path.endswith(".nii.gz"))
+    with knobs(server, truncate_rate=1.0):
+        with pytest.raises(Unreachable):
+            await client.read_range(nifti.uri, 0, nifti.size)
+        received = bytearray()
+        with pytest.raises(Unreachable):
+            async with client.open_stream(nifti.uri) as stream:
+                async for chunk in stream:
+                    received += chunk
+        assert len(received) < nifti.size
+
+
+# ------------------------------------------------- answers our server never gives
+Answer = tuple[int, dict[str, Any]]  # status and httpx.Response keyword arguments
+
+
+def mock_xnat(routes: dict[tuple[str, str], list[Answer]]) -> httpx.AsyncClient:
+    """An httpx client whose transport gives canned answers per (method, path), in
+    turn; the last answer of a route is repeated. Logging in and out always works."""
+    session_id = "ABCDEF0123456789ABCDEF0123456789"
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if (request.method, request.url.path) == ("POST", "/data/JSESSION"):
+            return httpx.Response(200, text=session_id,
+                                  headers={"Set-Cookie": f"JSESSIONID={session_id}; Path=/"})
+        if (request.method, request.url.path) == ("DELETE", "/data/JSESSION"):
+            return httpx.Response(200)
+        queue = routes[(request.method, request.url.path)]
+        status, kwargs = queue.pop(0) if len(queue) > 1 else queue[0]
+        return httpx.Response(status, **kwargs)
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(answer))
+
+
+async def test_429_is_retried() -> None:
+    rows = {"ResultSet": {"Result": [{"ID": "P", "name": "", "secondary_ID": "",
+                                      "description": ""}]}}
+    http = mock_xnat({("GET", "/data/projects"): [
+        (429, {"headers": {"Retry-After": "0"}}), (200, {"json": rows})]})
+    async with http, XnatClient(Credentials("http://xnat.test", "u", "p"), settings=FAST,
+                                http=http) as client:
+        (project,) = await client.list_projects()
+    assert (project.id, project.name) == ("P", None)
+    assert client.statistics()["retries"] == 1
+
+
+async def test_prearchive_listing() -> None:
+    row = {"project": "P", "timestamp": "20211229_101128996", "lastmod": "2022-01-18 16:41:25.0",
+           "uploaded": "2021-12-29 10:11:28.996", "scan_date": "2001-09-24", "scan_time": "",
+           "subject": "SUB1", "folderName": "NAME001", "name": "NAME001", "tag": "1.2.3",
+           "status": "READY", "url": "/prearchive/projects/P/20211229_101128996/NAME001",
+           "autoarchive": "Manual", "prevent_anon": "false", "prevent_auto_commit": "false",
+           "SOURCE": "", "VISIT": "", "PROTOCOL": "", "TIMEZONE": ""}
+    listing = (200, {"json": {"ResultSet": {"Result": [row]}}})
+    http = mock_xnat({("GET", "/data/prearchive/projects"): [listing],
+                      ("GET", "/data/prearchive/projects/P"): [listing]})
+    async with http, XnatClient(Credentials("http://xnat.test", "u", "p"), settings=FAST,
+                                http=http) as client:
+        (entry,) = await client.list_prearchive()
+        assert await client.list_prearchive("P") == [entry]
+    assert entry.uri == "/data/prearchive/projects/P/20211229_101128996/NAME001"
+    assert (entry.status, entry.subject, entry.tag) == ("READY", "SUB1", "1.2.3")
+
+
+async def test_a_wrong_content_range_is_refused() -> None:
+    http = mock_xnat({("GET", "/data/f"): [
+        (206, {"content": b"x" * 10, "headers": {"Content-Range": "bytes 10-19/100"}})]})
+    async with http, XnatClient(Credentials("http://xnat.test", "u", "p"), settings=FAST,
+                                http=http) as client:
+        with pytest.raises(ServerError):
+            await client.read_range("/data/f", 0, 10)
+
+
+class BreaksOff(httpx.AsyncByteStream):
+    """A body that stops with a connection reset after ``data``."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.data
+        raise httpx.ReadError("connection reset by peer")
+
+
+async def test_a_download_resumed_on_a_changed_file_is_stale() -> None:
+    http = mock_xnat({("GET", "/data/f"): [
+        (200, {"headers": {"Content-Length": "100"}, "stream": BreaksOff(b"a" * 50)}),
+        (206, {"content": b"b" * 70, "headers": {"Content-Range": "bytes 50-119/120"}})]})
+    received = bytearray()
+    small_chunks = dataclasses.replace(FAST, chunk_size=10)  # no bytes wait in a buffer
+    async with http, XnatClient(Credentials("http://xnat.test", "u", "p"),
+                                settings=small_chunks, http=http) as client:
+        with pytest.raises(errors.Stale):
+            async with client.open_stream("/data/f") as stream:
+                async for chunk in stream:
+                    received += chunk
+    assert received == b"a" * 50

@@ -1,0 +1,1057 @@
+"""XNAT's REST API as typed, bounded calls: the only module that speaks HTTP.
+
+Contract for the layers above:
+
+* Methods return frozen dataclasses named as XNAT names things, never an
+  ``httpx.Response``. Paths (``uri``) are XNAT's, unencoded, and begin with
+  ``/data``; this module percent-encodes them when it sends a request.
+* Every remote failure becomes an :class:`~xnatfs.errors.XnatError`. Anything
+  else (a bug here or above) propagates unchanged.
+* Every call is bounded. Each request has connect and read timeouts; 5xx, 429
+  and transport failures (refused, reset, timed out, truncated) are retried
+  with exponential backoff and jitter, at most ``max_attempts`` times and all
+  within ``deadline`` seconds per operation. Then :class:`ServerError` or
+  :class:`Unreachable`. Other 4xx answers are final at once, and an answer
+  that makes no sense (HTML for JSON, the wrong range) is a
+  :class:`ServerError`. Every request sent is safe to repeat (reads, logout,
+  and login, which at worst leaves a spare session), so a retry never does
+  something twice.
+* Login uses XNAT's JSESSION. The password (or alias token secret) goes only
+  to ``POST /data/JSESSION``, as Basic credentials, at login and renewal;
+  data requests carry only the cookie. A session in the
+  :class:`~xnatfs.credentials.SessionCache` is reused if the server still
+  knows it. A 401 renews the session once, transparently. XNAT reports its
+  idle timeout on every response, and a session idle for nearly that long is
+  renewed before use: on sites with guest access an expired cookie gets no
+  401, it silently turns the caller into the guest.
+  :meth:`XnatClient.aclose` logs out and forgets the cached session.
+* Credentials never reach a log record; only methods, paths and statuses do.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import http.cookiejar
+import json
+import logging
+import random
+import re
+from collections import Counter
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterator,
+    Mapping,
+)
+from contextlib import aclosing, asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar, cast
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from . import __version__
+from .credentials import Credentials, SessionCache
+from .errors import (
+    AuthenticationFailed,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServerError,
+    Stale,
+    Unreachable,
+    XnatError,
+)
+
+__all__ = [
+    "ByteStream",
+    "ClientSettings",
+    "Experiment",
+    "ExperimentDetail",
+    "PrearchiveSession",
+    "Project",
+    "RemoteFile",
+    "Resource",
+    "Scan",
+    "Subject",
+    "XnatClient",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+USER_AGENT = f"xnatfs/{__version__} python-httpx/{httpx.__version__}"  # not a browser: 401, not 302
+
+# Failures of the connection rather than of the request: worth another attempt.
+_TRANSPORT_FAILURES = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+_ERROR_BODY_LIMIT = 64 * 1024
+_IDLE_RENEWAL_FRACTION = 0.9  # renew a session idle for 90% of XNAT's timeout
+
+_STATUS_PAGE_MESSAGE = re.compile(r"<h3>(.*?)</h3>", re.DOTALL | re.IGNORECASE)
+_SESSION_EXPIRATION = re.compile(r'SESSION_EXPIRATION_TIME="?(\d+),(\d+)')
+_JSESSIONID_COOKIE = re.compile(r"JSESSIONID=([^;\s]+)")
+_SESSION_ID = re.compile(r"^[A-Za-z0-9._-]{8,256}$")
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+# ".../resources/{R}/files/{path}": the first such pair, so a resource may be called "files".
+_FILE_URI = re.compile(r"^(?P<owner>.*?)/resources/(?P<resource>[^/]+)/files/(?P<path>.+)$")
+_SCAN_OWNER = re.compile(r"/scans/(?P<scan>[^/]+)$")
+# RFC 3986 pchar plus "/": everything else in an XNAT path is percent-encoded.
+_PATH_SAFE = "/:@!$&'()*+,;=[]~"
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Bounds on every remote operation, and the connection pool.
+
+    Attributes:
+        connect_timeout: seconds to establish one connection.
+        read_timeout: seconds to wait for any byte of an answer.
+        deadline: seconds for a whole operation, every retry and backoff included.
+        max_attempts: requests per operation before giving up (also the number
+            of times a broken download may be resumed).
+        backoff_initial: first delay between attempts; it doubles each time,
+            with jitter, up to ``backoff_max``.
+        max_connections: size of the HTTP/1.1 connection pool.
+        chunk_size: bytes per chunk handed out by downloads.
+        verify_tls: check the server's certificate (off only for test sites
+            with self-signed certificates).
+    """
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0  # XNAT builds a whole listing before its first byte
+    deadline: float = 60.0
+    max_attempts: int = 4
+    backoff_initial: float = 0.5
+    backoff_max: float = 8.0
+    max_connections: int = 16
+    chunk_size: int = 1 << 20
+    verify_tls: bool = True
+
+
+@dataclass(frozen=True)
+class Project:
+    id: str
+    name: str | None
+    secondary_id: str | None
+    description: str | None
+
+
+@dataclass(frozen=True)
+class Subject:
+    """``insert_date`` is XNAT's server-local ``2023-09-27 17:31:21.352``, kept as given."""
+
+    id: str
+    label: str
+    project: str
+    insert_date: str | None
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An imaging session (or other subject assessor). Dates are XNAT's strings."""
+
+    id: str
+    label: str
+    project: str
+    subject_id: str | None
+    xsi_type: str
+    date: str | None
+    insert_date: str | None
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A resource (catalog) of a scan or session; ``id`` is XNAT's numeric id as text."""
+
+    id: str
+    label: str
+    format: str | None
+    content: str | None
+    file_count: int | None
+    file_size: int | None
+
+
+@dataclass(frozen=True)
+class Scan:
+    id: str
+    type: str | None
+    series_description: str | None
+    xsi_type: str
+    quality: str | None
+    resources: tuple[Resource, ...]
+
+
+@dataclass(frozen=True)
+class ExperimentDetail(Experiment):
+    """An experiment with its scans and session-level resources (one item request)."""
+
+    scans: tuple[Scan, ...]
+    resources: tuple[Resource, ...]
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a resource, as a file listing describes it.
+
+    Attributes:
+        path: path inside the resource (what follows ``/files/``), may contain ``/``.
+        size: bytes, as XNAT's catalog records them.
+        digest: MD5 hex from the catalog, or None when XNAT has none.
+        uri: download path, ``/data/...``, unencoded.
+        resource_label, resource_id: the resource holding it.
+        scan_id: its scan, or None for a session-level resource.
+    """
+
+    path: str
+    size: int
+    digest: str | None
+    uri: str
+    resource_label: str
+    resource_id: str
+    scan_id: str | None
+
+
+@dataclass(frozen=True)
+class PrearchiveSession:
+    """A prearchive entry; ``uri`` is ``/data/prearchive/projects/P/TIMESTAMP/FOLDER``."""
+
+    project: str
+    timestamp: str
+    folder_name: str
+    name: str
+    subject: str | None
+    status: str
+    uri: str
+    uploaded: str | None
+    lastmod: str | None
+    scan_date: str | None
+    tag: str | None
+    autoarchive: str | None
+
+
+class XnatClient:
+    """One user's connection to one XNAT site.
+
+    Use as ``async with XnatClient(credentials) as client:``, which logs in on
+    entry (so bad credentials fail at once) and out on exit. All methods may
+    run concurrently from many tasks.
+
+    Attributes:
+        credentials: site, user and password; read only.
+        settings: timeouts, retries and pool size; read only.
+
+    ``_session_id``, ``_last_activity`` and ``_session_timeout`` describe the
+    JSESSION; only ``_log_in`` replaces the session, under ``_login_lock``, so
+    that a burst of 401s leads to one login.
+    """
+
+    def __init__(self, credentials: Credentials, *, settings: ClientSettings | None = None,
+                 session_cache: SessionCache | None = None,
+                 http: httpx.AsyncClient | None = None) -> None:
+        """``http`` is for tests (a mock transport); by default the client owns its pool."""
+        self.credentials = credentials
+        self.settings = settings or ClientSettings()
+        self._base_url = credentials.url.rstrip("/")
+        self._session_cache = session_cache
+        self._owns_http = http is None
+        self._http = http or _new_http_client(self.settings)
+        self._login_lock = trio.Lock()
+        self._session_id: str | None = None
+        self._last_activity: float | None = None
+        self._session_timeout: float | None = None
+        self._range_support: bool | None = None
+        self._counts: Counter[str] = Counter()
+
+    async def __aenter__(self) -> XnatClient:
+        try:
+            await self.connect()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    # ----------------------------------------------------------------- session
+    async def connect(self) -> None:
+        """Make sure there is a live session: reuse a cached one or log in.
+
+        Raises:
+            AuthenticationFailed: the credentials were refused.
+        """
+        await self._session_for_request()
+
+    async def aclose(self) -> None:
+        """Log out (``DELETE /data/JSESSION``), forget the cached session, close the pool.
+
+        Logging out is best effort, bounded by ``connect_timeout`` and shielded
+        from cancellation so that an unmount does not leave sessions behind.
+        """
+        session_id, self._session_id = self._session_id, None
+        try:
+            if session_id is not None:
+                with trio.CancelScope(shield=True):
+                    await self._forget_cached_session(session_id)
+                with trio.move_on_after(self.settings.connect_timeout, shield=True):
+                    try:
+                        await self._send("DELETE", "/data/JSESSION", kind="session.logout",
+                                         use_session=False, headers=_cookie(session_id),
+                                         accept={401}, handle=_discard_body)
+                    except XnatError as exc:
+                        log.warning("could not log out of %s: %s", self._base_url, exc)
+        finally:
+            if self._owns_http:
+                await self._http.aclose()
+
+    def statistics(self) -> dict[str, int]:
+        """Requests sent, by kind (``files.range``, ``session.login``...), and events:
+        ``retries``, ``relogins``, ``sessions_reused``, ``range_ignored``, ``stream_resumes``."""
+        return dict(self._counts)
+
+    async def _session_for_request(self) -> str:
+        session_id = self._session_id
+        if session_id is not None and not self._idle_too_long():
+            return session_id
+        async with self._login_lock:
+            if self._session_id is None or self._idle_too_long():
+                await self._log_in(rejected=self._session_id)
+            assert self._session_id is not None
+            return self._session_id
+
+    async def _renew_session(self, rejected: str) -> None:
+        """After a 401: log in again, unless another task already did."""
+        async with self._login_lock:
+            if self._session_id == rejected:
+                self._counts["relogins"] += 1
+                log.info("session on %s expired; logging in again", self._base_url)
+                await self._log_in(rejected=rejected)
+
+    def _idle_too_long(self) -> bool:
+        if self._session_timeout is None or self._last_activity is None:
+            return False
+        idle = trio.current_time() - self._last_activity
+        return idle > self._session_timeout * _IDLE_RENEWAL_FRACTION
+
+    async def _log_in(self, rejected: str | None) -> None:
+        cached = await self._cached_session()
+        if cached is not None and cached != rejected and await self._session_is_alive(cached):
+            self._counts["sessions_reused"] += 1
+            self._adopt_session(cached)
+            return
+        session_id = await self._send(
+            "POST", "/data/JSESSION", kind="session.login", use_session=False,
+            headers={"Authorization": self._basic_authorization()}, handle=_session_id_from)
+        self._adopt_session(session_id)
+        await self._store_cached_session(session_id)
+
+    async def _session_is_alive(self, session_id: str) -> bool:
+        """Whether XNAT still knows ``session_id`` (a guest session does not count)."""
+        async def same_session(response: httpx.Response) -> bool:
+            body = (await response.aread()).decode("utf-8", "replace").strip()
+            return response.status_code == 200 and body == session_id
+
+        return await self._send("GET", "/data/JSESSION", kind="session.check",
+                                use_session=False, headers=_cookie(session_id), accept={401},
+                                handle=same_session)
+
+    def _adopt_session(self, session_id: str) -> None:
+        self._session_id = session_id
+        self._last_activity = trio.current_time()
+
+    def _basic_authorization(self) -> str:
+        pair = f"{self.credentials.user}:{self.credentials.password}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
+
+    def _note_session_timeout(self, response: httpx.Response) -> None:
+        """XNAT sends ``SESSION_EXPIRATION_TIME="<epoch ms>,<timeout ms>"`` on every answer."""
+        for header in response.headers.get_list("set-cookie"):
+            match = _SESSION_EXPIRATION.search(header)
+            if match:
+                self._session_timeout = int(match.group(2)) / 1000
+
+    async def _cached_session(self) -> str | None:
+        if self._session_cache is None:
+            return None
+        try:
+            return await trio.to_thread.run_sync(
+                self._session_cache.get, self._base_url, self.credentials.user)
+        except OSError as exc:
+            log.warning("cannot read the session cache: %s", exc)
+            return None
+
+    async def _store_cached_session(self, session_id: str) -> None:
+        if self._session_cache is None:
+            return
+        try:
+            await trio.to_thread.run_sync(
+                self._session_cache.put, self._base_url, self.credentials.user, session_id)
+        except OSError as exc:
+            log.warning("cannot write the session cache: %s", exc)
+
+    async def _forget_cached_session(self, session_id: str) -> None:
+        if self._session_cache is None:
+            return
+        try:
+            await trio.to_thread.run_sync(self._session_cache.discard, self._base_url,
+                                          session_id)
+        except OSError as exc:
+            log.warning("cannot update the session cache: %s", exc)
+
+    # ---------------------------------------------------------------- requests
+    def _url(self, path: str) -> str:
+        return self._base_url + quote(path, safe=_PATH_SAFE)
+
+    async def _send(self, method: str, path: str, *, kind: str,
+                    handle: Callable[[httpx.Response], Awaitable[T]],
+                    params: Mapping[str, str] | None = None,
+                    headers: Mapping[str, str] | None = None,
+                    accept: Collection[int] = (), use_session: bool = True,
+                    keep_open: bool = False) -> T:
+        """Run one operation: attempts, backoff, session renewal, all within the deadline.
+
+        ``handle`` gets every 2xx answer (and those in ``accept``) with its body
+        unread, inside the attempt, so a body cut short is retried like any
+        transport failure. The response is closed afterwards unless
+        ``keep_open``, in which case ``handle``'s caller owns it. Requests made
+        with ``use_session=False`` carry their own credentials in ``headers``;
+        for them a 401 is final.
+        """
+        settings = self.settings
+        give_up_at = trio.current_time() + settings.deadline
+        failure: XnatError | None = None
+        renewed = False
+        attempt = 0
+        with trio.move_on_after(settings.deadline):
+            while True:
+                attempt += 1
+                request_headers = dict(headers or {})
+                session_id = None
+                if use_session:
+                    session_id = await self._session_for_request()
+                    request_headers.update(_cookie(session_id))
+                request = self._http.build_request(method, self._url(path), params=params,
+                                                   headers=request_headers)
+                self._counts[kind] += 1
+                retry_after = None
+                try:
+                    response = await self._http.send(request, stream=True)
+                except _TRANSPORT_FAILURES as exc:
+                    failure = _unreachable(exc, path)
+                else:
+                    keep = False
+                    try:
+                        status = response.status_code
+                        log.debug("%s %s -> %d", method, path, status)
+                        self._note_session_timeout(response)
+                        if use_session and status == 401 and not renewed:
+                            renewed = True
+                            attempt -= 1  # a renewal is not a failed attempt
+                            assert session_id is not None
+                            await self._renew_session(rejected=session_id)
+                            continue
+                        if use_session:
+                            self._last_activity = trio.current_time()
+                        if 200 <= status < 300 or status in accept:
+                            result = await handle(response)
+                            keep = keep_open
+                            return result
+                        error = await _error_from_response(response, path)
+                        if status != 429 and status < 500:
+                            raise error
+                        failure = error
+                        retry_after = _retry_after_seconds(response)
+                    except _TRANSPORT_FAILURES as exc:
+                        failure = _unreachable(exc, path)
+                    finally:
+                        if not keep:
+                            await response.aclose()
+                if attempt >= settings.max_attempts:
+                    raise failure
+                delay = self._backoff(attempt, retry_after)
+                if trio.current_time() + delay >= give_up_at:
+                    raise failure
+                self._counts["retries"] += 1
+                log.warning("%s %s failed (%s); attempt %d of %d in %.2f s", method, path,
+                            failure, attempt + 1, settings.max_attempts, delay)
+                await trio.sleep(delay)
+        raise Unreachable(f"no answer within {settings.deadline:g} s", path=path) from failure
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential with "equal jitter": between half and all of the doubled delay."""
+        settings = self.settings
+        ceiling = min(settings.backoff_max, settings.backoff_initial * 2 ** (attempt - 1))
+        delay = random.uniform(ceiling / 2, ceiling)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, settings.backoff_max))
+        return delay
+
+    async def _get_json(self, path: str, *, kind: str,
+                        params: Mapping[str, str] | None = None) -> Any:
+        async def parse(response: httpx.Response) -> Any:
+            return _parse_json(await response.aread(), path)
+
+        return await self._send("GET", path, kind=kind, params={"format": "json", **(params or {})},
+                                handle=parse)
+
+    async def _get_rows(self, path: str, *, kind: str,
+                        params: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """The ``ResultSet.Result`` rows of an XNAT table listing."""
+        payload = await self._get_json(path, kind=kind, params=params)
+        try:
+            rows = payload["ResultSet"]["Result"]
+        except (KeyError, TypeError):
+            raise ServerError("a listing without ResultSet.Result", path=path) from None
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise ServerError("a listing whose rows are not objects", path=path)
+        return rows
+
+    # ---------------------------------------------------------------- listings
+    async def list_projects(self) -> list[Project]:
+        """The projects this user can read."""
+        path = "/data/projects"
+        rows = await self._get_rows(path, kind="projects.list")
+        with _malformed_rows(path):
+            return [Project(id=row["ID"], name=_text(row.get("name")),
+                            secondary_id=_text(row.get("secondary_ID")),
+                            description=_text(row.get("description")))
+                    for row in rows]
+
+    async def list_subjects(self, project: str) -> list[Subject]:
+        """Subjects of ``project``.
+
+        Raises:
+            NotFound: no such project, or one the user may not see.
+            Forbidden: a protected project the user may not read.
+        """
+        path = f"/data/projects/{project}/subjects"
+        rows = await self._get_rows(path, kind="subjects.list",
+                                    params={"columns": "ID,label,project,insert_date"})
+        with _malformed_rows(path):
+            return [Subject(id=row["ID"], label=row["label"],
+                            project=row.get("project") or project,
+                            insert_date=_text(row.get("insert_date")))
+                    for row in rows]
+
+    async def list_experiments(self, project: str, subject: str) -> list[Experiment]:
+        """Experiments of one subject (given by ID or label) in ``project``."""
+        path = f"/data/projects/{project}/subjects/{subject}/experiments"
+        rows = await self._get_rows(path, kind="experiments.list", params={
+            "columns": "ID,label,xsiType,date,insert_date,project,subject_ID"})
+        with _malformed_rows(path):
+            return [Experiment(id=row["ID"], label=row["label"],
+                               project=row.get("project") or project,
+                               subject_id=_text(row.get("subject_ID")), xsi_type=row["xsiType"],
+                               date=_text(row.get("date")),
+                               insert_date=_text(row.get("insert_date")))
+                    for row in rows]
+
+    async def get_experiment(self, experiment_id: str) -> ExperimentDetail:
+        """One experiment (accession ID only) with its scans and all resource labels."""
+        path = f"/data/experiments/{experiment_id}"
+        payload = await self._get_json(path, kind="experiment.get")
+        try:
+            item = _current_items(payload["items"])[0]
+            fields = item["data_fields"]
+            return ExperimentDetail(
+                id=str(fields["ID"]), label=str(fields["label"]), project=str(fields["project"]),
+                subject_id=_text(fields.get("subject_ID")), xsi_type=item["meta"]["xsi:type"],
+                date=_text(fields.get("date")), insert_date=_text(fields.get("insert_date")),
+                scans=tuple(_scan(scan) for scan in _child_items(item, "scans/scan")),
+                resources=tuple(_resource(r) for r in _child_items(item, "resources/resource")))
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ServerError(f"an experiment item without {exc}", path=path) from exc
+
+    async def list_scan_files(self, experiment_id: str) -> list[RemoteFile]:
+        """Every file of every scan resource of an experiment, in one request."""
+        path = f"/data/experiments/{experiment_id}/scans/ALL/files"
+        return _remote_files(await self._get_rows(path, kind="files.list"), path)
+
+    async def list_session_files(self, experiment_id: str) -> list[RemoteFile]:
+        """Every file of the experiment's own (session-level) resources."""
+        path = f"/data/experiments/{experiment_id}/files"
+        return _remote_files(await self._get_rows(path, kind="files.list"), path)
+
+    async def list_resource_files(self, resource_uri: str) -> list[RemoteFile]:
+        """Files of one resource, given as ``/data/.../resources/{id or label}``."""
+        path = f"{resource_uri.rstrip('/')}/files"
+        return _remote_files(await self._get_rows(path, kind="files.list"), path)
+
+    async def list_prearchive(self, project: str | None = None) -> list[PrearchiveSession]:
+        """Prearchive entries of every project the user may edit, or of one project."""
+        path = "/data/prearchive/projects" + (f"/{project}" if project else "")
+        rows = await self._get_rows(path, kind="prearchive.list")
+        with _malformed_rows(path):
+            return [PrearchiveSession(
+                project=row["project"], timestamp=row["timestamp"],
+                folder_name=row["folderName"], name=row.get("name") or row["folderName"],
+                subject=_text(row.get("subject")), status=row["status"],
+                uri=_data_path(row["url"]), uploaded=_text(row.get("uploaded")),
+                lastmod=_text(row.get("lastmod")), scan_date=_text(row.get("scan_date")),
+                tag=_text(row.get("tag")), autoarchive=_text(row.get("autoarchive")))
+                for row in rows]
+
+    # -------------------------------------------------------------------- data
+    async def read_range(self, uri: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a file; fewer only where the file ends.
+
+        Sends an HTTP Range request. A 206 must carry the Content-Range asked
+        for. Real XNAT ignores Range and answers 200 with the whole file: then
+        the wanted bytes are cut out of the stream, which is read only up to
+        ``end``, and :meth:`probe_range_support` answers False from then on.
+        Callers reading far into large files should check that first and use
+        :meth:`open_stream` instead.
+
+        Raises:
+            NotFound: no such file.
+            ServerError: the server answered a different range than asked.
+        """
+        if start < 0 or end < start:
+            raise ValueError(f"bad byte range [{start}, {end})")
+        if end == start:
+            return b""
+
+        async def read(response: httpx.Response) -> bytes:
+            status = response.status_code
+            if status == 416:  # start is at or past the end of the file
+                return b""
+            if status == 206:
+                self._range_support = True
+                return await _read_partial_content(response, uri, start, end)
+            if status == 200:
+                self._note_range_ignored()
+                return await _slice_of_body(response, start, end, self.settings.chunk_size)
+            raise ServerError(f"unexpected status {status} for a range request", status=status,
+                              path=uri)
+
+        return await self._send("GET", uri, kind="files.range", headers=_range_headers(start, end),
+                                accept={416}, handle=read)
+
+    async def probe_range_support(self, uri: str) -> bool:
+        """Whether the server honours HTTP Range, learnt from one request for ``uri``.
+
+        The answer is kept for the life of the client (it is a property of the
+        server, and :meth:`read_range` keeps it up to date).
+        """
+        if self._range_support is None:
+            async def honoured(response: httpx.Response) -> bool:
+                return response.status_code in (206, 416)  # 416: an empty file, ranges known
+
+            self._range_support = await self._send(
+                "GET", uri, kind="files.probe", headers=_range_headers(0, 1), accept={416},
+                handle=honoured)
+        return self._range_support
+
+    @asynccontextmanager
+    async def open_stream(self, uri: str, start: int = 0,
+                          end: int | None = None) -> AsyncIterator[ByteStream]:
+        """A download of bytes ``[start, end)`` of ``uri`` (to the end of the file
+        when ``end`` is None), read chunk by chunk::
+
+            async with client.open_stream(uri, start) as stream:
+                async for chunk in stream: ...
+
+        The first chunk begins at ``start`` and the last stops at ``end``
+        whether or not the server honours Range (if not, the bytes before
+        ``start`` are downloaded and dropped, and the connection is closed at
+        ``end``). A connection that breaks off is resumed where it stopped, up
+        to ``max_attempts`` times; then :class:`Unreachable` (or :class:`Stale`
+        if the file changed meanwhile). Each wait for data is bounded by
+        ``read_timeout``; the download as a whole is not.
+        """
+        stream = ByteStream(self, uri, start, end)
+        try:
+            await stream.open()
+            yield stream
+        finally:
+            await stream.aclose()
+
+    def _note_range_ignored(self) -> None:
+        self._range_support = False
+        self._counts["range_ignored"] += 1
+
+
+class ByteStream:
+    """An open download, iterated with ``async for``; see :meth:`XnatClient.open_stream`.
+
+    Iteration raises :class:`Unreachable` when resuming fails ``max_attempts``
+    times, and :class:`Stale` when a resumed download finds the file changed.
+
+    Attributes:
+        uri: the file.
+        position: offset in the file of the next byte to be yielded.
+        end: offset at which the download stops, or None for the end of the file.
+        size: the file's full size when the server said, else None.
+    """
+
+    def __init__(self, client: XnatClient, uri: str, start: int, end: int | None) -> None:
+        if start < 0 or (end is not None and end < start):
+            raise ValueError(f"bad byte range [{start}, {end})")
+        self.uri = uri
+        self.position = start
+        self.end = end
+        self.size: int | None = None
+        self._client = client
+        self._response: httpx.Response | None = None
+        self._chunks: AsyncGenerator[bytes, None] | None = None
+        self._skip = 0  # bytes before `position` a server ignoring Range sends again
+        self._resumes = 0
+        self._finished = False
+
+    def __aiter__(self) -> ByteStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._finished:
+            if self._chunks is None:
+                await self.open()
+                continue
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                wanted_until = self._wanted_until()
+                if wanted_until is None or self.position >= wanted_until:
+                    break
+                failure: Exception = Unreachable(
+                    f"body ended at byte {self.position} of {wanted_until}", path=self.uri)
+            except _TRANSPORT_FAILURES as exc:
+                failure = exc
+            else:
+                chunk = self._trim(chunk)
+                if chunk:
+                    self.position += len(chunk)
+                    return chunk
+                continue
+            await self._resume_after(failure)
+        await self.aclose()  # done: give the connection back (or drop it, if cut short)
+        raise StopAsyncIteration
+
+    async def open(self) -> None:
+        """(Re)start the download at :attr:`position`.
+
+        Raises:
+            Stale: the file's size changed since the download began, so what
+                was already yielded and what would follow belong to different
+                versions of the file.
+        """
+        await self._close_response()
+        if self.end is not None and self.position >= self.end:
+            self._finished = True
+            return
+        client = self._client
+        headers = {"Accept-Encoding": "identity"}
+        if self.position > 0 or self.end is not None:
+            last = "" if self.end is None else str(self.end - 1)
+            headers["Range"] = f"bytes={self.position}-{last}"
+        response = await client._send("GET", self.uri, kind="files.stream", headers=headers,
+                                      accept={416}, keep_open=True, handle=_as_is)
+        self._response = response
+        status = response.status_code
+        if status == 416:  # position is at or past the end
+            await self._close_response()
+            if self.size is not None and self.position < self.size:
+                raise Stale(f"file shrank below byte {self.position}", path=self.uri)
+            self._finished = True
+            return
+        if status == 206:
+            first, _last, size = _content_range(response, self.uri)
+            if first != self.position:
+                await self._close_response()
+                raise ServerError(f"asked for bytes from {self.position}, got from {first}",
+                                  path=self.uri)
+            self._skip = 0
+        else:
+            if "Range" in headers:
+                client._note_range_ignored()
+            size = _content_length(response)
+            self._skip = self.position
+        if size is not None:
+            if self.size is not None and size != self.size:
+                await self._close_response()
+                raise Stale(f"size changed from {self.size} to {size} during the download",
+                            path=self.uri)
+            self.size = size
+        self._chunks = _body_chunks(response, client.settings.chunk_size)
+
+    async def aclose(self) -> None:
+        self._finished = True
+        await self._close_response()
+
+    def _wanted_until(self) -> int | None:
+        """Where a complete download stops: ``end``, or the end of the file if sooner."""
+        if self.end is None:
+            return self.size
+        return self.end if self.size is None else min(self.end, self.size)
+
+    def _trim(self, chunk: bytes) -> bytes:
+        """Drop what lies before :attr:`position` (resent by a server ignoring Range)
+        or at and after :attr:`end`."""
+        if self._skip:
+            dropped = min(self._skip, len(chunk))
+            self._skip -= dropped
+            chunk = chunk[dropped:]
+        if self.end is not None and self.position + len(chunk) >= self.end:
+            chunk = chunk[:self.end - self.position]
+            self._finished = True
+        return chunk
+
+    async def _resume_after(self, failure: Exception) -> None:
+        await self._close_response()
+        self._resumes += 1
+        settings = self._client.settings
+        if self._resumes >= settings.max_attempts:
+            if isinstance(failure, XnatError):
+                raise failure
+            raise _unreachable(failure, self.uri) from failure
+        self._client._counts["stream_resumes"] += 1
+        log.warning("download of %s broke off at byte %d (%s); resuming", self.uri,
+                    self.position, failure)
+
+    async def _close_response(self) -> None:
+        response, chunks = self._response, self._chunks
+        self._response = self._chunks = None
+        if chunks is not None:
+            await chunks.aclose()
+        if response is not None:
+            await response.aclose()
+
+
+# ------------------------------------------------------------------- helpers
+def _new_http_client(settings: ClientSettings) -> httpx.AsyncClient:
+    # The JSESSIONID is managed by hand; a jar that accepts nothing keeps
+    # httpx from storing or replaying cookies behind our back.
+    no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
+                              write=settings.read_timeout, pool=settings.deadline),
+        # Tomcat closes idle connections after 20 s; drop ours before that.
+        limits=httpx.Limits(max_connections=settings.max_connections,
+                            max_keepalive_connections=settings.max_connections,
+                            keepalive_expiry=15.0),
+        headers={"User-Agent": USER_AGENT}, cookies=no_cookies, follow_redirects=False,
+        verify=settings.verify_tls)
+
+
+def _body_chunks(response: httpx.Response,
+                 chunk_size: int | None = None) -> AsyncGenerator[bytes, None]:
+    """The body in chunks, typed as the async generator httpx really returns, so that
+    it can be closed when abandoned rather than left to the garbage collector."""
+    return cast("AsyncGenerator[bytes, None]", response.aiter_bytes(chunk_size))
+
+
+def _cookie(session_id: str) -> dict[str, str]:
+    return {"Cookie": f"JSESSIONID={session_id}"}
+
+
+def _range_headers(start: int, end: int) -> dict[str, str]:
+    return {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+
+
+async def _as_is(response: httpx.Response) -> httpx.Response:
+    return response
+
+
+async def _discard_body(response: httpx.Response) -> None:
+    await response.aread()
+
+
+async def _session_id_from(response: httpx.Response) -> str:
+    """The new session of a ``POST /data/JSESSION``: its cookie, else its body."""
+    body = (await response.aread()).decode("utf-8", "replace").strip()
+    for header in response.headers.get_list("set-cookie"):
+        match = _JSESSIONID_COOKIE.match(header)
+        if match and _SESSION_ID.match(match.group(1)):
+            return match.group(1)
+    if _SESSION_ID.match(body):
+        return body
+    raise AuthenticationFailed("the login answer holds no session id (a login page?)",
+                               status=response.status_code, path="/data/JSESSION")
+
+
+def _unreachable(exc: Exception, path: str) -> Unreachable:
+    error = Unreachable(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
+                        path=path)
+    error.__cause__ = exc
+    return error
+
+
+async def _error_from_response(response: httpx.Response, path: str) -> XnatError:
+    """The XnatError for a non-2xx answer, with the message of XNAT's status page."""
+    body = bytearray()
+    async with aclosing(_body_chunks(response)) as chunks:
+        async for chunk in chunks:
+            body += chunk
+            if len(body) >= _ERROR_BODY_LIMIT:
+                break
+    status = response.status_code
+    message = _status_page_message(body.decode("utf-8", "replace")) or response.reason_phrase
+    return _error_class(status)(message or f"HTTP {status}", status=status, path=path)
+
+
+def _status_page_message(text: str) -> str | None:
+    """``<h3>message</h3>`` of Restlet's status page, or a short plain-text body."""
+    match = _STATUS_PAGE_MESSAGE.search(text)
+    if match:
+        return html.unescape(match.group(1)).strip() or None
+    text = text.strip()
+    if text and "<" not in text and len(text) <= 500:
+        return text
+    return None
+
+
+def _error_class(status: int) -> type[XnatError]:
+    if status == 401:
+        return AuthenticationFailed
+    if status == 403:
+        return Forbidden
+    if status == 404:
+        return NotFound
+    if status == 409:
+        return Conflict
+    if 400 <= status < 500 and status != 429:
+        return BadRequest
+    return ServerError  # 5xx and 429 after retries, or a status we do not handle (3xx)
+
+
+def _retry_after_seconds(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    return float(value) if value.isdigit() else None
+
+
+def _parse_json(body: bytes, path: str) -> Any:
+    if body.lstrip()[:1] == b"<":
+        raise ServerError("XNAT answered HTML where JSON was expected", path=path)
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ServerError(f"malformed JSON: {exc}", path=path) from exc
+
+
+def _content_range(response: httpx.Response, uri: str) -> tuple[int, int, int | None]:
+    """(first, last, total or None) of a 206 answer's Content-Range."""
+    match = _CONTENT_RANGE.match(response.headers.get("content-range", "").strip())
+    if match is None:
+        raise ServerError("a partial answer without a usable Content-Range", status=206,
+                          path=uri)
+    total = match.group(3)
+    return int(match.group(1)), int(match.group(2)), None if total == "*" else int(total)
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
+
+
+async def _read_partial_content(response: httpx.Response, uri: str, start: int,
+                                end: int) -> bytes:
+    """The body of a 206, checked against the range asked for."""
+    first, last, total = _content_range(response, uri)
+    expected_last = end - 1 if total is None else min(end, total) - 1
+    if first != start or last != expected_last:
+        raise ServerError(f"asked for bytes {start}-{end - 1}, got {first}-{last}/{total}",
+                          status=206, path=uri)
+    body = await response.aread()
+    if len(body) != last - first + 1:
+        raise Unreachable(f"range body has {len(body)} bytes, not {last - first + 1}",
+                          path=uri)
+    return body
+
+
+async def _slice_of_body(response: httpx.Response, start: int, end: int,
+                         chunk_size: int) -> bytes:
+    """Bytes ``[start, end)`` of a whole-file answer, reading no further than ``end``."""
+    wanted = bytearray()
+    offset = 0
+    async with aclosing(_body_chunks(response, chunk_size)) as chunks:
+        async for chunk in chunks:
+            chunk_end = offset + len(chunk)
+            if chunk_end > start:
+                wanted += chunk[max(start - offset, 0):end - offset]
+            offset = chunk_end
+            if offset >= end:
+                break
+    return bytes(wanted)
+
+
+@contextmanager
+def _malformed_rows(path: str) -> Iterator[None]:
+    """A listing row without a column we need is the server's fault, not a bug here."""
+    try:
+        yield
+    except KeyError as exc:
+        raise ServerError(f"a listing row without {exc}", path=path) from exc
+
+
+def _text(value: Any) -> str | None:
+    """XNAT's cell or field as text; its empty string means null."""
+    if value is None or value == "":
+        return None
+    return str(value)
+
+
+def _count(value: Any) -> int | None:
+    return None if value is None or value == "" else int(value)
+
+
+def _data_path(path: str) -> str:
+    """Some XNAT listings give paths without the ``/data`` prefix; add it."""
+    return path if path.startswith("/data/") else "/data" + path
+
+
+def _current_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [item for item in items if not item.get("meta", {}).get("isHistory", False)]
+
+
+def _child_items(item: Mapping[str, Any], field: str) -> list[dict[str, Any]]:
+    for child in item.get("children", []):
+        if child.get("field") == field:
+            return _current_items(child.get("items", []))
+    return []
+
+
+def _scan(item: Mapping[str, Any]) -> Scan:
+    fields = item["data_fields"]
+    return Scan(id=str(fields["ID"]), type=_text(fields.get("type")),
+                series_description=_text(fields.get("series_description")),
+                xsi_type=item["meta"]["xsi:type"], quality=_text(fields.get("quality")),
+                resources=tuple(_resource(r) for r in _child_items(item, "file")))
+
+
+def _resource(item: Mapping[str, Any]) -> Resource:
+    fields = item["data_fields"]
+    return Resource(id=str(fields["xnat_abstractresource_id"]), label=str(fields["label"]),
+                    format=_text(fields.get("format")), content=_text(fields.get("content")),
+                    file_count=_count(fields.get("file_count")),
+                    file_size=_count(fields.get("file_size")))
+
+
+def _remote_files(rows: list[dict[str, Any]], listing: str) -> list[RemoteFile]:
+    return [_remote_file(row, listing) for row in rows]
+
+
+def _remote_file(row: Mapping[str, Any], listing: str) -> RemoteFile:
+    """A file listing row. Its URI names the scan, resource and path; multi-resource
+    listings build it from SQL and leave out ``/data``."""
+    uri = row.get("URI") or ""
+    match = _FILE_URI.match(uri)
+    if match is None:
+        raise ServerError(f"unexpected file URI {uri!r}", path=listing)
+    scan = _SCAN_OWNER.search(match.group("owner"))
+    try:
+        size = int(row.get("Size") or 0)
+    except ValueError:
+        raise ServerError(f"unexpected size {row.get('Size')!r} of {uri}", path=listing) from None
+    return RemoteFile(path=match.group("path"), size=size, digest=_text(row.get("digest")),
+                      uri=_data_path(uri),
+                      resource_label=row.get("collection") or match.group("resource"),
+                      resource_id=row.get("cat_ID") or match.group("resource"),
+                      scan_id=scan.group("scan") if scan else None)

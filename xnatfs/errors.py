@@ -1,0 +1,123 @@
+"""What can go wrong talking to XNAT, and the errno each failure becomes.
+
+Every layer raises these and only these for remote failures; ``fs.py`` turns
+them into ``FUSEError(errno_for(exc))``. Anything else (a ``KeyError``, a
+``TypeError``) is a bug and must propagate, never become an errno::
+
+    XnatError                 the server's status and message, if it answered
+    ├── NotFound              404: no such project, subject, session or file
+    ├── Forbidden             403: visible but not readable or writable
+    ├── AuthenticationFailed  401 after a fresh login: bad or revoked credentials
+    ├── Conflict              409: it already exists, or is locked
+    ├── BadRequest            any other 4xx: XNAT refused what we asked
+    ├── ServerError           5xx that outlived the retries, or an unusable answer
+    ├── Unreachable           no (complete) answer in time, after the retries
+    ├── Stale                 the object changed under us (size or digest differ)
+    └── ReadOnly              a write to archived content, which the mount refuses
+
+Adding a class means adding it to :data:`ERRNO_BY_ERROR`; a test checks that
+every subclass has an entry.
+"""
+
+from __future__ import annotations
+
+import errno
+
+__all__ = [
+    "ERRNO_BY_ERROR",
+    "AuthenticationFailed",
+    "BadRequest",
+    "Conflict",
+    "Forbidden",
+    "NotFound",
+    "ReadOnly",
+    "ServerError",
+    "Stale",
+    "Unreachable",
+    "XnatError",
+    "errno_for",
+]
+
+
+class XnatError(Exception):
+    """A remote operation failed.
+
+    Attributes:
+        message: XNAT's own explanation (the ``<h3>`` of its status page) or ours.
+        status: the HTTP status, or None when the server never answered.
+        path: the request path (``/data/...``) the failure belongs to, if any.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 path: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.path = path
+
+    def __str__(self) -> str:
+        text = self.message if self.status is None else f"{self.status} {self.message}"
+        return f"{text} ({self.path})" if self.path else text
+
+
+class NotFound(XnatError):
+    """404: the object does not exist, or is private to others (XNAT hides it)."""
+
+
+class Forbidden(XnatError):
+    """403: the object is visible but this user may not read or change it."""
+
+
+class AuthenticationFailed(XnatError):
+    """401 from a fresh login: the credentials are wrong, expired or revoked."""
+
+
+class Conflict(XnatError):
+    """409: the object already exists or is locked by another operation."""
+
+
+class BadRequest(XnatError):
+    """A 4xx other than 401/403/404/409/429: XNAT will not do what we asked."""
+
+
+class ServerError(XnatError):
+    """The server kept failing (5xx) through every retry, or answered nonsense."""
+
+
+class Unreachable(XnatError):
+    """No complete answer: connection refused or reset, timeout, truncated body."""
+
+
+class Stale(XnatError):
+    """The object changed while we used it (its size or digest no longer match)."""
+
+
+class ReadOnly(XnatError):
+    """Archived content cannot be changed through the mount."""
+
+
+# One table, so the mapping can be reviewed at a glance (mountpoint-s3's fs/error.rs).
+# Unreachable is EIO rather than ETIMEDOUT: it also covers refused connections,
+# resets and truncated bodies, for which "Connection timed out" would mislead, and
+# EIO is the errno read(2) documents for I/O failures. Stale is ESTALE, which makes
+# the kernel drop its cached entry and look the name up again.
+ERRNO_BY_ERROR: dict[type[XnatError], int] = {
+    XnatError: errno.EIO,
+    NotFound: errno.ENOENT,
+    Forbidden: errno.EACCES,
+    AuthenticationFailed: errno.EACCES,
+    Conflict: errno.EEXIST,
+    BadRequest: errno.EINVAL,
+    ServerError: errno.EIO,
+    Unreachable: errno.EIO,
+    Stale: errno.ESTALE,
+    ReadOnly: errno.EROFS,
+}
+
+
+def errno_for(exc: XnatError) -> int:
+    """The errno a FUSE handler should answer for ``exc`` (its nearest listed class)."""
+    for cls in type(exc).__mro__:
+        if cls in ERRNO_BY_ERROR:
+            return ERRNO_BY_ERROR[cls]
+    raise TypeError(f"{type(exc).__name__} is not an XnatError")

@@ -1,0 +1,383 @@
+"""The XNAT hierarchy as nodes with inodes, built lazily from cached listings.
+
+Layout (the one XNAT's zip downloads use)::
+
+    /<PROJECT>/<SUBJECT>/<SESSION>/scans/<ID>-<type>/resources/<LABEL>/files/<path>
+    /<PROJECT>/<SUBJECT>/<SESSION>/resources/<LABEL>/files/<path>
+    /uploads, /prearchive                                    (reserved)
+
+Metadata comes only from listings, never from per-file requests: a session's
+scans and resources come from one item request, all its scan files from one
+``scans/ALL/files`` request (plus one for session-level files when there are
+session resources). Listings are cached for ``metadata_ttl`` seconds; a
+listing wanted by many callers at once is fetched once; names that do not
+exist are remembered for ``negative_ttl`` seconds.
+
+Nodes are never dropped while mounted: inodes stay stable across listing
+refreshes, because a node is found again by its key (what it is in XNAT).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from cachetools import TTLCache
+
+from . import client as xc
+from .errors import NotFound
+from .naming import label_from_name, safe_name, scan_folder_name
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+UPLOADS_NAME = "uploads"
+PREARCHIVE_NAME = "prearchive"
+
+
+class Kind(enum.Enum):
+    ROOT = "root"
+    PROJECT = "project"
+    SUBJECT = "subject"
+    SESSION = "session"
+    SCANS = "scans"
+    SCAN = "scan"
+    RESOURCES = "resources"
+    RESOURCE = "resource"
+    FOLDER = "folder"          # files/ and any directory below it
+    FILE = "file"
+    UPLOADS = "uploads"
+    PREARCHIVE = "prearchive"
+
+
+@dataclass
+class Node:
+    """One file or directory. ``key`` says what it is in XNAT and keeps its inode stable."""
+
+    inode: int
+    kind: Kind
+    name: str
+    parent: int
+    key: Hashable
+    mtime_ns: int = 0
+    project: str = ""
+    subject_id: str = ""
+    experiment_id: str = ""
+    scan_id: str | None = None
+    resource_label: str = ""
+    folder: str = ""                       # path of a FOLDER inside its resource ("" = files/)
+    file: xc.RemoteFile | None = None      # for FILE nodes
+    xattrs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind is not Kind.FILE
+
+    @property
+    def size(self) -> int:
+        return self.file.size if self.file is not None else 0
+
+
+@dataclass
+class SessionFiles:
+    """Everything below one session, from at most three requests."""
+
+    detail: xc.ExperimentDetail
+    # (scan ID or None for session level, resource label) -> files
+    files: dict[tuple[str | None, str], list[xc.RemoteFile]]
+
+
+class Tree:
+    """Inodes, names and the metadata cache over an :class:`~xnatfs.client.XnatClient`."""
+
+    def __init__(self, client: xc.XnatClient, *, metadata_ttl: float = 60.0,
+                 negative_ttl: float = 5.0, max_listings: int = 20_000) -> None:
+        self.client = client
+        self.metadata_ttl = max(metadata_ttl, 1.0)
+        self._nodes: dict[int, Node] = {}
+        self._by_key: dict[Hashable, int] = {}
+        self._next_inode = ROOT_INODE + 1
+        self._listings: TTLCache[Hashable, Any] = TTLCache(
+            maxsize=max_listings, ttl=self.metadata_ttl, timer=trio.current_time)
+        self._negative: TTLCache[tuple[int, str], bool] = TTLCache(
+            maxsize=100_000, ttl=max(negative_ttl, 0.5), timer=trio.current_time)
+        self._inflight: dict[Hashable, trio.Event] = {}
+        self._inflight_errors: dict[Hashable, BaseException] = {}
+        self._entries: dict[int, list[Node]] = {}  # last listing of each directory
+        self.mount_time_ns = int(dt.datetime.now().timestamp() * 1e9)
+        root = Node(ROOT_INODE, Kind.ROOT, "", ROOT_INODE, ("root",),
+                    mtime_ns=self.mount_time_ns)
+        self._nodes[ROOT_INODE] = root
+        self._by_key[root.key] = ROOT_INODE
+
+    # ------------------------------------------------------------------ nodes
+    def node(self, inode: int) -> Node:
+        try:
+            return self._nodes[inode]
+        except KeyError:
+            raise NotFound(f"inode {inode} is unknown") from None
+
+    def _child(self, parent: Node, kind: Kind, name: str, key: Hashable, **fields: Any) -> Node:
+        """The node for ``key``, created on first sight and refreshed after."""
+        inode = self._by_key.get(key)
+        if inode is not None:
+            node = self._nodes[inode]
+            node.name = name
+            for attr, value in fields.items():
+                setattr(node, attr, value)
+            return node
+        inode = self._next_inode
+        self._next_inode += 1
+        node = Node(inode, kind, name, parent.inode, key, **fields)
+        self._nodes[inode] = node
+        self._by_key[key] = inode
+        return node
+
+    # --------------------------------------------------------------- listings
+    async def cached(self, key: Hashable, fetch: Callable[[], Awaitable[Any]]) -> Any:
+        """A listing from the cache, or fetched once however many callers want it."""
+        while True:
+            try:
+                return self._listings[key]
+            except KeyError:
+                pass
+            event = self._inflight.get(key)
+            if event is None:
+                break
+            await event.wait()
+            if key in self._inflight_errors:
+                raise self._inflight_errors[key]
+        event = self._inflight[key] = trio.Event()
+        try:
+            value = await fetch()
+        except BaseException as exc:
+            self._inflight_errors[key] = exc
+            raise
+        else:
+            self._listings[key] = value
+            self._inflight_errors.pop(key, None)
+            return value
+        finally:
+            del self._inflight[key]
+            event.set()
+
+    def invalidate(self, key: Hashable) -> None:
+        self._listings.pop(key, None)
+
+    async def session_files(self, experiment_id: str) -> SessionFiles:
+        return await self.cached(("session-files", experiment_id),
+                                 lambda: self._load_session_files(experiment_id))
+
+    async def _load_session_files(self, experiment_id: str) -> SessionFiles:
+        detail = await self.session_detail(experiment_id)
+        groups: dict[tuple[str | None, str], list[xc.RemoteFile]] = {}
+        for scan in detail.scans:
+            for resource in scan.resources:
+                groups[(scan.id, resource.label)] = []
+        for resource in detail.resources:
+            groups[(None, resource.label)] = []
+        if any(scan.resources for scan in detail.scans):
+            for f in await self.client.list_scan_files(experiment_id):
+                groups.setdefault((f.scan_id, f.resource_label), []).append(f)
+        if detail.resources:
+            for f in await self.client.list_session_files(experiment_id):
+                groups.setdefault((None, f.resource_label), []).append(f)
+        return SessionFiles(detail, groups)
+
+    async def session_detail(self, experiment_id: str) -> xc.ExperimentDetail:
+        return await self.cached(("session", experiment_id),
+                                 lambda: self.client.get_experiment(experiment_id))
+
+    # ---------------------------------------------------------------- children
+    async def children(self, inode: int) -> list[Node]:
+        """A directory's entries, in a stable order."""
+        node = self.node(inode)
+        loader = getattr(self, f"_children_of_{node.kind.value}")
+        entries: list[Node] = await loader(node)
+        self._entries[inode] = entries
+        return entries
+
+    async def lookup(self, parent_inode: int, name: str) -> Node:
+        parent = self.node(parent_inode)
+        if (parent_inode, name) in self._negative:
+            raise NotFound(name)
+        for child in await self.children(parent_inode):
+            if child.name == name:
+                return child
+        hidden = await self._hidden_child(parent, name)
+        if hidden is not None:
+            return hidden
+        self._negative[(parent_inode, name)] = True
+        raise NotFound(name)
+
+    async def _hidden_child(self, parent: Node, name: str) -> Node | None:
+        """Names that resolve without being listed: a bare ``<SCAN_ID>``."""
+        if parent.kind is Kind.SCANS:
+            scan_id = label_from_name(name)
+            for child in await self.children(parent.inode):
+                if child.scan_id == scan_id:
+                    return child
+        return None
+
+    async def _children_of_root(self, node: Node) -> list[Node]:
+        projects = await self.cached(("projects",), self.client.list_projects)
+        out = [self._child(node, Kind.PROJECT, safe_name(p.id), ("project", p.id),
+                           project=p.id, mtime_ns=self.mount_time_ns,
+                           xattrs=_xattrs(id=p.id, label=p.id, name=p.name,
+                                          uri=f"/data/projects/{p.id}",
+                                          xsi_type="xnat:projectData"))
+               for p in projects if p.id not in (UPLOADS_NAME, PREARCHIVE_NAME)]
+        out.append(self._child(node, Kind.UPLOADS, UPLOADS_NAME, ("uploads",),
+                               mtime_ns=self.mount_time_ns))
+        out.append(self._child(node, Kind.PREARCHIVE, PREARCHIVE_NAME, ("prearchive",),
+                               mtime_ns=self.mount_time_ns))
+        return out
+
+    async def _children_of_project(self, node: Node) -> list[Node]:
+        subjects = await self.cached(("subjects", node.project),
+                                     lambda: self.client.list_subjects(node.project))
+        return [self._child(node, Kind.SUBJECT, safe_name(s.label), ("subject", s.id),
+                            project=node.project, subject_id=s.id,
+                            mtime_ns=_time_ns(s.insert_date, self.mount_time_ns),
+                            xattrs=_xattrs(id=s.id, label=s.label, project=node.project,
+                                           uri=f"/data/projects/{node.project}/subjects/{s.id}",
+                                           xsi_type="xnat:subjectData"))
+                for s in subjects]
+
+    async def _children_of_subject(self, node: Node) -> list[Node]:
+        experiments = await self.cached(
+            ("experiments", node.project, node.subject_id),
+            lambda: self.client.list_experiments(node.project, node.subject_id))
+        return [self._child(node, Kind.SESSION, safe_name(e.label), ("session", e.id),
+                            project=node.project, subject_id=node.subject_id,
+                            experiment_id=e.id,
+                            mtime_ns=_time_ns(e.insert_date, self.mount_time_ns),
+                            xattrs=_xattrs(id=e.id, label=e.label, project=node.project,
+                                           uri=f"/data/experiments/{e.id}", xsi_type=e.xsi_type,
+                                           date=e.date))
+                for e in experiments]
+
+    async def _children_of_session(self, node: Node) -> list[Node]:
+        common = dict(project=node.project, subject_id=node.subject_id,
+                      experiment_id=node.experiment_id, mtime_ns=node.mtime_ns)
+        return [self._child(node, Kind.SCANS, "scans", ("scans", node.experiment_id), **common),
+                self._child(node, Kind.RESOURCES, "resources",
+                            ("resources", node.experiment_id, None), **common)]
+
+    async def _children_of_scans(self, node: Node) -> list[Node]:
+        detail = await self.session_detail(node.experiment_id)
+        out = []
+        for scan in detail.scans:
+            out.append(self._child(
+                node, Kind.SCAN, scan_folder_name(scan.id, scan.type or ""),
+                ("scan", node.experiment_id, scan.id), project=node.project,
+                subject_id=node.subject_id, experiment_id=node.experiment_id, scan_id=scan.id,
+                mtime_ns=node.mtime_ns,
+                xattrs=_xattrs(id=scan.id, label=scan.id, type=scan.type,
+                               series_description=scan.series_description,
+                               quality=scan.quality, xsi_type=scan.xsi_type,
+                               uri=f"/data/experiments/{node.experiment_id}/scans/{scan.id}")))
+        return out
+
+    async def _children_of_scan(self, node: Node) -> list[Node]:
+        return [self._child(node, Kind.RESOURCES, "resources",
+                            ("resources", node.experiment_id, node.scan_id),
+                            project=node.project, subject_id=node.subject_id,
+                            experiment_id=node.experiment_id, scan_id=node.scan_id,
+                            mtime_ns=node.mtime_ns)]
+
+    async def _children_of_resources(self, node: Node) -> list[Node]:
+        detail = await self.session_detail(node.experiment_id)
+        if node.scan_id is None:
+            resources = detail.resources
+            base = f"/data/experiments/{node.experiment_id}"
+        else:
+            scan = next((s for s in detail.scans if s.id == node.scan_id), None)
+            resources = scan.resources if scan is not None else []
+            base = f"/data/experiments/{node.experiment_id}/scans/{node.scan_id}"
+        return [self._child(node, Kind.RESOURCE, safe_name(r.label),
+                            ("resource", node.experiment_id, node.scan_id, r.label),
+                            project=node.project, subject_id=node.subject_id,
+                            experiment_id=node.experiment_id, scan_id=node.scan_id,
+                            resource_label=r.label, mtime_ns=node.mtime_ns,
+                            xattrs=_xattrs(id=r.id, label=r.label, format=r.format,
+                                           uri=f"{base}/resources/{r.id}",
+                                           xsi_type="xnat:resourceCatalog"))
+                for r in resources]
+
+    async def _children_of_resource(self, node: Node) -> list[Node]:
+        return [self._child(node, Kind.FOLDER, "files",
+                            ("folder", node.experiment_id, node.scan_id, node.resource_label, ""),
+                            project=node.project, subject_id=node.subject_id,
+                            experiment_id=node.experiment_id, scan_id=node.scan_id,
+                            resource_label=node.resource_label, folder="",
+                            mtime_ns=node.mtime_ns)]
+
+    async def _children_of_folder(self, node: Node) -> list[Node]:
+        contents = await self.session_files(node.experiment_id)
+        files = contents.files.get((node.scan_id, node.resource_label), [])
+        prefix = f"{node.folder}/" if node.folder else ""
+        common = dict(project=node.project, subject_id=node.subject_id,
+                      experiment_id=node.experiment_id, scan_id=node.scan_id,
+                      resource_label=node.resource_label, mtime_ns=node.mtime_ns)
+        out: list[Node] = []
+        seen_dirs: set[str] = set()
+        for f in sorted(files, key=lambda f: f.path):
+            if not f.path.startswith(prefix):
+                continue
+            rest = f.path[len(prefix):]
+            head, sep, _tail = rest.partition("/")
+            if sep:
+                if head not in seen_dirs:
+                    seen_dirs.add(head)
+                    out.append(self._child(
+                        node, Kind.FOLDER, safe_name(head),
+                        ("folder", node.experiment_id, node.scan_id, node.resource_label,
+                         prefix + head), folder=prefix + head, **common))
+                continue
+            out.append(self._child(
+                node, Kind.FILE, safe_name(rest),
+                ("file", node.experiment_id, node.scan_id, node.resource_label, f.path),
+                file=f, xattrs=_xattrs(label=f.path.rsplit("/", 1)[-1], uri=f.uri,
+                                       digest=f.digest or "", size=str(f.size),
+                                       resource=f.resource_label, resource_id=f.resource_id,
+                                       xsi_type="xnat:fileData"),
+                **common))
+        return out
+
+    async def _children_of_uploads(self, node: Node) -> list[Node]:
+        return []
+
+    async def _children_of_prearchive(self, node: Node) -> list[Node]:
+        return []
+
+    def siblings_after(self, node: Node, limit: int) -> list[Node]:
+        """Files following ``node`` in its folder, for series-aware read-ahead."""
+        files = [n for n in self._entries.get(node.parent, []) if n.kind is Kind.FILE]
+        try:
+            start = files.index(node) + 1
+        except ValueError:
+            return []
+        return files[start:start + limit]
+
+
+def _xattrs(**values: str | None) -> dict[str, str]:
+    """Extended attributes under ``user.xnat.*``, skipping empty values."""
+    return {f"user.xnat.{k}": v for k, v in values.items() if v}
+
+
+def _time_ns(stamp: str | None, default: int) -> int:
+    """XNAT's ``2023-09-27 17:31:21.352`` (or a bare date) as nanoseconds."""
+    if not stamp:
+        return default
+    for fmt in ("%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d"):
+        try:
+            return int(dt.datetime.strptime(stamp, fmt).timestamp() * 1e9)
+        except ValueError:
+            continue
+    return default
