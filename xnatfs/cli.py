@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -207,6 +208,8 @@ def demo(args: argparse.Namespace) -> int:
     from .testing.harness import TestServer
 
     args.mountpoint.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (kill, timeout, logout) must unmount and stop the server as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     server = TestServer(args.data, dataset="demo", port=args.port or None)
     print(f"Starting the bundled XNAT server (demo data in {args.data}) ...", flush=True)
     with server:
@@ -223,7 +226,7 @@ XNAT demo mounted at {mp} (server {server.url}, user admin/admin). Try:
     ls -l {mp}/NEURO_PUB/NP001/NP001_MR1/scans/
     find {mp}/NEURO_PUB -name '*.nii.gz'
     getfattr -d {mp}/NEURO_PUB/NP001/NP001_MR1
-    python -c "import nibabel; print(nibabel.load('{mp}/SAMPLES/nibabel/nibabel_1234_MR/resources/NIFTI/files/example4d.nii.gz').shape)"
+    python -c "import nibabel; print(nibabel.load('{mp}/SAMPLES/nibabel_1234/nibabel_1234_MR/resources/NIFTI/files/example4d.nii.gz').shape)"
 
 Press Ctrl-C to unmount and stop the server.""", flush=True)
         try:

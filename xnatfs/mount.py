@@ -49,7 +49,8 @@ class MountConfig:
 def fuse_options(config: MountConfig) -> set[str]:
     """Private to the mounting user (no allow_other); read-only when asked."""
     options = set(pyfuse3.default_options)
-    options |= {"fsname=xnatfs", "subtype=xnatfs", "noatime"}
+    site = config.credentials.url.split("://", 1)[-1].replace(",", "%2C")
+    options |= {f"fsname=xnatfs:{site}", "subtype=xnatfs", "noatime"}
     if config.read_only:
         options.add("ro")
     if config.debug_fuse:
@@ -103,6 +104,8 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
     settings = ClientSettings(read_timeout=config.request_timeout,
                               deadline=max(2 * config.request_timeout, 60.0),
                               verify_tls=config.verify_tls)
+    config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config.cache_dir.chmod(0o700)  # cached data is as private as the mount
     client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache())
     await client.connect()
     try:

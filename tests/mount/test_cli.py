@@ -1,0 +1,115 @@
+"""The ``xnatfs mount``/``umount`` commands: backgrounding, credentials, sessions, errors."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from xnatfs.testing.harness import TestServer, free_port
+
+from .conftest import Mount, make_env, unmount
+
+
+def mounted(path: Path) -> bool:
+    return any(line.split()[1] == str(path)
+               for line in Path("/proc/self/mounts").read_text().splitlines())
+
+
+def test_mount_returns_once_mounted_and_umount_logs_out(demo_mount: Mount) -> None:
+    assert mounted(demo_mount.path)
+    assert os.listdir(demo_mount.path)  # answers right away
+    mark = demo_mount.server.log_mark()
+    subprocess.run([sys.executable, "-m", "xnatfs.cli", "umount", str(demo_mount.path)],
+                   check=True, timeout=30)
+    assert not mounted(demo_mount.path)
+    # The mount process logs out as it exits; wait for that request to be logged.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        entries = demo_mount.server.requests_since(mark)
+        if any(e["method"] == "DELETE" and e["route"] == "jsession" for e in entries):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"no DELETE /data/JSESSION after unmount: {entries}")
+
+
+def test_password_never_in_argv_logs_or_world_readable_files(demo_server: TestServer,
+                                                             mount_factory) -> None:  # noqa: ANN001
+    mount = mount_factory(demo_server, "--log-level", "DEBUG")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"xnatfs" in cmdline:
+            assert b"admin:admin" not in cmdline and b"XNAT_PASS" not in cmdline
+            args = cmdline.split(b"\0")
+            assert b"admin" not in args  # the password (admin) is never an argument
+    os.listdir(mount.path / "NEURO_PUB")
+    log = (mount.cache_dir.parent / "mount.log").read_text()
+    assert "Authorization" not in log and "YWRtaW46YWRtaW4" not in log  # base64 admin:admin
+    sessions = Path(mount.env["XDG_CACHE_HOME"]) / "xnatfs" / "sessions.json"
+    assert sessions.exists()
+    assert stat.S_IMODE(sessions.stat().st_mode) == 0o600
+    assert stat.S_IMODE(sessions.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(mount.cache_dir.stat().st_mode) == 0o700
+    assert "admin\"" not in sessions.read_text().replace('"user": "admin"', "")
+
+
+def test_second_mount_reuses_the_cached_session(demo_server: TestServer,
+                                               mount_factory) -> None:  # noqa: ANN001
+    first = mount_factory(demo_server, name="first")
+    mark = demo_server.log_mark()
+    env = first.env
+    second = first.path.parent / "second"
+    second.mkdir()
+    subprocess.run([sys.executable, "-m", "xnatfs.cli", "mount", demo_server.url, str(second),
+                    "--cache-dir", str(first.cache_dir)], env=env, check=True, timeout=60)
+    try:
+        os.listdir(second)
+        logins = [e for e in demo_server.requests_since(mark)
+                  if e["route"] == "jsession" and e["method"] == "POST"]
+        assert logins == []
+    finally:
+        unmount(second)
+
+
+def test_bad_password_fails_clearly_and_leaves_no_mount(demo_server: TestServer,
+                                                       tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    env = make_env(tmp_path) | {"XNAT_PASS": "wrong"}
+    result = subprocess.run([sys.executable, "-m", "xnatfs.cli", "mount", demo_server.url,
+                             str(mountpoint)], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    assert "cannot mount" in result.stderr and "wrong" not in result.stderr
+    assert not mounted(mountpoint)
+
+
+def test_unreachable_server_fails_within_a_bound(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "xnatfs.cli", "mount",
+                             f"http://127.0.0.1:{free_port()}", str(mountpoint), "--timeout", "2"],
+                            env=make_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "cannot mount" in result.stderr
+    assert time.monotonic() - started < 90
+    assert not mounted(mountpoint)
+
+
+def test_missing_credentials_are_reported(demo_server: TestServer, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    env = make_env(tmp_path)
+    del env["XNAT_USER"], env["XNAT_PASS"]
+    env["HOME"] = str(tmp_path)  # no ~/.netrc
+    result = subprocess.run([sys.executable, "-m", "xnatfs.cli", "mount", demo_server.url,
+                             str(mountpoint)], env=env, capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0 and "no credentials" in result.stderr
