@@ -307,8 +307,9 @@ class ServiceRoutes:
                     await stream_archive(response, entries, "zip", self.knobs)
                     return response
                 request["route"] = "prearchive.files"
-                rows = [f.listing_row() | {"digest": f.digest} for f in files]
-                return table_response(request, rows, ["Name", "Size", "URI", "digest"])
+                # XNAT's prearchive file rows carry no digest (reference section 6).
+                rows = [f.listing_row() for f in files]
+                return table_response(request, rows, ["Name", "Size", "URI"])
             request["route"] = "prearchive.download"
             f = pa.scan_file(project, timestamp, folder, scan_id, resource, relpath)
             return await send_blob(request, f.blob_path, f.name, f.size,

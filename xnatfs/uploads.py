@@ -1,0 +1,444 @@
+"""Writes below ``uploads/<PROJECT>/`` become imports into XNAT's prearchive.
+
+Every file written there is spooled to local disk (``CACHE_DIR/uploads``)
+until the server has confirmed it, so a failed upload loses nothing. What a
+file is gets decided by its content, not its name (so tools that write to a
+temporary name and rename work):
+
+* archives (zip, tar, tar.gz) → ``DICOM-zip`` import. A file written
+  sequentially starts flowing to the server while it is being written,
+  through a bounded channel (bounded memory); an out-of-order write drops the
+  stream and the spool is uploaded at close instead;
+* DICOM files (``DICM`` at byte 128) → ``gradual-DICOM``, one request each;
+* file-manager litter (``.DS_Store``, ``._*``, ``Thumbs.db``...) is accepted
+  and kept locally but never uploaded, unless renamed to a real name;
+* anything else is refused at close with EINVAL and a message in the status.
+
+``close()`` (FUSE flush) and ``fsync()`` return only once the server has
+accepted the data, and fail when it refused. Transient failures are retried;
+if they persist the spool is kept and reported, and ``xnatfs uploads``
+lists, retries or discards kept uploads.
+
+Labels: XNAT takes subject and session from the DICOM headers. A folder named
+``subject=LABEL`` or ``session=LABEL`` anywhere below the project folder
+names them instead; other folders only organise the upload.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from .errors import BadRequest, Conflict, Forbidden, NotFound, XnatError
+
+log = logging.getLogger(__name__)
+
+LITTER_PATTERNS = (".DS_Store", "._*", "Thumbs.db", "ehthumbs.db", "desktop.ini",
+                   ".goutputstream-*", ".directory", ".~lock.*#", "*~", ".Trash-*",
+                   ".fuse_hidden*", ".nfs*")
+HEAD_BYTES = 264             # enough to recognise zip, gzip, tar (ustar at 257) and DICOM
+STREAM_CHUNKS = 8            # chunks buffered between writer and the streaming request
+UPLOAD_ATTEMPTS = 3          # uploads from the spool after the stream failed
+REFUSALS = (BadRequest, Conflict, Forbidden, NotFound)  # the server said no: do not retry
+
+
+class Kind(str, enum.Enum):
+    UNKNOWN = "unknown"       # not enough bytes yet
+    ARCHIVE = "archive"
+    DICOM = "dicom"
+    LITTER = "litter"
+    REFUSED = "refused"       # neither DICOM nor an archive
+
+
+class State(str, enum.Enum):
+    WRITING = "writing"
+    UPLOADING = "uploading"
+    DONE = "done"
+    FAILED = "failed"
+    KEPT = "kept"             # litter: never uploaded
+
+
+def is_litter(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in LITTER_PATTERNS)
+
+
+def classify(name: str, head: bytes) -> Kind:
+    """What a file is, from its first bytes (at least 264 of them when the file is that long)."""
+    if is_litter(name):
+        return Kind.LITTER
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return Kind.ARCHIVE
+    if head.startswith(b"\x1f\x8b"):
+        return Kind.ARCHIVE  # tar.gz / tgz
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return Kind.ARCHIVE
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return Kind.DICOM
+    return Kind.REFUSED
+
+
+def archive_name(head: bytes) -> str:
+    """The name XNAT's DICOM-zip importer needs to pick zip or tar."""
+    if head.startswith(b"PK"):
+        return "upload.zip"
+    if head.startswith(b"\x1f\x8b"):
+        return "upload.tar.gz"
+    return "upload.tar"
+
+
+def labels_from_path(relpath: str) -> tuple[str | None, str | None]:
+    """``subject=`` and ``session=`` folders in the path below the project folder."""
+    subject = session = None
+    for part in relpath.split("/")[:-1]:
+        if part.startswith("subject=") and len(part) > 8:
+            subject = part[8:]
+        elif part.startswith("session=") and len(part) > 8:
+            session = part[8:]
+    return subject, session
+
+
+class Importer(Protocol):
+    """What uploads need from the client (``XnatClient`` implements it)."""
+
+    async def import_archive(self, body: Path | AsyncIterator[bytes], *, name: str,
+                             project: str, subject: str | None, session: str | None,
+                             direct_archive: bool) -> list[str]: ...
+
+    async def import_dicom_file(self, path: Path, *, project: str, subject: str | None,
+                                session: str | None, direct_archive: bool) -> str: ...
+
+
+@dataclass
+class UploadRecord:
+    """What is known about one dropped file; saved next to its spool as JSON."""
+
+    id: str
+    project: str
+    relpath: str
+    kind: str = Kind.UNKNOWN.value
+    state: str = State.WRITING.value
+    size: int = 0
+    message: str = ""
+    result: list[str] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.relpath.rsplit("/", 1)[-1]
+
+
+class Upload:
+    """One file being written into the upload area."""
+
+    def __init__(self, record: UploadRecord, spool_dir: Path) -> None:
+        self.record = record
+        self.spool_dir = spool_dir
+        self.data_path = spool_dir / "data"
+        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.head = bytearray()
+        self.next_offset = 0                     # where a sequential writer continues
+        self.dirty = False                       # written since the last upload
+        self.stream_send: trio.MemorySendChannel[bytes] | None = None
+        self.stream_done: trio.Event | None = None
+        self.stream_result: list[str] | BaseException | None = None
+        self.stream_scope: trio.CancelScope | None = None
+        self.lock = trio.Lock()                  # one finish at a time
+        self.open_handles = 0
+
+    @property
+    def kind(self) -> Kind:
+        return Kind(self.record.kind)
+
+    @property
+    def state(self) -> State:
+        return State(self.record.state)
+
+    def close_spool(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class UploadManager:
+    """The upload area's files: spooling, streaming, importing, and their status."""
+
+    def __init__(self, importer: Importer, spool_root: Path, nursery: trio.Nursery, *,
+                 direct_archive: bool = False, max_parallel: int = 8) -> None:
+        self.importer = importer
+        self.spool_root = spool_root
+        spool_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(spool_root, 0o700)
+        self.nursery = nursery
+        self.direct_archive = direct_archive
+        self.limiter = trio.CapacityLimiter(max_parallel)
+        self.disk_limiter = trio.CapacityLimiter(4)
+        self.uploads: dict[str, Upload] = {}     # by id
+        self.in_flight = 0
+        self.max_in_flight_seen = 0
+
+    # --------------------------------------------------------------- writing
+    def create(self, project: str, relpath: str) -> Upload:
+        upload_id = uuid.uuid4().hex
+        spool_dir = self.spool_root / upload_id
+        spool_dir.mkdir(mode=0o700)
+        upload = Upload(UploadRecord(upload_id, project, relpath), spool_dir)
+        self.uploads[upload_id] = upload
+        self._save(upload)
+        return upload
+
+    async def write(self, upload: Upload, offset: int, data: bytes) -> int:
+        if upload.state in (State.DONE, State.FAILED):
+            # Rewriting a finished upload starts it over (editors that save twice).
+            upload.record.state = State.WRITING.value
+            upload.record.result = []
+            upload.record.message = ""
+        await trio.to_thread.run_sync(os.pwrite, upload.fd, data, offset,
+                                      limiter=self.disk_limiter)
+        upload.dirty = True
+        end = offset + len(data)
+        upload.record.size = max(upload.record.size, end)
+        if offset != upload.next_offset:
+            self._abandon_stream(upload, "out-of-order write")
+            return len(data)
+        upload.next_offset = end
+        if upload.kind is Kind.UNKNOWN and len(upload.head) < HEAD_BYTES:
+            upload.head += data[:HEAD_BYTES - len(upload.head)]
+            if len(upload.head) >= HEAD_BYTES:
+                upload.record.kind = classify(upload.record.name, bytes(upload.head)).value
+                if upload.kind is Kind.ARCHIVE:
+                    self._start_stream(upload)
+                    # Everything written so far is in the spool; it goes first.
+                    await self._stream_feed(upload, await self._read_spool(upload, 0, end))
+            return len(data)
+        if upload.stream_send is not None:
+            await self._stream_feed(upload, data)
+        return len(data)
+
+    async def _read_spool(self, upload: Upload, offset: int, size: int) -> bytes:
+        return await trio.to_thread.run_sync(os.pread, upload.fd, size, offset,
+                                             limiter=self.disk_limiter)
+
+    async def read(self, upload: Upload, offset: int, size: int) -> bytes:
+        return await self._read_spool(upload, offset, size)
+
+    # -------------------------------------------------------------- streaming
+    def _start_stream(self, upload: Upload) -> None:
+        send, receive = trio.open_memory_channel[bytes](STREAM_CHUNKS)
+        upload.stream_send = send
+        upload.stream_done = trio.Event()
+        upload.record.state = State.UPLOADING.value
+
+        async def body() -> AsyncIterator[bytes]:
+            async with receive:
+                async for chunk in receive:
+                    yield chunk
+
+        async def run() -> None:
+            with trio.CancelScope() as scope:
+                upload.stream_scope = scope
+                try:
+                    async with self.limiter:
+                        self._note_in_flight(+1)
+                        try:
+                            upload.stream_result = await self.importer.import_archive(
+                                body(), name=archive_name(bytes(upload.head)),
+                                **self._labels(upload))
+                        finally:
+                            self._note_in_flight(-1)
+                except XnatError as exc:
+                    upload.stream_result = exc
+            if scope.cancelled_caught:
+                upload.stream_result = XnatError("stream abandoned")
+            assert upload.stream_done is not None
+            upload.stream_done.set()
+
+        self.nursery.start_soon(run)
+
+    async def _stream_feed(self, upload: Upload, data: bytes) -> None:
+        send = upload.stream_send
+        if send is None:
+            return
+        try:
+            await send.send(bytes(data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The request ended early (refused or failed); the spool has everything.
+            upload.stream_send = None
+
+    def _abandon_stream(self, upload: Upload, why: str) -> None:
+        upload.next_offset = -1  # never sequential again
+        if upload.stream_send is not None:
+            log.info("%s: %s; uploading from the local copy at close", upload.record.relpath, why)
+            upload.stream_send.close()
+            upload.stream_send = None
+            if upload.stream_scope is not None:
+                upload.stream_scope.cancel()
+
+    def _labels(self, upload: Upload) -> dict[str, object]:
+        subject, session = labels_from_path(upload.record.relpath)
+        return {"project": upload.record.project, "subject": subject, "session": session,
+                "direct_archive": self.direct_archive}
+
+    def _note_in_flight(self, delta: int) -> None:
+        self.in_flight += delta
+        self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
+
+    # -------------------------------------------------------------- finishing
+    async def finish(self, upload: Upload) -> None:
+        """Called at flush/fsync: return once the server has the data, raise if refused."""
+        async with upload.lock:
+            if not upload.dirty:
+                if upload.state is State.FAILED:
+                    raise BadRequest(upload.record.message or "upload failed")
+                return
+            if upload.kind is Kind.UNKNOWN or len(upload.head) < HEAD_BYTES:
+                upload.head = bytearray(await self._read_spool(upload, 0, HEAD_BYTES))
+                upload.record.kind = classify(upload.record.name, bytes(upload.head)).value
+            kind = upload.kind
+            if kind is Kind.LITTER:
+                upload.record.state = State.KEPT.value
+                upload.dirty = False
+                self._save(upload)
+                return
+            if kind is Kind.REFUSED:
+                self._fail(upload, "not DICOM and not a zip/tar archive: XNAT cannot import it")
+                raise BadRequest(upload.record.message)
+            upload.dirty = False
+            upload.record.state = State.UPLOADING.value
+            self._save(upload)
+            try:
+                result = await self._upload(upload)
+            except XnatError as exc:
+                self._fail(upload, str(exc))
+                raise
+            upload.record.state = State.DONE.value
+            upload.record.result = result
+            upload.record.finished = time.time()
+            self._save(upload)
+            log.info("uploaded %s/%s → %s", upload.record.project, upload.record.relpath,
+                     ", ".join(result))
+
+    async def _upload(self, upload: Upload) -> list[str]:
+        if upload.stream_send is not None:
+            await upload.stream_send.aclose()
+            upload.stream_send = None
+            assert upload.stream_done is not None
+            await upload.stream_done.wait()
+            outcome = upload.stream_result
+            upload.stream_done = None
+            if isinstance(outcome, list):
+                return outcome
+            if isinstance(outcome, REFUSALS):
+                raise outcome
+            log.warning("streaming %s failed (%s); uploading the local copy",
+                        upload.record.relpath, outcome)
+        return await self._upload_from_spool(upload)
+
+    async def _upload_from_spool(self, upload: Upload) -> list[str]:
+        failure: XnatError | None = None
+        for attempt in range(UPLOAD_ATTEMPTS):
+            try:
+                async with self.limiter:
+                    self._note_in_flight(+1)
+                    try:
+                        if upload.kind is Kind.ARCHIVE:
+                            return await self.importer.import_archive(
+                                upload.data_path, name=archive_name(bytes(upload.head)),
+                                **self._labels(upload))
+                        return [await self.importer.import_dicom_file(
+                            upload.data_path, **self._labels(upload))]  # type: ignore[arg-type]
+                    finally:
+                        self._note_in_flight(-1)
+            except REFUSALS:
+                raise
+            except XnatError as exc:
+                failure = exc
+                log.warning("upload of %s failed (%s), attempt %d of %d",
+                            upload.record.relpath, exc, attempt + 1, UPLOAD_ATTEMPTS)
+                await trio.sleep(min(2 ** attempt, 8))
+        assert failure is not None
+        raise failure
+
+    def _fail(self, upload: Upload, message: str) -> None:
+        upload.record.state = State.FAILED.value
+        upload.record.message = message
+        upload.record.finished = time.time()
+        upload.dirty = False
+        self._save(upload)
+        log.error("upload of %s/%s failed: %s (kept in %s)", upload.record.project,
+                  upload.record.relpath, message, upload.spool_dir)
+
+    def release(self, upload: Upload) -> None:
+        """Last handle closed: a finished upload's spool is no longer needed."""
+        if upload.open_handles > 0:
+            return
+        upload.close_spool()
+        if upload.state is State.DONE:
+            _remove_spool(upload.spool_dir)
+
+    # ------------------------------------------------------------- namespace
+    def rename(self, upload: Upload, new_relpath: str) -> None:
+        upload.record.relpath = new_relpath
+        if upload.kind is Kind.LITTER and not is_litter(upload.record.name):
+            upload.record.kind = classify(upload.record.name, bytes(upload.head)).value
+            upload.dirty = True
+        self._save(upload)
+
+    def forget(self, upload: Upload) -> None:
+        """``rm`` of an upload entry: the server keeps what it got; local copy goes."""
+        self.uploads.pop(upload.record.id, None)
+        upload.close_spool()
+        _remove_spool(upload.spool_dir)
+
+    def status_text(self, project: str | None = None) -> str:
+        lines = []
+        for upload in sorted(self.uploads.values(), key=lambda u: u.record.created):
+            rec = upload.record
+            if (project is not None and rec.project != project) or rec.kind == Kind.LITTER:
+                continue
+            detail = ", ".join(rec.result) if rec.state == State.DONE else rec.message
+            lines.append(f"{rec.state:9} {rec.project}/{rec.relpath}"
+                         + (f"  {detail}" if detail else ""))
+        return "\n".join(lines) + ("\n" if lines else "")
+
+    def _save(self, upload: Upload) -> None:
+        # Small and rare (state changes only); atomic so a crash leaves old or new.
+        meta = upload.spool_dir / "meta.json"
+        tmp = meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(upload.record)))
+        os.replace(tmp, meta)
+
+
+def _remove_spool(spool_dir: Path) -> None:
+    for name in ("data", "meta.json", "meta.tmp"):
+        (spool_dir / name).unlink(missing_ok=True)
+    try:
+        spool_dir.rmdir()
+    except OSError:
+        pass
+
+
+def kept_uploads(spool_root: Path) -> list[tuple[UploadRecord, Path]]:
+    """Uploads left on disk (failed, interrupted): for ``xnatfs uploads list``."""
+    out = []
+    if not spool_root.is_dir():
+        return out
+    for meta in sorted(spool_root.glob("*/meta.json")):
+        try:
+            record = UploadRecord(**json.loads(meta.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if record.state != State.DONE.value:
+            out.append((record, meta.parent))
+    return out
