@@ -51,7 +51,8 @@ from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar, cast
-from urllib.parse import quote
+from pathlib import Path
+from urllib.parse import quote, urlencode
 
 import httpx
 import trio
@@ -416,7 +417,9 @@ class XnatClient:
                     params: Mapping[str, str] | None = None,
                     headers: Mapping[str, str] | None = None,
                     accept: Collection[int] = (), use_session: bool = True,
-                    keep_open: bool = False) -> T:
+                    keep_open: bool = False,
+                    body: Callable[[], AsyncIterator[bytes]] | None = None,
+                    attempts: int | None = None) -> T:
         """Run one operation: attempts, backoff, session renewal, all within the deadline.
 
         ``handle`` gets every 2xx answer (and those in ``accept``) with its body
@@ -424,7 +427,9 @@ class XnatClient:
         transport failure. The response is closed afterwards unless
         ``keep_open``, in which case ``handle``'s caller owns it. Requests made
         with ``use_session=False`` carry their own credentials in ``headers``;
-        for them a 401 is final.
+        for them a 401 is final. ``body`` makes a fresh request body for each
+        attempt (an upload); ``attempts`` caps the attempts below the setting
+        (1 for a body that cannot be produced twice).
         """
         settings = self.settings
         give_up_at = trio.current_time() + settings.deadline
@@ -439,8 +444,9 @@ class XnatClient:
                 if use_session:
                     session_id = await self._session_for_request()
                     request_headers.update(_cookie(session_id))
-                request = self._http.build_request(method, self._url(path), params=params,
-                                                   headers=request_headers)
+                request = self._http.build_request(
+                    method, self._url(path), params=params, headers=request_headers,
+                    content=body() if body is not None else None)
                 self._counts[kind] += 1
                 retry_after = None
                 try:
@@ -453,7 +459,8 @@ class XnatClient:
                         status = response.status_code
                         log.debug("%s %s -> %d", method, path, status)
                         self._note_session_timeout(response)
-                        if use_session and status == 401 and not renewed:
+                        if use_session and status == 401 and not renewed and (
+                                attempts is None or attempts > 1):
                             renewed = True
                             attempt -= 1  # a renewal is not a failed attempt
                             assert session_id is not None
@@ -475,7 +482,7 @@ class XnatClient:
                     finally:
                         if not keep:
                             await response.aclose()
-                if attempt >= settings.max_attempts:
+                if attempt >= min(settings.max_attempts, attempts or settings.max_attempts):
                     raise failure
                 delay = self._backoff(attempt, retry_after)
                 if trio.current_time() + delay >= give_up_at:
@@ -679,6 +686,107 @@ class XnatClient:
         self._range_support = False
         self._counts["range_ignored"] += 1
 
+    # ----------------------------------------------------------------- uploads
+    async def import_archive(self, body: Path | AsyncIterator[bytes], *, name: str,
+                             project: str, subject: str | None = None,
+                             session: str | None = None,
+                             direct_archive: bool = False) -> list[str]:
+        """``POST /data/services/import`` with ``import-handler=DICOM-zip``.
+
+        ``body`` is a file (re-read on each attempt, so failures are retried) or
+        a live stream of bytes (one attempt: it cannot be sent twice). ``name``
+        (``upload.zip``, ``upload.tar.gz``...) tells XNAT zip from tar.
+        Returns the URIs XNAT answers (prearchive or archive sessions).
+        """
+        params = _import_params(project, subject, session, direct_archive)
+        params.update({"import-handler": "DICOM-zip", "inbody": "true"})
+        content_type = _ARCHIVE_TYPES.get(name.split(".", 1)[-1], "application/octet-stream")
+        if isinstance(body, Path):
+            source: Path = body
+            make_body = lambda: _file_chunks(source, self.settings.chunk_size)  # noqa: E731
+            attempts = None
+        else:
+            stream = body
+            make_body = lambda: stream  # noqa: E731
+            attempts = 1
+        text = await self._send("POST", "/data/services/import", kind="import.archive",
+                                params=params, headers={"Content-Type": content_type},
+                                body=make_body, attempts=attempts, handle=_body_text)
+        return [uri for uri in text.replace("\r\n", "\n").split("\n") if uri.strip()]
+
+    async def import_dicom_file(self, path: Path, *, project: str, subject: str | None = None,
+                                session: str | None = None,
+                                direct_archive: bool = False) -> str:
+        """One DICOM object through ``gradual-DICOM``; returns XNAT's session URI."""
+        params = {"import-handler": "gradual-DICOM", "inbody": "true", "PROJECT_ID": project}
+        if subject:
+            params["SUBJECT_ID"] = subject
+        if session:
+            params["EXPT_LABEL"] = session
+        if direct_archive:
+            params["Direct-Archive"] = "true"
+        return (await self._send(
+            "POST", "/data/services/import", kind="import.dicom", params=params,
+            headers={"Content-Type": "application/dicom"},
+            body=lambda: _file_chunks(path, self.settings.chunk_size),
+            handle=_body_text)).strip()
+
+    async def list_upload_projects(self) -> list[str]:
+        """Projects this user may add data to (owner or member), as XNAT lists them."""
+        rows = await self._get_rows("/data/projects", kind="projects.roles",
+                                    params={"accessible": "true"})
+        out = []
+        for row in rows:
+            roles = [v for k, v in row.items() if k.startswith("user_role_")]
+            if any(role in ("Owners", "Members") for role in roles):
+                out.append(str(row.get("id") or row.get("ID")))
+        return out
+
+    # -------------------------------------------------------------- prearchive
+    async def list_prearchive_scans(self, session_uri: str) -> list[Scan]:
+        rows = await self._get_rows(f"{session_uri}/scans", kind="prearchive.scans")
+        with _malformed_rows(session_uri):
+            return [Scan(id=str(r["ID"]), type=_text(r.get("series_description")),
+                         series_description=_text(r.get("series_description")),
+                         xsi_type=str(r.get("xsiType") or ""), quality=None,
+                         resources=(Resource("DICOM", "DICOM", "DICOM", None, None, None),))
+                    for r in rows]
+
+    async def list_prearchive_files(self, session_uri: str, scan_id: str,
+                                    resource: str = "DICOM") -> list[RemoteFile]:
+        path = f"{session_uri}/scans/{scan_id}/resources/{resource}/files"
+        rows = await self._get_rows(path, kind="prearchive.files")
+        with _malformed_rows(path):
+            return [RemoteFile(path=_data_path(r["URI"]).split("/files/", 1)[1],
+                               size=int(r["Size"]), digest=_text(r.get("digest")),
+                               uri=_data_path(r["URI"]), resource_label=resource,
+                               resource_id=resource, scan_id=scan_id) for r in rows]
+
+    async def archive_prearchive(self, session_uri: str, *, project: str | None = None,
+                                 subject: str | None = None,
+                                 session: str | None = None) -> str:
+        """``POST /data/services/archive``; returns the archived session's URI."""
+        form = {"src": session_uri}
+        for key, value in (("project", project), ("subject", subject), ("session", session)):
+            if value:
+                form[key] = value
+        encoded = urlencode(form).encode()
+        text = await self._send(
+            "POST", "/data/services/archive", kind="prearchive.archive",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            body=lambda: _one_chunk(encoded), handle=_body_text)
+        return text.strip()
+
+    async def move_prearchive(self, session_uri: str, project: str) -> str:
+        """``POST {session}?action=move&newProject=P`` (XNAT answers 301 with the new URI)."""
+        text = await self._send("POST", session_uri, kind="prearchive.move",
+                                params={"action": "move", "newProject": project},
+                                accept={301}, handle=_body_text)
+        return _data_path(text.strip())
+
+    async def delete_prearchive(self, session_uri: str) -> None:
+        await self._send("DELETE", session_uri, kind="prearchive.delete", handle=_discard_body)
+
 
 class ByteStream:
     """An open download, iterated with ``async for``; see :meth:`XnatClient.open_stream`.
@@ -846,6 +954,42 @@ def _body_chunks(response: httpx.Response,
     """The body in chunks, typed as the async generator httpx really returns, so that
     it can be closed when abandoned rather than left to the garbage collector."""
     return cast("AsyncGenerator[bytes, None]", response.aiter_bytes(chunk_size))
+
+
+_ARCHIVE_TYPES = {"zip": "application/zip", "tar": "application/x-tar",
+                  "tar.gz": "application/x-gzip", "tgz": "application/x-gzip"}
+
+
+def _import_params(project: str, subject: str | None, session: str | None,
+                   direct_archive: bool) -> dict[str, str]:
+    params = {"project": project, "overwrite": "append"}
+    if subject:
+        params["subject"] = subject
+    if session:
+        params["session"] = session
+    if direct_archive:
+        params["Direct-Archive"] = "true"
+    else:
+        params["dest"] = f"/prearchive/projects/{project}"
+    return params
+
+
+async def _file_chunks(path: Path, chunk_size: int) -> AsyncIterator[bytes]:
+    """A file as request-body chunks, read in a worker thread."""
+    handle = await trio.to_thread.run_sync(open, path, "rb")
+    try:
+        while chunk := await trio.to_thread.run_sync(handle.read, chunk_size):
+            yield chunk
+    finally:
+        await trio.to_thread.run_sync(handle.close)
+
+
+async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _body_text(response: httpx.Response) -> str:
+    return (await response.aread()).decode("utf-8", "replace")
 
 
 def _cookie(session_id: str) -> dict[str, str]:
