@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--metadata-ttl", type=float, default=60.0,
                        help="seconds listings are cached (default 60, minimum 1)")
     mount.add_argument("--read-only", action="store_true", help="mount read-only")
+    mount.add_argument("--direct-archive", action="store_true",
+                       help="uploads go straight to the archive (XNAT's Direct-Archive)")
+    mount.add_argument("--prearchive-ttl", type=float, default=5.0,
+                       help="seconds the prearchive listing is cached (default 5)")
     mount.add_argument("--insecure", action="store_true",
                        help="do not verify the server's TLS certificate")
     mount.add_argument("--range", choices=("auto", "on", "off"), default="auto",
@@ -144,6 +148,8 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
                          cache_dir=args.cache_dir, cache_size=args.cache_size,
                          metadata_ttl=args.metadata_ttl, read_only=args.read_only,
                          verify_tls=not args.insecure, range_mode=args.range,
+                         direct_archive=args.direct_archive,
+                         prearchive_ttl=args.prearchive_ttl,
                          request_timeout=args.timeout, debug_fuse=args.debug_fuse)
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
 
@@ -172,9 +178,12 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
             "--cache-dir", str(args.cache_dir), "--cache-size", str(args.cache_size),
             "--metadata-ttl", str(args.metadata_ttl), "--range", args.range,
             "--timeout", str(args.timeout), "--log-level", args.log_level,
+            "--prearchive-ttl", str(args.prearchive_ttl),
             "--log-file", str(log_file)]
     if args.read_only:
         argv.append("--read-only")
+    if args.direct_archive:
+        argv.append("--direct-archive")
     if args.insecure:
         argv.append("--insecure")
     child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,

@@ -21,7 +21,9 @@ import trio
 
 from .blockcache import BlockCache, FileIdentity
 from .errors import XnatError, errno_for
-from .tree import Node, Tree
+from .naming import label_from_name
+from .tree import Kind, Node, Tree
+from .uploads import UploadManager
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +35,16 @@ SMALL_FILE = 8 * 1024 * 1024
 
 
 def fuse_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Turn XnatErrors into errnos, bound the time, and log real bugs with their traceback."""
+    """Turn XnatErrors into errnos, bound the time, and log real bugs with their traceback.
+
+    Handlers that wait for an upload get ``upload_timeout``; all others ``op_timeout``.
+    """
+    slow = handler.__name__ in ("write", "flush", "fsync", "rename", "release")
 
     @functools.wraps(handler)
     async def wrapper(self: Operations, *args: Any) -> T:
         try:
-            with trio.fail_after(self.op_timeout):
+            with trio.fail_after(self.upload_timeout if slow else self.op_timeout):
                 return await handler(self, *args)
         except pyfuse3.FUSEError:
             raise
@@ -46,7 +52,7 @@ def fuse_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable
             log.debug("%s%r: %s", handler.__name__, args, exc)
             raise pyfuse3.FUSEError(errno_for(exc)) from None
         except trio.TooSlowError:
-            log.warning("%s%r took longer than %ss", handler.__name__, args, self.op_timeout)
+            log.warning("%s%r ran out of time", handler.__name__, args)
             raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
         except Exception:
             log.exception("bug in %s%r", handler.__name__, args)
@@ -66,11 +72,15 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, blocks: BlockCache, *, nursery: trio.Nursery,
-                 op_timeout: float = 120.0) -> None:
+    def __init__(self, tree: Tree, blocks: BlockCache, uploads: UploadManager, *,
+                 nursery: trio.Nursery, op_timeout: float = 120.0,
+                 upload_timeout: float = 3600.0) -> None:
         super().__init__()
         self.tree = tree
         self.blocks = blocks
+        self.uploads = uploads
+        self.upload_timeout = upload_timeout
+        self._generated: dict[int, bytes] = {}
         self.nursery = nursery
         self.op_timeout = op_timeout
         self.uid = os.getuid()
@@ -85,14 +95,21 @@ class Operations(pyfuse3.Operations):
         attr.generation = 0
         attr.entry_timeout = self.tree.metadata_ttl
         attr.attr_timeout = self.tree.metadata_ttl
+        # Directories where file operations mean something: uploads, archiving
+        # into a (new) subject, moving and removing prearchive sessions.
+        writable = node.writable or bool(node.prearchive_uri) or node.kind in (
+            Kind.PROJECT, Kind.SUBJECT, Kind.PENDING_SUBJECT, Kind.PREARCHIVE_PROJECT,
+            Kind.PREARCHIVE_TIMESTAMP)
+        if node.kind in (Kind.INFO_FILE, Kind.FILE, Kind.STATUS_FILE):
+            writable = False
         if node.is_dir:
-            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_mode = stat.S_IFDIR | (0o755 if writable else 0o555)
             attr.st_nlink = 2
             attr.st_size = 0
         else:
-            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_mode = stat.S_IFREG | (0o644 if writable else 0o444)
             attr.st_nlink = 1
-            attr.st_size = node.size
+            attr.st_size = self.file_size(node)
         attr.st_blksize = 128 * 1024
         attr.st_blocks = (attr.st_size + 511) // 512
         attr.st_uid = self.uid
@@ -135,21 +152,45 @@ class Operations(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         return None
 
+    def file_size(self, node: Node) -> int:
+        if node.kind is Kind.STATUS_FILE:
+            return len(self.tree.status_text(node))
+        if node.kind is Kind.INFO_FILE:
+            return 4096  # generated at open; reads past the end return fewer bytes
+        return node.size
+
     # ----------------------------------------------------------------- files
+    def _new_handle(self, node: Node) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._open_files[fh] = node
+        return fh
+
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.tree.node(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND)
+        if node.kind is Kind.UPLOAD_FILE:
+            assert node.upload is not None
+            if flags & os.O_TRUNC:
+                await self.uploads.truncate(node.upload, 0)
+            node.upload.open_handles += 1
+            return pyfuse3.FileInfo(fh=self._new_handle(node), direct_io=True)
+        if writing:
             raise pyfuse3.FUSEError(errno.EROFS)
-        fh = self._next_fh
-        self._next_fh += 1
-        self._open_files[fh] = node
+        fh = self._new_handle(node)
+        if node.kind in (Kind.STATUS_FILE, Kind.INFO_FILE):
+            # Generated text: read it fresh, bypassing the page cache.
+            content = (self.tree.status_text(node) if node.kind is Kind.STATUS_FILE
+                       else await self.tree.info_text(node))
+            self._generated[fh] = content
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if node.size <= SMALL_FILE:
             self._read_ahead_series(node)
         # Archive files are immutable for a given digest, so the page cache may keep them.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not node.prearchive_uri)
 
     def _read_ahead_series(self, node: Node) -> None:
         """Opening one file of a folder of small files starts fetching the next ones."""
@@ -171,10 +212,187 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self._open_files[fh]
+        if fh in self._generated:
+            return self._generated[fh][off:off + size]
+        if node.upload is not None:
+            return await self.uploads.read(node.upload, off, size)
         return await self.blocks.read(self.identity(node), off, size)
 
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        node = self._open_files[fh]
+        if node.upload is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await self.uploads.write(node.upload, off, buf)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        """close(): an upload returns only once XNAT accepted it (or failed)."""
+        node = self._open_files.get(fh)
+        if node is not None and node.upload is not None:
+            await self._finish_upload(node)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        node = self._open_files.get(fh)
+        if node is not None and node.upload is not None:
+            await self._finish_upload(node)
+
+    async def _finish_upload(self, node: Node) -> None:
+        assert node.upload is not None
+        try:
+            await self.uploads.finish(node.upload)
+        finally:
+            self.tree.refresh_upload_node(node)
+            if node.upload.record.result:
+                self.tree.invalidate_prearchive()
+
     async def release(self, fh: int) -> None:
-        self._open_files.pop(fh, None)
+        node = self._open_files.pop(fh, None)
+        self._generated.pop(fh, None)
+        if node is not None and node.upload is not None:
+            node.upload.open_handles -= 1
+            self.uploads.release(node.upload)
+
+    # ------------------------------------------------------ creating entries
+    def _upload_target(self, parent: Node, name: bytes) -> str:
+        """The relative path below ``uploads/<PROJECT>/`` of a new entry."""
+        if parent.kind is not Kind.UPLOAD_DIR:
+            raise pyfuse3.FUSEError(errno.EACCES if parent.kind is Kind.UPLOADS else errno.EROFS)
+        decoded = os.fsdecode(name)
+        if "/" in decoded or decoded in (".", ".."):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return f"{parent.relpath}/{decoded}" if parent.relpath else decoded
+
+    @fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        parent = self.tree.node(parent_inode)
+        relpath = self._upload_target(parent, name)
+        upload = self.uploads.create(parent.project, relpath)
+        node = self.tree.upload_file_node(parent, upload)
+        upload.open_handles += 1
+        self.tree.forget_negative(parent_inode)
+        return (pyfuse3.FileInfo(fh=self._new_handle(node), direct_io=True),
+                self.attributes(node))
+
+    @fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.tree.node(parent_inode)
+        if parent.kind is Kind.PROJECT:
+            # A subject to archive into, local until a session is archived there.
+            node = self.tree.add_pending_subject(parent, os.fsdecode(name))
+        else:
+            relpath = self._upload_target(parent, name)
+            self.tree.upload_folders.add((parent.project, relpath))
+            node = self.tree.upload_dir_node(parent, relpath.rsplit("/", 1)[-1])
+        self.tree.forget_negative(parent_inode)
+        return self.attributes(node)
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """Times and modes are accepted on uploads (cp -a, rsync); the archive is read-only."""
+        node = self.tree.node(inode)
+        if not node.writable:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if fields.update_size and node.upload is not None:
+            await self.uploads.truncate(node.upload, attr.st_size)
+        return self.attributes(node)
+
+    # --------------------------------------------------- removing, renaming
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = await self.tree.lookup(parent_inode, os.fsdecode(name))
+        if node.kind is Kind.UPLOAD_FILE:
+            assert node.upload is not None
+            self.uploads.forget(node.upload)
+            return
+        if node.prearchive_uri and node.kind is not Kind.PREARCHIVE_SESSION:
+            self.tree.hide(node)  # part of `rm -r SESSION`; the rmdir of the session deletes
+            return
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = await self.tree.lookup(parent_inode, os.fsdecode(name))
+        if node.kind is Kind.PREARCHIVE_SESSION:
+            await self.tree.client.delete_prearchive(node.prearchive_uri)
+            self.tree.invalidate_prearchive()
+            self._forget_entry(parent_inode, name, node.inode)
+            return
+        if node.prearchive_uri:
+            self.tree.hide(node)
+            return
+        if node.kind is Kind.UPLOAD_DIR and node.relpath:
+            if await self.tree.children(node.inode):
+                raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+            self.tree.upload_folders.discard((node.project, node.relpath))
+            return
+        if node.kind is Kind.PENDING_SUBJECT:
+            self.tree.pending_subjects.discard((node.project, node.name))
+            return
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    @fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        node = await self.tree.lookup(parent_inode_old, os.fsdecode(name_old))
+        new_parent = self.tree.node(parent_inode_new)
+        if node.kind is Kind.UPLOAD_FILE:
+            await self._rename_upload(node, new_parent, name_new)
+        elif node.kind is Kind.PREARCHIVE_SESSION:
+            await self._rename_prearchive(node, new_parent, name_new)
+        else:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        self._forget_entry(parent_inode_old, name_old, node.inode)
+
+    async def _rename_upload(self, node: Node, new_parent: Node, name_new: bytes) -> None:
+        """Write-to-temporary-then-rename: the entry moves; a litter name becoming a real one
+        uploads now."""
+        assert node.upload is not None
+        if new_parent.kind is not Kind.UPLOAD_DIR or new_parent.project != node.project:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        replaced = await self._existing_child(new_parent.inode, name_new)
+        if replaced is not None and replaced.upload is not None:
+            self.uploads.forget(replaced.upload)
+        self.uploads.rename(node.upload, self._upload_target(new_parent, name_new))
+        self.tree.refresh_upload_node(node)
+        node.parent = new_parent.inode
+        if node.upload.dirty and node.upload.open_handles == 0:
+            await self._finish_upload(node)
+
+    async def _rename_prearchive(self, node: Node, new_parent: Node, name_new: bytes) -> None:
+        """``mv`` out of the prearchive: into a subject archives, into another project moves."""
+        client = self.tree.client
+        if new_parent.kind in (Kind.SUBJECT, Kind.PENDING_SUBJECT):
+            subject = new_parent.xattrs.get("user.xnat.label") or label_from_name(new_parent.name)
+            await client.archive_prearchive(node.prearchive_uri, project=new_parent.project,
+                                            subject=subject,
+                                            session=label_from_name(os.fsdecode(name_new)))
+            self.tree.invalidate_project(new_parent.project)
+            self.tree.pending_subjects.discard((new_parent.project, subject))
+        elif new_parent.kind is Kind.PREARCHIVE_PROJECT:
+            await client.move_prearchive(node.prearchive_uri, new_parent.project)
+        else:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        self.tree.invalidate_prearchive()
+
+    async def _existing_child(self, parent_inode: int, name: bytes) -> Node | None:
+        try:
+            return await self.tree.lookup(parent_inode, os.fsdecode(name))
+        except XnatError:
+            return None
+
+    def _forget_entry(self, parent_inode: int, name: bytes, inode: int) -> None:
+        """Tell the kernel a name changed (asynchronously: we are inside a request)."""
+        try:
+            pyfuse3.invalidate_entry_async(parent_inode, name, deleted=inode)
+        except Exception:  # noqa: BLE001 - best effort; the entry timeout catches up
+            log.debug("could not invalidate %r", name, exc_info=True)
 
     # ---------------------------------------------------------------- xattrs
     @fuse_errors
@@ -195,7 +413,6 @@ class Operations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
-    # --------------------------------------------------- archive is read-only
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = read_only
-    create = write = setxattr = removexattr = read_only
+    # ------------------------------------------------- everything else: no
+    mknod = symlink = link = setxattr = removexattr = read_only
 

@@ -21,6 +21,7 @@ from .client import ClientSettings, XnatClient
 from .credentials import Credentials, SessionCache
 from .fs import Operations
 from .tree import Tree
+from .uploads import UploadManager
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class MountConfig:
     read_only: bool = False
     verify_tls: bool = True
     range_mode: str = "auto"          # auto: probe the server once; on/off: trust the user
+    direct_archive: bool = False      # uploads go straight to the archive
+    prearchive_ttl: float = 5.0       # seconds the prearchive listing is trusted
     op_timeout: float = 120.0
     request_timeout: float = 30.0
     debug_fuse: bool = False
@@ -110,10 +113,14 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
     await client.connect()
     try:
         async with trio.open_nursery() as nursery:
-            tree = Tree(client, metadata_ttl=config.metadata_ttl)
+            uploads = UploadManager(client, config.cache_dir / "uploads", nursery,
+                                    direct_archive=config.direct_archive)
+            tree = Tree(client, metadata_ttl=config.metadata_ttl, uploads=uploads,
+                        prearchive_ttl=config.prearchive_ttl)
             blocks = BlockCache(client, config.cache_dir / "blocks", size_limit=config.cache_size,
                                 nursery=nursery, range_mode=config.range_mode)
-            operations = Operations(tree, blocks, nursery=nursery, op_timeout=config.op_timeout)
+            operations = Operations(tree, blocks, uploads, nursery=nursery,
+                                    op_timeout=config.op_timeout)
             pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
             try:
                 tune_kernel(config.mountpoint)

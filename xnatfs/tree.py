@@ -19,8 +19,10 @@ refreshes, because a node is found again by its key (what it is in XNAT).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
+import json
 import logging
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from cachetools import TTLCache
 from . import client as xc
 from .errors import NotFound
 from .naming import label_from_name, safe_name, scan_folder_name
+from .uploads import Upload, UploadManager
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,15 @@ class Kind(enum.Enum):
     FOLDER = "folder"          # files/ and any directory below it
     FILE = "file"
     UPLOADS = "uploads"
+    UPLOAD_DIR = "upload_dir"          # uploads/<PROJECT> and folders below it
+    UPLOAD_FILE = "upload_file"
+    STATUS_FILE = "status_file"        # UPLOAD_STATUS.txt, generated
     PREARCHIVE = "prearchive"
+    PREARCHIVE_PROJECT = "prearchive_project"
+    PREARCHIVE_TIMESTAMP = "prearchive_timestamp"
+    PREARCHIVE_SESSION = "prearchive_session"
+    INFO_FILE = "info_file"            # prearchive-info.json, generated
+    PENDING_SUBJECT = "pending_subject"  # made by mkdir, to archive into; local only
 
 
 @dataclass
@@ -73,14 +84,31 @@ class Node:
     folder: str = ""                       # path of a FOLDER inside its resource ("" = files/)
     file: xc.RemoteFile | None = None      # for FILE nodes
     xattrs: dict[str, str] = field(default_factory=dict)
+    prearchive_uri: str = ""               # set on everything below a prearchive session
+    upload: Upload | None = None           # for UPLOAD_FILE nodes
+    relpath: str = ""                      # below uploads/<PROJECT>/ for upload nodes
 
     @property
     def is_dir(self) -> bool:
-        return self.kind is not Kind.FILE
+        return self.kind not in FILE_KINDS
 
     @property
     def size(self) -> int:
-        return self.file.size if self.file is not None else 0
+        if self.file is not None:
+            return self.file.size
+        if self.upload is not None:
+            return self.upload.record.size
+        return 0
+
+    @property
+    def writable(self) -> bool:
+        """Whether the user may create or change things here (the upload area)."""
+        return self.kind in (Kind.UPLOAD_DIR, Kind.UPLOAD_FILE)
+
+
+FILE_KINDS = frozenset({Kind.FILE, Kind.UPLOAD_FILE, Kind.STATUS_FILE, Kind.INFO_FILE})
+STATUS_NAME = "UPLOAD_STATUS.txt"
+INFO_NAME = "prearchive-info.json"
 
 
 @dataclass
@@ -96,8 +124,16 @@ class Tree:
     """Inodes, names and the metadata cache over an :class:`~xnatfs.client.XnatClient`."""
 
     def __init__(self, client: xc.XnatClient, *, metadata_ttl: float = 60.0,
-                 negative_ttl: float = 5.0, max_listings: int = 20_000) -> None:
+                 negative_ttl: float = 5.0, max_listings: int = 20_000,
+                 uploads: UploadManager | None = None,
+                 prearchive_ttl: float | None = None) -> None:
         self.client = client
+        self.uploads = uploads
+        # Upload folders made with mkdir, by (project, relpath); local until files arrive.
+        self.upload_folders: set[tuple[str, str]] = set()
+        self.pending_subjects: set[tuple[str, str]] = set()
+        self.hidden: set[int] = set()  # prearchive entries removed by `rm -r` before rmdir
+        self.prearchive_ttl = max(prearchive_ttl if prearchive_ttl is not None else 5.0, 0.5)
         self.metadata_ttl = max(metadata_ttl, 1.0)
         self._nodes: dict[int, Node] = {}
         self._by_key: dict[Hashable, int] = {}
@@ -109,6 +145,7 @@ class Tree:
         self._inflight: dict[Hashable, trio.Event] = {}
         self._inflight_errors: dict[Hashable, BaseException] = {}
         self._entries: dict[int, list[Node]] = {}  # last listing of each directory
+        self._prearchive_fetched_at: float | None = None
         self.mount_time_ns = int(dt.datetime.now().timestamp() * 1e9)
         root = Node(ROOT_INODE, Kind.ROOT, "", ROOT_INODE, ("root",),
                     mtime_ns=self.mount_time_ns)
@@ -241,7 +278,13 @@ class Tree:
     async def _children_of_project(self, node: Node) -> list[Node]:
         subjects = await self.cached(("subjects", node.project),
                                      lambda: self.client.list_subjects(node.project))
-        return [self._child(node, Kind.SUBJECT, safe_name(s.label), ("subject", s.id),
+        labels = {s.label for s in subjects}
+        pending = [self._child(node, Kind.PENDING_SUBJECT, safe_name(label),
+                               ("pending-subject", node.project, label), project=node.project,
+                               mtime_ns=self.mount_time_ns)
+                   for project, label in sorted(self.pending_subjects)
+                   if project == node.project and label not in labels]
+        return pending + [self._child(node, Kind.SUBJECT, safe_name(s.label), ("subject", s.id),
                             project=node.project, subject_id=s.id,
                             mtime_ns=_time_ns(s.insert_date, self.mount_time_ns),
                             xattrs=_xattrs(id=s.id, label=s.label, project=node.project,
@@ -270,6 +313,15 @@ class Tree:
                             ("resources", node.experiment_id, None), **common)]
 
     async def _children_of_scans(self, node: Node) -> list[Node]:
+        if node.prearchive_uri:
+            scans = await self.prearchive_scans(node.prearchive_uri)
+            return [self._child(node, Kind.SCAN, scan_folder_name(scan.id, scan.type or ""),
+                                ("pre-scan", node.prearchive_uri, scan.id), project=node.project,
+                                scan_id=scan.id, prearchive_uri=node.prearchive_uri,
+                                mtime_ns=node.mtime_ns,
+                                xattrs=_xattrs(id=scan.id, xsi_type=scan.xsi_type,
+                                               series_description=scan.series_description))
+                    for scan in scans]
         detail = await self.session_detail(node.experiment_id)
         out = []
         for scan in detail.scans:
@@ -286,12 +338,19 @@ class Tree:
 
     async def _children_of_scan(self, node: Node) -> list[Node]:
         return [self._child(node, Kind.RESOURCES, "resources",
-                            ("resources", node.experiment_id, node.scan_id),
+                            ("resources", node.experiment_id, node.scan_id,
+                             node.prearchive_uri), prearchive_uri=node.prearchive_uri,
                             project=node.project, subject_id=node.subject_id,
                             experiment_id=node.experiment_id, scan_id=node.scan_id,
                             mtime_ns=node.mtime_ns)]
 
     async def _children_of_resources(self, node: Node) -> list[Node]:
+        if node.prearchive_uri:
+            return [self._child(node, Kind.RESOURCE, "DICOM",
+                                ("pre-resource", node.prearchive_uri, node.scan_id),
+                                project=node.project, scan_id=node.scan_id,
+                                resource_label="DICOM", prearchive_uri=node.prearchive_uri,
+                                mtime_ns=node.mtime_ns)]
         detail = await self.session_detail(node.experiment_id)
         if node.scan_id is None:
             resources = detail.resources
@@ -312,19 +371,26 @@ class Tree:
 
     async def _children_of_resource(self, node: Node) -> list[Node]:
         return [self._child(node, Kind.FOLDER, "files",
-                            ("folder", node.experiment_id, node.scan_id, node.resource_label, ""),
+                            ("folder", node.experiment_id or node.prearchive_uri, node.scan_id,
+                             node.resource_label, ""), prearchive_uri=node.prearchive_uri,
                             project=node.project, subject_id=node.subject_id,
                             experiment_id=node.experiment_id, scan_id=node.scan_id,
                             resource_label=node.resource_label, folder="",
                             mtime_ns=node.mtime_ns)]
 
     async def _children_of_folder(self, node: Node) -> list[Node]:
-        contents = await self.session_files(node.experiment_id)
-        files = contents.files.get((node.scan_id, node.resource_label), [])
+        if node.prearchive_uri:
+            assert node.scan_id is not None
+            files = await self.prearchive_files(node.prearchive_uri, node.scan_id)
+        else:
+            contents = await self.session_files(node.experiment_id)
+            files = contents.files.get((node.scan_id, node.resource_label), [])
         prefix = f"{node.folder}/" if node.folder else ""
+        owner = node.experiment_id or node.prearchive_uri
         common = dict(project=node.project, subject_id=node.subject_id,
                       experiment_id=node.experiment_id, scan_id=node.scan_id,
-                      resource_label=node.resource_label, mtime_ns=node.mtime_ns)
+                      resource_label=node.resource_label, mtime_ns=node.mtime_ns,
+                      prearchive_uri=node.prearchive_uri)
         out: list[Node] = []
         seen_dirs: set[str] = set()
         for f in sorted(files, key=lambda f: f.path):
@@ -337,12 +403,12 @@ class Tree:
                     seen_dirs.add(head)
                     out.append(self._child(
                         node, Kind.FOLDER, safe_name(head),
-                        ("folder", node.experiment_id, node.scan_id, node.resource_label,
+                        ("folder", owner, node.scan_id, node.resource_label,
                          prefix + head), folder=prefix + head, **common))
                 continue
             out.append(self._child(
                 node, Kind.FILE, safe_name(rest),
-                ("file", node.experiment_id, node.scan_id, node.resource_label, f.path),
+                ("file", owner, node.scan_id, node.resource_label, f.path),
                 file=f, xattrs=_xattrs(label=f.path.rsplit("/", 1)[-1], uri=f.uri,
                                        digest=f.digest or "", size=str(f.size),
                                        resource=f.resource_label, resource_id=f.resource_id,
@@ -350,11 +416,163 @@ class Tree:
                 **common))
         return out
 
+    # ---------------------------------------------------------------- uploads
     async def _children_of_uploads(self, node: Node) -> list[Node]:
-        return []
+        projects = await self.cached(("upload-projects",), self.client.list_upload_projects)
+        out = [self._child(node, Kind.UPLOAD_DIR, safe_name(p), ("upload-dir", p, ""),
+                           project=p, relpath="", mtime_ns=self.mount_time_ns)
+               for p in projects]
+        out.append(self._status_node(node, None))
+        return out
+
+    def _status_node(self, parent: Node, project: str | None) -> Node:
+        return self._child(parent, Kind.STATUS_FILE, STATUS_NAME, ("status", project),
+                           project=project or "", mtime_ns=self.mount_time_ns)
+
+    async def _children_of_upload_dir(self, node: Node) -> list[Node]:
+        out: list[Node] = []
+        prefix = f"{node.relpath}/" if node.relpath else ""
+        folders = set()
+        for project, relpath in self.upload_folders:
+            if project == node.project and relpath.startswith(prefix):
+                folders.add(relpath[len(prefix):].split("/", 1)[0])
+        files = []
+        for upload in (self.uploads.uploads.values() if self.uploads else []):
+            rec = upload.record
+            if rec.project != node.project or not rec.relpath.startswith(prefix):
+                continue
+            head, sep, _ = rec.relpath[len(prefix):].partition("/")
+            if sep:
+                folders.add(head)
+            else:
+                files.append(upload)
+        for name in sorted(folders):
+            out.append(self.upload_dir_node(node, name))
+        for upload in sorted(files, key=lambda u: u.record.relpath):
+            out.append(self.upload_file_node(node, upload))
+        if not node.relpath:
+            out.append(self._status_node(node, node.project))
+        return out
+
+    def upload_dir_node(self, parent: Node, name: str) -> Node:
+        relpath = f"{parent.relpath}/{name}" if parent.relpath else name
+        return self._child(parent, Kind.UPLOAD_DIR, name, ("upload-dir", parent.project, relpath),
+                           project=parent.project, relpath=relpath, mtime_ns=parent.mtime_ns)
+
+    def upload_file_node(self, parent: Node, upload: Upload) -> Node:
+        rec = upload.record
+        return self._child(parent, Kind.UPLOAD_FILE, rec.name, ("upload", rec.id),
+                           project=parent.project, relpath=rec.relpath, upload=upload,
+                           mtime_ns=int(rec.created * 1e9), xattrs=_upload_xattrs(upload))
+
+    def refresh_upload_node(self, node: Node) -> None:
+        if node.upload is not None:
+            node.xattrs = _upload_xattrs(node.upload)
+            node.relpath = node.upload.record.relpath
+            node.name = node.upload.record.name
+
+    def status_text(self, node: Node) -> bytes:
+        if self.uploads is None:
+            return b""
+        return self.uploads.status_text(node.project or None).encode()
+
+    # ------------------------------------------------------------- prearchive
+    async def prearchive_sessions(self) -> list[xc.PrearchiveSession]:
+        """The prearchive listing; it changes under us, so it lives ``prearchive_ttl`` only."""
+        fetched = self._prearchive_fetched_at
+        if fetched is None or trio.current_time() - fetched > self.prearchive_ttl:
+            self.invalidate_prearchive()
+            self._prearchive_fetched_at = trio.current_time()
+        return await self.cached(("prearchive",), self.client.list_prearchive)
+
+    def invalidate_prearchive(self) -> None:
+        """Forget the prearchive listing and every session's scans and files."""
+        for key in list(self._listings.keys()):
+            if isinstance(key, tuple) and key and key[0] in ("prearchive", "pre-scans",
+                                                              "pre-files"):
+                self._listings.pop(key, None)
+        self._prearchive_fetched_at = None
+        self._negative.clear()
 
     async def _children_of_prearchive(self, node: Node) -> list[Node]:
+        projects = sorted({s.project for s in await self.prearchive_sessions()})
+        return [self._child(node, Kind.PREARCHIVE_PROJECT, safe_name(p), ("pre-project", p),
+                            project=p, mtime_ns=self.mount_time_ns) for p in projects]
+
+    async def _children_of_prearchive_project(self, node: Node) -> list[Node]:
+        stamps = sorted({s.timestamp for s in await self.prearchive_sessions()
+                         if s.project == node.project})
+        return [self._child(node, Kind.PREARCHIVE_TIMESTAMP, safe_name(ts),
+                            ("pre-ts", node.project, ts), project=node.project, folder=ts,
+                            mtime_ns=_time_ns(_prearchive_time(ts), self.mount_time_ns))
+                for ts in stamps]
+
+    async def _children_of_prearchive_timestamp(self, node: Node) -> list[Node]:
+        out = []
+        for s in await self.prearchive_sessions():
+            if s.project != node.project or s.timestamp != node.folder:
+                continue
+            child = self._child(
+                node, Kind.PREARCHIVE_SESSION, safe_name(s.folder_name), ("pre-session", s.uri),
+                project=s.project, prearchive_uri=s.uri,
+                mtime_ns=_time_ns(s.lastmod, self.mount_time_ns),
+                xattrs=_xattrs(uri=s.uri, status=s.status, label=s.name, subject=s.subject,
+                               uploaded=s.uploaded, lastmod=s.lastmod, scan_date=s.scan_date,
+                               tag=s.tag, autoarchive=s.autoarchive, project=s.project,
+                               timestamp=s.timestamp))
+            if child.inode not in self.hidden:
+                out.append(child)
+        return out
+
+    async def _children_of_prearchive_session(self, node: Node) -> list[Node]:
+        common = dict(project=node.project, prearchive_uri=node.prearchive_uri,
+                      mtime_ns=node.mtime_ns)
+        out = [self._child(node, Kind.SCANS, "scans", ("pre-scans", node.prearchive_uri),
+                           **common),
+               self._child(node, Kind.INFO_FILE, INFO_NAME, ("pre-info", node.prearchive_uri),
+                           xattrs=node.xattrs, **common)]
+        return [n for n in out if n.inode not in self.hidden]
+
+    async def prearchive_scans(self, uri: str) -> list[xc.Scan]:
+        return await self.cached(("pre-scans", uri),
+                                 lambda: self.client.list_prearchive_scans(uri))
+
+    async def prearchive_files(self, uri: str, scan_id: str) -> list[xc.RemoteFile]:
+        return await self.cached(("pre-files", uri, scan_id),
+                                 lambda: self.client.list_prearchive_files(uri, scan_id))
+
+    async def info_text(self, node: Node) -> bytes:
+        session = next((s for s in await self.prearchive_sessions()
+                        if s.uri == node.prearchive_uri), None)
+        if session is None:
+            raise NotFound(node.prearchive_uri)
+        return (json.dumps(dataclasses.asdict(session), indent=2) + "\n").encode()
+
+    def forget_negative(self, parent_inode: int) -> None:
+        """A name was just created under ``parent_inode``: drop remembered misses there."""
+        for key in [k for k in self._negative.keys() if k[0] == parent_inode]:
+            self._negative.pop(key, None)
+
+    def invalidate_project(self, project: str) -> None:
+        """After archiving into ``project``: its subjects and sessions may have changed."""
+        for key in list(self._listings.keys()):
+            if isinstance(key, tuple) and len(key) >= 2 and key[0] in (
+                    "subjects", "experiments") and key[1] == project:
+                self._listings.pop(key, None)
+        self._negative.clear()
+
+    def hide(self, node: Node) -> None:
+        self.hidden.add(node.inode)
+
+    # ---------------------------------------------------------- pending subjects
+    async def _children_of_pending_subject(self, node: Node) -> list[Node]:
         return []
+
+    def add_pending_subject(self, parent: Node, name: str) -> Node:
+        self.pending_subjects.add((parent.project, label_from_name(name)))
+        return self._child(parent, Kind.PENDING_SUBJECT, name,
+                           ("pending-subject", parent.project, label_from_name(name)),
+                           project=parent.project, mtime_ns=self.mount_time_ns)
 
     def siblings_after(self, node: Node, limit: int) -> list[Node]:
         """Files following ``node`` in its folder, for series-aware read-ahead."""
@@ -364,6 +582,22 @@ class Tree:
         except ValueError:
             return []
         return files[start:start + limit]
+
+
+def _upload_xattrs(upload: Upload) -> dict[str, str]:
+    rec = upload.record
+    return {f"user.xnatfs.upload.{k}": v for k, v in (
+        ("state", rec.state), ("kind", rec.kind), ("message", rec.message),
+        ("result", " ".join(rec.result))) if v}
+
+
+def _prearchive_time(timestamp: str) -> str:
+    """``20211229_101128996`` as ``2021-12-29 10:11:28.996``."""
+    try:
+        parsed = dt.datetime.strptime(timestamp, "%Y%m%d_%H%M%S%f")
+    except ValueError:
+        return ""
+    return parsed.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def _xattrs(**values: str | None) -> dict[str, str]:

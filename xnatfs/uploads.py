@@ -146,7 +146,8 @@ class Upload:
         self.record = record
         self.spool_dir = spool_dir
         self.data_path = spool_dir / "data"
-        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd = -1
+        self.ensure_spool()
         self.head = bytearray()
         self.next_offset = 0                     # where a sequential writer continues
         self.dirty = False                       # written since the last upload
@@ -164,6 +165,12 @@ class Upload:
     @property
     def state(self) -> State:
         return State(self.record.state)
+
+    def ensure_spool(self) -> None:
+        """(Re)open the local copy: a finished upload's spool is gone until written again."""
+        if self.fd < 0:
+            self.spool_dir.mkdir(mode=0o700, exist_ok=True)
+            self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
 
     def close_spool(self) -> None:
         if self.fd >= 0:
@@ -194,6 +201,8 @@ class UploadManager:
         spool_dir = self.spool_root / upload_id
         spool_dir.mkdir(mode=0o700)
         upload = Upload(UploadRecord(upload_id, project, relpath), spool_dir)
+        if is_litter(upload.record.name):
+            upload.record.kind = Kind.LITTER.value
         self.uploads[upload_id] = upload
         self._save(upload)
         return upload
@@ -204,6 +213,7 @@ class UploadManager:
             upload.record.state = State.WRITING.value
             upload.record.result = []
             upload.record.message = ""
+        upload.ensure_spool()
         await trio.to_thread.run_sync(os.pwrite, upload.fd, data, offset,
                                       limiter=self.disk_limiter)
         upload.dirty = True
@@ -226,11 +236,31 @@ class UploadManager:
             await self._stream_feed(upload, data)
         return len(data)
 
+    async def truncate(self, upload: Upload, size: int) -> None:
+        """``O_TRUNC`` or ``truncate()``: the upload starts over from ``size`` bytes."""
+        if size == upload.record.size:
+            return
+        upload.ensure_spool()
+        await trio.to_thread.run_sync(os.ftruncate, upload.fd, size, limiter=self.disk_limiter)
+        if size < upload.record.size:
+            self._abandon_stream(upload, "truncated")
+            if size == 0:
+                # A fresh start (editors, cp over an earlier copy): stream again.
+                upload.next_offset = 0
+                upload.head = bytearray()
+                upload.record.kind = Kind.UNKNOWN.value
+        upload.record.size = size
+        upload.dirty = True
+        if upload.state in (State.DONE, State.FAILED):
+            upload.record.state = State.WRITING.value
+
     async def _read_spool(self, upload: Upload, offset: int, size: int) -> bytes:
         return await trio.to_thread.run_sync(os.pread, upload.fd, size, offset,
                                              limiter=self.disk_limiter)
 
     async def read(self, upload: Upload, offset: int, size: int) -> bytes:
+        if upload.fd < 0:
+            raise XnatError(f"{upload.record.relpath} was uploaded; its local copy is gone")
         return await self._read_spool(upload, offset, size)
 
     # -------------------------------------------------------------- streaming
@@ -301,6 +331,12 @@ class UploadManager:
             if not upload.dirty:
                 if upload.state is State.FAILED:
                     raise BadRequest(upload.record.message or "upload failed")
+                return
+            if upload.record.size == 0:
+                upload.record.state = State.KEPT.value  # touch: nothing to upload yet
+                upload.record.message = "empty"
+                upload.dirty = False
+                self._save(upload)
                 return
             if upload.kind is Kind.UNKNOWN or len(upload.head) < HEAD_BYTES:
                 upload.head = bytearray(await self._read_spool(upload, 0, HEAD_BYTES))

@@ -118,8 +118,11 @@ def test_archive_is_read_only(demo_mount: Mount) -> None:
         (files / "new.txt").write_text("x")
     assert info.value.errno in (errno.EROFS, errno.EACCES)
     with pytest.raises(OSError) as info:
-        os.mkdir(demo_mount.path / "NEURO_PUB" / "NEWSUBJ")
+        os.mkdir(demo_mount.path / SESSION / "scans" / "99-NEW")
     assert info.value.errno in (errno.EROFS, errno.EACCES)
+    with pytest.raises(OSError) as info:
+        os.utime(demo_mount.path / SESSION)
+    assert info.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
     dicom = next((demo_mount.path / SESSION / "scans/2-T1_MPRAGE_2/resources/DICOM/files")
                  .iterdir())
     with pytest.raises(OSError) as info:
