@@ -8,14 +8,31 @@ is looked for in memory (a small LRU of hot blocks), then on disk
 Fetching streams bytes into *pending* blocks, and a reader is woken as soon
 as the bytes it asked for have arrived, not when the whole block has: a
 header read of a 2 GB file on a server without Range support returns after
-the first chunk. Where the server honours Range, missing blocks are fetched
-by independent ranged GETs in parallel, and sequential readers trigger a
-read-ahead window that doubles up to ``max_window`` bytes. Where it does not
-(real XNAT 1.8), one streaming GET per file fills the blocks in order.
+the first chunk. Pending blocks get their buffer with their first byte, so
+a reader waiting far ahead of a download costs no memory.
 
-When a whole file has passed through and the listing gave an MD5 digest, the
-bytes are checked in block order; a mismatch drops every block of the file
-and fails the read with :class:`~xnatfs.errors.Stale`.
+Where the server honours Range, missing blocks are fetched by independent
+ranged GETs in parallel, and sequential readers trigger a read-ahead window
+that doubles up to ``max_window`` bytes. Where it does not (real XNAT 1.8),
+every download carries the file from its first byte, so a download fills
+*every* missing block it passes, in order, to the end of the file: however
+many readers there are and wherever they start, each byte crosses the
+network about once. A reader needing a block that a running download has
+already passed (it was evicted) starts another download, which stops where
+the others are.
+
+Integrity: when a whole file has passed through and the listing gave an MD5
+digest, the blocks are hashed in order (from memory or disk). A read that
+returns the end of a file, and after that any read, waits for that check
+when every block is cached or on its way, so a whole-file reader (``cp``,
+``cat``, ``nibabel``) gets ``Stale`` (ESTALE) instead of bad bytes, whatever
+the order the kernel's readahead requests arrive in. (Bytes of a file read
+only in part cannot be checked: XNAT has no digest per block.) A mismatch drops every block of the file, in memory
+and on disk, and tells the listeners (the FUSE layer drops the kernel's
+pages).
+
+Blocks are written to disk in the background, shielded from cancellation:
+blocks read before an unmount are on disk when the process exits.
 """
 
 from __future__ import annotations
@@ -23,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +54,13 @@ from .errors import Stale, Unreachable, XnatError
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
+# How far a read may land after (or before) where the previous one ended and still
+# count as sequential: skips forward, and the kernel's parallel readahead
+# requests arriving a little out of order.
+SEQUENTIAL_AHEAD = 16 * 1024 * 1024
+SEQUENTIAL_BEHIND = 8 * 1024 * 1024
+
+Block = bytes | bytearray
 
 
 @dataclass(frozen=True)
@@ -56,18 +81,30 @@ class PendingBlock:
     """A block being downloaded; readers wait for the prefix they need."""
 
     def __init__(self, length: int) -> None:
-        self.buffer = bytearray(length)
+        self.length = length
+        self.buffer: bytearray | None = None  # allocated with the first byte
         self.filled = 0
         self.error: BaseException | None = None
         self._waiters: list[tuple[int, trio.Event]] = []
 
-    def feed(self, data: memoryview) -> None:
-        self.buffer[self.filled:self.filled + len(data)] = data
-        self.filled += len(data)
-        ready = [w for w in self._waiters if w[0] <= self.filled]
-        self._waiters = [w for w in self._waiters if w[0] > self.filled]
-        for _, event in ready:
-            event.set()
+    @property
+    def complete(self) -> bool:
+        return self.filled >= self.length
+
+    def feed_at(self, within: int, data: memoryview) -> None:
+        """Bytes that belong at offset ``within``; only what extends the filled prefix counts."""
+        end = within + len(data)
+        if within > self.filled or end <= self.filled:
+            return
+        if self.buffer is None:
+            self.buffer = bytearray(self.length)
+        self.buffer[self.filled:end] = data[self.filled - within:]
+        self.filled = end
+        ready = [w for w in self._waiters if w[0] <= end]
+        if ready:
+            self._waiters = [w for w in self._waiters if w[0] > end]
+            for _, event in ready:
+                event.set()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
@@ -76,18 +113,28 @@ class PendingBlock:
         self._waiters = []
 
     async def wait_for(self, end: int) -> None:
-        """Return once ``buffer[:end]`` is filled; raise if the download failed."""
+        """Return once ``buffer[:end]`` is filled; raise if the download failed first."""
         while self.filled < end:
             if self.error is not None:
                 raise self.error
             event = trio.Event()
             self._waiters.append((end, event))
             await event.wait()
-        if self.error is not None and self.filled < end:
-            raise self.error
+
+    def view(self, lo: int, hi: int) -> memoryview:
+        assert self.buffer is not None and hi <= self.filled
+        return memoryview(self.buffer)[lo:hi]
 
 
-@dataclass
+@dataclass(eq=False)
+class Download:
+    """A running whole-file download (servers without Range): where it is, where it stops."""
+
+    position: int
+    stop: int
+
+
+@dataclass(eq=False)
 class FileState:
     """Per-file bookkeeping while a file is being read."""
 
@@ -95,12 +142,19 @@ class FileState:
     nblocks: int
     pending: dict[int, PendingBlock] = field(default_factory=dict)
     on_disk: set[int] = field(default_factory=set)
-    stream_running: bool = False
+    loading: dict[int, trio.Event] = field(default_factory=dict)  # disk reads under way
+    downloads: list[Download] = field(default_factory=list)       # whole-file streams
+    fetched: bool = False       # a block was downloaded, not just found in a cache
+    end_served: bool = False    # a read returned the end of the file
+    dropped: bool = False       # failed its digest: the state is dead
     next_read: int = -1         # where a sequential reader would read next
     window: int = 0             # current read-ahead, bytes
-    hash_next: int = 0          # next block index to feed into the digest check
+    ahead_until: int = 0        # blocks below this index are already on their way
     hasher: object = None
+    hash_next: int = 0          # next block index to feed into the digest check
     hashing: bool = False
+    hash_done: trio.Event = field(default_factory=trio.Event)
+    verified: bool | None = None  # digest matched / did not / not known yet
 
 
 @dataclass
@@ -129,7 +183,7 @@ class BlockCache:
         os.chmod(directory, 0o700)
         self.disk = diskcache.Cache(str(directory), size_limit=size_limit,
                                     eviction_policy="least-recently-stored")
-        self.memory: LRUCache[tuple[str, int], bytes] = LRUCache(maxsize=memory_bytes,
+        self.memory: LRUCache[tuple[str, int], Block] = LRUCache(maxsize=memory_bytes,
                                                                  getsizeof=len)
         self.files: LRUCache[str, FileState] = LRUCache(maxsize=4096)
         self.disk_limiter = trio.CapacityLimiter(4)
@@ -137,9 +191,14 @@ class BlockCache:
         self.stats = CacheStatistics()
         self._range_supported: bool | None = None if range_mode == "auto" else (
             range_mode == "on")
+        self._drop_listeners: list[Callable[[FileIdentity], None]] = []
 
     def close(self) -> None:
         self.disk.close()
+
+    def add_drop_listener(self, listener: Callable[[FileIdentity], None]) -> None:
+        """Call ``listener(ident)`` whenever the blocks of a file are dropped as bad."""
+        self._drop_listeners.append(listener)
 
     # ------------------------------------------------------------- reading
     def _state(self, ident: FileIdentity) -> FileState:
@@ -150,55 +209,87 @@ class BlockCache:
             self.files[ident.key] = state
         return state
 
-    async def read(self, ident: FileIdentity, offset: int, size: int) -> bytes:
-        """``size`` bytes at ``offset`` (fewer only at end of file)."""
+    async def read(self, ident: FileIdentity, offset: int, size: int) -> Block | memoryview:
+        """``size`` bytes at ``offset`` (fewer only at end of file).
+
+        Raises:
+            Stale: the file's bytes did not match its digest (they are dropped).
+            Unreachable, ServerError...: the download failed.
+        """
         end = min(offset + size, ident.size)
         if offset >= end:
             return b""
         state = self._state(ident)
-        await self._note_access(state, offset, end)
         first, last = offset // self.block_size, (end - 1) // self.block_size
-        parts = []
-        for index in range(first, last + 1):
+        # Put every block on its way before waiting for any of them.
+        sources = [await self._locate(state, index) for index in range(first, last + 1)]
+        await self._read_ahead(state, offset, end)
+        parts: list[Block | memoryview] = []
+        for index, source in zip(range(first, last + 1), sources, strict=True):
             block_start = index * self.block_size
             lo = max(offset, block_start) - block_start
             hi = min(end, block_start + self._block_length(ident, index)) - block_start
-            parts.append(await self._block_slice(state, index, lo, hi))
+            if isinstance(source, PendingBlock):
+                await source.wait_for(hi)
+                parts.append(source.view(lo, hi))
+            else:
+                parts.append(memoryview(source)[lo:hi])
+        # Once the end of the file has been served, any read may be the one that
+        # completes it (the kernel's readahead requests arrive in any order).
+        if end == ident.size or state.end_served:
+            await self._verified(state)
+            state.end_served = True
+        if state.dropped:
+            raise Stale(f"{ident.uri}: data did not match its digest")
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _block_length(self, ident: FileIdentity, index: int) -> int:
         return min(self.block_size, ident.size - index * self.block_size)
 
-    async def _block_slice(self, state: FileState, index: int, lo: int, hi: int) -> bytes:
-        key = (state.ident.key, index)
-        data = self.memory.get(key)
-        if data is not None:
-            self.stats.memory_hits += 1
-            return data[lo:hi]
-        pending = state.pending.get(index)
-        if pending is None:
-            data = await self._from_disk(state, index)
-            if data is not None:
-                return data[lo:hi]
-            pending = state.pending.get(index)
-            if pending is None:
-                await self._start_fetch(state, index)
-                pending = state.pending.get(index)
-            if pending is None:  # completed while we were starting it
-                return await self._block_slice(state, index, lo, hi)
-        await pending.wait_for(hi)
-        return bytes(pending.buffer[lo:hi])
+    def _disk_key(self, state: FileState, index: int) -> str:
+        return f"{state.ident.key}:{index}"
 
-    async def _from_disk(self, state: FileState, index: int) -> bytes | None:
-        key = f"{state.ident.key}:{index}"
+    async def _locate(self, state: FileState, index: int) -> Block | PendingBlock:
+        """Block ``index`` from memory or disk, or the pending block a download will fill."""
+        key = (state.ident.key, index)
+        while True:
+            if state.dropped:
+                raise Stale(f"{state.ident.uri}: data did not match its digest")
+            data = self.memory.get(key)
+            if data is not None:
+                self.stats.memory_hits += 1
+                return data
+            pending = state.pending.get(index)
+            if pending is not None:
+                return pending
+            loading = state.loading.get(index)
+            if loading is not None:  # another reader is reading it from disk
+                await loading.wait()
+                continue
+            event = state.loading[index] = trio.Event()
+            try:
+                data = await self._disk_get(state, index)
+            finally:
+                del state.loading[index]
+                event.set()
+            if data is not None:
+                self.stats.disk_hits += 1
+                self.memory[key] = data
+                return data
+            if key not in self.memory and index not in state.pending:
+                await self._fetch(state, index)
+
+    async def _disk_get(self, state: FileState, index: int) -> bytes | None:
+        key = self._disk_key(state, index)
         data = await trio.to_thread.run_sync(self.disk.get, key, None,
                                              limiter=self.disk_limiter)
+        if data is not None and len(data) != self._block_length(state.ident, index):
+            log.warning("cached block %s has the wrong length; fetching it again", key)
+            data = None
         if data is None:
             state.on_disk.discard(index)
             return None
-        self.stats.disk_hits += 1
         state.on_disk.add(index)
-        self.memory[(state.ident.key, index)] = data
         return data
 
     async def _has_block(self, state: FileState, index: int) -> bool:
@@ -206,40 +297,43 @@ class BlockCache:
             return True
         if index in state.on_disk:
             return True
-        key = f"{state.ident.key}:{index}"
-        present = await trio.to_thread.run_sync(self.disk.__contains__, key,
+        present = await trio.to_thread.run_sync(self.disk.__contains__,
+                                                self._disk_key(state, index),
                                                 limiter=self.disk_limiter)
         if present:
             state.on_disk.add(index)
         return present
 
     # ---------------------------------------------------------- read-ahead
-    async def _note_access(self, state: FileState, offset: int, end: int) -> None:
-        """Grow the read-ahead window for sequential readers (range mode only)."""
-        sequential = offset == state.next_read or (
-            state.next_read >= 0 and 0 <= offset - state.next_read <= 16 * 1024 * 1024)
-        state.next_read = end
-        if not await self._use_range(state.ident):
-            return
+    async def _read_ahead(self, state: FileState, offset: int, end: int) -> None:
+        """Grow the read-ahead window of sequential readers (Range only: without it,
+        the whole-file download runs ahead of every reader anyway)."""
+        sequential = (state.next_read >= 0
+                      and -SEQUENTIAL_BEHIND <= offset - state.next_read <= SEQUENTIAL_AHEAD)
+        state.next_read = max(state.next_read, end) if sequential else end
         if not sequential:
             state.window = 0
+            state.ahead_until = 0
+            return
+        # Unknown means nothing was fetched yet (all came from the cache): no probe for that.
+        if self._range_supported is not True:
             return
         state.window = min(max(state.window * 2, self.block_size), self.max_window)
-        first = end // self.block_size
+        first = max(state.ahead_until, end // self.block_size)
         last = min((end + state.window - 1) // self.block_size, state.nblocks - 1)
         for index in range(first, last + 1):
             if not await self._has_block(state, index):
-                await self._start_fetch(state, index)
+                await self._fetch(state, index)
+        state.ahead_until = max(state.ahead_until, last + 1)
 
     async def prefetch_whole(self, ident: FileIdentity) -> None:
         """Fetch a small file completely in the background (series read-ahead)."""
-        state = self._state(ident)
-        if state.stream_running or state.pending:
+        if ident.size == 0:
             return
-        missing = [i for i in range(state.nblocks) if not await self._has_block(state, i)]
-        if missing:
-            self._open_blocks(state, missing[0], state.nblocks)
-            self.nursery.start_soon(self._stream, state, missing[0], state.nblocks)
+        state = self._state(ident)
+        for index in range(state.nblocks):
+            if not await self._has_block(state, index):
+                await self._fetch(state, index)
 
     # -------------------------------------------------------------- fetching
     async def _use_range(self, ident: FileIdentity) -> bool:
@@ -248,58 +342,87 @@ class BlockCache:
             log.info("server %s HTTP Range", "honours" if self._range_supported else "ignores")
         return self._range_supported
 
-    async def _start_fetch(self, state: FileState, index: int) -> None:
-        """Make ``index`` pending and start whatever download will fill it."""
-        if index in state.pending:
-            return
-        if await self._use_range(state.ident):
-            self._open_blocks(state, index, index + 1)
-            self.nursery.start_soon(self._stream, state, index, index + 1)
-            return
-        # No Range: one stream fills the file in order. If it is running it
-        # will reach this block; otherwise start one from this block on.
-        if state.stream_running:
-            self._open_blocks(state, index, index + 1)
-            return
-        self._open_blocks(state, index, state.nblocks)
-        self.nursery.start_soon(self._stream, state, index, state.nblocks)
+    def _open_block(self, state: FileState, index: int) -> PendingBlock:
+        pending = state.pending.get(index)
+        if pending is None:
+            pending = state.pending[index] = PendingBlock(self._block_length(state.ident, index))
+        return pending
 
-    def _open_blocks(self, state: FileState, first: int, last: int) -> None:
-        for i in range(first, last):
-            if i not in state.pending and (state.ident.key, i) not in self.memory:
-                state.pending[i] = PendingBlock(self._block_length(state.ident, i))
+    async def _fetch(self, state: FileState, index: int) -> None:
+        """Make block ``index`` pending and make sure a download will fill it."""
+        use_range = await self._use_range(state.ident)
+        if state.dropped or index in state.pending or (state.ident.key, index) in self.memory:
+            return
+        pending = self._open_block(state, index)
+        start = index * self.block_size
+        if use_range:
+            stop = start + pending.length
+            self.nursery.start_soon(self._download, state, start, stop, None)
+            return
+        # No Range: every download starts at byte 0 and fills each missing block it
+        # passes. One that has not passed this block yet will fill it.
+        if any(d.position <= start and d.stop > start for d in state.downloads):
+            return
+        if state.downloads:  # all are past it: fill the gap behind them
+            furthest = max(d.position for d in state.downloads)
+            stop = min(-(-furthest // self.block_size) * self.block_size, state.ident.size)
+            stop = max(stop, start + pending.length)
+        else:
+            stop = state.ident.size
+        download = Download(0, stop)
+        state.downloads.append(download)
+        self.nursery.start_soon(self._download, state, 0, stop, download)
 
-    async def _stream(self, state: FileState, first: int, last: int) -> None:
-        """Download blocks ``[first, last)`` into their pending buffers, resuming on drops."""
+    async def _download(self, state: FileState, start: int, stop: int,
+                        download: Download | None) -> None:
+        """Download bytes ``[start, stop)`` into pending blocks. ``download`` is set for
+        whole-file streams, which also open the missing blocks they pass."""
         ident = state.ident
-        whole_file = last - first > 1
-        if whole_file:
-            state.stream_running = True
-        start = first * self.block_size
-        stop = min(last * self.block_size, ident.size)
         position = start
         try:
             async with self.fetch_limiter:
+                if state.dropped:
+                    return
                 self.stats.fetch_requests += 1
+                state.fetched = True
                 # The client resumes broken downloads itself, within its bounds.
-                async with self.client.open_stream(ident.uri, position, stop) as chunks:
+                async with self.client.open_stream(ident.uri, start, stop) as chunks:
+                    if chunks.size is not None and chunks.size != ident.size:
+                        raise Stale(f"the server has {chunks.size} bytes, the listing said "
+                                    f"{ident.size}", path=ident.uri)
                     async for chunk in chunks:
-                        position = await self._distribute(state, position, chunk)
-                        if position >= stop:
+                        position = await self._distribute(state, position, chunk, download)
+                        if position >= stop or state.dropped:
                             break
-                if position < stop:
-                    raise Unreachable(f"{ident.uri}: body ended at {position} of {stop}")
+                if position < stop and not state.dropped:
+                    raise Unreachable(f"body ended at byte {position} of {stop}", path=ident.uri)
         except XnatError as exc:
             log.warning("download of %s failed: %s", ident.uri, exc)
-            for i in range(position // self.block_size, last):
-                pending = state.pending.pop(i, None)
-                if pending is not None:
-                    pending.fail(exc)
+            self._fail_blocks(state, position, stop, exc, download)
+        except Exception as exc:  # a bug: fail the readers, keep the mount alive
+            log.exception("download of %s failed", ident.uri)
+            self._fail_blocks(state, position, stop, exc, download)
         finally:
-            if whole_file:
-                state.stream_running = False
+            if download is not None:
+                state.downloads.remove(download)
 
-    async def _distribute(self, state: FileState, position: int, chunk: bytes) -> int:
+    def _fail_blocks(self, state: FileState, position: int, stop: int, error: BaseException,
+                     download: Download | None) -> None:
+        """Fail the pending blocks in ``[position, stop)`` that no other download will fill."""
+        first, last = position // self.block_size, -(-stop // self.block_size)
+        for index in range(first, last):
+            pending = state.pending.get(index)
+            if pending is None:
+                continue
+            at = index * self.block_size + pending.filled
+            if any(d is not download and d.position <= at and d.stop > at
+                   for d in state.downloads):
+                continue
+            del state.pending[index]
+            pending.fail(error)
+
+    async def _distribute(self, state: FileState, position: int, chunk: bytes,
+                          download: Download | None) -> int:
         """Feed ``chunk`` (file bytes from ``position``) into pending blocks."""
         view = memoryview(chunk)
         while view:
@@ -307,71 +430,150 @@ class BlockCache:
             length = self._block_length(state.ident, index)
             take = min(len(view), length - within)
             pending = state.pending.get(index)
-            if pending is None:
-                # Already complete (another download got there first): skip its bytes.
-                position += take
-                view = view[take:]
-                continue
-            if pending.filled == within:
-                pending.feed(view[:take])
+            if pending is None and download is not None and within == 0:
+                # A whole-file stream entering a block: fill it unless it is cached.
+                if not await self._has_block(state, index):
+                    pending = self._open_block(state, index)
+                else:
+                    pending = state.pending.get(index)
+            if pending is not None:
+                pending.feed_at(within, view[:take])
+                if pending.complete and state.pending.get(index) is pending:
+                    self._complete(state, index, pending)
             position += take
             view = view[take:]
-            if pending.filled == length:
-                await self._complete(state, index, pending)
+            if download is not None:
+                download.position = position
         return position
 
-    async def _complete(self, state: FileState, index: int, pending: PendingBlock) -> None:
-        data = bytes(pending.buffer)
-        key = state.ident.key
-        self.memory[(key, index)] = data
+    def _complete(self, state: FileState, index: int, pending: PendingBlock) -> None:
         del state.pending[index]
+        if state.dropped:
+            return
+        data = pending.buffer if pending.buffer is not None else bytearray()
+        self.memory[(state.ident.key, index)] = data
         self.stats.fetched_blocks += 1
         self.nursery.start_soon(self._store, state, index, data)
-        if state.ident.digest and index == state.hash_next and not state.hashing:
-            self.nursery.start_soon(self._advance_digest, state)
+        self._start_digest(state)
 
-    async def _store(self, state: FileState, index: int, data: bytes) -> None:
-        await trio.to_thread.run_sync(self.disk.set, f"{state.ident.key}:{index}", data,
-                                      limiter=self.disk_limiter)
-        state.on_disk.add(index)
+    async def _store(self, state: FileState, index: int, data: Block) -> None:
+        """Write a block to disk; shielded, so an unmount waits for it."""
+        key = self._disk_key(state, index)
+
+        def store() -> None:
+            if state.dropped:
+                return
+            self.disk.set(key, bytes(data))
+            if state.dropped:  # dropped while we wrote: do not leave it behind
+                self.disk.delete(key)
+
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(store, limiter=self.disk_limiter)
+            except OSError as exc:
+                log.warning("cannot cache block %s: %s", key, exc)
+                return
+        if not state.dropped:
+            state.on_disk.add(index)
 
     # ----------------------------------------------------------- integrity
-    async def _advance_digest(self, state: FileState) -> None:
-        """Hash consecutive completed blocks; check the digest at the end of the file."""
+    def _start_digest(self, state: FileState) -> bool:
+        """Resume the digest check in the background unless it runs or is settled."""
+        if (not state.ident.digest or state.hashing or state.verified is not None
+                or state.dropped):
+            return False
         state.hashing = True
+        state.hash_done = trio.Event()
+        self.nursery.start_soon(self._check_digest, state)
+        return True
+
+    async def _check_digest(self, state: FileState) -> None:
+        """Hash the blocks in order as they become available; compare at the end.
+
+        Stops (to be resumed by the next completed block) at a block that is
+        neither in memory, nor on its way, nor on disk.
+        """
+        done = state.hash_done
         try:
             if state.hasher is None:
                 state.hasher = hashlib.md5()
             while state.hash_next < state.nblocks:
-                data = self.memory.get((state.ident.key, state.hash_next))
+                if state.dropped:
+                    return
+                index = state.hash_next
+                data = self.memory.get((state.ident.key, index))
                 if data is None:
-                    return  # evicted or not yet here; the next completion resumes us
+                    pending = state.pending.get(index)
+                    if pending is not None:
+                        try:
+                            await pending.wait_for(pending.length)
+                        except Exception:
+                            return  # its download failed; resumed when it is fetched again
+                        continue
+                    data = await self._disk_get(state, index)
+                    if data is None:
+                        return
                 await trio.to_thread.run_sync(state.hasher.update, data)  # type: ignore[attr-defined]
                 state.hash_next += 1
             self.stats.digest_checks += 1
             actual = state.hasher.hexdigest()  # type: ignore[attr-defined]
-            if actual != state.ident.digest:
+            state.verified = actual == state.ident.digest
+            if not state.verified:
                 self.stats.digest_failures += 1
                 log.error("digest mismatch for %s: listed %s, received %s; dropping its blocks",
                           state.ident.uri, state.ident.digest, actual)
-                await self.drop(state.ident)
+                await self._drop_state(state)
         finally:
             state.hashing = False
+            done.set()
+
+    def _check_can_finish(self, state: FileState) -> bool:
+        """Whether every block not yet hashed is cached or on its way."""
+        key = state.ident.key
+        return all((key, i) in self.memory or i in state.pending or i in state.on_disk
+                   for i in range(state.hash_next, state.nblocks))
+
+    async def _verified(self, state: FileState) -> None:
+        """Before the end of a file is returned: wait for its digest check when this
+        session downloaded some of it and the check can finish; raise if it failed."""
+        if not state.ident.digest or state.verified is True:
+            return
+        if state.verified is None and state.fetched and (
+                state.hashing or self._check_can_finish(state)):
+            if state.hashing or self._start_digest(state):
+                await state.hash_done.wait()
+        if state.verified is False or state.dropped:
+            raise Stale(f"{state.ident.uri}: data did not match its digest")
 
     async def drop(self, ident: FileIdentity) -> None:
         """Forget every block of a file, in memory and on disk."""
-        state = self.files.pop(ident.key, None)
-        nblocks = state.nblocks if state else max(1, -(-ident.size // self.block_size))
+        state = self.files.get(ident.key)
+        if state is None:
+            state = FileState(ident, max(1, -(-ident.size // self.block_size)))
+        await self._drop_state(state)
+
+    async def _drop_state(self, state: FileState) -> None:
+        ident = state.ident
+        if self.files.get(ident.key) is state:
+            del self.files[ident.key]
+        state.dropped = True
+        state.verified = False
         error = Stale(f"{ident.uri}: data did not match its digest")
-        if state is not None:
-            for pending in state.pending.values():
-                pending.fail(error)
-        for i in range(nblocks):
+        for pending in state.pending.values():
+            pending.fail(error)
+        state.pending.clear()
+        for i in range(state.nblocks):
             self.memory.pop((ident.key, i), None)
+        for listener in self._drop_listeners:
+            try:
+                listener(ident)
+            except Exception:
+                log.exception("drop listener failed for %s", ident.uri)
 
         def delete_all() -> None:
-            for i in range(nblocks):
+            for i in range(state.nblocks):
                 self.disk.delete(f"{ident.key}:{i}")
 
-        await trio.to_thread.run_sync(delete_all, limiter=self.disk_limiter)
-
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(delete_all, limiter=self.disk_limiter)
+        state.on_disk.clear()

@@ -74,6 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--credentials-on-stdin", action="store_true", help=argparse.SUPPRESS)
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
+    uploads = commands.add_parser("uploads", help="list, retry or discard kept uploads")
+    uploads.add_argument("action", choices=("list", "retry", "discard"))
+    uploads.add_argument("ids", nargs="*", help="upload ids (default: all kept uploads)")
+    _add_site_options(uploads)
+
+    prearchive = commands.add_parser("prearchive", help="list, archive, move or delete "
+                                                        "prearchive sessions")
+    prearchive.add_argument("action", choices=("list", "archive", "move", "delete"))
+    prearchive.add_argument("session", nargs="?",
+                            help="/data/prearchive/projects/P/TIMESTAMP/NAME")
+    prearchive.add_argument("--project", help="archive into / move to this project")
+    prearchive.add_argument("--subject", help="subject label to archive into")
+    prearchive.add_argument("--label", help="session label to archive as")
+    _add_site_options(prearchive)
+
     umount = commands.add_parser("umount", help="unmount")
     umount.add_argument("mountpoint", type=Path)
 
@@ -89,6 +104,116 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(testserver)
     return parser
+
+
+def _add_site_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="site URL (default: XNAT_URL or the profile's)")
+    parser.add_argument("--user", help="XNAT user or alias token (the password is prompted)")
+    parser.add_argument("--profile", help="profile in ~/.config/xnatfs/config.toml")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--insecure", action="store_true")
+    parser.set_defaults(credentials_on_stdin=False)
+
+
+def _run_with_client(args: argparse.Namespace, work):  # noqa: ANN001, ANN202
+    """Run ``work(client)`` under trio with a logged-in client for ``args``' site."""
+    import trio
+
+    from .client import ClientSettings, XnatClient
+    from .credentials import SessionCache
+    from .errors import XnatError
+
+    credentials = _resolve_credentials(args, args.url)
+
+    async def main():  # noqa: ANN202
+        settings = ClientSettings(verify_tls=not args.insecure)
+        async with XnatClient(credentials, settings=settings,
+                              session_cache=SessionCache()) as client:
+            return await work(client)
+
+    try:
+        return trio.run(main)
+    except XnatError as exc:
+        raise UserError(f"xnatfs: {exc}") from None
+
+
+# ----------------------------------------------------------- uploads, prearchive
+def uploads_command(args: argparse.Namespace) -> int:
+    """Uploads the mount kept because the server failed or refused them."""
+    from .uploads import archive_name, kept_uploads, labels_from_path
+
+    spool_root = args.cache_dir / "uploads"
+    kept = [(rec, path) for rec, path in kept_uploads(spool_root)
+            if not args.ids or rec.id in args.ids]
+    if args.action == "list":
+        for rec, path in kept:
+            print(f"{rec.id}  {rec.state:7} {rec.project}/{rec.relpath}  {rec.size} bytes"
+                  + (f"  ({rec.message})" if rec.message else ""))
+        return 0
+    if args.action == "discard":
+        import shutil as _shutil
+
+        for rec, path in kept:
+            _shutil.rmtree(path)
+            print(f"discarded {rec.project}/{rec.relpath}")
+        return 0
+
+    async def retry(client):  # noqa: ANN001, ANN202
+        import json as _json
+
+        from .errors import XnatError
+
+        failures = 0
+        for rec, path in kept:
+            if rec.kind not in ("archive", "dicom"):
+                print(f"skipped {rec.project}/{rec.relpath}: {rec.kind} files are not uploaded")
+                continue
+            subject, session = labels_from_path(rec.relpath)
+            data = path / "data"
+            try:
+                if rec.kind == "archive":
+                    with open(data, "rb") as f:
+                        head = f.read(264)
+                    result = await client.import_archive(
+                        data, name=archive_name(head), project=rec.project, subject=subject,
+                        session=session)
+                else:
+                    result = [await client.import_dicom_file(
+                        data, project=rec.project, subject=subject, session=session)]
+            except XnatError as exc:
+                failures += 1
+                print(f"failed  {rec.project}/{rec.relpath}: {exc}", file=sys.stderr)
+                rec.message = str(exc)
+                (path / "meta.json").write_text(_json.dumps(rec.__dict__))
+                continue
+            print(f"uploaded {rec.project}/{rec.relpath} -> {', '.join(result)}")
+            shutil.rmtree(path)
+        return failures
+
+    return 1 if _run_with_client(args, retry) else 0
+
+
+def prearchive_command(args: argparse.Namespace) -> int:
+    async def work(client):  # noqa: ANN001, ANN202
+        if args.action == "list":
+            for s in await client.list_prearchive(args.project):
+                print(f"{s.uri}  {s.status}  subject={s.subject or ''}  uploaded={s.uploaded}")
+            return 0
+        if not args.session:
+            raise UserError("xnatfs: name the prearchive session (its /data/prearchive/... URI)")
+        if args.action == "archive":
+            print(await client.archive_prearchive(args.session, project=args.project,
+                                                  subject=args.subject, session=args.label))
+        elif args.action == "move":
+            if not args.project:
+                raise UserError("xnatfs: --project is required to move a session")
+            print(await client.move_prearchive(args.session, args.project))
+        else:
+            await client.delete_prearchive(args.session)
+            print(f"deleted {args.session}")
+        return 0
+
+    return _run_with_client(args, work)
 
 
 # ------------------------------------------------------------------- mount
@@ -255,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
             return mount(args)
         if args.command == "umount":
             return umount(args)
+        if args.command == "uploads":
+            return uploads_command(args)
+        if args.command == "prearchive":
+            return prearchive_command(args)
         if args.command == "demo":
             return demo(args)
         if args.command == "testserver":

@@ -20,7 +20,7 @@ import pyfuse3
 import trio
 
 from .blockcache import BlockCache, FileIdentity
-from .errors import XnatError, errno_for
+from .errors import Stale, XnatError, errno_for
 from .naming import label_from_name
 from .tree import Kind, Node, Tree
 from .uploads import UploadManager
@@ -87,6 +87,11 @@ class Operations(pyfuse3.Operations):
         self.gid = os.getgid()
         self._open_files: dict[int, Node] = {}
         self._next_fh = 1
+        # Each open archive file reads the version of the file it was opened on...
+        self._open_identity: dict[int, FileIdentity] = {}
+        # ...and the kernel may hold pages of one version per inode (see open).
+        self._page_identity: dict[int, FileIdentity] = {}
+        blocks.add_drop_listener(self._blocks_dropped)
 
     # ------------------------------------------------------------ attributes
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -189,8 +194,13 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if node.size <= SMALL_FILE:
             self._read_ahead_series(node)
-        # Archive files are immutable for a given digest, so the page cache may keep them.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=not node.prearchive_uri)
+        ident = self._open_identity[fh] = self.identity(node)
+        # Archive files are immutable for a given identity, so the kernel may keep
+        # their pages, unless it holds those of another version (same size and
+        # mtime, so it cannot tell) or of one dropped as bad.
+        keep_cache = not node.prearchive_uri and self._page_identity.get(inode) == ident
+        self._page_identity[inode] = ident
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     def _read_ahead_series(self, node: Node) -> None:
         """Opening one file of a folder of small files starts fetching the next ones."""
@@ -216,7 +226,27 @@ class Operations(pyfuse3.Operations):
             return self._generated[fh][off:off + size]
         if node.upload is not None:
             return await self.uploads.read(node.upload, off, size)
-        return await self.blocks.read(self.identity(node), off, size)
+        ident = self._open_identity.get(fh) or self.identity(node)
+        if self._page_identity.get(node.inode, ident) != ident:
+            # Opened before the file changed: its pages would mix with the new version's.
+            raise Stale(f"{ident.uri} changed since it was opened")
+        return await self.blocks.read(ident, off, size)  # type: ignore[return-value]
+
+    def _blocks_dropped(self, ident: FileIdentity) -> None:
+        """A file failed its digest check: the kernel must not serve its pages again."""
+        for inode, cached in list(self._page_identity.items()):
+            if cached == ident:
+                del self._page_identity[inode]  # the next open drops the pages...
+                self.nursery.start_soon(self._invalidate_pages, inode)  # ...and so does this
+
+    async def _invalidate_pages(self, inode: int) -> None:
+        # In a worker thread: the kernel waits for pages locked by reads that
+        # this (trio) thread has to answer.
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False,
+                                          abandon_on_cancel=True)
+        except OSError as exc:
+            log.debug("could not invalidate inode %d: %s", inode, exc)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -250,6 +280,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         node = self._open_files.pop(fh, None)
         self._generated.pop(fh, None)
+        self._open_identity.pop(fh, None)
         if node is not None and node.upload is not None:
             node.upload.open_handles -= 1
             self.uploads.release(node.upload)
@@ -281,6 +312,8 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.tree.node(parent_inode)
+        if await self._existing_child(parent_inode, name) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
         if parent.kind is Kind.PROJECT:
             # A subject to archive into, local until a session is archived there.
             node = self.tree.add_pending_subject(parent, os.fsdecode(name))
@@ -346,6 +379,9 @@ class Operations(pyfuse3.Operations):
             await self._rename_upload(node, new_parent, name_new)
         elif node.kind is Kind.PREARCHIVE_SESSION:
             await self._rename_prearchive(node, new_parent, name_new)
+            # The kernel would point the new name at the prearchive node; the
+            # archived session is a different node, found by a fresh lookup.
+            self._forget_entry(parent_inode_new, name_new, 0)
         else:
             raise pyfuse3.FUSEError(errno.EROFS)
         self._forget_entry(parent_inode_old, name_old, node.inode)
@@ -374,7 +410,10 @@ class Operations(pyfuse3.Operations):
                                             subject=subject,
                                             session=label_from_name(os.fsdecode(name_new)))
             self.tree.invalidate_project(new_parent.project)
-            self.tree.pending_subjects.discard((new_parent.project, subject))
+            if new_parent.kind is Kind.PENDING_SUBJECT:
+                # The subject now exists on the server, as a different node.
+                self.tree.pending_subjects.discard((new_parent.project, subject))
+                self._forget_entry(new_parent.parent, os.fsencode(new_parent.name), 0)
         elif new_parent.kind is Kind.PREARCHIVE_PROJECT:
             await client.move_prearchive(node.prearchive_uri, new_parent.project)
         else:
@@ -388,7 +427,10 @@ class Operations(pyfuse3.Operations):
             return None
 
     def _forget_entry(self, parent_inode: int, name: bytes, inode: int) -> None:
-        """Tell the kernel a name changed (asynchronously: we are inside a request)."""
+        """Tell the kernel a name changed (asynchronously: we are inside a request).
+
+        ``inode`` is the entry's inode when it was deleted, else 0.
+        """
         try:
             pyfuse3.invalidate_entry_async(parent_inode, name, deleted=inode)
         except Exception:  # noqa: BLE001 - best effort; the entry timeout catches up

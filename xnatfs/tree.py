@@ -495,7 +495,10 @@ class Tree:
         self._negative.clear()
 
     async def _children_of_prearchive(self, node: Node) -> list[Node]:
-        projects = sorted({s.project for s in await self.prearchive_sessions()})
+        # Projects one may upload to are listed even when empty, so that a session
+        # can be moved there with mv.
+        writable = await self.cached(("upload-projects",), self.client.list_upload_projects)
+        projects = sorted({s.project for s in await self.prearchive_sessions()} | set(writable))
         return [self._child(node, Kind.PREARCHIVE_PROJECT, safe_name(p), ("pre-project", p),
                             project=p, mtime_ns=self.mount_time_ns) for p in projects]
 

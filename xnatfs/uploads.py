@@ -187,6 +187,7 @@ class UploadManager:
         self.spool_root = spool_root
         spool_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(spool_root, 0o700)
+        purge_local_only(spool_root)
         self.nursery = nursery
         self.direct_archive = direct_archive
         self.limiter = trio.CapacityLimiter(max_parallel)
@@ -450,6 +451,8 @@ class UploadManager:
 
     def _save(self, upload: Upload) -> None:
         # Small and rare (state changes only); atomic so a crash leaves old or new.
+        if not upload.spool_dir.is_dir():
+            return  # done and cleaned up: nothing left to describe on disk
         meta = upload.spool_dir / "meta.json"
         tmp = meta.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(upload.record)))
@@ -475,6 +478,21 @@ def kept_uploads(spool_root: Path) -> list[tuple[UploadRecord, Path]]:
             record = UploadRecord(**json.loads(meta.read_text()))
         except (OSError, ValueError, TypeError):
             continue
-        if record.state != State.DONE.value:
+        if record.state not in (State.DONE.value, State.KEPT.value) and (
+                record.kind != Kind.LITTER.value):
             out.append((record, meta.parent))
     return out
+
+
+def purge_local_only(spool_root: Path) -> None:
+    """Drop spools of litter and empty files left by an earlier mount: nothing to upload."""
+    if not spool_root.is_dir():
+        return
+    for meta in spool_root.glob("*/meta.json"):
+        try:
+            record = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("kind") == Kind.LITTER.value or record.get("state") in (
+                State.KEPT.value, State.DONE.value):
+            _remove_spool(meta.parent)

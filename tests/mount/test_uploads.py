@@ -1,0 +1,306 @@
+"""Uploads through the mount: cp into uploads/<PROJECT>/ lands in XNAT's prearchive."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from xnatfs.testing.datasets import synthetic_study, write_dicom_archive, write_dicom_series
+from xnatfs.testing.harness import TestServer
+
+from .conftest import Mount
+
+ADMIN = ("admin", "admin")
+
+
+@pytest.fixture(scope="module")
+def upload_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
+    server = TestServer(tmp_path_factory.mktemp("uploads") / "data", dataset="demo",
+                        args=["--prearchive-settle", "1"])
+    with server:
+        yield server
+
+
+@pytest.fixture
+def mount(upload_server: TestServer, mount_factory) -> Mount:  # noqa: ANN001
+    return mount_factory(upload_server, "--prearchive-ttl", "1")
+
+
+def prearchive_session(server: TestServer, uri: str) -> dict[str, bytes]:
+    """Every file of a prearchive session, by name, fetched over HTTP."""
+    out = {}
+    with httpx.Client(base_url=server.url, auth=ADMIN, timeout=60) as c:
+        for scan in c.get(f"{uri}/scans").json()["ResultSet"]["Result"]:
+            files = c.get(f"{uri}/scans/{scan['ID']}/resources/DICOM/files").json()
+            for f in files["ResultSet"]["Result"]:
+                out[f["Name"]] = c.get(f["URI"]).content
+    return out
+
+
+def upload_result(path: Path) -> list[str]:
+    assert os.getxattr(path, "user.xnatfs.upload.state") == b"done"
+    return os.getxattr(path, "user.xnatfs.upload.result").decode().split()
+
+
+def member_digests(archive: Path) -> dict[str, str]:
+    if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as zf:
+            return {Path(n).name: hashlib.md5(zf.read(n)).hexdigest() for n in zf.namelist()}
+    import tarfile
+
+    with tarfile.open(archive) as tf:
+        return {Path(m.name).name: hashlib.md5(tf.extractfile(m).read()).hexdigest()
+                for m in tf if m.isfile()}
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_cp_archive_lands_in_prearchive_byte_identical(mount: Mount, tmp_path: Path,
+                                                      suffix: str) -> None:
+    archive = tmp_path / f"study{suffix}"
+    patient = f"ARCH{suffix.replace('.', '').upper()}"
+    write_dicom_archive(archive, synthetic_study("Arch^Ive", patient, slices=5, rows=32,
+                                                 cols=32, seed=11))
+    target = mount.path / "uploads" / "NEURO_PUB" / archive.name
+    subprocess.run(["cp", str(archive), str(target)], check=True)
+    [uri] = upload_result(target)
+    assert uri.startswith("/data/prearchive/projects/NEURO_PUB/") and uri.endswith(patient)
+    uploaded = {name: hashlib.md5(data).hexdigest()
+                for name, data in prearchive_session(mount.server, uri).items()}
+    assert uploaded == member_digests(archive)
+    # The new session shows up in the prearchive folder at once.
+    _, _, _, _, project, timestamp, folder = uri.split("/")
+    session_dir = mount.path / "prearchive" / project / timestamp / folder
+    assert (session_dir / "scans").is_dir()
+    info = json.loads((session_dir / "prearchive-info.json").read_text())
+    assert info["status"] == "READY" and info["uri"] == uri
+    assert "NEURO_PUB/" + archive.name in (mount.path / "uploads" / "UPLOAD_STATUS.txt").read_text()
+
+
+def test_cp_r_loose_dicom_with_bounded_parallelism(mount: Mount, tmp_path: Path) -> None:
+    source = tmp_path / "series"
+    for number in (1, 2, 3):
+        write_dicom_series(source / f"s{number}", patient_name="Lo^Ose", patient_id="LOOSE300",
+                           study_uid="1.2.826.0.1.3680043.8.498.777", series_number=number,
+                           series_description=f"series {number}", slices=100, rows=8, cols=8,
+                           seed=number)
+    target = mount.path / "uploads" / "NEURO_PUB" / "subject=LSUBJ" / "session=LOOSE_MR"
+    target.mkdir(parents=True)
+    mark = mount.server.log_mark()
+    # Several writers at once, as a file manager or `xargs -P` would copy.
+    files = sorted(source.rglob("*.dcm"))
+    assert len(files) == 300
+    for number in (1, 2, 3):
+        (target / f"s{number}").mkdir()
+    subprocess.run(f"cd {source} && find . -name '*.dcm' | xargs -P 16 -I{{}} "
+                   f"cp {{}} '{target}/{{}}'", shell=True, check=True)
+    imports = [e for e in mount.server.requests_since(mark) if e["route"] == "services.import"]
+    assert len(imports) == 300 and all(e["status"] == 200 for e in imports)
+    # Requests in flight at the server never exceeded the mount's limit (8).
+    events = sorted([(e["t"] - e["ms"] / 1000, 1) for e in imports]
+                    + [(e["t"], -1) for e in imports])
+    in_flight = peak = 0
+    for _, delta in events:
+        in_flight += delta
+        peak = max(peak, in_flight)
+    assert 1 < peak <= 8
+    with httpx.Client(base_url=mount.server.url, auth=ADMIN) as c:
+        rows = c.get("/data/prearchive/projects/NEURO_PUB?format=json").json()
+        sessions = [r for r in rows["ResultSet"]["Result"] if r["name"] == "LOOSE_MR"]
+        assert len(sessions) == 1 and sessions[0]["subject"] == "LSUBJ"
+        scans = c.get("/data" + sessions[0]["url"] + "/scans").json()["ResultSet"]["Result"]
+        assert sorted(s["ID"] for s in scans) == ["1", "2", "3"]
+
+
+def test_refused_upload_fails_cp_and_keeps_the_bytes(mount: Mount, tmp_path: Path) -> None:
+    not_dicom = tmp_path / "notes.txt"
+    not_dicom.write_text("hello")
+    result = subprocess.run(["cp", str(not_dicom), str(mount.path / "uploads/NEURO_PUB/")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "Invalid argument" in result.stderr
+    bad_dicom = tmp_path / "bad.dcm"
+    bad_dicom.write_bytes(b"\0" * 128 + b"DICM" + b"garbage" * 50)
+    result = subprocess.run(["cp", str(bad_dicom), str(mount.path / "uploads/NEURO_PUB/")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    status = (mount.path / "uploads/NEURO_PUB/UPLOAD_STATUS.txt").read_text()
+    line = next(line for line in status.splitlines() if "NEURO_PUB/bad.dcm" in line)
+    assert line.startswith("failed") and "400" in line  # the server's refusal, verbatim
+    kept = subprocess.run([sys.executable, "-m", "xnatfs.cli", "uploads", "list",
+                           "--cache-dir", str(mount.cache_dir)], env=mount.env,
+                          capture_output=True, text=True, check=True).stdout
+    assert "NEURO_PUB/bad.dcm" in kept and "NEURO_PUB/notes.txt" in kept
+
+
+def test_server_error_fails_cp_then_retry_succeeds(mount: Mount, tmp_path: Path) -> None:
+    archive = tmp_path / "retry.zip"
+    write_dicom_archive(archive, synthetic_study("Re^Try", "RETRY1", slices=3, rows=16,
+                                                 cols=16, seed=5))
+    mount.server.set_knobs(fail_rate=1.0, fault_path="/data/services/import")
+    try:
+        result = subprocess.run(["cp", str(archive), str(mount.path / "uploads/NEURO_PUB/")],
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        mount.server.set_knobs(fail_rate=0.0, fault_path="")
+    assert result.returncode != 0
+    cli = [sys.executable, "-m", "xnatfs.cli", "uploads"]
+    common = ["--cache-dir", str(mount.cache_dir), "--url", mount.server.url]
+    kept = subprocess.run([*cli, "list", *common], env=mount.env, capture_output=True,
+                          text=True, check=True).stdout
+    line = next(line for line in kept.splitlines() if "retry.zip" in line)
+    upload_id = line.split()[0]
+    done = subprocess.run([*cli, "retry", upload_id, *common], env=mount.env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "/data/prearchive/projects/NEURO_PUB/" in done.stdout
+    kept = subprocess.run([*cli, "list", *common], env=mount.env, capture_output=True,
+                          text=True, check=True).stdout
+    assert "retry.zip" not in kept
+
+
+def test_session_expiry_in_the_middle_of_a_large_upload(mount: Mount, tmp_path: Path) -> None:
+    archive = tmp_path / "large.zip"
+    write_dicom_archive(archive, synthetic_study("Lar^Ge", "LARGE1", slices=60, rows=256,
+                                                 cols=256, seed=2))
+    assert archive.stat().st_size > 5_000_000
+    target = mount.path / "uploads" / "NEURO_PUB" / "large.zip"
+    with open(archive, "rb") as src, open(target, "wb") as dst:
+        half = archive.stat().st_size // 2
+        dst.write(src.read(half))
+        dst.flush()
+        mount.server.expire_sessions()
+        dst.write(src.read())
+    [uri] = upload_result(target)
+    assert len(prearchive_session(mount.server, uri)) == len(member_digests(archive))
+
+
+def test_write_to_temporary_name_then_rename(mount: Mount, tmp_path: Path) -> None:
+    archive = tmp_path / "renamed.zip"
+    write_dicom_archive(archive, synthetic_study("Re^Name", "RENAME1", slices=3, rows=16,
+                                                 cols=16, seed=8))
+    folder = mount.path / "uploads" / "NEURO_PUB"
+    temp = folder / ".goutputstream-ABC123"
+    temp.write_bytes(archive.read_bytes())   # litter name: kept locally, not uploaded
+    assert os.getxattr(temp, "user.xnatfs.upload.state") == b"kept"
+    os.rename(temp, folder / "renamed.zip")  # a real name: uploaded now
+    [uri] = upload_result(folder / "renamed.zip")
+    assert uri.endswith("/RENAME1")
+    os.utime(folder / "renamed.zip", (1, 1))  # cp -a / rsync set times afterwards
+    os.chmod(folder / "renamed.zip", 0o600)
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
+def test_rsync_writes_a_temporary_and_renames(mount: Mount, tmp_path: Path) -> None:
+    archive = tmp_path / "synced.zip"
+    write_dicom_archive(archive, synthetic_study("Rs^Ync", "RSYNC1", slices=2, rows=16,
+                                                 cols=16, seed=9))
+    folder = mount.path / "uploads" / "NEURO_PUB"
+    subprocess.run(["rsync", "-a", str(archive), str(folder) + "/"], check=True)
+    [uri] = upload_result(folder / "synced.zip")
+    assert uri.endswith("/RSYNC1")
+
+
+def test_file_manager_litter_is_not_uploaded(mount: Mount) -> None:
+    folder = mount.path / "uploads" / "NEURO_PUB"
+    mark = mount.server.log_mark()
+    for name in (".DS_Store", "._photo.dcm", "Thumbs.db"):
+        (folder / name).write_bytes(b"\0" * 300)
+    assert not [e for e in mount.server.requests_since(mark) if e["route"] == "services.import"]
+    assert ".DS_Store" not in (folder / "UPLOAD_STATUS.txt").read_text()
+
+
+def test_uploads_root_lists_writable_projects_only(mount: Mount) -> None:
+    names = set(os.listdir(mount.path / "uploads"))
+    assert {"NEURO_PUB", "UPLOAD_STATUS.txt"} <= names and "SECRET" not in names
+    with pytest.raises(OSError) as info:
+        (mount.path / "uploads" / "loose.dcm").write_bytes(b"x")
+    assert info.value.errno in (errno.EACCES, errno.EROFS)
+
+
+def test_archive_move_and_delete_by_file_operations(mount: Mount, tmp_path: Path) -> None:
+    folder = mount.path / "uploads" / "NEURO_PUB"
+    uris = []
+    for n in (1, 2, 3):
+        archive = tmp_path / f"ops{n}.zip"
+        write_dicom_archive(archive, synthetic_study("O^Ps", f"OPS{n}", slices=2, rows=16,
+                                                     cols=16, seed=20 + n))
+        subprocess.run(["cp", str(archive), str(folder)], check=True)
+        [uri] = upload_result(folder / archive.name)
+        uris.append(uri)
+    dirs = [mount.path / "prearchive" / Path(*u.split("/")[4:]) for u in uris]
+    # Archive into a new subject: mkdir makes it, mv archives with the given labels.
+    subject = mount.path / "NEURO_PUB" / "OPSSUBJ"
+    subject.mkdir()
+    os.rename(dirs[0], subject / "OPS1_MR")
+    assert not dirs[0].exists()
+    assert (subject / "OPS1_MR" / "scans").is_dir()
+    assert os.listdir(subject / "OPS1_MR" / "scans")
+    # Move to another project's prearchive.
+    subprocess.run(["mv", str(dirs[1]), str(mount.path / "prearchive" / "ONC-PROT")],
+                   check=True)
+    with httpx.Client(base_url=mount.server.url, auth=ADMIN) as c:
+        rows = c.get("/data/prearchive/projects/ONC-PROT?format=json").json()
+        assert any(r["name"] == "OPS2" for r in rows["ResultSet"]["Result"])
+    # Delete with rm -r.
+    subprocess.run(["rm", "-r", str(dirs[2])], check=True)
+    with httpx.Client(base_url=mount.server.url, auth=ADMIN) as c:
+        assert c.get(uris[2] + "?format=json").status_code == 404
+    assert not dirs[2].exists()
+
+
+def test_refused_archive_action_maps_to_errno(mount: Mount, tmp_path: Path) -> None:
+    archive = tmp_path / "conflict.zip"
+    write_dicom_archive(archive, synthetic_study("Con^Flict", "CONFL1", slices=2, rows=16,
+                                                 cols=16, seed=31))
+    folder = mount.path / "uploads" / "NEURO_PUB"
+    subprocess.run(["cp", str(archive), str(folder)], check=True)
+    [uri] = upload_result(folder / "conflict.zip")
+    session_dir = mount.path / "prearchive" / Path(*uri.split("/")[4:])
+    # NP001_MR1 already exists in NP001 and is a different study: XNAT refuses.
+    with pytest.raises(OSError) as info:
+        os.rename(session_dir, mount.path / "NEURO_PUB" / "NP001" / "NP001_MR1")
+    assert info.value.errno in (errno.EIO, errno.EEXIST, errno.EINVAL)
+    assert session_dir.exists()
+
+
+def test_memory_stays_bounded_while_streaming(mount: Mount, tmp_path: Path) -> None:
+    """A 600 MB archive streams through a bounded channel; RSS stays far below its size."""
+    pid = next(int(p) for p in os.listdir("/proc") if p.isdigit() and str(mount.path).encode()
+               in Path(f"/proc/{p}/cmdline").read_bytes() and b"--foreground" in
+               Path(f"/proc/{p}/cmdline").read_bytes())
+    size = 600 * 1024 * 1024
+    target = mount.path / "uploads" / "NEURO_PUB" / "big.zip"
+    chunk = b"PK\x03\x04" + os.urandom(1024 * 1024 - 4)
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+            stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with pytest.raises(OSError):  # not a real zip: XNAT refuses it at the end
+            with open(target, "wb") as f:
+                for _ in range(size // len(chunk)):
+                    f.write(chunk)
+    finally:
+        stop.set()
+        sampler.join()
+    assert peak[0] < 250 * 1024 * 1024, peak[0]
+    os.unlink(target)
