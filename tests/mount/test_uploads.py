@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -304,3 +305,82 @@ def test_memory_stays_bounded_while_streaming(mount: Mount, tmp_path: Path) -> N
         sampler.join()
     assert peak[0] < 250 * 1024 * 1024, peak[0]
     os.unlink(target)
+
+
+def test_out_of_order_writes_upload_from_the_local_copy(mount: Mount, tmp_path: Path) -> None:
+    archive = tmp_path / "shuffled.zip"
+    write_dicom_archive(archive, synthetic_study("Shuf^Fled", "SHUF1", slices=4, rows=64,
+                                                 cols=64, seed=41))
+    data = archive.read_bytes()
+    half = len(data) // 2
+    target = mount.path / "uploads" / "NEURO_PUB" / "shuffled.zip"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, data[half:], half)  # the second half first
+        os.pwrite(fd, data[:half], 0)
+    finally:
+        os.close(fd)
+    [uri] = upload_result(target)
+    assert {n: hashlib.md5(d).hexdigest()
+            for n, d in prearchive_session(mount.server, uri).items()} == member_digests(archive)
+
+
+def test_prearchive_files_read_through_the_mount(mount: Mount, tmp_path: Path) -> None:
+    archive = tmp_path / "readback.zip"
+    write_dicom_archive(archive, synthetic_study("Re^Ad", "PREREAD2", slices=3, rows=16,
+                                                 cols=16, seed=52))
+    folder = mount.path / "uploads" / "NEURO_PUB"
+    subprocess.run(["cp", str(archive), str(folder)], check=True)
+    [uri] = upload_result(folder / "readback.zip")
+    session_dir = mount.path / "prearchive" / Path(*uri.split("/")[4:])
+    mounted = {p.name: hashlib.md5(p.read_bytes()).hexdigest()
+               for p in session_dir.rglob("*.dcm")}
+    assert mounted == member_digests(archive)
+    assert os.getxattr(session_dir, "user.xnat.status") == b"READY"
+
+
+def test_outside_uploads_appear_within_the_prearchive_lifetime(mount: Mount,
+                                                               tmp_path: Path) -> None:
+    assert os.listdir(mount.path / "prearchive" / "NEURO_PUB") is not None  # cached now
+    archive = tmp_path / "outside.zip"
+    write_dicom_archive(archive, synthetic_study("Out^Side", "OUTSIDE1", slices=2, rows=16,
+                                                 cols=16, seed=53))
+    with httpx.Client(base_url=mount.server.url, auth=ADMIN) as c:
+        outside = c.post("/data/services/import?import-handler=DICOM-zip&project=NEURO_PUB",
+                         content=archive.read_bytes(), headers={"Content-Type": "application/zip"})
+    assert outside.status_code == 200
+    target = mount.path / "prearchive" / Path(*outside.text.split("/")[4:])
+    deadline = time.monotonic() + 15  # the mount trusts its listing for 1 s (--prearchive-ttl)
+    while not target.exists():
+        assert time.monotonic() < deadline, "the outside upload never appeared"
+        time.sleep(0.2)
+
+
+def test_direct_archive_sends_uploads_to_the_archive(upload_server: TestServer,
+                                                     mount_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    mount = mount_factory(upload_server, "--direct-archive", name="direct")
+    archive = tmp_path / "direct.zip"
+    write_dicom_archive(archive, synthetic_study("Di^Rect", "DIRECT1", slices=2, rows=16,
+                                                 cols=16, seed=61))
+    folder = mount.path / "uploads" / "NEURO_PUB" / "subject=DSUBJ" / "session=DIRECT_MR"
+    folder.mkdir(parents=True)
+    subprocess.run(["cp", str(archive), str(folder)], check=True)
+    [uri] = upload_result(folder / "direct.zip")
+    assert uri == "/data/archive/projects/NEURO_PUB/subjects/DSUBJ/experiments/DIRECT_MR"
+    assert os.listdir(mount.path / "NEURO_PUB" / "DSUBJ" / "DIRECT_MR" / "scans")
+
+
+def test_prearchive_cli_commands(mount: Mount, tmp_path: Path) -> None:
+    archive = tmp_path / "cli.zip"
+    write_dicom_archive(archive, synthetic_study("C^Li", "CLI1", slices=2, rows=16, cols=16,
+                                                 seed=71))
+    subprocess.run(["cp", str(archive), str(mount.path / "uploads" / "NEURO_PUB")], check=True)
+    [uri] = upload_result(mount.path / "uploads" / "NEURO_PUB" / "cli.zip")
+    cli = [sys.executable, "-m", "xnatfs.cli", "prearchive"]
+    site = ["--url", mount.server.url]
+    listed = subprocess.run([*cli, "list", *site], env=mount.env, capture_output=True,
+                            text=True, check=True).stdout
+    assert uri in listed
+    archived = subprocess.run([*cli, "archive", uri, "--subject", "CLISUBJ", "--label", "CLI_MR",
+                               *site], env=mount.env, capture_output=True, text=True, check=True)
+    assert archived.stdout.strip().endswith("/subjects/CLISUBJ/experiments/CLI_MR")
