@@ -649,16 +649,7 @@ class ArchiveRoutes:
                                 self.store.blob_path(f.blob), f.mtime))
         if not entries:
             raise XnatHTTPError(404, "No matching files found.")
-        ext = {"zip": "zip", "tar.gz": "tar.gz", "tar": "tar"}[fmt]
-        ctype = {"zip": "application/zip", "tar.gz": "application/x-gzip",
-                 "tar": "application/x-tar"}[fmt]
-        response = web.StreamResponse(headers={
-            "Content-Disposition": f'attachment; filename="{label}.{ext}";'})
-        response.content_type = ctype
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        await stream_archive(response, entries, fmt, self.knobs)
-        return response
+        return await archive_response(request, entries, fmt, label, self.knobs)
 
     # ------------------------------------------------------------- writes
     async def _put(self, request: web.Request, access: Access,
@@ -1029,6 +1020,22 @@ def _write_archive(sink: _QueueWriter, entries: list[tuple[str, Path, float]], f
                 with open(blob, "rb") as src:
                     tf.addfile(info, src)
     sink.flush()
+
+
+_ARCHIVE_TYPES = {"zip": "application/zip", "tar.gz": "application/x-gzip",
+                  "tar": "application/x-tar"}
+
+
+async def archive_response(request: web.Request, entries: list[tuple[str, Path, float]],
+                           fmt: str, name: str, knobs: Knobs) -> web.StreamResponse:
+    """A zip/tar download as XNAT sends it: chunked, no Content-Length."""
+    response = web.StreamResponse(headers={
+        "Content-Disposition": f'attachment; filename="{name}.{fmt}";'})
+    response.content_type = _ARCHIVE_TYPES[fmt]
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    await stream_archive(response, entries, fmt, knobs)
+    return response
 
 
 async def stream_archive(response: web.StreamResponse, entries: list[tuple[str, Path, float]],

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from .archive import Access, send_blob, spool_body, stream_archive, zip_entry_name
+from .archive import Access, archive_response, send_blob, spool_body, zip_entry_name
 from .auth import Caller
 from .knobs import Knobs
 from .prearchive import UNASSIGNED, Prearchive
@@ -225,13 +225,7 @@ class ServiceRoutes:
             entries = [(f"{folder}/scans/{f.scan_id}/resources/{f.resource}/files/{f.path}",
                         f.blob_path, time.time())
                        for f in pa.session_files(project, timestamp, folder)]
-            response = web.StreamResponse(headers={
-                "Content-Disposition": f'attachment; filename="{folder}.zip";'})
-            response.content_type = "application/zip"
-            response.enable_chunked_encoding()
-            await response.prepare(request)
-            await stream_archive(response, entries, "zip", self.knobs)
-            return response
+            return await archive_response(request, entries, "zip", folder, self.knobs)
         row = pa.session(project, timestamp, folder)
         if fmt in ("json", "csv"):
             return table_response(request, [row], LISTING_COLUMNS)
@@ -299,13 +293,7 @@ class ServiceRoutes:
                     entries = [(zip_entry_name(folder, {"scan_id": scan_id, "type": ""},
                                                resource, f.path), f.blob_path, time.time())
                                for f in files]
-                    response = web.StreamResponse(headers={
-                        "Content-Disposition": f'attachment; filename="{folder}.zip";'})
-                    response.content_type = "application/zip"
-                    response.enable_chunked_encoding()
-                    await response.prepare(request)
-                    await stream_archive(response, entries, "zip", self.knobs)
-                    return response
+                    return await archive_response(request, entries, "zip", folder, self.knobs)
                 request["route"] = "prearchive.files"
                 # XNAT's prearchive file rows carry no digest (reference section 6).
                 rows = [f.listing_row() for f in files]
