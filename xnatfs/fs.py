@@ -283,7 +283,7 @@ class Operations(pyfuse3.Operations):
         self._open_identity.pop(fh, None)
         if node is not None and node.upload is not None:
             node.upload.open_handles -= 1
-            self.uploads.release(node.upload)
+            await self.uploads.release(node.upload)
 
     # ------------------------------------------------------ creating entries
     def _upload_target(self, parent: Node, name: bytes) -> str:
@@ -301,7 +301,7 @@ class Operations(pyfuse3.Operations):
                                                            pyfuse3.EntryAttributes]:
         parent = self.tree.node(parent_inode)
         relpath = self._upload_target(parent, name)
-        upload = self.uploads.create(parent.project, relpath)
+        upload = await self.uploads.create(parent.project, relpath)
         node = self.tree.upload_file_node(parent, upload)
         upload.open_handles += 1
         self.tree.forget_negative(parent_inode)
@@ -342,7 +342,7 @@ class Operations(pyfuse3.Operations):
         node = await self.tree.lookup(parent_inode, os.fsdecode(name))
         if node.kind is Kind.UPLOAD_FILE:
             assert node.upload is not None
-            self.uploads.forget(node.upload)
+            await self.uploads.forget(node.upload)
             return
         if node.prearchive_uri and node.kind is not Kind.PREARCHIVE_SESSION:
             self.tree.hide(node)  # part of `rm -r SESSION`; the rmdir of the session deletes
@@ -394,8 +394,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EXDEV)
         replaced = await self._existing_child(new_parent.inode, name_new)
         if replaced is not None and replaced.upload is not None:
-            self.uploads.forget(replaced.upload)
-        self.uploads.rename(node.upload, self._upload_target(new_parent, name_new))
+            await self.uploads.forget(replaced.upload)
+        await self.uploads.rename(node.upload, self._upload_target(new_parent, name_new))
         self.tree.refresh_upload_node(node)
         node.parent = new_parent.inode
         if node.upload.dirty and node.upload.open_handles == 0:

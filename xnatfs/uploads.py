@@ -197,15 +197,19 @@ class UploadManager:
         self.max_in_flight_seen = 0
 
     # --------------------------------------------------------------- writing
-    def create(self, project: str, relpath: str) -> Upload:
-        upload_id = uuid.uuid4().hex
-        spool_dir = self.spool_root / upload_id
-        spool_dir.mkdir(mode=0o700)
-        upload = Upload(UploadRecord(upload_id, project, relpath), spool_dir)
-        if is_litter(upload.record.name):
-            upload.record.kind = Kind.LITTER.value
-        self.uploads[upload_id] = upload
-        self._save(upload)
+    async def create(self, project: str, relpath: str) -> Upload:
+        def make() -> Upload:
+            upload_id = uuid.uuid4().hex
+            spool_dir = self.spool_root / upload_id
+            spool_dir.mkdir(mode=0o700)
+            upload = Upload(UploadRecord(upload_id, project, relpath), spool_dir)
+            if is_litter(upload.record.name):
+                upload.record.kind = Kind.LITTER.value
+            _write_meta(upload)
+            return upload
+
+        upload = await trio.to_thread.run_sync(make, limiter=self.disk_limiter)
+        self.uploads[upload.record.id] = upload
         return upload
 
     async def write(self, upload: Upload, offset: int, data: bytes) -> int:
@@ -214,9 +218,11 @@ class UploadManager:
             upload.record.state = State.WRITING.value
             upload.record.result = []
             upload.record.message = ""
-        upload.ensure_spool()
-        await trio.to_thread.run_sync(os.pwrite, upload.fd, data, offset,
-                                      limiter=self.disk_limiter)
+        def spool() -> None:
+            upload.ensure_spool()
+            os.pwrite(upload.fd, data, offset)
+
+        await trio.to_thread.run_sync(spool, limiter=self.disk_limiter)
         upload.dirty = True
         end = offset + len(data)
         upload.record.size = max(upload.record.size, end)
@@ -241,8 +247,11 @@ class UploadManager:
         """``O_TRUNC`` or ``truncate()``: the upload starts over from ``size`` bytes."""
         if size == upload.record.size:
             return
-        upload.ensure_spool()
-        await trio.to_thread.run_sync(os.ftruncate, upload.fd, size, limiter=self.disk_limiter)
+        def cut() -> None:
+            upload.ensure_spool()
+            os.ftruncate(upload.fd, size)
+
+        await trio.to_thread.run_sync(cut, limiter=self.disk_limiter)
         if size < upload.record.size:
             self._abandon_stream(upload, "truncated")
             if size == 0:
@@ -337,7 +346,7 @@ class UploadManager:
                 upload.record.state = State.KEPT.value  # touch: nothing to upload yet
                 upload.record.message = "empty"
                 upload.dirty = False
-                self._save(upload)
+                await self._save(upload)
                 return
             if upload.kind is Kind.UNKNOWN or len(upload.head) < HEAD_BYTES:
                 upload.head = bytearray(await self._read_spool(upload, 0, HEAD_BYTES))
@@ -346,23 +355,24 @@ class UploadManager:
             if kind is Kind.LITTER:
                 upload.record.state = State.KEPT.value
                 upload.dirty = False
-                self._save(upload)
+                await self._save(upload)
                 return
             if kind is Kind.REFUSED:
-                self._fail(upload, "not DICOM and not a zip/tar archive: XNAT cannot import it")
+                await self._fail(upload, "not DICOM and not a zip/tar archive: "
+                                         "XNAT cannot import it")
                 raise BadRequest(upload.record.message)
             upload.dirty = False
             upload.record.state = State.UPLOADING.value
-            self._save(upload)
+            await self._save(upload)
             try:
                 result = await self._upload(upload)
             except XnatError as exc:
-                self._fail(upload, str(exc))
+                await self._fail(upload, str(exc))
                 raise
             upload.record.state = State.DONE.value
             upload.record.result = result
             upload.record.finished = time.time()
-            self._save(upload)
+            await self._save(upload)
             log.info("uploaded %s/%s → %s", upload.record.project, upload.record.relpath,
                      ", ".join(result))
 
@@ -407,36 +417,44 @@ class UploadManager:
         assert failure is not None
         raise failure
 
-    def _fail(self, upload: Upload, message: str) -> None:
+    async def _fail(self, upload: Upload, message: str) -> None:
         upload.record.state = State.FAILED.value
         upload.record.message = message
         upload.record.finished = time.time()
         upload.dirty = False
-        self._save(upload)
+        await self._save(upload)
         log.error("upload of %s/%s failed: %s (kept in %s)", upload.record.project,
                   upload.record.relpath, message, upload.spool_dir)
 
-    def release(self, upload: Upload) -> None:
+    async def release(self, upload: Upload) -> None:
         """Last handle closed: a finished upload's spool is no longer needed."""
         if upload.open_handles > 0:
             return
-        upload.close_spool()
-        if upload.state is State.DONE:
-            _remove_spool(upload.spool_dir)
+
+        def close() -> None:
+            upload.close_spool()
+            if upload.state is State.DONE:
+                _remove_spool(upload.spool_dir)
+
+        await trio.to_thread.run_sync(close, limiter=self.disk_limiter)
 
     # ------------------------------------------------------------- namespace
-    def rename(self, upload: Upload, new_relpath: str) -> None:
+    async def rename(self, upload: Upload, new_relpath: str) -> None:
         upload.record.relpath = new_relpath
         if upload.kind is Kind.LITTER and not is_litter(upload.record.name):
             upload.record.kind = classify(upload.record.name, bytes(upload.head)).value
             upload.dirty = True
-        self._save(upload)
+        await self._save(upload)
 
-    def forget(self, upload: Upload) -> None:
+    async def forget(self, upload: Upload) -> None:
         """``rm`` of an upload entry: the server keeps what it got; local copy goes."""
         self.uploads.pop(upload.record.id, None)
-        upload.close_spool()
-        _remove_spool(upload.spool_dir)
+
+        def remove() -> None:
+            upload.close_spool()
+            _remove_spool(upload.spool_dir)
+
+        await trio.to_thread.run_sync(remove, limiter=self.disk_limiter)
 
     def status_text(self, project: str | None = None) -> str:
         lines = []
@@ -449,14 +467,18 @@ class UploadManager:
                          + (f"  {detail}" if detail else ""))
         return "\n".join(lines) + ("\n" if lines else "")
 
-    def _save(self, upload: Upload) -> None:
-        # Small and rare (state changes only); atomic so a crash leaves old or new.
-        if not upload.spool_dir.is_dir():
-            return  # done and cleaned up: nothing left to describe on disk
-        meta = upload.spool_dir / "meta.json"
-        tmp = meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(upload.record)))
-        os.replace(tmp, meta)
+    async def _save(self, upload: Upload) -> None:
+        await trio.to_thread.run_sync(_write_meta, upload, limiter=self.disk_limiter)
+
+
+def _write_meta(upload: Upload) -> None:
+    """Describe an upload next to its spool (atomically: a crash leaves old or new)."""
+    if not upload.spool_dir.is_dir():
+        return  # done and cleaned up: nothing left to describe on disk
+    meta = upload.spool_dir / "meta.json"
+    tmp = meta.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(upload.record)))
+    os.replace(tmp, meta)
 
 
 def _remove_spool(spool_dir: Path) -> None:
