@@ -113,3 +113,31 @@ def test_missing_credentials_are_reported(demo_server: TestServer, tmp_path: Pat
                              str(mountpoint)], env=env, capture_output=True, text=True,
                             timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode != 0 and "no credentials" in result.stderr
+
+
+def test_demo_command_mounts_the_bundled_server_and_cleans_up(tmp_path: Path) -> None:
+    """The README's first command: server + demo data + mount, undone by SIGTERM."""
+    import signal
+
+    env = make_env(tmp_path)
+    del env["XNAT_USER"], env["XNAT_PASS"]
+    demo = subprocess.Popen([sys.executable, "-m", "xnatfs.cli", "demo", "--data",
+                             str(tmp_path / "server")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    assert demo.stdout is not None
+    try:
+        lines = []
+        for line in demo.stdout:
+            lines.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        mountpoint = tmp_path / "xnat-demo"
+        assert mounted(mountpoint), "".join(lines)
+        assert "NEURO_PUB" in os.listdir(mountpoint)
+        assert any("ls xnat-demo" in line for line in lines)
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        demo.wait(timeout=60)
+    assert not mounted(tmp_path / "xnat-demo")
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "server")], capture_output=True)
+    assert leftovers.returncode != 0, leftovers.stdout  # the server is gone too
