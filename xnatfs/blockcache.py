@@ -27,7 +27,9 @@ returns the end of a file, and after that any read, waits for that check
 when every block is cached or on its way, so a whole-file reader (``cp``,
 ``cat``, ``nibabel``) gets ``Stale`` (ESTALE) instead of bad bytes, whatever
 the order the kernel's readahead requests arrive in. (Bytes of a file read
-only in part cannot be checked: XNAT has no digest per block.) A mismatch drops every block of the file, in memory
+only in part cannot be checked: XNAT has no digest per block.) After a
+mismatch, no byte of that version of the file is served until a complete
+fetch of it passes the check. A mismatch drops every block of the file, in memory
 and on disk, and tells the listeners (the FUSE layer drops the kernel's
 pages).
 
@@ -145,8 +147,8 @@ class FileState:
     loading: dict[int, trio.Event] = field(default_factory=dict)  # disk reads under way
     downloads: list[Download] = field(default_factory=list)       # whole-file streams
     fetched: bool = False       # a block was downloaded, not just found in a cache
-    end_served: bool = False    # a read returned the end of the file
-    dropped: bool = False       # failed its digest: the state is dead
+    end_served: bool = False    # a read asked for the end of the file
+    dropped: bool = False       # its blocks were dropped: the state is dead
     next_read: int = -1         # where a sequential reader would read next
     window: int = 0             # current read-ahead, bytes
     ahead_until: int = 0        # blocks below this index are already on their way
@@ -155,6 +157,20 @@ class FileState:
     hashing: bool = False
     hash_done: trio.Event = field(default_factory=trio.Event)
     verified: bool | None = None  # digest matched / did not / not known yet
+
+
+class _BlockReader:
+    """A block as a file-like object for ``diskcache``, read without copying."""
+
+    def __init__(self, data: Block) -> None:
+        self._view = memoryview(data)
+        self._position = 0
+
+    def read(self, size: int = -1) -> memoryview | bytes:
+        end = len(self._view) if size < 0 else self._position + size
+        chunk = self._view[self._position:end]
+        self._position += len(chunk)
+        return chunk if len(chunk) else b""
 
 
 @dataclass
@@ -188,10 +204,12 @@ class BlockCache:
         self.files: LRUCache[str, FileState] = LRUCache(maxsize=4096)
         self.disk_limiter = trio.CapacityLimiter(4)
         self.fetch_limiter = trio.CapacityLimiter(max_parallel)
+        self._store_slots = trio.Semaphore(16)  # blocks downloaded but not yet on disk
         self.stats = CacheStatistics()
         self._range_supported: bool | None = None if range_mode == "auto" else (
             range_mode == "on")
         self._drop_listeners: list[Callable[[FileIdentity], None]] = []
+        self._suspect: set[str] = set()  # keys of files whose last digest check failed
 
     def close(self) -> None:
         self.disk.close()
@@ -220,9 +238,17 @@ class BlockCache:
         if offset >= end:
             return b""
         state = self._state(ident)
+        if end == ident.size:
+            state.end_served = True
         first, last = offset // self.block_size, (end - 1) // self.block_size
         # Put every block on its way before waiting for any of them.
         sources = [await self._locate(state, index) for index in range(first, last + 1)]
+        if ident.key in self._suspect:
+            # This version of the file failed its digest: no byte of it is served
+            # before the whole file has been fetched again and checked.
+            for index in range(state.nblocks):
+                await self._locate(state, index)
+            state.end_served = state.fetched = True  # the check must run
         await self._read_ahead(state, offset, end)
         parts: list[Block | memoryview] = []
         for index, source in zip(range(first, last + 1), sources, strict=True):
@@ -234,13 +260,14 @@ class BlockCache:
                 parts.append(source.view(lo, hi))
             else:
                 parts.append(memoryview(source)[lo:hi])
-        # Once the end of the file has been served, any read may be the one that
+        # Once the end of the file has been asked for, any read may be the one that
         # completes it (the kernel's readahead requests arrive in any order).
-        if end == ident.size or state.end_served:
+        if state.end_served:
             await self._verified(state)
-            state.end_served = True
+        if ident.key in self._suspect and state.verified is not True:
+            raise Stale(f"{ident.uri}: failed its digest check and could not be checked again")
         if state.dropped:
-            raise Stale(f"{ident.uri}: data did not match its digest")
+            raise Stale(f"{ident.uri}: the file's blocks were dropped while it was read")
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _block_length(self, ident: FileIdentity, index: int) -> int:
@@ -254,7 +281,7 @@ class BlockCache:
         key = (state.ident.key, index)
         while True:
             if state.dropped:
-                raise Stale(f"{state.ident.uri}: data did not match its digest")
+                raise Stale(f"{state.ident.uri}: the file's blocks were dropped")
             data = self.memory.get(key)
             if data is not None:
                 self.stats.memory_hits += 1
@@ -281,8 +308,12 @@ class BlockCache:
 
     async def _disk_get(self, state: FileState, index: int) -> bytes | None:
         key = self._disk_key(state, index)
-        data = await trio.to_thread.run_sync(self.disk.get, key, None,
-                                             limiter=self.disk_limiter)
+        try:
+            data = await trio.to_thread.run_sync(self.disk.get, key, None,
+                                                 limiter=self.disk_limiter)
+        except Exception as exc:  # a broken disk cache is a miss, not a failed read
+            log.warning("cannot read cached block %s: %s", key, exc)
+            data = None
         if data is not None and len(data) != self._block_length(state.ident, index):
             log.warning("cached block %s has the wrong length; fetching it again", key)
             data = None
@@ -297,9 +328,13 @@ class BlockCache:
             return True
         if index in state.on_disk:
             return True
-        present = await trio.to_thread.run_sync(self.disk.__contains__,
-                                                self._disk_key(state, index),
-                                                limiter=self.disk_limiter)
+        try:
+            present = await trio.to_thread.run_sync(self.disk.__contains__,
+                                                    self._disk_key(state, index),
+                                                    limiter=self.disk_limiter)
+        except Exception as exc:
+            log.warning("cannot look up cached block %s: %s", self._disk_key(state, index), exc)
+            present = False
         if present:
             state.on_disk.add(index)
         return present
@@ -354,6 +389,7 @@ class BlockCache:
         if state.dropped or index in state.pending or (state.ident.key, index) in self.memory:
             return
         pending = self._open_block(state, index)
+        state.fetched = True
         start = index * self.block_size
         if use_range:
             stop = start + pending.length
@@ -384,15 +420,16 @@ class BlockCache:
                 if state.dropped:
                     return
                 self.stats.fetch_requests += 1
-                state.fetched = True
                 # The client resumes broken downloads itself, within its bounds.
                 async with self.client.open_stream(ident.uri, start, stop) as chunks:
                     if chunks.size is not None and chunks.size != ident.size:
                         raise Stale(f"the server has {chunks.size} bytes, the listing said "
                                     f"{ident.size}", path=ident.uri)
+                    # Read to the end (the stream stops at ``stop``), so that a
+                    # complete answer's connection goes back to the pool.
                     async for chunk in chunks:
                         position = await self._distribute(state, position, chunk, download)
-                        if position >= stop or state.dropped:
+                        if state.dropped:
                             break
                 if position < stop and not state.dropped:
                     raise Unreachable(f"body ended at byte {position} of {stop}", path=ident.uri)
@@ -439,7 +476,13 @@ class BlockCache:
             if pending is not None:
                 pending.feed_at(within, view[:take])
                 if pending.complete and state.pending.get(index) is pending:
-                    self._complete(state, index, pending)
+                    # Downloads wait while the disk is behind: blocks queued for
+                    # it are held in memory.
+                    await self._store_slots.acquire()
+                    if state.pending.get(index) is pending:
+                        self._complete(state, index, pending)
+                    else:
+                        self._store_slots.release()
             position += take
             view = view[take:]
             if download is not None:
@@ -447,8 +490,10 @@ class BlockCache:
         return position
 
     def _complete(self, state: FileState, index: int, pending: PendingBlock) -> None:
+        """Move a full block to memory and queue it for the disk (holding a store slot)."""
         del state.pending[index]
         if state.dropped:
+            self._store_slots.release()
             return
         data = pending.buffer if pending.buffer is not None else bytearray()
         self.memory[(state.ident.key, index)] = data
@@ -463,16 +508,20 @@ class BlockCache:
         def store() -> None:
             if state.dropped:
                 return
-            self.disk.set(key, bytes(data))
+            # As a file-like value: diskcache writes it in large pieces, where a
+            # bytes value would be written line by line (per b"\n", under the GIL).
+            self.disk.set(key, _BlockReader(data), read=True)
             if state.dropped:  # dropped while we wrote: do not leave it behind
                 self.disk.delete(key)
 
         with trio.CancelScope(shield=True):
             try:
                 await trio.to_thread.run_sync(store, limiter=self.disk_limiter)
-            except OSError as exc:
+            except Exception as exc:  # a full or broken disk cache only costs a refetch
                 log.warning("cannot cache block %s: %s", key, exc)
                 return
+            finally:
+                self._store_slots.release()
         if not state.dropped:
             state.on_disk.add(index)
 
@@ -509,20 +558,33 @@ class BlockCache:
                             await pending.wait_for(pending.length)
                         except Exception:
                             return  # its download failed; resumed when it is fetched again
-                        continue
-                    data = await self._disk_get(state, index)
-                    if data is None:
-                        return
+                        # Full, though perhaps not yet moved to memory (that waits
+                        # for a disk slot): hash its buffer.
+                        data = pending.buffer
+                    else:
+                        loading = state.loading.get(index)
+                        if loading is not None:
+                            await loading.wait()
+                            continue
+                        data = await self._disk_get(state, index)
+                        if data is None:
+                            if ((state.ident.key, index) in self.memory
+                                    or index in state.pending):
+                                continue  # it arrived while we looked on disk
+                            return
+                    assert data is not None
                 await trio.to_thread.run_sync(state.hasher.update, data)  # type: ignore[attr-defined]
                 state.hash_next += 1
             self.stats.digest_checks += 1
             actual = state.hasher.hexdigest()  # type: ignore[attr-defined]
             state.verified = actual == state.ident.digest
-            if not state.verified:
+            if state.verified:
+                self._suspect.discard(state.ident.key)
+            else:
                 self.stats.digest_failures += 1
                 log.error("digest mismatch for %s: listed %s, received %s; dropping its blocks",
                           state.ident.uri, state.ident.digest, actual)
-                await self._drop_state(state)
+                await self._drop_state(state, bad=True)
         finally:
             state.hashing = False
             done.set()
@@ -536,13 +598,15 @@ class BlockCache:
     async def _verified(self, state: FileState) -> None:
         """Before the end of a file is returned: wait for its digest check when this
         session downloaded some of it and the check can finish; raise if it failed."""
-        if not state.ident.digest or state.verified is True:
-            return
-        if state.verified is None and state.fetched and (
-                state.hashing or self._check_can_finish(state)):
-            if state.hashing or self._start_digest(state):
-                await state.hash_done.wait()
-        if state.verified is False or state.dropped:
+        while (state.ident.digest and state.verified is None and state.fetched
+               and not state.dropped and (state.hashing or self._check_can_finish(state))):
+            before = state.hash_next
+            if not state.hashing:
+                self._start_digest(state)
+            await state.hash_done.wait()
+            if state.hash_next == before and not state.hashing:
+                break  # no progress (a block went missing): leave it unchecked
+        if state.verified is False:
             raise Stale(f"{state.ident.uri}: data did not match its digest")
 
     async def drop(self, ident: FileIdentity) -> None:
@@ -550,21 +614,25 @@ class BlockCache:
         state = self.files.get(ident.key)
         if state is None:
             state = FileState(ident, max(1, -(-ident.size // self.block_size)))
-        await self._drop_state(state)
+        await self._drop_state(state, bad=False)
 
-    async def _drop_state(self, state: FileState) -> None:
+    async def _drop_state(self, state: FileState, *, bad: bool) -> None:
+        """Forget a file's blocks; ``bad``: because they failed the digest check."""
         ident = state.ident
         if self.files.get(ident.key) is state:
             del self.files[ident.key]
         state.dropped = True
-        state.verified = False
-        error = Stale(f"{ident.uri}: data did not match its digest")
+        if bad:
+            state.verified = False
+            self._suspect.add(ident.key)
+        error = Stale(f"{ident.uri}: data did not match its digest" if bad
+                      else f"{ident.uri}: dropped from the cache")
         for pending in state.pending.values():
             pending.fail(error)
         state.pending.clear()
         for i in range(state.nblocks):
             self.memory.pop((ident.key, i), None)
-        for listener in self._drop_listeners:
+        for listener in self._drop_listeners if bad else []:
             try:
                 listener(ident)
             except Exception:
@@ -575,5 +643,8 @@ class BlockCache:
                 self.disk.delete(f"{ident.key}:{i}")
 
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(delete_all, limiter=self.disk_limiter)
+            try:
+                await trio.to_thread.run_sync(delete_all, limiter=self.disk_limiter)
+            except Exception:
+                log.exception("cannot delete the cached blocks of %s", ident.uri)
         state.on_disk.clear()

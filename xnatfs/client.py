@@ -121,7 +121,11 @@ class ClientSettings:
         backoff_initial: first delay between attempts; it doubles each time,
             with jitter, up to ``backoff_max``.
         max_connections: size of the HTTP/1.1 connection pool.
-        chunk_size: bytes per chunk handed out by downloads.
+        chunk_size: bytes per piece read from local files for uploads, and
+            per read of a whole-file answer to a range request. Streams
+            (:meth:`XnatClient.open_stream`) hand out bytes as they arrive:
+            a first byte is not held back until a chunk is full, nor copied
+            into one.
         verify_tls: check the server's certificate (off only for test sites
             with self-signed certificates).
     """
@@ -812,6 +816,7 @@ class ByteStream:
         self._response: httpx.Response | None = None
         self._chunks: AsyncGenerator[bytes, None] | None = None
         self._skip = 0  # bytes before `position` a server ignoring Range sends again
+        self._body_end: int | None = None  # file offset where the current answer ends
         self._resumes = 0
         self._finished = False
 
@@ -871,24 +876,26 @@ class ByteStream:
             self._finished = True
             return
         if status == 206:
-            first, _last, size = _content_range(response, self.uri)
+            first, last, size = _content_range(response, self.uri)
             if first != self.position:
                 await self._close_response()
                 raise ServerError(f"asked for bytes from {self.position}, got from {first}",
                                   path=self.uri)
             self._skip = 0
+            self._body_end = last + 1
         else:
             if "Range" in headers:
                 client._note_range_ignored()
             size = _content_length(response)
             self._skip = self.position
+            self._body_end = size
         if size is not None:
             if self.size is not None and size != self.size:
                 await self._close_response()
                 raise Stale(f"size changed from {self.size} to {size} during the download",
                             path=self.uri)
             self.size = size
-        self._chunks = _body_chunks(response, client.settings.chunk_size)
+        self._chunks = _body_chunks(response)
 
     async def aclose(self) -> None:
         self._finished = True
@@ -909,7 +916,10 @@ class ByteStream:
             chunk = chunk[dropped:]
         if self.end is not None and self.position + len(chunk) >= self.end:
             chunk = chunk[:self.end - self.position]
-            self._finished = True
+            # An answer that ends here is read to its end, which lets its
+            # connection be reused; one that goes on is cut off.
+            if self._body_end is None or self._body_end > self.end:
+                self._finished = True
         return chunk
 
     async def _resume_after(self, failure: Exception) -> None:

@@ -1,0 +1,453 @@
+"""Reading through a real mount with real tools: pread, threads, mmap, nibabel, pydicom.
+
+Every byte read through the mount is compared with the same bytes fetched
+straight from the server over HTTP, and the server's request log says what the
+mount asked for: how often each byte was downloaded, and whether a read that
+should have come from the cache went to the server at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import random
+import select
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nibabel
+import numpy as np
+import pydicom
+import pytest
+
+from xnatfs.blockcache import DEFAULT_BLOCK_SIZE
+from xnatfs.testing.harness import TestServer
+from xnatfs.testing.store import Store
+
+from .conftest import Mount, mount_xnatfs, unmount
+
+BS = DEFAULT_BLOCK_SIZE
+ADMIN = ("admin", "admin")
+# Routes and client request kinds that carry file contents.
+DATA_ROUTES = {"files.download", "files.stream", "files.range", "files.probe"}
+BASE = "/data/projects/P/subjects/S/experiments/E"
+FILES = Path("P/S/E/resources/R/files")
+DEFAULT_KNOBS = {"range": False, "bandwidth_mb_s": 0.0, "latency_ms": 0.0, "fail_rate": 0.0,
+                 "drop_rate": 0.0, "truncate_rate": 0.0, "hang": False, "fault_path": ""}
+
+BIG_SIZE = 5 * BS + 12_345          # six blocks, the last one short
+BIG = random.Random(3).randbytes(BIG_SIZE)
+
+
+# ----------------------------------------------------------------- helpers
+def http(server: TestServer) -> httpx.Client:
+    return httpx.Client(base_url=server.url, auth=ADMIN, timeout=120, trust_env=False)
+
+
+def put_files(server: TestServer, files: dict[str, bytes], *, experiment: str = "E",
+              resource: str = "R") -> None:
+    """Project P, subject S, session ``experiment`` and the files in its resource."""
+    with http(server) as c:
+        assert c.put("/data/projects/P").status_code in (200, 201)
+        assert c.put("/data/projects/P/subjects/S").status_code in (200, 201)
+        base = f"/data/projects/P/subjects/S/experiments/{experiment}"
+        assert c.put(f"{base}?xsiType=xnat:mrSessionData").status_code in (200, 201)
+        for name, data in files.items():
+            r = c.put(f"{base}/resources/{resource}/files/{name}?overwrite=true", content=data)
+            assert r.status_code == 200, r.text
+
+
+def fetch(server: TestServer, name: str, experiment: str = "E") -> bytes:
+    with http(server) as c:
+        r = c.get(f"/data/projects/P/subjects/S/experiments/{experiment}"
+                  f"/resources/R/files/{name}")
+        r.raise_for_status()
+        return r.content
+
+
+def data_requests(server: TestServer, mark: int) -> list[dict[str, Any]]:
+    return [e for e in server.requests_since(mark) if e["route"] in DATA_ROUTES]
+
+
+def blob_of(server: TestServer, name: str) -> Path:
+    """Where the server keeps the bytes of file ``name`` of resource R."""
+    store = Store(server.data_dir)
+    try:
+        rows = store.query("SELECT blob FROM files WHERE path = ?", (name,))
+        assert len(rows) == 1, rows
+        return store.blob_path(rows[0]["blob"])
+    finally:
+        store.close()
+
+
+def daemon_pid(mountpoint: Path) -> int:
+    """The xnatfs process serving ``mountpoint``."""
+    wanted = str(mountpoint.resolve()).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--foreground" in argv and wanted in argv:
+            return int(entry.name)
+    raise AssertionError(f"no xnatfs process serves {mountpoint}")
+
+
+def remount_after_exit(mount: Mount) -> None:
+    """``mount.remount()``, but the old process must be gone first, so that the new
+    one sees exactly what the old one left in the cache directory."""
+    pid = daemon_pid(mount.path)
+    pidfd = os.pidfd_open(pid)
+    try:
+        unmount(mount.path)
+        ready, _, _ = select.select([pidfd], [], [], 60)
+        assert ready, "the xnatfs process did not exit after unmount"
+    finally:
+        os.close(pidfd)
+    mount_xnatfs(mount.server, mount.path, mount.cache_dir, mount.env, mount.options)
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def read_all(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` (which does real I/O) until true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+# ----------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def big_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
+    """One server for the tests that only read: a big random file and a NIfTI volume."""
+    server = TestServer(tmp_path_factory.mktemp("read") / "data", dataset="none")
+    with server:
+        volume = np.random.default_rng(7).standard_normal((64, 64, 40, 24)).astype(np.float32)
+        image = nibabel.Nifti1Image(volume, np.diag([2.0, 2.0, 3.0, 1.0]))
+        put_files(server, {"big.bin": BIG, "volume.nii": image.to_bytes(),
+                           "small.txt": b"hello\n" * 1000})
+        yield server
+
+
+@pytest.fixture
+def server(big_server: TestServer) -> Iterator[TestServer]:
+    """``big_server`` with its knobs put back after each test."""
+    big_server.set_knobs(**DEFAULT_KNOBS)
+    yield big_server
+    big_server.set_knobs(**DEFAULT_KNOBS)
+
+
+# ------------------------------------------------------ 1. partial and random
+@pytest.mark.parametrize("server_range", [True, False], ids=["range", "norange"])
+def test_random_preads_match_http(server: TestServer, mount_factory, server_range: bool) -> None:
+    server.set_knobs(range=server_range)
+    mount = mount_factory(server, "--range", "auto")
+    path = mount.path / FILES / "big.bin"
+    assert fetch(server, "big.bin") == BIG
+    assert os.stat(path).st_size == BIG_SIZE
+    size = BIG_SIZE
+    mark = server.log_mark()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # A few bytes in the middle first: with Range, only about a block is fetched.
+        assert os.pread(fd, 10, 2 * BS + 77) == BIG[2 * BS + 77:2 * BS + 87]
+        if server_range:
+            fetched = sum(e["bytes"] for e in data_requests(server, mark))
+            assert fetched <= 2 * BS, f"{fetched} bytes fetched for a 10-byte read"
+        edges = [(0, 1), (0, 4096), (BS - 1, 2), (BS - 100, 200), (2 * BS - 5, BS + 10),
+                 (BS, BS), (size - 1, 1), (size - 10, 100), (size - BS - 3, BS + 3),
+                 (size, 10), (size + 4096, 10), (3 * BS, 2 * BS + 12_345)]
+        rng = random.Random(11)
+        reads = edges + [(rng.randrange(size), rng.choice([1, 17, 4096, 65_536, 300_000,
+                                                           BS, BS + 1, 3 * BS]))
+                         for _ in range(150)]
+        for offset, length in reads:
+            got = os.pread(fd, length, offset)
+            assert got == BIG[offset:offset + length], (offset, length, len(got))
+    finally:
+        os.close(fd)
+    with open(path, "rb") as f:  # EOF through a buffered file object
+        f.seek(size - 3)
+        assert f.read() == BIG[-3:]
+        assert f.read() == b""
+
+
+# ----------------------------------------------------- 2. concurrent readers
+@pytest.mark.parametrize("server_range", [False, True], ids=["norange", "range"])
+def test_concurrent_readers_download_each_byte_once(server: TestServer, mount_factory,
+                                                    server_range: bool) -> None:
+    server.set_knobs(range=server_range)
+    mount = mount_factory(server, "--range", "on" if server_range else "off")
+    path = mount.path / FILES / "big.bin"
+    os.stat(path)
+    readers = 6
+    barrier = threading.Barrier(readers)
+    chunks = [65_536, 1 << 20, 300_001, 3 * 4096, 2 << 20, 131_072]
+    mark = server.log_mark()
+
+    def read(k: int) -> list[int]:
+        """Read the whole file from a different start, wrapping around; bad offsets."""
+        start = (k * BIG_SIZE // readers) // 4096 * 4096
+        bad = []
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            barrier.wait(timeout=30)
+            for lo, hi in ((start, BIG_SIZE), (0, start)):
+                for offset in range(lo, hi, chunks[k]):
+                    length = min(chunks[k], hi - offset)
+                    if os.pread(fd, length, offset) != BIG[offset:offset + length]:
+                        bad.append(offset)
+        finally:
+            os.close(fd)
+        return bad
+
+    with ThreadPoolExecutor(readers) as pool:
+        results = list(pool.map(read, range(readers)))
+    assert results == [[]] * readers
+    downloads = data_requests(server, mark)
+    assert all(e["status"] in (200, 206) for e in downloads), downloads  # none cut short
+    total = sum(e["bytes"] for e in downloads)
+    assert total <= 1.2 * BIG_SIZE, f"{total / BIG_SIZE:.2f} x the file was downloaded"
+
+
+# ----------------------------------------------- 3. header of a slow big file
+def test_header_read_does_not_wait_for_the_whole_file(server: TestServer,
+                                                      mount_factory) -> None:
+    server.set_knobs(range=False)
+    mount = mount_factory(server)  # --range auto: the probe finds no Range support
+    path = mount.path / FILES / "big.bin"
+    os.stat(path)
+    server.set_knobs(bandwidth_mb_s=1.0)  # the whole file would take over 20 s
+    mark = server.log_mark()
+    started = time.monotonic()
+    with open(path, "rb") as f:
+        header = f.read(4096)
+    elapsed = time.monotonic() - started
+    assert header == BIG[:4096]
+    assert elapsed < 8, f"a 4 KiB read took {elapsed:.1f} s"
+    finished = [e for e in data_requests(server, mark) if e["bytes"] >= BIG_SIZE]
+    assert finished == [], "the read waited for the whole download"
+
+
+# --------------------------------------------- 4. re-read from the cache only
+@pytest.mark.parametrize("server_range", [True, False], ids=["range", "norange"])
+def test_reread_after_page_cache_drop_and_remount_needs_no_data_requests(
+        server: TestServer, mount_factory, server_range: bool) -> None:
+    server.set_knobs(range=server_range)
+    mount = mount_factory(server, "--range", "auto")
+    names = ["big.bin", "volume.nii", "small.txt"]
+    expected = {name: fetch(server, name) for name in names}
+    for name in names:
+        assert read_all(mount.path / FILES / name) == expected[name]
+
+    drop_page_cache()
+    mark = server.log_mark()
+    for name in names:
+        assert read_all(mount.path / FILES / name) == expected[name]
+    assert data_requests(server, mark) == []
+
+    remount_after_exit(mount)
+    mark = server.log_mark()
+    for name in names:
+        assert read_all(mount.path / FILES / name) == expected[name]
+    assert data_requests(server, mark) == []
+
+
+# ------------------------------------------------- 5. changed on the server
+@pytest.mark.parametrize("new_size", ["same", "bigger", "smaller"])
+def test_changed_file_is_read_anew_after_the_metadata_ttl(fresh_server: TestServer,
+                                                          mount_factory, new_size: str) -> None:
+    old = random.Random(1).randbytes(BS + 5000)
+    new = {"same": random.Random(2).randbytes(len(old)),
+           "bigger": random.Random(2).randbytes(2 * BS + 1),
+           "smaller": random.Random(2).randbytes(1000)}[new_size]
+    put_files(fresh_server, {"changing.bin": old})
+    mount = mount_factory(fresh_server, "--metadata-ttl", "1")
+    path = mount.path / FILES / "changing.bin"
+    assert read_all(path) == old
+    with open(path, "rb") as kept:  # an open file keeps its pages, as a reader would
+        assert kept.read(100) == old[:100]
+        put_files(fresh_server, {"changing.bin": new})
+        assert fetch(fresh_server, "changing.bin") == new
+        seen: list[bytes] = []
+
+        def sees_new() -> bool:
+            data = read_all(path)
+            assert data in (old, new), "a mix of the old and new file"
+            seen.append(data)
+            return data == new
+
+        wait_for(sees_new, 20, "the new contents")
+    for _ in range(3):
+        assert read_all(path) == new
+    assert os.stat(path).st_size == len(new)
+
+
+# ---------------------------------------------- 6. session expiry mid-walk
+def test_walk_completes_across_expired_sessions(demo_server: TestServer,
+                                                mount_factory) -> None:
+    mount = mount_factory(demo_server, name="expiring")
+    mark = demo_server.log_mark()
+    walked = []
+    for step, (dirpath, dirnames, filenames) in enumerate(os.walk(mount.path / "NEURO_PUB")):
+        if step % 2 == 0:
+            demo_server.expire_sessions()
+        walked.append((os.path.relpath(dirpath, mount.path), sorted(dirnames),
+                       sorted(filenames)))
+    demo_server.expire_sessions()
+    notes = mount.path / "NEURO_PUB/NP001/NP001_MR1/resources/NOTES/files/scan notes.txt"
+    assert read_all(notes)
+    logins = [e for e in demo_server.requests_since(mark)
+              if e["route"] == "jsession" and e["method"] == "POST"]
+    assert len(logins) >= 2  # the walk really ran into expired sessions
+
+    reference = mount_factory(demo_server, name="reference")
+    expected = [(os.path.relpath(d, reference.path), sorted(ds), sorted(fs))
+                for d, ds, fs in os.walk(reference.path / "NEURO_PUB")]
+    assert walked == expected
+    assert sum(len(fs) for _, _, fs in walked) > 20
+
+
+# ----------------------------------------------- 7. nibabel and pydicom
+def test_nibabel_mmap_loads_a_mounted_nifti(server: TestServer, mount_factory,
+                                            tmp_path: Path) -> None:
+    mount = mount_factory(server)
+    local = tmp_path / "volume.nii"
+    local.write_bytes(fetch(server, "volume.nii"))
+    assert local.stat().st_size > 2 * BS
+    mounted = nibabel.load(mount.path / FILES / "volume.nii", mmap=True)
+    reference = nibabel.load(local, mmap=False)
+    assert isinstance(mounted.dataobj.get_unscaled(), np.memmap)  # really mapped
+    assert mounted.shape == reference.shape
+    assert np.array_equal(mounted.affine, reference.affine)
+    assert np.array_equal(mounted.get_fdata(), reference.get_fdata())
+    assert np.array_equal(mounted.dataobj[10:20, :, 5, 3], reference.dataobj[10:20, :, 5, 3])
+
+
+def test_nibabel_loads_a_compressed_sample(demo_server: TestServer, mount_factory,
+                                           tmp_path: Path) -> None:
+    mount = mount_factory(demo_server)
+    with http(demo_server) as c:
+        rows = c.get("/data/projects/SAMPLES/experiments/nibabel_1234_MR/resources/NIFTI/files"
+                     ).json()["ResultSet"]["Result"]
+        uri = next(r["URI"] for r in rows if r["Name"] == "example4d.nii.gz")
+        (tmp_path / "example4d.nii.gz").write_bytes(c.get(uri).content)
+    mounted = nibabel.load(next((mount.path / "SAMPLES").glob(
+        "*/nibabel_1234_MR/resources/NIFTI/files/example4d.nii.gz")))
+    reference = nibabel.load(tmp_path / "example4d.nii.gz")
+    assert np.array_equal(mounted.get_fdata(), reference.get_fdata())
+
+
+def test_pydicom_reads_a_mounted_series(demo_server: TestServer, mount_factory,
+                                        tmp_path: Path) -> None:
+    mount = mount_factory(demo_server)
+    series = mount.path / "NEURO_PUB/NP002/NP002_MR1/scans/2-T1_MPRAGE_2/resources/DICOM/files"
+    base = "/data/projects/NEURO_PUB/experiments/NP002_MR1/scans/2/resources/DICOM/files"
+    with http(demo_server) as c:
+        rows = c.get(base).json()["ResultSet"]["Result"]
+        assert len(rows) > 5
+        for row in rows:
+            (tmp_path / row["Name"]).write_bytes(c.get(row["URI"]).content)
+    names = sorted(os.listdir(series))
+    assert names == sorted(row["Name"] for row in rows)
+    for name in names:
+        mounted = pydicom.dcmread(series / name)
+        reference = pydicom.dcmread(tmp_path / name)
+        assert mounted == reference, name
+        assert mounted.PixelData == reference.PixelData
+        assert np.array_equal(mounted.pixel_array, reference.pixel_array)
+
+
+# ----------------------------------------------------- 8. digest mismatch
+@pytest.mark.parametrize("server_range", [False, True], ids=["norange", "range"])
+def test_corrupt_blob_fails_the_read_and_is_not_cached(fresh_server: TestServer, mount_factory,
+                                                       server_range: bool) -> None:
+    size = 2 * BS + 999
+    # Bad bytes in the first, a middle and the last block.
+    bad_at = {"first.bin": 10, "middle.bin": BS + 10, "last.bin": size - 500}
+    good = {name: random.Random(name).randbytes(size) for name in bad_at}
+    put_files(fresh_server, good)
+    fresh_server.set_knobs(range=server_range)
+    for name, offset in bad_at.items():
+        garbage = bytearray(good[name])
+        garbage[offset:offset + 400] = bytes(400)  # same size, wrong digest
+        blob_of(fresh_server, name).write_bytes(garbage)
+    mount = mount_factory(fresh_server, "--range", "auto")
+    for name in bad_at:
+        with pytest.raises(OSError) as info:
+            read_all(mount.path / FILES / name)
+        assert info.value.errno in (errno.EIO, errno.ESTALE), name
+
+    for name in bad_at:  # repaired on the server: the next read gets good bytes
+        blob_of(fresh_server, name).write_bytes(good[name])
+        assert read_all(mount.path / FILES / name) == good[name], name
+    drop_page_cache()
+    for name in bad_at:
+        assert read_all(mount.path / FILES / name) == good[name], name
+
+
+# ------------------------------------------------------- 9. server down
+@pytest.mark.parametrize("fault", ["hang", "fail"])
+def test_server_down_fails_within_a_bound_and_recovers(fresh_server: TestServer, mount_factory,
+                                                       fault: str) -> None:
+    payload = random.Random(9).randbytes(BS + 1)
+    put_files(fresh_server, {"warm.bin": payload})
+    put_files(fresh_server, {"cold.bin": payload}, experiment="E2")
+    mount = mount_factory(fresh_server, "--timeout", "2")
+    warm = mount.path / FILES / "warm.bin"
+    cold_dir = mount.path / "P/S/E2/resources/R/files"
+    assert os.stat(warm).st_size == len(payload)  # listings cached, contents not
+    assert os.listdir(mount.path / "P/S") == ["E", "E2"]
+
+    fresh_server.set_knobs(**({"hang": True} if fault == "hang" else {"fail_rate": 1.0}))
+
+    def timed(call: Callable[[], Any]) -> tuple[float, BaseException | None]:
+        started = time.monotonic()
+        try:
+            call()
+        except OSError as exc:
+            return time.monotonic() - started, exc
+        return time.monotonic() - started, None
+
+    with ThreadPoolExecutor(2) as pool:
+        reading = pool.submit(timed, lambda: read_all(warm))
+        listing = pool.submit(timed, lambda: os.listdir(cold_dir))
+        for what, future in (("read", reading), ("listing", listing)):
+            elapsed, error = future.result(timeout=120)
+            assert isinstance(error, OSError), f"the {what} succeeded with the server down"
+            assert error.errno in (errno.EIO, errno.ETIMEDOUT), (what, error)
+            assert elapsed < 60, f"the {what} took {elapsed:.0f} s to fail"
+
+    fresh_server.set_knobs(hang=False, fail_rate=0.0)
+    assert read_all(warm) == payload
+    assert os.listdir(cold_dir) == ["cold.bin"]
+    assert read_all(cold_dir / "cold.bin") == payload
+
+
+# ------------------------------------------------------------- 10. mmap
+def test_mmap_of_a_mounted_file(server: TestServer, mount_factory) -> None:
+    mount = mount_factory(server)
+    path = mount.path / FILES / "big.bin"
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        assert len(mapped) == BIG_SIZE
+        assert mapped[BIG_SIZE - 5:] == BIG[-5:]
+        assert mapped[BS - 3:BS + 3] == BIG[BS - 3:BS + 3]
+        assert hashlib.sha256(mapped).digest() == hashlib.sha256(BIG).digest()
