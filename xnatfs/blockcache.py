@@ -19,7 +19,10 @@ every download carries the file from its first byte, so a download fills
 many readers there are and wherever they start, each byte crosses the
 network about once. A reader needing a block that a running download has
 already passed (it was evicted) starts another download, which stops where
-the others are.
+the others are. Such a stream runs on to the end of the file in the
+background, unless it is past every byte asked for while other downloads
+wait for one of the ``max_parallel`` slots: then it stops, rather than
+starve them (a header peek at many big files).
 
 Integrity: when a whole file has passed through and the listing gave an MD5
 digest, the blocks are hashed in order (from memory or disk). A read that
@@ -39,6 +42,7 @@ blocks read before an unmount are on disk when the process exits.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -73,8 +77,8 @@ class FileIdentity:
     size: int
     digest: str | None
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:  # computed once: every read of every block asks for it
         raw = f"{self.uri}\0{self.size}\0{self.digest or ''}".encode()
         return hashlib.sha256(raw).hexdigest()[:40]
 
@@ -146,6 +150,7 @@ class FileState:
     on_disk: set[int] = field(default_factory=set)
     loading: dict[int, trio.Event] = field(default_factory=dict)  # disk reads under way
     downloads: list[Download] = field(default_factory=list)       # whole-file streams
+    wanted: int = 0             # furthest byte asked for (by readers or a prefetch)
     fetched: bool = False       # a block was downloaded, not just found in a cache
     end_served: bool = False    # a read asked for the end of the file
     dropped: bool = False       # its blocks were dropped: the state is dead
@@ -238,6 +243,7 @@ class BlockCache:
         if offset >= end:
             return b""
         state = self._state(ident)
+        state.wanted = max(state.wanted, end)
         if end == ident.size:
             state.end_served = True
         first, last = offset // self.block_size, (end - 1) // self.block_size
@@ -246,6 +252,7 @@ class BlockCache:
         if ident.key in self._suspect:
             # This version of the file failed its digest: no byte of it is served
             # before the whole file has been fetched again and checked.
+            state.wanted = ident.size
             for index in range(state.nblocks):
                 await self._locate(state, index)
             state.end_served = state.fetched = True  # the check must run
@@ -366,6 +373,7 @@ class BlockCache:
         if ident.size == 0:
             return
         state = self._state(ident)
+        state.wanted = ident.size
         for index in range(state.nblocks):
             if not await self._has_block(state, index):
                 await self._fetch(state, index)
@@ -431,6 +439,13 @@ class BlockCache:
                         position = await self._distribute(state, position, chunk, download)
                         if state.dropped:
                             break
+                        if download is not None and self._should_yield(state, position):
+                            log.info("stopping the download of %s ahead of its readers, at "
+                                     "byte %d: other downloads wait", ident.uri, position)
+                            self._fail_blocks(state, position, stop,
+                                              Unreachable("download paused", path=ident.uri),
+                                              download)
+                            return
                 if position < stop and not state.dropped:
                     raise Unreachable(f"body ended at byte {position} of {stop}", path=ident.uri)
         except XnatError as exc:
@@ -442,6 +457,13 @@ class BlockCache:
         finally:
             if download is not None:
                 state.downloads.remove(download)
+
+    def _should_yield(self, state: FileState, position: int) -> bool:
+        """Whether a whole-file stream should give its slot to downloads waiting for
+        one: it has passed every byte asked for, so it only fills the cache ahead
+        (a later read past it starts another stream; without Range, from byte 0)."""
+        return (position >= state.wanted
+                and self.fetch_limiter.statistics().tasks_waiting > 0)
 
     def _fail_blocks(self, state: FileState, position: int, stop: int, error: BaseException,
                      download: Download | None) -> None:

@@ -15,7 +15,9 @@ Contract for the layers above:
   that makes no sense (HTML for JSON, the wrong range) is a
   :class:`ServerError`. Every request sent is safe to repeat (reads, logout,
   and login, which at worst leaves a spare session), so a retry never does
-  something twice.
+  something twice. Once an operation has failed that way, the server counts
+  as down and operations make a single attempt each, until one is answered
+  (a crude circuit breaker: a dead server fails each call within one timeout).
 * Login uses XNAT's JSESSION. The password (or alias token secret) goes only
   to ``POST /data/JSESSION``, as Basic credentials, at login and renewal;
   data requests carry only the cookie. A session in the
@@ -273,6 +275,7 @@ class XnatClient:
         self._last_activity: float | None = None
         self._session_timeout: float | None = None
         self._range_support: bool | None = None
+        self._server_down = False  # the last operation found no working server
         self._counts: Counter[str] = Counter()
 
     async def __aenter__(self) -> XnatClient:
@@ -440,6 +443,9 @@ class XnatClient:
         failure: XnatError | None = None
         renewed = False
         attempt = 0
+        limit = min(settings.max_attempts, attempts or settings.max_attempts)
+        if self._server_down:
+            limit = 1  # fail fast while the server is down; one answer ends that
         with trio.move_on_after(settings.deadline):
             while True:
                 attempt += 1
@@ -462,6 +468,9 @@ class XnatClient:
                     try:
                         status = response.status_code
                         log.debug("%s %s -> %d", method, path, status)
+                        if status < 500 and status != 429 and self._server_down:
+                            log.info("%s answers again", self._base_url)
+                            self._server_down = False
                         self._note_session_timeout(response)
                         if use_session and status == 401 and not renewed and (
                                 attempts is None or attempts > 1):
@@ -486,16 +495,28 @@ class XnatClient:
                     finally:
                         if not keep:
                             await response.aclose()
-                if attempt >= min(settings.max_attempts, attempts or settings.max_attempts):
-                    raise failure
+                if attempt >= limit:
+                    raise self._gave_up(failure)
                 delay = self._backoff(attempt, retry_after)
                 if trio.current_time() + delay >= give_up_at:
-                    raise failure
+                    raise self._gave_up(failure)
                 self._counts["retries"] += 1
                 log.warning("%s %s failed (%s); attempt %d of %d in %.2f s", method, path,
-                            failure, attempt + 1, settings.max_attempts, delay)
+                            failure, attempt + 1, limit, delay)
                 await trio.sleep(delay)
-        raise Unreachable(f"no answer within {settings.deadline:g} s", path=path) from failure
+        raise self._gave_up(Unreachable(f"no answer within {settings.deadline:g} s",
+                                        path=path)) from failure
+
+    def _gave_up(self, failure: XnatError) -> XnatError:
+        """An operation failed for want of a (working) server: until the server
+        answers again, operations make one attempt each, so that a dead server
+        fails every system call within one request timeout."""
+        if not self._server_down:
+            log.warning("%s seems down (%s); failing fast until it answers", self._base_url,
+                        failure)
+            self._server_down = True
+            self._counts["server_down"] += 1
+        return failure
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         """Exponential with "equal jitter": between half and all of the doubled delay."""
