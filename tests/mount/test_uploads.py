@@ -102,9 +102,11 @@ def test_cp_r_loose_dicom_with_bounded_parallelism(mount: Mount, tmp_path: Path)
     # Several writers at once, as a file manager or `xargs -P` would copy.
     files = sorted(source.rglob("*.dcm"))
     assert len(files) == 300
-    for number in (1, 2, 3):
+    # One series with plain `cp -r` (one writer), two with 16 writers at once.
+    subprocess.run(["cp", "-r", str(source / "s1"), str(target)], check=True)
+    for number in (2, 3):
         (target / f"s{number}").mkdir()
-    subprocess.run(f"cd {source} && find . -name '*.dcm' | xargs -P 16 -I{{}} "
+    subprocess.run(f"cd {source} && find ./s2 ./s3 -name '*.dcm' | xargs -P 16 -I{{}} "
                    f"cp {{}} '{target}/{{}}'", shell=True, check=True)
     imports = [e for e in mount.server.requests_since(mark) if e["route"] == "services.import"]
     assert len(imports) == 300 and all(e["status"] == 200 for e in imports)
