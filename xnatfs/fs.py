@@ -81,6 +81,7 @@ class Operations(pyfuse3.Operations):
         self.uploads = uploads
         self.upload_timeout = upload_timeout
         self._generated: dict[int, bytes] = {}
+        self.initialized = trio.Event()  # set once the kernel has sent INIT
         self.nursery = nursery
         self.op_timeout = op_timeout
         self.uid = os.getuid()
@@ -92,6 +93,10 @@ class Operations(pyfuse3.Operations):
         # ...and the kernel may hold pages of one version per inode (see open).
         self._page_identity: dict[int, FileIdentity] = {}
         blocks.add_drop_listener(self._blocks_dropped)
+
+    def init(self) -> None:
+        """The kernel's INIT arrived; our reply goes out as soon as this returns."""
+        self.initialized.set()
 
     # ------------------------------------------------------------ attributes
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:

@@ -123,7 +123,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                                     op_timeout=config.op_timeout)
             pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
             try:
-                tune_kernel(config.mountpoint)
+                nursery.start_soon(_tune_after_init, operations, config.mountpoint)
                 nursery.start_soon(_terminate_on_signal)
                 if on_ready is not None:
                     on_ready()
@@ -136,6 +136,12 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
     finally:
         await client.aclose()
         log.info("unmounted %s", config.mountpoint)
+
+
+async def _tune_after_init(operations: Operations, mountpoint: Path) -> None:
+    """Tune once the INIT reply is out: processing it resets ``read_ahead_kb``."""
+    await operations.initialized.wait()
+    await trio.to_thread.run_sync(tune_kernel, mountpoint)
 
 
 async def _terminate_on_signal() -> None:
