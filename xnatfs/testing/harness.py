@@ -112,6 +112,8 @@ class TestServer:
         return log_offset(self.log_path)
 
     def requests_since(self, mark: int) -> list[dict[str, Any]]:
+        if self.process is not None and self.process.poll() is None:
+            self._control("sync", {})
         return read_request_log(self.log_path, mark) if self.log_path.exists() else []
 
 
