@@ -30,14 +30,15 @@ returns the end of a file, and after that any read, waits for that check
 when every block is cached or on its way, so a whole-file reader (``cp``,
 ``cat``, ``nibabel``) gets ``Stale`` (ESTALE) instead of bad bytes, whatever
 the order the kernel's readahead requests arrive in. (Bytes of a file read
-only in part cannot be checked: XNAT has no digest per block.) After a
-mismatch, no byte of that version of the file is served until a complete
-fetch of it passes the check. A mismatch drops every block of the file, in memory
-and on disk, and tells the listeners (the FUSE layer drops the kernel's
-pages).
+only in part cannot be checked: XNAT has no digest per block.) A mismatch
+drops every block of the file, in memory and on disk, and tells the
+listeners (the FUSE layer drops the kernel's pages); after it, no byte of
+that version of the file is served until a complete fetch of it passes the
+check.
 
-Blocks are written to disk in the background, shielded from cancellation:
-blocks read before an unmount are on disk when the process exits.
+Blocks are written to disk in the background, shielded from cancellation
+(blocks read before an unmount are on disk when the process exits), at most
+16 at a time: a download waits while the disk is behind.
 """
 
 from __future__ import annotations

@@ -38,7 +38,6 @@ BS = DEFAULT_BLOCK_SIZE
 ADMIN = ("admin", "admin")
 # Routes and client request kinds that carry file contents.
 DATA_ROUTES = {"files.download", "files.stream", "files.range", "files.probe"}
-BASE = "/data/projects/P/subjects/S/experiments/E"
 FILES = Path("P/S/E/resources/R/files")
 DEFAULT_KNOBS = {"range": False, "bandwidth_mb_s": 0.0, "latency_ms": 0.0, "fail_rate": 0.0,
                  "drop_rate": 0.0, "truncate_rate": 0.0, "hang": False, "fault_path": ""}
@@ -311,12 +310,9 @@ def test_changed_file_is_read_anew_after_the_metadata_ttl(fresh_server: TestServ
         assert kept.read(100) == old[:100]
         put_files(fresh_server, {"changing.bin": new})
         assert fetch(fresh_server, "changing.bin") == new
-        seen: list[bytes] = []
-
         def sees_new() -> bool:
             data = read_all(path)
             assert data in (old, new), "a mix of the old and new file"
-            seen.append(data)
             return data == new
 
         wait_for(sees_new, 20, "the new contents")
