@@ -8,7 +8,9 @@ XNAT session and the disk cache.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +81,19 @@ def mount_device(mountpoint: Path) -> tuple[int, int] | None:
     return None
 
 
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def _ensure_fusectl() -> None:
+    """``max_background`` lives in fusectl, which minimal systems do not mount (root only)."""
+    if os.geteuid() != 0 or not FUSECTL.is_dir() or any(FUSECTL.iterdir()):
+        return
+    result = subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)],
+                            capture_output=True, text=True, check=False, timeout=10)
+    if result.returncode != 0:
+        log.debug("could not mount fusectl: %s", result.stderr.strip())
+
+
 def tune_kernel(mountpoint: Path) -> None:
     """Raise readahead and background-request limits through sysfs (root only).
 
@@ -90,6 +105,7 @@ def tune_kernel(mountpoint: Path) -> None:
         log.debug("mount of %s not found in mountinfo; kernel defaults kept", mountpoint)
         return
     major, minor = device
+    _ensure_fusectl()
     settings = {
         Path(f"/sys/class/bdi/{major}:{minor}/read_ahead_kb"): "16384",
         Path(f"/sys/fs/fuse/connections/{minor}/max_background"): "64",

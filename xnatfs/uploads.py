@@ -473,12 +473,13 @@ class UploadManager:
 
 def _write_meta(upload: Upload) -> None:
     """Describe an upload next to its spool (atomically: a crash leaves old or new)."""
-    if not upload.spool_dir.is_dir():
-        return  # done and cleaned up: nothing left to describe on disk
     meta = upload.spool_dir / "meta.json"
     tmp = meta.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(upload.record)))
-    os.replace(tmp, meta)
+    try:
+        tmp.write_text(json.dumps(asdict(upload.record)))
+        os.replace(tmp, meta)
+    except FileNotFoundError:
+        pass  # done and cleaned up (perhaps just now, by release): nothing to describe
 
 
 def _remove_spool(spool_dir: Path) -> None:

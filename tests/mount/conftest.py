@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,8 +35,31 @@ class Mount:
     options: list[str]
 
     def remount(self) -> None:
-        unmount(self.path)
+        """Unmount, wait for the old process to exit (so that the new one sees
+        exactly what it left in the cache directory), and mount again."""
+        pidfd = os.pidfd_open(daemon_pid(self.path))
+        try:
+            unmount(self.path)
+            ready, _, _ = select.select([pidfd], [], [], 60)
+            assert ready, "the xnatfs process did not exit after unmount"
+        finally:
+            os.close(pidfd)
         mount_xnatfs(self.server, self.path, self.cache_dir, self.env, self.options)
+
+
+def daemon_pid(mountpoint: Path) -> int:
+    """The xnatfs process serving ``mountpoint``."""
+    wanted = str(mountpoint.resolve()).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--foreground" in argv and wanted in argv:
+            return int(entry.name)
+    raise AssertionError(f"no xnatfs process serves {mountpoint}")
 
 
 def mount_xnatfs(server: TestServer, mountpoint: Path, cache_dir: Path, env: dict[str, str],

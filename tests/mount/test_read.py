@@ -14,7 +14,6 @@ import hashlib
 import mmap
 import os
 import random
-import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ from xnatfs.blockcache import DEFAULT_BLOCK_SIZE
 from xnatfs.testing.harness import TestServer
 from xnatfs.testing.store import Store
 
-from .conftest import Mount, mount_xnatfs, unmount
+from .conftest import Mount
 
 BS = DEFAULT_BLOCK_SIZE
 ADMIN = ("admin", "admin")
@@ -85,35 +84,6 @@ def blob_of(server: TestServer, name: str) -> Path:
         return store.blob_path(rows[0]["blob"])
     finally:
         store.close()
-
-
-def daemon_pid(mountpoint: Path) -> int:
-    """The xnatfs process serving ``mountpoint``."""
-    wanted = str(mountpoint.resolve()).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--foreground" in argv and wanted in argv:
-            return int(entry.name)
-    raise AssertionError(f"no xnatfs process serves {mountpoint}")
-
-
-def remount_after_exit(mount: Mount) -> None:
-    """``mount.remount()``, but the old process must be gone first, so that the new
-    one sees exactly what the old one left in the cache directory."""
-    pid = daemon_pid(mount.path)
-    pidfd = os.pidfd_open(pid)
-    try:
-        unmount(mount.path)
-        ready, _, _ = select.select([pidfd], [], [], 60)
-        assert ready, "the xnatfs process did not exit after unmount"
-    finally:
-        os.close(pidfd)
-    mount_xnatfs(mount.server, mount.path, mount.cache_dir, mount.env, mount.options)
 
 
 def drop_page_cache() -> None:
@@ -287,7 +257,7 @@ def test_reread_after_page_cache_drop_and_remount_needs_no_data_requests(
         assert read_all(mount.path / FILES / name) == expected[name]
     assert data_requests(server, mark) == []
 
-    remount_after_exit(mount)
+    mount.remount()
     mark = server.log_mark()
     for name in names:
         assert read_all(mount.path / FILES / name) == expected[name]

@@ -21,7 +21,7 @@ import pytest
 from xnatfs.testing.datasets import synthetic_study, write_dicom_archive, write_dicom_series
 from xnatfs.testing.harness import TestServer
 
-from .conftest import Mount
+from .conftest import Mount, daemon_pid
 
 ADMIN = ("admin", "admin")
 
@@ -279,9 +279,7 @@ def test_refused_archive_action_maps_to_errno(mount: Mount, tmp_path: Path) -> N
 
 def test_memory_stays_bounded_while_streaming(mount: Mount, tmp_path: Path) -> None:
     """A 600 MB archive streams through a bounded channel; RSS stays far below its size."""
-    pid = next(int(p) for p in os.listdir("/proc") if p.isdigit() and str(mount.path).encode()
-               in Path(f"/proc/{p}/cmdline").read_bytes() and b"--foreground" in
-               Path(f"/proc/{p}/cmdline").read_bytes())
+    pid = daemon_pid(mount.path)
     size = 600 * 1024 * 1024
     target = mount.path / "uploads" / "NEURO_PUB" / "big.zip"
     chunk = b"PK\x03\x04" + os.urandom(1024 * 1024 - 4)
