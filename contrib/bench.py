@@ -104,6 +104,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from xnatfs.testing.harness import TestServer, env_without_proxies  # noqa: E402
+from xnatfs.mount import mount_device  # noqa: E402
 
 MiB = 1 << 20
 MB = 1_000_000
@@ -405,19 +406,6 @@ def pids_with_cmdline(*needles: str) -> list[int]:
         if all(needle in text for needle in needles):
             found.append(int(entry.name))
     return found
-
-
-def mount_device(mountpoint: Path) -> tuple[int, int] | None:
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        fields = line.split()
-        if len(fields) > 4 and fields[4] == str(mountpoint):
-            major, _, minor = fields[2].partition(":")
-            return int(major), int(minor)
-    return None
 
 
 def is_mounted(mountpoint: Path) -> bool:

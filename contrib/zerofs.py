@@ -45,6 +45,8 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from xnatfs.mount import mount_device
+
 # The same values as xnatfs.mount.tune_kernel; bench.py reads both mounts'
 # sysfs settings back and warns when they differ.
 READ_AHEAD_KB = 16384
@@ -128,20 +130,6 @@ class ZeroFS(pyfuse3.Operations):
         if n > len(self.zeros):  # never with the kernel's 1 MiB cap, but stay correct
             self.zeros = memoryview(bytes(n))
         return self.zeros[:n]
-
-
-def mount_device(mountpoint: Path) -> tuple[int, int] | None:
-    """(major, minor) of the newest mount on ``mountpoint``, from /proc/self/mountinfo."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        fields = line.split()
-        if len(fields) > 4 and fields[4] == str(mountpoint):
-            major, _, minor = fields[2].partition(":")
-            return int(major), int(minor)
-    return None
 
 
 def tuning_paths(mountpoint: Path) -> dict[str, str] | None:
