@@ -1096,24 +1096,29 @@ async def spool_body(request: web.Request, tmp_dir: Path, knobs: Knobs) -> Spool
     name = "upload"
     size = 0
     loop = asyncio.get_running_loop()
-    with open(target, "wb") as out:
-        if ctype.startswith("multipart/"):
-            reader = await request.multipart()
-            async for part in reader:
-                if part.filename is None:  # a plain form field
-                    continue
-                name = part.filename
-                ctype = part.headers.get("Content-Type", "application/octet-stream")
-                while chunk := await part.read_chunk(1 << 20):
+    try:
+        with open(target, "wb") as out:
+            if ctype.startswith("multipart/"):
+                reader = await request.multipart()
+                async for part in reader:
+                    if part.filename is None:  # a plain form field
+                        continue
+                    name = part.filename
+                    ctype = part.headers.get("Content-Type", "application/octet-stream")
+                    while chunk := await part.read_chunk(1 << 20):
+                        await loop.run_in_executor(None, out.write, chunk)
+                        size += len(chunk)
+                        await throttle.consumed(len(chunk))
+                    break
+            else:
+                async for chunk in request.content.iter_chunked(1 << 20):
                     await loop.run_in_executor(None, out.write, chunk)
                     size += len(chunk)
                     await throttle.consumed(len(chunk))
-                break
-        else:
-            async for chunk in request.content.iter_chunked(1 << 20):
-                await loop.run_in_executor(None, out.write, chunk)
-                size += len(chunk)
-                await throttle.consumed(len(chunk))
+    except BaseException:
+        # A client that hangs up mid-body leaves a partial spool; nothing will use it.
+        target.unlink(missing_ok=True)
+        raise
     return SpooledBody(target, size, name, ctype)
 
 

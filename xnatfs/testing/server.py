@@ -126,18 +126,52 @@ def _make_middleware(ctx: ServerContext):  # noqa: ANN202 - aiohttp middleware
             response = error_response(exc.status, exc.message)
         except web.HTTPException as exc:
             response = exc
-        except (ConnectionResetError, asyncio.CancelledError) as exc:
-            status = 499
-            _log_request(ctx, request, started, status)
-            raise exc
-        except Exception:
-            log.exception("unhandled error for %s %s", request.method, request.path_qs)
-            response = error_response(500, "Internal Server Error")
+        except asyncio.CancelledError:
+            # aiohttp does not cancel handlers whose client leaves; this is shutdown.
+            _log_request(ctx, request, started, CLIENT_CLOSED_REQUEST)
+            raise
+        except Exception as exc:
+            if not _client_disconnected(request, exc):
+                log.exception("unhandled error for %s %s", request.method, request.path_qs)
+                response = error_response(500, "Internal Server Error")
+            else:
+                log.debug("client went away during %s %s: %r", request.method,
+                          request.path_qs, exc)
+                _log_request(ctx, request, started, CLIENT_CLOSED_REQUEST)
+                return _nobody_listening(request)
         status = response.status
         _log_request(ctx, request, started, status)
         return response
 
     return middleware
+
+
+# nginx's "client closed request": the client hung up before its answer was sent.
+CLIENT_CLOSED_REQUEST = 499
+
+
+def _client_disconnected(request: web.Request, exc: Exception) -> bool:
+    """Whether ``exc`` says the client hung up (mid-body or mid-answer), not a bug.
+
+    aiohttp fails reads of an abandoned body with ``ConnectionResetError`` and
+    writes to a closed connection with ``ClientConnectionResetError`` (one too);
+    a broken pipe or an aborted ``sendfile`` are ``ConnectionError``s as well.
+    ``loop.sendfile`` on a transport that is already closing says so with a
+    ``RuntimeError``.
+    """
+    if isinstance(exc, ConnectionError):
+        return True
+    transport = request.transport
+    return isinstance(exc, RuntimeError) and (transport is None or transport.is_closing())
+
+
+def _nobody_listening(request: web.Request) -> web.StreamResponse:
+    """What to hand aiohttp for a client that is gone: it cannot be sent, and
+    aiohttp drops it quietly (where an exception would be logged as an error)."""
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        transport.abort()  # e.g. sendfile hit a reset before the transport noticed
+    return web.Response(status=CLIENT_CLOSED_REQUEST, reason="Client Closed Request")
 
 
 def _log_request(ctx: ServerContext, request: web.Request, started: float, status: int) -> None:
