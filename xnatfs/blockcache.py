@@ -43,6 +43,7 @@ Blocks are written to disk in the background, shielded from cancellation
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -66,6 +67,8 @@ DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
 # requests arriving a little out of order.
 SEQUENTIAL_AHEAD = 16 * 1024 * 1024
 SEQUENTIAL_BEHIND = 8 * 1024 * 1024
+# Blocks read from the disk cache into memory ahead of a sequential reader.
+DISK_READ_AHEAD_BLOCKS = 4
 
 Block = bytes | bytearray
 
@@ -210,10 +213,16 @@ class BlockCache:
         self.files: LRUCache[str, FileState] = LRUCache(maxsize=4096)
         self.disk_limiter = trio.CapacityLimiter(4)
         self.fetch_limiter = trio.CapacityLimiter(max_parallel)
+        # Speculative fetches (the next files of a series) hold at most half of
+        # the slots, so a file just opened never queues behind them.
+        self.background_limiter = trio.CapacityLimiter(max(1, max_parallel // 2))
         self._store_slots = trio.Semaphore(16)  # blocks downloaded but not yet on disk
         self.stats = CacheStatistics()
         self._range_supported: bool | None = None if range_mode == "auto" else (
             range_mode == "on")
+        # Set while the first download (which learns whether Range works) waits
+        # for its answer; other fetches wait for it.
+        self._range_learning: trio.Event | None = None
         self._drop_listeners: list[Callable[[FileIdentity], None]] = []
         self._suspect: set[str] = set()  # keys of files whose last digest check failed
 
@@ -301,18 +310,28 @@ class BlockCache:
             if loading is not None:  # another reader is reading it from disk
                 await loading.wait()
                 continue
-            event = state.loading[index] = trio.Event()
-            try:
-                data = await self._disk_get(state, index)
-            finally:
-                del state.loading[index]
-                event.set()
+            data = await self._load_from_disk(state, index)
             if data is not None:
-                self.stats.disk_hits += 1
-                self.memory[key] = data
                 return data
             if key not in self.memory and index not in state.pending:
                 await self._fetch(state, index)
+
+    async def _load_from_disk(self, state: FileState, index: int,
+                              claimed: trio.Event | None = None) -> Block | None:
+        """Block ``index`` from disk into memory (None if it is not there); the
+        caller checked it is neither in memory nor pending nor being loaded, or
+        ``claimed`` it by putting that event in ``state.loading``."""
+        event = claimed if claimed is not None else trio.Event()
+        state.loading[index] = event
+        try:
+            data = await self._disk_get(state, index)
+        finally:
+            del state.loading[index]
+            event.set()
+        if data is not None:
+            self.stats.disk_hits += 1
+            self.memory[(state.ident.key, index)] = data
+        return data
 
     async def _disk_get(self, state: FileState, index: int) -> bytes | None:
         key = self._disk_key(state, index)
@@ -358,6 +377,7 @@ class BlockCache:
             state.window = 0
             state.ahead_until = 0
             return
+        self._preload_from_disk(state, end)
         # Unknown means nothing was fetched yet (all came from the cache): no probe for that.
         if self._range_supported is not True:
             return
@@ -369,22 +389,51 @@ class BlockCache:
                 await self._fetch(state, index)
         state.ahead_until = max(state.ahead_until, last + 1)
 
-    async def prefetch_whole(self, ident: FileIdentity) -> None:
-        """Fetch a small file completely in the background (series read-ahead)."""
+    def _preload_from_disk(self, state: FileState, end: int) -> None:
+        """Sequential reading of a cached file: read the next blocks from disk into
+        memory ahead of the reader, so that disk latency overlaps its reads."""
+        key = state.ident.key
+        first = -(-end // self.block_size)
+        for index in range(first, min(first + DISK_READ_AHEAD_BLOCKS, state.nblocks)):
+            if ((key, index) in self.memory or index in state.pending
+                    or index in state.loading):
+                continue
+            # Only where the block is known to be on disk, or the file has been
+            # served from the cache alone so far: cold files are not looked up.
+            if index in state.on_disk or not state.fetched:
+                claimed = state.loading[index] = trio.Event()  # before the task runs
+                self.nursery.start_soon(self._preload_block, state, index, claimed)
+
+    async def _preload_block(self, state: FileState, index: int, claimed: trio.Event) -> None:
+        try:
+            await self._load_from_disk(state, index, claimed)
+        except Exception:  # a failed preload is only a missed chance
+            log.exception("preloading block %d of %s failed", index, state.ident.uri)
+        finally:  # never leave readers waiting for it
+            if state.loading.get(index) is claimed:
+                del state.loading[index]
+            claimed.set()
+
+    async def prefetch_whole(self, ident: FileIdentity, *, speculative: bool = True) -> None:
+        """Fetch a small file completely in the background: a file just opened
+        (``speculative=False``) or one expected to be read next (series read-ahead)."""
         if ident.size == 0:
             return
         state = self._state(ident)
         state.wanted = ident.size
         for index in range(state.nblocks):
             if not await self._has_block(state, index):
-                await self._fetch(state, index)
+                await self._fetch(state, index, speculative=speculative)
 
     # -------------------------------------------------------------- fetching
-    async def _use_range(self, ident: FileIdentity) -> bool:
-        if self._range_supported is None:
-            self._range_supported = await self.client.probe_range_support(ident.uri)
-            log.info("server %s HTTP Range", "honours" if self._range_supported else "ignores")
-        return self._range_supported
+    def _learned_range(self, supported: bool | None) -> None:
+        """The first download's answer came (or it failed: ``None``, the next one asks)."""
+        if self._range_supported is None and supported is not None:
+            self._range_supported = supported
+            log.info("server %s HTTP Range", "honours" if supported else "ignores")
+        event, self._range_learning = self._range_learning, None
+        if event is not None:
+            event.set()
 
     def _open_block(self, state: FileState, index: int) -> PendingBlock:
         pending = state.pending.get(index)
@@ -392,17 +441,28 @@ class BlockCache:
             pending = state.pending[index] = PendingBlock(self._block_length(state.ident, index))
         return pending
 
-    async def _fetch(self, state: FileState, index: int) -> None:
-        """Make block ``index`` pending and make sure a download will fill it."""
-        use_range = await self._use_range(state.ident)
+    async def _fetch(self, state: FileState, index: int, *, speculative: bool = False) -> None:
+        """Make block ``index`` pending and make sure a download will fill it.
+        ``speculative``: nobody waits for it yet (it gets fewer download slots)."""
+        while self._range_supported is None and self._range_learning is not None:
+            await self._range_learning.wait()
         if state.dropped or index in state.pending or (state.ident.key, index) in self.memory:
             return
         pending = self._open_block(state, index)
         state.fetched = True
         start = index * self.block_size
-        if use_range:
+        if self._range_supported is None:
+            # The first download asks for this block's range: its answer says
+            # whether Range works, with no probe round trip before the data.
+            self._range_learning = trio.Event()
+            self.nursery.start_soon(functools.partial(
+                self._download, state, start, start + pending.length, None, learns_range=True,
+                speculative=speculative))
+            return
+        if self._range_supported:
             stop = start + pending.length
-            self.nursery.start_soon(self._download, state, start, stop, None)
+            self.nursery.start_soon(functools.partial(
+                self._download, state, start, stop, None, speculative=speculative))
             return
         # No Range: every download starts at byte 0 and fills each missing block it
         # passes. One that has not passed this block yet will fill it.
@@ -416,21 +476,35 @@ class BlockCache:
             stop = state.ident.size
         download = Download(0, stop)
         state.downloads.append(download)
-        self.nursery.start_soon(self._download, state, 0, stop, download)
+        self.nursery.start_soon(functools.partial(
+            self._download, state, 0, stop, download, speculative=speculative))
 
     async def _download(self, state: FileState, start: int, stop: int,
-                        download: Download | None) -> None:
+                        download: Download | None, *, learns_range: bool = False,
+                        speculative: bool = False) -> None:
         """Download bytes ``[start, stop)`` into pending blocks. ``download`` is set for
-        whole-file streams, which also open the missing blocks they pass."""
+        whole-file streams, which also open the missing blocks they pass.
+        ``learns_range``: this is the first download, and its answer tells whether
+        the server honours Range."""
         ident = state.ident
         position = start
         try:
-            async with self.fetch_limiter:
+            background = self.background_limiter if speculative else contextlib.nullcontext()
+            async with background, self.fetch_limiter:
                 if state.dropped:
                     return
                 self.stats.fetch_requests += 1
                 # The client resumes broken downloads itself, within its bounds.
                 async with self.client.open_stream(ident.uri, start, stop) as chunks:
+                    if learns_range:
+                        learns_range = False
+                        self._learned_range(chunks.ranged)
+                        if chunks.ranged is False:
+                            # The whole file is coming anyway: let this download
+                            # fill every block it passes, as downloads do without Range.
+                            chunks.end = stop = ident.size
+                            download = Download(start, stop)
+                            state.downloads.append(download)
                     if chunks.size is not None and chunks.size != ident.size:
                         raise Stale(f"the server has {chunks.size} bytes, the listing said "
                                     f"{ident.size}", path=ident.uri)
@@ -456,6 +530,8 @@ class BlockCache:
             log.exception("download of %s failed", ident.uri)
             self._fail_blocks(state, position, stop, exc, download)
         finally:
+            if learns_range:  # failed before the answer: the next fetch asks again
+                self._learned_range(None)
             if download is not None:
                 state.downloads.remove(download)
 

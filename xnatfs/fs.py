@@ -209,13 +209,15 @@ class Operations(pyfuse3.Operations):
 
     def _read_ahead_series(self, node: Node) -> None:
         """Opening one file of a folder of small files starts fetching the next ones."""
-        for sibling in [node, *self.tree.siblings_after(node, SERIES_READ_AHEAD)]:
+        if node.file is not None:
+            self.nursery.start_soon(self._prefetch_quietly, self.identity(node), False)
+        for sibling in self.tree.siblings_after(node, SERIES_READ_AHEAD):
             if sibling.file is not None and sibling.size <= SMALL_FILE:
-                self.nursery.start_soon(self._prefetch_quietly, self.identity(sibling))
+                self.nursery.start_soon(self._prefetch_quietly, self.identity(sibling), True)
 
-    async def _prefetch_quietly(self, ident: FileIdentity) -> None:
+    async def _prefetch_quietly(self, ident: FileIdentity, speculative: bool) -> None:
         try:
-            await self.blocks.prefetch_whole(ident)
+            await self.blocks.prefetch_whole(ident, speculative=speculative)
         except XnatError as exc:
             log.debug("read-ahead of %s failed: %s", ident.uri, exc)
 

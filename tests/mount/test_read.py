@@ -163,6 +163,30 @@ def test_random_preads_match_http(server: TestServer, mount_factory, server_rang
         assert f.read() == b""
 
 
+@pytest.mark.parametrize("server_range", [True, False], ids=["range", "norange"])
+def test_first_download_learns_range_support_without_a_probe(server: TestServer, mount_factory,
+                                                             server_range: bool) -> None:
+    """The first download of a mount asks for a range and its answer tells whether
+    the server honours Range: reading a file costs one request, not a probe first."""
+    server.set_knobs(range=server_range)
+    mount = mount_factory(server, "--range", "auto")
+    path = mount.path / FILES / "small.txt"
+    os.stat(path)
+    mark = server.log_mark()
+    assert path.read_bytes() == b"hello\n" * 1000
+    requests = data_requests(server, mark)
+    assert len(requests) == 1, requests
+    assert requests[0]["range"] == ("0-5999" if server_range else None)  # as honoured
+    # What it learnt holds for the next file: a ranged read of big.bin fetches
+    # about a block with Range, and streams the file from its start without.
+    mark = server.log_mark()
+    with open(mount.path / FILES / "big.bin", "rb") as f:
+        f.seek(3 * BS + 5)
+        assert f.read(10) == BIG[3 * BS + 5:3 * BS + 15]
+    ranges = [e["range"] for e in data_requests(server, mark)]
+    assert ranges == ([f"{3 * BS}-{4 * BS - 1}"] if server_range else [None]), ranges
+
+
 # ----------------------------------------------------- 2. concurrent readers
 @pytest.mark.parametrize("server_range", [False, True], ids=["norange", "range"])
 def test_concurrent_readers_download_each_byte_once(server: TestServer, mount_factory,
