@@ -8,8 +8,9 @@ Layout (the one XNAT's zip downloads use)::
 
 Metadata comes only from listings, never from per-file requests: a session's
 scans and resources come from one item request, all its scan files from one
-``scans/ALL/files`` request (plus one for session-level files when there are
-session resources). Listings are cached for ``metadata_ttl`` seconds; a
+``scans/ALL/files`` request, so the whole ``scans/`` tree costs two; the
+session-level resources' files cost one more listing, made only when that
+``resources/`` folder is visited. Listings are cached for ``metadata_ttl`` seconds; a
 listing wanted by many callers at once is fetched once; names that do not
 exist are remembered for ``negative_ttl`` seconds.
 
@@ -111,13 +112,8 @@ STATUS_NAME = "UPLOAD_STATUS.txt"
 INFO_NAME = "prearchive-info.json"
 
 
-@dataclass
-class SessionFiles:
-    """Everything below one session, from at most three requests."""
-
-    detail: xc.ExperimentDetail
-    # (scan ID or None for session level, resource label) -> files
-    files: dict[tuple[str | None, str], list[xc.RemoteFile]]
+FileGroups = dict[tuple[str | None, str], list[xc.RemoteFile]]
+"""Files by (scan ID, or None for the session level, resource label)."""
 
 
 class Tree:
@@ -206,25 +202,31 @@ class Tree:
     def invalidate(self, key: Hashable) -> None:
         self._listings.pop(key, None)
 
-    async def session_files(self, experiment_id: str) -> SessionFiles:
-        return await self.cached(("session-files", experiment_id),
-                                 lambda: self._load_session_files(experiment_id))
+    async def session_files(self, experiment_id: str, *, scans: bool) -> FileGroups:
+        """The files of every scan resource (``scans``) or of every session-level
+        resource of a session: one listing each, fetched only when visited, so
+        that the whole ``scans/`` tree costs two requests with the session's own
+        (XNAT has no listing of both at once)."""
+        return await self.cached(("session-files", experiment_id, scans),
+                                 lambda: self._load_session_files(experiment_id, scans))
 
-    async def _load_session_files(self, experiment_id: str) -> SessionFiles:
+    async def _load_session_files(self, experiment_id: str, scans: bool) -> FileGroups:
         detail = await self.session_detail(experiment_id)
-        groups: dict[tuple[str | None, str], list[xc.RemoteFile]] = {}
-        for scan in detail.scans:
-            for resource in scan.resources:
-                groups[(scan.id, resource.label)] = []
-        for resource in detail.resources:
-            groups[(None, resource.label)] = []
-        if any(scan.resources for scan in detail.scans):
-            for f in await self.client.list_scan_files(experiment_id):
-                groups.setdefault((f.scan_id, f.resource_label), []).append(f)
-        if detail.resources:
-            for f in await self.client.list_session_files(experiment_id):
-                groups.setdefault((None, f.resource_label), []).append(f)
-        return SessionFiles(detail, groups)
+        groups: FileGroups = {}
+        if scans:
+            for scan in detail.scans:
+                for resource in scan.resources:
+                    groups[(scan.id, resource.label)] = []
+            if groups:
+                for f in await self.client.list_scan_files(experiment_id):
+                    groups.setdefault((f.scan_id, f.resource_label), []).append(f)
+        else:
+            for resource in detail.resources:
+                groups[(None, resource.label)] = []
+            if groups:
+                for f in await self.client.list_session_files(experiment_id):
+                    groups.setdefault((None, f.resource_label), []).append(f)
+        return groups
 
     async def session_detail(self, experiment_id: str) -> xc.ExperimentDetail:
         return await self.cached(("session", experiment_id),
@@ -383,8 +385,9 @@ class Tree:
             assert node.scan_id is not None
             files = await self.prearchive_files(node.prearchive_uri, node.scan_id)
         else:
-            contents = await self.session_files(node.experiment_id)
-            files = contents.files.get((node.scan_id, node.resource_label), [])
+            groups = await self.session_files(node.experiment_id,
+                                              scans=node.scan_id is not None)
+            files = groups.get((node.scan_id, node.resource_label), [])
         prefix = f"{node.folder}/" if node.folder else ""
         owner = node.experiment_id or node.prearchive_uri
         common = dict(project=node.project, subject_id=node.subject_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -67,11 +68,32 @@ def test_stat_sizes_match_listings_without_per_file_requests(demo_mount: Mount) 
         assert st.st_mode & 0o777 == 0o444
     routes = [e["route"] for e in demo_mount.server.requests_since(mark)]
     assert "files.download" not in routes
-    # One listing per level on the way down, then the whole session's
-    # scans/resources/files: one item, one scans/ALL/files, one session files.
+    # One listing per level on the way down, then the session: one item, one
+    # scans/ALL/files for every scan file and one /files for its own resources.
     walk = ["projects.list", "subjects.list", "experiments.list"]
     assert routes[:3] == walk
     assert sorted(routes[3:]) == ["experiment.get", "files.list", "files.list"], routes
+
+
+def test_a_sessions_scans_tree_costs_two_requests(demo_mount: Mount) -> None:
+    """``ls -lR scans`` of a session: its item and scans/ALL/files, whatever its size;
+    the session-level resources cost one more listing, only when visited."""
+    session = demo_mount.path / "NEURO_PUB" / "NP001" / "NP001_MR2"
+    os.stat(session)
+    mark = demo_mount.server.log_mark()
+    out = subprocess.run(["ls", "-lR", str(session / "scans")], check=True,
+                         capture_output=True, text=True).stdout
+    assert ".dcm" in out
+    requests = demo_mount.server.requests_since(mark)
+    assert [e["route"] for e in requests] == ["experiment.get", "files.list"], requests
+    assert re.fullmatch(r"/data/experiments/\w+/scans/ALL/files", requests[1]["path"])
+    mark = demo_mount.server.log_mark()
+    out = subprocess.run(["ls", "-lR", str(session / "resources")], check=True,
+                         capture_output=True, text=True).stdout
+    assert "qc.json" in out
+    requests = demo_mount.server.requests_since(mark)
+    assert [e["route"] for e in requests] == ["files.list"], requests
+    assert re.fullmatch(r"/data/experiments/\w+/files", requests[0]["path"])
 
 
 def test_cp_r_session_is_byte_identical(demo_mount: Mount, tmp_path: Path) -> None:
@@ -93,7 +115,7 @@ def test_find_lists_everything_and_ls_l_costs_one_listing(demo_mount: Mount) -> 
     routes = [e["route"] for e in demo_mount.server.requests_since(mark)]
     below_subject = [r for r in routes if r not in ("projects.list", "subjects.list",
                                                      "experiments.list")]
-    assert len(below_subject) <= 3 and "files.download" not in routes, routes
+    assert sorted(below_subject) == ["experiment.get", "files.list", "files.list"], routes
     mark = demo_mount.server.log_mark()
     subprocess.run(["ls", "-lR", str(session)], check=True, capture_output=True)
     assert demo_mount.server.requests_since(mark) == []  # all cached
