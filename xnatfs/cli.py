@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--read-only", action="store_true", help="mount read-only")
     mount.add_argument("--direct-archive", action="store_true",
                        help="uploads go straight to the archive (XNAT's Direct-Archive)")
+    mount.add_argument("--write-behind", action="store_true",
+                       help="close() of a loose DICOM file returns once it is on local disk; "
+                            "it is uploaded in the background (outcome in UPLOAD_STATUS.txt)")
     mount.add_argument("--prearchive-ttl", type=float, default=5.0,
                        help="seconds the prearchive listing is cached (default 5)")
     mount.add_argument("--insecure", action="store_true",
@@ -273,7 +276,7 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
                          cache_dir=args.cache_dir, cache_size=args.cache_size,
                          metadata_ttl=args.metadata_ttl, read_only=args.read_only,
                          verify_tls=not args.insecure, range_mode=args.range,
-                         direct_archive=args.direct_archive,
+                         direct_archive=args.direct_archive, write_behind=args.write_behind,
                          prearchive_ttl=args.prearchive_ttl,
                          request_timeout=args.timeout, debug_fuse=args.debug_fuse)
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
@@ -309,6 +312,8 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
         argv.append("--read-only")
     if args.direct_archive:
         argv.append("--direct-archive")
+    if args.write_behind:
+        argv.append("--write-behind")
     if args.insecure:
         argv.append("--insecure")
     child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,

@@ -267,18 +267,18 @@ class Operations(pyfuse3.Operations):
         """close(): an upload returns only once XNAT accepted it (or failed)."""
         node = self._open_files.get(fh)
         if node is not None and node.upload is not None:
-            await self._finish_upload(node)
+            await self._finish_upload(node, closing=True)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         node = self._open_files.get(fh)
         if node is not None and node.upload is not None:
-            await self._finish_upload(node)
+            await self._finish_upload(node, closing=False)
 
-    async def _finish_upload(self, node: Node) -> None:
+    async def _finish_upload(self, node: Node, *, closing: bool) -> None:
         assert node.upload is not None
         try:
-            await self.uploads.finish(node.upload)
+            await self.uploads.finish(node.upload, closing=closing)
         finally:
             self.tree.refresh_upload_node(node)
             if node.upload.record.result:

@@ -41,6 +41,7 @@ class MountConfig:
     verify_tls: bool = True
     range_mode: str = "auto"          # auto: probe the server once; on/off: trust the user
     direct_archive: bool = False      # uploads go straight to the archive
+    write_behind: bool = False        # close() of loose DICOM does not wait for XNAT
     prearchive_ttl: float = 5.0       # seconds the prearchive listing is trusted
     op_timeout: float = 120.0
     request_timeout: float = 30.0
@@ -130,9 +131,11 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
     try:
         async with trio.open_nursery() as nursery:
             uploads = UploadManager(client, config.cache_dir / "uploads", nursery,
-                                    direct_archive=config.direct_archive)
+                                    direct_archive=config.direct_archive,
+                                    write_behind=config.write_behind)
             tree = Tree(client, metadata_ttl=config.metadata_ttl, uploads=uploads,
                         prearchive_ttl=config.prearchive_ttl)
+            uploads.on_finished = tree.upload_finished
             blocks = BlockCache(client, config.cache_dir / "blocks", size_limit=config.cache_size,
                                 nursery=nursery, range_mode=config.range_mode)
             operations = Operations(tree, blocks, uploads, nursery=nursery,

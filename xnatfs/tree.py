@@ -468,6 +468,14 @@ class Tree:
                            project=parent.project, relpath=rec.relpath, upload=upload,
                            mtime_ns=int(rec.created * 1e9), xattrs=_upload_xattrs(upload))
 
+    def upload_finished(self, upload: Upload) -> None:
+        """A background (write-behind) upload ended: show its outcome at once."""
+        inode = self._by_key.get(("upload", upload.record.id))
+        if inode is not None:
+            self.refresh_upload_node(self._nodes[inode])
+        if upload.record.result:
+            self.invalidate_prearchive()
+
     def refresh_upload_node(self, node: Node) -> None:
         if node.upload is not None:
             node.xattrs = _upload_xattrs(node.upload)

@@ -33,7 +33,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -156,6 +156,7 @@ class Upload:
         self.stream_result: list[str] | BaseException | None = None
         self.stream_scope: trio.CancelScope | None = None
         self.lock = trio.Lock()                  # one finish at a time
+        self.background: trio.Event | None = None  # set when a write-behind upload ends
         self.open_handles = 0
 
     @property
@@ -182,7 +183,8 @@ class UploadManager:
     """The upload area's files: spooling, streaming, importing, and their status."""
 
     def __init__(self, importer: Importer, spool_root: Path, nursery: trio.Nursery, *,
-                 direct_archive: bool = False, max_parallel: int = 8) -> None:
+                 direct_archive: bool = False, write_behind: bool = False,
+                 max_parallel: int = 8) -> None:
         self.importer = importer
         self.spool_root = spool_root
         spool_root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -190,6 +192,10 @@ class UploadManager:
         purge_local_only(spool_root)
         self.nursery = nursery
         self.direct_archive = direct_archive
+        # close() of a loose DICOM file returns once it is on local disk; its upload
+        # runs in the background (fsync still waits for XNAT's answer).
+        self.write_behind = write_behind
+        self.on_finished: Callable[[Upload], None] | None = None  # background outcomes
         self.limiter = trio.CapacityLimiter(max_parallel)
         self.disk_limiter = trio.CapacityLimiter(4)
         self.uploads: dict[str, Upload] = {}     # by id
@@ -335,8 +341,12 @@ class UploadManager:
         self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
 
     # -------------------------------------------------------------- finishing
-    async def finish(self, upload: Upload) -> None:
-        """Called at flush/fsync: return once the server has the data, raise if refused."""
+    async def finish(self, upload: Upload, *, closing: bool = False) -> None:
+        """Called at flush (``closing``) and fsync: return once the server has the
+        data, raise if refused; with write-behind, a flush of a DICOM file returns
+        once it is queued (it is already on local disk)."""
+        while upload.background is not None and not closing:
+            await upload.background.wait()  # fsync: the write-behind upload's answer
         async with upload.lock:
             if not upload.dirty:
                 if upload.state is State.FAILED:
@@ -364,17 +374,40 @@ class UploadManager:
             upload.dirty = False
             upload.record.state = State.UPLOADING.value
             await self._save(upload)
-            try:
-                result = await self._upload(upload)
-            except XnatError as exc:
-                await self._fail(upload, str(exc))
-                raise
-            upload.record.state = State.DONE.value
-            upload.record.result = result
-            upload.record.finished = time.time()
-            await self._save(upload)
-            log.info("uploaded %s/%s → %s", upload.record.project, upload.record.relpath,
-                     ", ".join(result))
+            if closing and self.write_behind and kind is Kind.DICOM:
+                upload.background = trio.Event()
+                self.nursery.start_soon(self._upload_in_background, upload, upload.background)
+                return
+            await self._upload_and_record(upload)
+
+    async def _upload_and_record(self, upload: Upload) -> None:
+        try:
+            result = await self._upload(upload)
+        except XnatError as exc:
+            await self._fail(upload, str(exc))
+            raise
+        upload.record.state = State.DONE.value
+        upload.record.result = result
+        upload.record.finished = time.time()
+        await self._save(upload)
+        log.info("uploaded %s/%s → %s", upload.record.project, upload.record.relpath,
+                 ", ".join(result))
+
+    async def _upload_in_background(self, upload: Upload, done: trio.Event) -> None:
+        """Write-behind: the upload a flush did not wait for. A refusal is recorded
+        (status file, extended attributes, ``xnatfs uploads list``) and kept."""
+        try:
+            async with upload.lock:
+                await self._upload_and_record(upload)
+        except XnatError:
+            pass  # _fail recorded it and kept the file
+        finally:
+            if upload.background is done:
+                upload.background = None
+            done.set()
+            if self.on_finished is not None:
+                self.on_finished(upload)
+        await self.release(upload)  # its handles may all be closed by now
 
     async def _upload(self, upload: Upload) -> list[str]:
         if upload.stream_send is not None:
@@ -428,8 +461,8 @@ class UploadManager:
 
     async def release(self, upload: Upload) -> None:
         """Last handle closed: a finished upload's spool is no longer needed."""
-        if upload.open_handles > 0:
-            return
+        if upload.open_handles > 0 or upload.background is not None:
+            return  # still open, or still uploading in the background
 
         def close() -> None:
             upload.close_spool()

@@ -67,6 +67,17 @@ def member_digests(archive: Path) -> dict[str, str]:
                 for m in tf if m.isfile()}
 
 
+def peak_in_flight(imports: list[dict]) -> int:
+    """The most requests the server was answering at once, from its log."""
+    events = sorted([(e["t"] - e["ms"] / 1000, 1) for e in imports]
+                    + [(e["t"], -1) for e in imports])
+    in_flight = peak = 0
+    for _, delta in events:
+        in_flight += delta
+        peak = max(peak, in_flight)
+    return peak
+
+
 @pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
 def test_cp_archive_lands_in_prearchive_byte_identical(mount: Mount, tmp_path: Path,
                                                       suffix: str) -> None:
@@ -112,19 +123,64 @@ def test_cp_r_loose_dicom_with_bounded_parallelism(mount: Mount, tmp_path: Path)
     imports = [e for e in mount.server.requests_since(mark) if e["route"] == "services.import"]
     assert len(imports) == 300 and all(e["status"] == 200 for e in imports)
     # Requests in flight at the server never exceeded the mount's limit (8).
-    events = sorted([(e["t"] - e["ms"] / 1000, 1) for e in imports]
-                    + [(e["t"], -1) for e in imports])
-    in_flight = peak = 0
-    for _, delta in events:
-        in_flight += delta
-        peak = max(peak, in_flight)
-    assert 1 < peak <= 8
+    assert 1 < peak_in_flight(imports) <= 8
     with httpx.Client(base_url=mount.server.url, auth=ADMIN) as c:
         rows = c.get("/data/prearchive/projects/NEURO_PUB?format=json").json()
         sessions = [r for r in rows["ResultSet"]["Result"] if r["name"] == "LOOSE_MR"]
         assert len(sessions) == 1 and sessions[0]["subject"] == "LSUBJ"
         scans = c.get("/data" + sessions[0]["url"] + "/scans").json()["ResultSet"]["Result"]
         assert sorted(s["ID"] for s in scans) == ["1", "2", "3"]
+
+
+def test_write_behind_pipelines_a_serial_cp_and_reports_refusals(
+        upload_server: TestServer, mount_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    """--write-behind: plain `cp -r` (one writer) of loose DICOM files is uploaded
+    several at a time; a refusal cannot fail that close(), so it is recorded in
+    the status file and the kept uploads, and fsync() still reports it."""
+    mount = mount_factory(upload_server, "--prearchive-ttl", "1", "--write-behind")
+    source = tmp_path / "series"
+    write_dicom_series(source / "s1", patient_name="Write^Behind", patient_id="WB40",
+                       study_uid="1.2.826.0.1.3680043.8.498.778", series_number=1,
+                       series_description="write-behind", slices=40, rows=8, cols=8, seed=5)
+    target = mount.path / "uploads" / "NEURO_PUB" / "subject=WBSUBJ" / "session=WB_MR"
+    target.mkdir(parents=True)
+    upload_server.set_knobs(latency_ms=50)  # every import takes a while
+    try:
+        mark = upload_server.log_mark()
+        subprocess.run(["cp", "-r", str(source / "s1"), str(target)], check=True)
+        # Wait for the background uploads through the files themselves: fsync
+        # returns once XNAT has answered.
+        for path in sorted((target / "s1").iterdir()):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            assert upload_result(path)
+        imports = [e for e in upload_server.requests_since(mark)
+                   if e["route"] == "services.import"]
+    finally:
+        upload_server.set_knobs(latency_ms=0)
+    assert len(imports) == 40 and all(e["status"] == 200 for e in imports)
+    assert 1 < peak_in_flight(imports) <= 8  # one writer, yet uploads overlapped
+    # A file XNAT refuses: cp succeeds (write-behind), the refusal is on record.
+    bad_dicom = tmp_path / "bad.dcm"
+    bad_dicom.write_bytes(b"\0" * 128 + b"DICM" + b"garbage" * 50)
+    subprocess.run(["cp", str(bad_dicom), str(mount.path / "uploads/NEURO_PUB/wb-bad.dcm")],
+                   check=True)
+    fd = os.open(mount.path / "uploads/NEURO_PUB/wb-bad.dcm", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as refused:
+            os.fsync(fd)
+        assert refused.value.errno == errno.EINVAL
+    finally:
+        with contextlib.suppress(OSError):  # close() reports the refusal again
+            os.close(fd)
+    status = (mount.path / "uploads/NEURO_PUB/UPLOAD_STATUS.txt").read_text()
+    line = next(line for line in status.splitlines() if "NEURO_PUB/wb-bad.dcm" in line)
+    assert line.startswith("failed") and "400" in line
+    assert os.getxattr(mount.path / "uploads/NEURO_PUB/wb-bad.dcm",
+                       "user.xnatfs.upload.state") == b"failed"
 
 
 def test_refused_upload_fails_cp_and_keeps_the_bytes(mount: Mount, tmp_path: Path) -> None:
