@@ -17,6 +17,7 @@ from xnatfs.credentials import (
     CredentialsError,
     SessionCache,
     default_session_cache_path,
+    mount_switches,
     normalise_site_url,
     resolve_credentials,
 )
@@ -191,6 +192,23 @@ def test_default_profile_gives_the_site(home: Path) -> None:
 def test_unknown_profile_is_an_error(home: Path) -> None:
     with pytest.raises(CredentialsError, match="no profile 'nope'"):
         resolve_credentials(SITE, profile="nope")
+
+
+def test_mount_switches_from_the_mount_table_and_the_sites_profile(home: Path) -> None:
+    write_config(home, "[mount]\nwrite_behind = true\ndirect_archive = true\n"
+                       f'[profiles.work]\nurl = "{SITE}"\ndirect_archive = false\n'
+                       '[profiles.other]\nurl = "https://other.example.org"\n'
+                       "write_behind = false\n")
+    assert mount_switches(SITE) == {"write_behind": True, "direct_archive": False}
+    assert mount_switches("https://elsewhere.example.org") == {
+        "write_behind": True, "direct_archive": True}
+    assert mount_switches(SITE, "other") == {"write_behind": False, "direct_archive": True}
+
+
+def test_mount_switches_must_be_booleans(home: Path) -> None:
+    write_config(home, '[mount]\nwrite_behind = "yes"\n')
+    with pytest.raises(CredentialsError, match="write_behind must be true or false"):
+        mount_switches(SITE)
 
 
 # ------------------------------------------------------------ the dataclass

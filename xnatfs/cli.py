@@ -242,6 +242,19 @@ def _resolve_credentials(args: argparse.Namespace, url: str | None) -> Credentia
         raise UserError(f"xnatfs: {exc}") from None
 
 
+def _apply_config_switches(args: argparse.Namespace, site: str) -> None:
+    """``direct_archive``/``write_behind`` from the config file, unless given here."""
+    from .credentials import CredentialsError, mount_switches
+
+    try:
+        switches = mount_switches(site, args.profile)
+    except CredentialsError as exc:
+        raise UserError(f"xnatfs: {exc}") from None
+    for name, value in switches.items():
+        if not getattr(args, name):
+            setattr(args, name, value)
+
+
 def _setup_logging(level: str, log_file: Path | None) -> None:
     handlers: list[logging.Handler]
     if log_file is not None:
@@ -259,6 +272,8 @@ def mount(args: argparse.Namespace) -> int:
     if not mountpoint.is_dir():
         raise UserError(f"mount point {mountpoint} is not a directory")
     credentials = _resolve_credentials(args, url)
+    if not args.credentials_on_stdin:  # the parent already applied the config file
+        _apply_config_switches(args, credentials.url)
     if not args.foreground:
         return _mount_in_background(args, credentials, mountpoint)
     return _mount_in_foreground(args, credentials, mountpoint)

@@ -175,6 +175,46 @@ def _prompted(site: str, user: str, ask_password: PasswordPrompt | None,
     return Credentials(site, user, ask_password(site, user), source)
 
 
+MOUNT_SWITCHES = ("direct_archive", "write_behind")
+
+
+def mount_switches(site: str, profile: str | None = None,
+                   config_path: Path | None = None) -> dict[str, bool]:
+    """Upload switches from the config file: the ``[mount]`` table, overridden by
+    the profile in use (``--profile``, or the one whose ``url`` is the site)::
+
+        [mount]
+        write_behind = true
+        [profiles.work]
+        url = "https://xnat.example.org"
+        direct_archive = true
+
+    Raises:
+        CredentialsError: the file is unreadable or a switch is not true/false.
+    """
+    config_file = config_path or default_config_path()
+    config = _load_config(config_file)
+    tables: list[Mapping[str, Any]] = []
+    if isinstance(config.get("mount"), Mapping):
+        tables.append(config["mount"])
+    profiles = config.get("profiles", {})
+    if isinstance(profiles, Mapping):
+        if profile:
+            tables.append(_profile(profiles, profile, config_file))
+        else:
+            tables.extend(entry for entry in profiles.values()
+                          if isinstance(entry, Mapping) and entry.get("url")
+                          and normalise_site_url(entry["url"]) == site)
+    switches: dict[str, bool] = {}
+    for table in tables:
+        for name in MOUNT_SWITCHES:
+            if name in table:
+                if not isinstance(table[name], bool):
+                    raise CredentialsError(f"{config_file}: {name} must be true or false")
+                switches[name] = table[name]
+    return switches
+
+
 def _load_config(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:

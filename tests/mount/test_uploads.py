@@ -424,18 +424,27 @@ def test_outside_uploads_appear_within_the_prearchive_lifetime(mount: Mount,
         time.sleep(0.2)
 
 
-def test_direct_archive_sends_uploads_to_the_archive(upload_server: TestServer,
-                                                     mount_factory, tmp_path: Path) -> None:  # noqa: ANN001
-    mount = mount_factory(upload_server, "--direct-archive", name="direct")
+@pytest.mark.parametrize("how", ["option", "config"])
+def test_direct_archive_sends_uploads_to_the_archive(upload_server: TestServer, mount_factory,  # noqa: ANN001
+                                                     tmp_path: Path, how: str) -> None:
+    if how == "config":  # the site's profile in ~/.config/xnatfs/config.toml says so
+        config = tmp_path / "home-direct" / "config" / "xnatfs" / "config.toml"
+        config.parent.mkdir(parents=True)
+        config.write_text(f'[profiles.site]\nurl = "{upload_server.url}"\n'
+                          "direct_archive = true\n")
+        mount = mount_factory(upload_server, name="direct")
+    else:
+        mount = mount_factory(upload_server, "--direct-archive", name="direct")
     archive = tmp_path / "direct.zip"
-    write_dicom_archive(archive, synthetic_study("Di^Rect", "DIRECT1", slices=2, rows=16,
+    write_dicom_archive(archive, synthetic_study("Di^Rect", f"DIRECT-{how}", slices=2, rows=16,
                                                  cols=16, seed=61))
-    folder = mount.path / "uploads" / "NEURO_PUB" / "subject=DSUBJ" / "session=DIRECT_MR"
+    session = f"DIRECT_{how.upper()}"
+    folder = mount.path / "uploads" / "NEURO_PUB" / "subject=DSUBJ" / f"session={session}"
     folder.mkdir(parents=True)
     subprocess.run(["cp", str(archive), str(folder)], check=True)
     [uri] = upload_result(folder / "direct.zip")
-    assert uri == "/data/archive/projects/NEURO_PUB/subjects/DSUBJ/experiments/DIRECT_MR"
-    assert os.listdir(mount.path / "NEURO_PUB" / "DSUBJ" / "DIRECT_MR" / "scans")
+    assert uri == f"/data/archive/projects/NEURO_PUB/subjects/DSUBJ/experiments/{session}"
+    assert os.listdir(mount.path / "NEURO_PUB" / "DSUBJ" / session / "scans")
 
 
 def test_prearchive_cli_commands(mount: Mount, tmp_path: Path) -> None:
