@@ -161,6 +161,7 @@ class FileState:
     next_read: int = -1         # where a sequential reader would read next
     window: int = 0             # current read-ahead, bytes
     ahead_until: int = 0        # blocks below this index are already on their way
+    census: trio.Event | None = None  # set once on_disk lists what the disk had
     hasher: object = None
     hash_next: int = 0          # next block index to feed into the digest check
     hashing: bool = False
@@ -198,7 +199,7 @@ class BlockCache:
     def __init__(self, client: XnatClient, directory: Path, *, size_limit: int,
                  nursery: trio.Nursery, block_size: int = DEFAULT_BLOCK_SIZE,
                  memory_bytes: int = 96 * 1024 * 1024, range_mode: str = "auto",
-                 max_parallel: int = 8, max_window: int = 64 * 1024 * 1024) -> None:
+                 max_parallel: int = 8, max_window: int = 32 * 1024 * 1024) -> None:
         self.client = client
         self.block_size = block_size
         self.range_mode = range_mode
@@ -212,6 +213,7 @@ class BlockCache:
                                                                  getsizeof=len)
         self.files: LRUCache[str, FileState] = LRUCache(maxsize=4096)
         self.disk_limiter = trio.CapacityLimiter(4)
+        self.lookup_limiter = trio.CapacityLimiter(2)
         self.fetch_limiter = trio.CapacityLimiter(max_parallel)
         # Speculative fetches (the next files of a series) hold at most half of
         # the slots, so a file just opened never queues behind them.
@@ -351,20 +353,32 @@ class BlockCache:
         return data
 
     async def _has_block(self, state: FileState, index: int) -> bool:
-        if index in state.pending or (state.ident.key, index) in self.memory:
+        if (index in state.pending or (state.ident.key, index) in self.memory
+                or index in state.on_disk):
             return True
-        if index in state.on_disk:
-            return True
+        await self._take_census(state)
+        return index in state.on_disk
+
+    async def _take_census(self, state: FileState) -> None:
+        """Learn which blocks of a file are on disk, once per file, in one worker
+        call that does not queue behind block writes (a read-ahead asking block
+        by block waited for the disk cache's writes on every block)."""
+        if state.census is not None:
+            await state.census.wait()
+            return
+        state.census = trio.Event()
+        keys = [self._disk_key(state, i) for i in range(state.nblocks)]
+
+        def present() -> list[int]:
+            return [i for i, key in enumerate(keys) if key in self.disk]
+
         try:
-            present = await trio.to_thread.run_sync(self.disk.__contains__,
-                                                    self._disk_key(state, index),
-                                                    limiter=self.disk_limiter)
-        except Exception as exc:
-            log.warning("cannot look up cached block %s: %s", self._disk_key(state, index), exc)
-            present = False
-        if present:
-            state.on_disk.add(index)
-        return present
+            state.on_disk.update(await trio.to_thread.run_sync(
+                present, limiter=self.lookup_limiter))
+        except Exception as exc:  # a broken disk cache is a miss
+            log.warning("cannot look up the cached blocks of %s: %s", state.ident.uri, exc)
+        finally:
+            state.census.set()
 
     # ---------------------------------------------------------- read-ahead
     async def _read_ahead(self, state: FileState, offset: int, end: int) -> None:
