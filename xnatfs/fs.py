@@ -406,7 +406,8 @@ class Operations(pyfuse3.Operations):
         self.tree.refresh_upload_node(node)
         node.parent = new_parent.inode
         if node.upload.dirty and node.upload.open_handles == 0:
-            await self._finish_upload(node)
+            # Renamed after close (a temporary made real): finished as a close would be.
+            await self._finish_upload(node, closing=True)
 
     async def _rename_prearchive(self, node: Node, new_parent: Node, name_new: bytes) -> None:
         """``mv`` out of the prearchive: into a subject archives, into another project moves."""
