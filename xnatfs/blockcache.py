@@ -198,7 +198,7 @@ class BlockCache:
 
     def __init__(self, client: XnatClient, directory: Path, *, size_limit: int,
                  nursery: trio.Nursery, block_size: int = DEFAULT_BLOCK_SIZE,
-                 memory_bytes: int = 96 * 1024 * 1024, range_mode: str = "auto",
+                 memory_bytes: int = 64 * 1024 * 1024, range_mode: str = "auto",
                  max_parallel: int = 8, max_window: int = 32 * 1024 * 1024) -> None:
         self.client = client
         self.block_size = block_size

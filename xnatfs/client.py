@@ -977,9 +977,10 @@ class ByteStream:
 # ------------------------------------------------------------------- helpers
 # httpcore receives at most 64 KiB per socket read, and every read costs a trip
 # through trio and h11: downloads then top out near 0.8 GB/s of one core. With
-# 1 MiB the same loop passes ~1.6 GB/s (measured on loopback, the benchmark's
-# S1); small answers are unaffected (a read returns what has arrived).
-SOCKET_READ_BYTES = 1 << 20
+# 256 KiB the same loop passes ~1.3 GB/s (1 MiB: ~1.6 GB/s, but the mount's peak
+# RSS grew by ~40 MB from allocator churn; measured on loopback, the benchmark's
+# S1 and S8). Small answers are unaffected (a read returns what has arrived).
+SOCKET_READ_BYTES = 256 * 1024
 
 
 def _raise_socket_read_size() -> None:
