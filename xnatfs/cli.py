@@ -295,8 +295,11 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
                          prearchive_ttl=args.prearchive_ttl,
                          request_timeout=args.timeout, debug_fuse=args.debug_fuse)
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
+    mounted = False
 
     def on_ready() -> None:
+        nonlocal mounted
+        mounted = True
         if ready_pipe is not None:
             ready_pipe.write("ready\n")
             ready_pipe.close()
@@ -304,11 +307,17 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
     try:
         trio.run(run_mount, config, on_ready)
     except (XnatError, OSError) as exc:
+        if mounted:  # it failed while serving: say so in the log (stderr may be gone)
+            logging.getLogger("xnatfs").exception("the mount stopped on an error")
+            raise
         message = f"xnatfs: cannot mount {credentials.url}: {exc}"
         if ready_pipe is not None and not ready_pipe.closed:
             ready_pipe.write(f"error: {message}\n")
             ready_pipe.close()
         raise UserError(message) from None
+    except Exception:
+        logging.getLogger("xnatfs").exception("the mount stopped on an unexpected error")
+        raise
     return 0
 
 

@@ -31,6 +31,7 @@ import fnmatch
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -147,6 +148,7 @@ class Upload:
         self.spool_dir = spool_dir
         self.data_path = spool_dir / "data"
         self.fd = -1
+        self._fd_lock = threading.Lock()  # close_spool runs in worker threads
         self.ensure_spool()
         self.head = bytearray()
         self.next_offset = 0                     # where a sequential writer continues
@@ -174,9 +176,12 @@ class Upload:
             self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
 
     def close_spool(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close the local copy; safe from several threads at once (each fd is
+        closed once: the last close of a write-behind upload can race its end)."""
+        with self._fd_lock:
+            fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class UploadManager:
@@ -224,13 +229,20 @@ class UploadManager:
             upload.record.state = State.WRITING.value
             upload.record.result = []
             upload.record.message = ""
-        def spool() -> None:
-            upload.ensure_spool()
-            os.pwrite(upload.fd, data, offset)
-
-        await trio.to_thread.run_sync(spool, limiter=self.disk_limiter)
-        upload.dirty = True
         end = offset + len(data)
+        if upload.stream_send is not None and offset == upload.next_offset:
+            # A sequential write of a streaming archive: the local copy and the
+            # stream take it at the same time (one waits for the disk, the other
+            # for the server).
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._spool_write, upload, offset, data)
+                await self._stream_feed(upload, data)
+            upload.dirty = True
+            upload.record.size = max(upload.record.size, end)
+            upload.next_offset = end
+            return len(data)
+        await self._spool_write(upload, offset, data)
+        upload.dirty = True
         upload.record.size = max(upload.record.size, end)
         if offset != upload.next_offset:
             self._abandon_stream(upload, "out-of-order write")
@@ -244,10 +256,14 @@ class UploadManager:
                     self._start_stream(upload)
                     # Everything written so far is in the spool; it goes first.
                     await self._stream_feed(upload, await self._read_spool(upload, 0, end))
-            return len(data)
-        if upload.stream_send is not None:
-            await self._stream_feed(upload, data)
         return len(data)
+
+    async def _spool_write(self, upload: Upload, offset: int, data: bytes) -> None:
+        def spool() -> None:
+            upload.ensure_spool()
+            os.pwrite(upload.fd, data, offset)
+
+        await trio.to_thread.run_sync(spool, limiter=self.disk_limiter)
 
     async def truncate(self, upload: Upload, size: int) -> None:
         """``O_TRUNC`` or ``truncate()``: the upload starts over from ``size`` bytes."""
@@ -401,13 +417,18 @@ class UploadManager:
                 await self._upload_and_record(upload)
         except XnatError:
             pass  # _fail recorded it and kept the file
+        except Exception:  # a bug: keep the mount alive, say so
+            log.exception("background upload of %s failed", upload.record.relpath)
         finally:
             if upload.background is done:
                 upload.background = None
             done.set()
+        try:
             if self.on_finished is not None:
                 self.on_finished(upload)
-        await self.release(upload)  # its handles may all be closed by now
+            await self.release(upload)  # its handles may all be closed by now
+        except Exception:
+            log.exception("cleaning up after the upload of %s failed", upload.record.relpath)
 
     async def _upload(self, upload: Upload) -> list[str]:
         if upload.stream_send is not None:
