@@ -103,7 +103,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from xnatfs.testing.harness import TestServer, env_without_proxies  # noqa: E402
+from xnatfs.testing.harness import (  # noqa: E402
+    TestServer,
+    env_without_proxies,
+    pids_with_cmdline,
+)
 from xnatfs.mount import mount_device  # noqa: E402
 
 MiB = 1 << 20
@@ -417,21 +421,6 @@ class CpuWatch:
             if before is not None and after is not None:
                 out[name] = round(100.0 * (after - before) / TICK / wall, 1)
         return out
-
-
-def pids_with_cmdline(*needles: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        text = [a.decode(errors="replace") for a in args]
-        if all(needle in text for needle in needles):
-            found.append(int(entry.name))
-    return found
 
 
 def is_mounted(mountpoint: Path) -> bool:

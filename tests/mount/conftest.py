@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from xnatfs.testing.harness import TestServer
+from xnatfs.testing.harness import TestServer, pids_with_cmdline
 
 
 def fuse_available() -> bool:
@@ -49,17 +49,10 @@ class Mount:
 
 def daemon_pid(mountpoint: Path) -> int:
     """The xnatfs process serving ``mountpoint``."""
-    wanted = str(mountpoint.resolve()).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--foreground" in argv and wanted in argv:
-            return int(entry.name)
-    raise AssertionError(f"no xnatfs process serves {mountpoint}")
+    pids = pids_with_cmdline("--foreground", str(mountpoint.resolve()))
+    if not pids:
+        raise AssertionError(f"no xnatfs process serves {mountpoint}")
+    return pids[0]
 
 
 def mount_xnatfs(server: TestServer, mountpoint: Path, cache_dir: Path, env: dict[str, str],

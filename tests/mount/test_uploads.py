@@ -56,6 +56,24 @@ def upload_result(path: Path) -> list[str]:
     return os.getxattr(path, "user.xnatfs.upload.result").decode().split()
 
 
+def mounted_prearchive(mount: Mount, uri: str) -> Path:
+    """Where ``/data/prearchive/projects/P/TS/SESSION`` appears in the mount."""
+    return mount.path / "prearchive" / Path(*uri.split("/")[4:])
+
+
+def drop_archive(mount: Mount, tmp_path: Path, name: str, patient: tuple[str, str], *,
+                 slices: int, seed: int) -> tuple[Path, str]:
+    """``cp`` a small DICOM zip of one study into ``uploads/NEURO_PUB/``; returns the
+    local zip and the prearchive URI XNAT gave it."""
+    archive = tmp_path / name
+    write_dicom_archive(archive, synthetic_study(*patient, slices=slices, rows=16, cols=16,
+                                                 seed=seed))
+    folder = mount.path / "uploads" / "NEURO_PUB"
+    subprocess.run(["cp", str(archive), str(folder)], check=True)
+    [uri] = upload_result(folder / name)
+    return archive, uri
+
+
 def member_digests(archive: Path) -> dict[str, str]:
     if archive.suffix == ".zip":
         with zipfile.ZipFile(archive) as zf:
@@ -289,16 +307,9 @@ def test_uploads_root_lists_writable_projects_only(mount: Mount) -> None:
 
 
 def test_archive_move_and_delete_by_file_operations(mount: Mount, tmp_path: Path) -> None:
-    folder = mount.path / "uploads" / "NEURO_PUB"
-    uris = []
-    for n in (1, 2, 3):
-        archive = tmp_path / f"ops{n}.zip"
-        write_dicom_archive(archive, synthetic_study("O^Ps", f"OPS{n}", slices=2, rows=16,
-                                                     cols=16, seed=20 + n))
-        subprocess.run(["cp", str(archive), str(folder)], check=True)
-        [uri] = upload_result(folder / archive.name)
-        uris.append(uri)
-    dirs = [mount.path / "prearchive" / Path(*u.split("/")[4:]) for u in uris]
+    uris = [drop_archive(mount, tmp_path, f"ops{n}.zip", ("O^Ps", f"OPS{n}"), slices=2,
+                         seed=20 + n)[1] for n in (1, 2, 3)]
+    dirs = [mounted_prearchive(mount, u) for u in uris]
     # Archive into a new subject: mkdir makes it, mv archives with the given labels.
     subject = mount.path / "NEURO_PUB" / "OPSSUBJ"
     subject.mkdir()
@@ -320,13 +331,9 @@ def test_archive_move_and_delete_by_file_operations(mount: Mount, tmp_path: Path
 
 
 def test_refused_archive_action_maps_to_errno(mount: Mount, tmp_path: Path) -> None:
-    archive = tmp_path / "conflict.zip"
-    write_dicom_archive(archive, synthetic_study("Con^Flict", "CONFL1", slices=2, rows=16,
-                                                 cols=16, seed=31))
-    folder = mount.path / "uploads" / "NEURO_PUB"
-    subprocess.run(["cp", str(archive), str(folder)], check=True)
-    [uri] = upload_result(folder / "conflict.zip")
-    session_dir = mount.path / "prearchive" / Path(*uri.split("/")[4:])
+    _, uri = drop_archive(mount, tmp_path, "conflict.zip", ("Con^Flict", "CONFL1"), slices=2,
+                          seed=31)
+    session_dir = mounted_prearchive(mount, uri)
     # NP001_MR1 already exists in NP001 and is a different study: XNAT refuses.
     with pytest.raises(OSError) as info:
         os.rename(session_dir, mount.path / "NEURO_PUB" / "NP001" / "NP001_MR1")
@@ -394,13 +401,9 @@ def test_out_of_order_writes_upload_from_the_local_copy(mount: Mount, tmp_path: 
 
 
 def test_prearchive_files_read_through_the_mount(mount: Mount, tmp_path: Path) -> None:
-    archive = tmp_path / "readback.zip"
-    write_dicom_archive(archive, synthetic_study("Re^Ad", "PREREAD2", slices=3, rows=16,
-                                                 cols=16, seed=52))
-    folder = mount.path / "uploads" / "NEURO_PUB"
-    subprocess.run(["cp", str(archive), str(folder)], check=True)
-    [uri] = upload_result(folder / "readback.zip")
-    session_dir = mount.path / "prearchive" / Path(*uri.split("/")[4:])
+    archive, uri = drop_archive(mount, tmp_path, "readback.zip", ("Re^Ad", "PREREAD2"),
+                                slices=3, seed=52)
+    session_dir = mounted_prearchive(mount, uri)
     mounted = {p.name: hashlib.md5(p.read_bytes()).hexdigest()
                for p in session_dir.rglob("*.dcm")}
     assert mounted == member_digests(archive)
@@ -417,7 +420,7 @@ def test_outside_uploads_appear_within_the_prearchive_lifetime(mount: Mount,
         outside = c.post("/data/services/import?import-handler=DICOM-zip&project=NEURO_PUB",
                          content=archive.read_bytes(), headers={"Content-Type": "application/zip"})
     assert outside.status_code == 200
-    target = mount.path / "prearchive" / Path(*outside.text.split("/")[4:])
+    target = mounted_prearchive(mount, outside.text)
     deadline = time.monotonic() + 15  # the mount trusts its listing for 1 s (--prearchive-ttl)
     while not target.exists():
         assert time.monotonic() < deadline, "the outside upload never appeared"

@@ -125,3 +125,20 @@ def env_without_proxies() -> dict[str, str]:
         env.pop(key, None)
     env["NO_PROXY"] = "127.0.0.1,localhost"
     return env
+
+
+def pids_with_cmdline(*needles: str) -> list[int]:
+    """Processes whose argv contains every one of ``needles`` as a whole argument
+    (how tests and the benchmark find the daemon serving a mount point)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in args]
+        if all(needle in text for needle in needles):
+            found.append(int(entry.name))
+    return found
