@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--insecure", action="store_true",
                        help="do not verify the server's TLS certificate")
     mount.add_argument("--range", choices=("auto", "on", "off"), default="auto",
-                       help="use HTTP Range requests: probe the server (auto), or force")
+                       help="use HTTP Range requests: learn from the first download (auto), or force")
     mount.add_argument("--timeout", type=float, default=30.0,
                        help="seconds before an unanswered request counts as failed")
     mount.add_argument("--log-level", default="WARNING")

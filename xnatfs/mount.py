@@ -39,7 +39,7 @@ class MountConfig:
     metadata_ttl: float = 60.0
     read_only: bool = False
     verify_tls: bool = True
-    range_mode: str = "auto"          # auto: probe the server once; on/off: trust the user
+    range_mode: str = "auto"          # auto: the first download tells; on/off: trust the user
     direct_archive: bool = False      # uploads go straight to the archive
     write_behind: bool = False        # close() of loose DICOM does not wait for XNAT
     prearchive_ttl: float = 5.0       # seconds the prearchive listing is trusted
