@@ -308,6 +308,28 @@ async def test_session_and_resource_files(client: XnatClient) -> None:
     assert all(f.resource_id == dicom.resource_id for f in in_resource)
 
 
+async def test_experiment_files_cover_scans_and_session_in_one_request(
+        server: TestServer, client: XnatClient) -> None:
+    """``files?all=true`` is the union of ``scans/ALL/files`` and ``/files``."""
+    experiment_id, scan_files = await session_files(client)
+    session_level = await client.list_session_files(experiment_id)
+    mark = server.log_mark()
+    everything = await client.list_experiment_files(experiment_id)
+    assert len(requests_since(server, mark)) == 1
+    assert sorted(everything, key=lambda f: f.uri) == sorted(scan_files + session_level,
+                                                             key=lambda f: f.uri)
+    assert {f.owner_kind for f in everything} == {"scan", "session"}
+
+
+async def test_project_experiments_carry_their_subject(client: XnatClient) -> None:
+    subjects = await client.list_subjects("NEURO_PUB")
+    whole = await client.list_experiments("NEURO_PUB")
+    for subject in subjects:
+        own = await client.list_experiments("NEURO_PUB", subject.id)
+        assert own and own == [e for e in whole if e.subject_id == subject.id]
+    assert {e.subject_id for e in whole} == {s.id for s in subjects}
+
+
 # ------------------------------------------------------------------- data
 async def test_range_reads_equal_a_full_download(server: TestServer, client: XnatClient) -> None:
     _, files = await session_files(client)

@@ -105,7 +105,8 @@ _SESSION_ID = re.compile(r"^[A-Za-z0-9._-]{8,256}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 # ".../resources/{R}/files/{path}": the first such pair, so a resource may be called "files".
 _FILE_URI = re.compile(r"^(?P<owner>.*?)/resources/(?P<resource>[^/]+)/files/(?P<path>.+)$")
-_SCAN_OWNER = re.compile(r"/scans/(?P<scan>[^/]+)$")
+_SCAN_OWNER = re.compile(r"/experiments/[^/]+/scans/(?P<scan>[^/]+)$")
+_SESSION_OWNER = re.compile(r"/experiments/[^/]+$")
 # RFC 3986 pchar plus "/": everything else in an XNAT path is percent-encoded.
 _PATH_SAFE = "/:@!$&'()*+,;=[]~"
 
@@ -215,6 +216,8 @@ class RemoteFile:
         uri: download path, ``/data/...``, unencoded.
         resource_label, resource_id: the resource holding it.
         scan_id: its scan, or None for a session-level resource.
+        owner_kind: what holds the resource: ``scan``, ``session``, or ``other``
+            (a reconstruction, assessor, subject or project).
     """
 
     path: str
@@ -224,6 +227,7 @@ class RemoteFile:
     resource_label: str
     resource_id: str
     scan_id: str | None
+    owner_kind: str = "session"
 
 
 @dataclass(frozen=True)
@@ -574,9 +578,12 @@ class XnatClient:
                             insert_date=_text(row.get("insert_date")))
                     for row in rows]
 
-    async def list_experiments(self, project: str, subject: str) -> list[Experiment]:
-        """Experiments of one subject (given by ID or label) in ``project``."""
-        path = f"/data/projects/{project}/subjects/{subject}/experiments"
+    async def list_experiments(self, project: str, subject: str | None = None
+                               ) -> list[Experiment]:
+        """Experiments of one subject (given by ID or label) in ``project``, or of
+        every subject at once when ``subject`` is None (rows carry ``subject_ID``)."""
+        path = f"/data/projects/{project}" + (f"/subjects/{subject}" if subject else "")
+        path += "/experiments"
         rows = await self._get_rows(path, kind="experiments.list", params={
             "columns": "ID,label,xsiType,date,insert_date,project,subject_ID"})
         with _malformed_rows(path):
@@ -612,6 +619,15 @@ class XnatClient:
         """Every file of the experiment's own (session-level) resources."""
         path = f"/data/experiments/{experiment_id}/files"
         return _remote_files(await self._get_rows(path, kind="files.list"), path)
+
+    async def list_experiment_files(self, experiment_id: str) -> list[RemoteFile]:
+        """Every file of the session's own resources and of its scans' resources,
+        in one request: XNAT's ``files?all=true`` (``XNATTemplate.loadCatalogs``),
+        which also covers reconstructions and assessors; those are left out here
+        (their ``scan_id`` would be wrong), so only scan and session files remain."""
+        path = f"/data/experiments/{experiment_id}/files"
+        rows = await self._get_rows(path, kind="files.list", params={"all": "true"})
+        return [f for f in _remote_files(rows, path) if f.owner_kind in ("scan", "session")]
 
     async def list_resource_files(self, resource_uri: str) -> list[RemoteFile]:
         """Files of one resource, given as ``/data/.../resources/{id or label}``."""
@@ -790,7 +806,8 @@ class XnatClient:
             return [RemoteFile(path=_data_path(r["URI"]).split("/files/", 1)[1],
                                size=int(r["Size"]), digest=_text(r.get("digest")),
                                uri=_data_path(r["URI"]), resource_label=resource,
-                               resource_id=resource, scan_id=scan_id) for r in rows]
+                               resource_id=resource, scan_id=scan_id, owner_kind="scan")
+                    for r in rows]
 
     async def archive_prearchive(self, session_uri: str, *, project: str | None = None,
                                  subject: str | None = None,
@@ -1248,7 +1265,9 @@ def _remote_file(row: Mapping[str, Any], listing: str) -> RemoteFile:
     match = _FILE_URI.match(uri)
     if match is None:
         raise ServerError(f"unexpected file URI {uri!r}", path=listing)
-    scan = _SCAN_OWNER.search(match.group("owner"))
+    owner = match.group("owner")
+    scan = _SCAN_OWNER.search(owner)
+    owner_kind = "scan" if scan else "session" if _SESSION_OWNER.search(owner) else "other"
     try:
         size = int(row.get("Size") or 0)
     except ValueError:
@@ -1257,4 +1276,4 @@ def _remote_file(row: Mapping[str, Any], listing: str) -> RemoteFile:
                       uri=_data_path(uri),
                       resource_label=row.get("collection") or match.group("resource"),
                       resource_id=row.get("cat_ID") or match.group("resource"),
-                      scan_id=scan.group("scan") if scan else None)
+                      scan_id=scan.group("scan") if scan else None, owner_kind=owner_kind)

@@ -141,6 +141,9 @@ class Tree:
         self._inflight: dict[Hashable, trio.Event] = {}
         self._inflight_errors: dict[Hashable, BaseException] = {}
         self._entries: dict[int, list[Node]] = {}  # last listing of each directory
+        # The subject whose experiments were last listed on their own, by project.
+        self._last_subject_listed: TTLCache[str, str] = TTLCache(
+            maxsize=1000, ttl=self.metadata_ttl, timer=trio.current_time)
         self._prearchive_fetched_at: float | None = None
         self.mount_time_ns = int(dt.datetime.now().timestamp() * 1e9)
         root = Node(ROOT_INODE, Kind.ROOT, "", ROOT_INODE, ("root",),
@@ -202,30 +205,32 @@ class Tree:
     def invalidate(self, key: Hashable) -> None:
         self._listings.pop(key, None)
 
-    async def session_files(self, experiment_id: str, *, scans: bool) -> FileGroups:
-        """The files of every scan resource (``scans``) or of every session-level
-        resource of a session: one listing each, fetched only when visited, so
-        that the whole ``scans/`` tree costs two requests with the session's own
-        (XNAT has no listing of both at once)."""
-        return await self.cached(("session-files", experiment_id, scans),
-                                 lambda: self._load_session_files(experiment_id, scans))
+    async def session_files(self, experiment_id: str) -> FileGroups:
+        """The files of every resource of a session, its scans' and its own, from
+        one listing (``files?all=true``), so that a whole session costs two
+        requests with its item. Skipped when the item names no resource."""
+        return await self.cached(("session-files", experiment_id),
+                                 lambda: self._load_session_files(experiment_id))
 
-    async def _load_session_files(self, experiment_id: str, scans: bool) -> FileGroups:
+    async def _load_session_files(self, experiment_id: str) -> FileGroups:
         detail = await self.session_detail(experiment_id)
         groups: FileGroups = {}
-        if scans:
-            for scan in detail.scans:
-                for resource in scan.resources:
-                    groups[(scan.id, resource.label)] = []
-            if groups:
-                for f in await self.client.list_scan_files(experiment_id):
-                    groups.setdefault((f.scan_id, f.resource_label), []).append(f)
-        else:
-            for resource in detail.resources:
-                groups[(None, resource.label)] = []
-            if groups:
-                for f in await self.client.list_session_files(experiment_id):
-                    groups.setdefault((None, f.resource_label), []).append(f)
+        scan_files_expected = False
+        for scan in detail.scans:
+            for resource in scan.resources:
+                groups[(scan.id, resource.label)] = []
+                scan_files_expected |= resource.file_count != 0
+        for resource in detail.resources:
+            groups[(None, resource.label)] = []
+        if not groups:
+            return groups
+        files = await self.client.list_experiment_files(experiment_id)
+        if scan_files_expected and not any(f.scan_id is not None for f in files):
+            # A server that ignores ``all=true`` lists only the session's own
+            # files; the scans then take their own listing.
+            files += await self.client.list_scan_files(experiment_id)
+        for f in files:
+            groups.setdefault((f.scan_id, f.resource_label), []).append(f)
         return groups
 
     async def session_detail(self, experiment_id: str) -> xc.ExperimentDetail:
@@ -294,10 +299,23 @@ class Tree:
                                            xsi_type="xnat:subjectData"))
                 for s in subjects]
 
+    async def subject_experiments(self, project: str, subject_id: str) -> list[xc.Experiment]:
+        """A subject's experiments. The first subject opened in a project costs its
+        own listing; once a second one is opened (someone is walking the project,
+        as ``find`` or ``ls -R`` do), one listing of the whole project serves every
+        subject, so that a walk costs one request per project, not per subject."""
+        whole_project = ("experiments", project)
+        walking = self._last_subject_listed.get(project, subject_id) != subject_id
+        if walking or whole_project in self._listings or whole_project in self._inflight:
+            experiments = await self.cached(
+                whole_project, lambda: self.client.list_experiments(project))
+            return [e for e in experiments if e.subject_id == subject_id]
+        self._last_subject_listed[project] = subject_id
+        return await self.cached(("experiments", project, subject_id),
+                                 lambda: self.client.list_experiments(project, subject_id))
+
     async def _children_of_subject(self, node: Node) -> list[Node]:
-        experiments = await self.cached(
-            ("experiments", node.project, node.subject_id),
-            lambda: self.client.list_experiments(node.project, node.subject_id))
+        experiments = await self.subject_experiments(node.project, node.subject_id)
         return [self._child(node, Kind.SESSION, safe_name(e.label), ("session", e.id),
                             project=node.project, subject_id=node.subject_id,
                             experiment_id=e.id,
@@ -385,8 +403,7 @@ class Tree:
             assert node.scan_id is not None
             files = await self.prearchive_files(node.prearchive_uri, node.scan_id)
         else:
-            groups = await self.session_files(node.experiment_id,
-                                              scans=node.scan_id is not None)
+            groups = await self.session_files(node.experiment_id)
             files = groups.get((node.scan_id, node.resource_label), [])
         prefix = f"{node.folder}/" if node.folder else ""
         owner = node.experiment_id or node.prearchive_uri

@@ -68,16 +68,16 @@ def test_stat_sizes_match_listings_without_per_file_requests(demo_mount: Mount) 
         assert st.st_mode & 0o777 == 0o444
     routes = [e["route"] for e in demo_mount.server.requests_since(mark)]
     assert "files.download" not in routes
-    # One listing per level on the way down, then the session: one item, one
-    # scans/ALL/files for every scan file and one /files for its own resources.
+    # One listing per level on the way down, then the session: its item and
+    # one listing of every file, its scans' and its own.
     walk = ["projects.list", "subjects.list", "experiments.list"]
     assert routes[:3] == walk
-    assert sorted(routes[3:]) == ["experiment.get", "files.list", "files.list"], routes
+    assert routes[3:] == ["experiment.get", "files.list"], routes
 
 
-def test_a_sessions_scans_tree_costs_two_requests(demo_mount: Mount) -> None:
-    """``ls -lR scans`` of a session: its item and scans/ALL/files, whatever its size;
-    the session-level resources cost one more listing, only when visited."""
+def test_a_whole_session_costs_two_requests(demo_mount: Mount) -> None:
+    """``ls -lR`` of a session's scans, then of its own resources: its item and
+    one ``files?all=true`` listing, whatever its size."""
     session = demo_mount.path / "NEURO_PUB" / "NP001" / "NP001_MR2"
     os.stat(session)
     mark = demo_mount.server.log_mark()
@@ -86,14 +86,33 @@ def test_a_sessions_scans_tree_costs_two_requests(demo_mount: Mount) -> None:
     assert ".dcm" in out
     requests = demo_mount.server.requests_since(mark)
     assert [e["route"] for e in requests] == ["experiment.get", "files.list"], requests
-    assert re.fullmatch(r"/data/experiments/\w+/scans/ALL/files", requests[1]["path"])
+    assert re.fullmatch(r"/data/experiments/\w+/files", requests[1]["path"])
+    assert "all=true" in requests[1]["query"]
     mark = demo_mount.server.log_mark()
     out = subprocess.run(["ls", "-lR", str(session / "resources")], check=True,
                          capture_output=True, text=True).stdout
     assert "qc.json" in out
-    requests = demo_mount.server.requests_since(mark)
-    assert [e["route"] for e in requests] == ["files.list"], requests
-    assert re.fullmatch(r"/data/experiments/\w+/files", requests[0]["path"])
+    assert demo_mount.server.requests_since(mark) == []
+
+
+def test_walking_a_project_lists_its_experiments_once(demo_mount: Mount) -> None:
+    """The first subject opened costs its own listing; from the second on, one
+    listing of the project's experiments serves every subject of the walk."""
+    project = demo_mount.path / "NEURO_PUB"
+    subjects = sorted(os.listdir(project))
+    assert len(subjects) == 3
+    mark = demo_mount.server.log_mark()
+    seen = {s: set(os.listdir(project / s)) for s in subjects}
+    paths = [e["path"] for e in demo_mount.server.requests_since(mark)
+             if e["route"] == "experiments.list"]
+    assert len(paths) == 2, paths
+    assert re.fullmatch(r"/data/projects/NEURO_PUB/subjects/\w+/experiments", paths[0])
+    assert paths[1] == "/data/projects/NEURO_PUB/experiments"
+    with httpx.Client(base_url=demo_mount.server.url, auth=("admin", "admin")) as c:
+        for subject in subjects:
+            rows = c.get(f"/data/projects/NEURO_PUB/subjects/{subject}/experiments"
+                         ).json()["ResultSet"]["Result"]
+            assert seen[subject] == {r["label"] for r in rows}, subject
 
 
 def test_cp_r_session_is_byte_identical(demo_mount: Mount, tmp_path: Path) -> None:
@@ -115,7 +134,7 @@ def test_find_lists_everything_and_ls_l_costs_one_listing(demo_mount: Mount) -> 
     routes = [e["route"] for e in demo_mount.server.requests_since(mark)]
     below_subject = [r for r in routes if r not in ("projects.list", "subjects.list",
                                                      "experiments.list")]
-    assert sorted(below_subject) == ["experiment.get", "files.list", "files.list"], routes
+    assert below_subject == ["experiment.get", "files.list"], routes
     mark = demo_mount.server.log_mark()
     subprocess.run(["ls", "-lR", str(session)], check=True, capture_output=True)
     assert demo_mount.server.requests_since(mark) == []  # all cached

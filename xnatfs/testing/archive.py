@@ -569,13 +569,20 @@ class ArchiveRoutes:
                          {k: v for k, v in fields.items() if v != ""})
 
     # Files -----------------------------------------------------------------
-    def _file_sources(self, res: Resolved) -> list[tuple[sqlite3.Row | None, sqlite3.Row]]:
-        """(scan, resource) pairs a ``files`` URL covers."""
+    def _file_sources(self, res: Resolved, request: web.Request | None = None
+                      ) -> list[tuple[sqlite3.Row | None, sqlite3.Row]]:
+        """(scan, resource) pairs a ``files`` URL covers. ``all=true`` on a
+        session's own ``files`` adds every scan's resources, as XNAT's
+        ``XNATTemplate.loadCatalogs`` does (it adds reconstructions and
+        assessors too, which this server does not model)."""
         if res.experiment is None:
             return []
         eid = res.experiment["id"]
         pairs: list[tuple[sqlite3.Row | None, sqlite3.Row]] = []
         scans = res.scans if res.scans is not None else [None]
+        if (res.scans is None and res.resources is None and request is not None
+                and request.query.get("all", "").lower() == "true"):
+            scans = [None, *self.store.scans(eid)]
         scan_by_pk = {s["pk"]: s for s in (res.scans or [])}
         if res.resources is not None:
             return [(scan_by_pk.get(r["scan_pk"]), r) for r in res.resources]
@@ -608,7 +615,7 @@ class ArchiveRoutes:
                     res: Resolved) -> web.Response:
         request["route"] = "files.list"
         rows = []
-        for scan, resource in self._file_sources(res):
+        for scan, resource in self._file_sources(res, request):
             for f in self.store.files(resource["id"]):
                 rows.append({"Name": f.path.rsplit("/", 1)[-1], "Size": f.size,
                              "URI": self._file_uri(res, path, scan, resource, f),
@@ -627,7 +634,7 @@ class ArchiveRoutes:
                 return await self._archive_download(request, path, res, fmt)
             return self._list_files(request, path, res)
         request["route"] = "files.download"
-        for _scan, resource in self._file_sources(res):
+        for _scan, resource in self._file_sources(res, request):
             f = self.store.file(resource["id"], path.file_path)
             if f is not None:
                 return await send_blob(request, self.store.blob_path(f.blob),
@@ -643,7 +650,7 @@ class ArchiveRoutes:
         structure = request.query.get("structure", "default")
         label = res.experiment["label"] if res.experiment is not None else "download"
         entries: list[tuple[str, Path, float]] = []
-        for scan, resource in self._file_sources(res):
+        for scan, resource in self._file_sources(res, request):
             for f in self.store.files(resource["id"]):
                 entries.append((zip_entry_name(label, scan, resource["label"], f.path, structure),
                                 self.store.blob_path(f.blob), f.mtime))
