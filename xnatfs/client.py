@@ -627,7 +627,16 @@ class XnatClient:
         (their ``scan_id`` would be wrong), so only scan and session files remain."""
         path = f"/data/experiments/{experiment_id}/files"
         rows = await self._get_rows(path, kind="files.list", params={"all": "true"})
-        return [f for f in _remote_files(rows, path) if f.owner_kind in ("scan", "session")]
+        files = []
+        for row in rows:
+            try:
+                f = _remote_file(row, path)
+            except ServerError as exc:  # an assessor's file in a shape we do not show
+                log.debug("skipping a row of %s: %s", path, exc)
+                continue
+            if f.owner_kind in ("scan", "session"):
+                files.append(f)
+        return files
 
     async def list_resource_files(self, resource_uri: str) -> list[RemoteFile]:
         """Files of one resource, given as ``/data/.../resources/{id or label}``."""

@@ -31,8 +31,6 @@ from xnatfs.blockcache import DEFAULT_BLOCK_SIZE
 from xnatfs.testing.harness import TestServer
 from xnatfs.testing.store import Store
 
-from .conftest import Mount
-
 BS = DEFAULT_BLOCK_SIZE
 ADMIN = ("admin", "admin")
 # Routes and client request kinds that carry file contents.
