@@ -16,7 +16,8 @@ id    xnatfs figure                                  baseline                   
 ====  =============================================  ==========================  ==========
 S0    sequential read of a file of zeros from        -                           (ceiling)
       contrib/zerofs.py (a do-nothing pyfuse3 fs),
-      also with its tuning applied as xnatfs does
+      also with its tuning applied as xnatfs does;
+      the better of the two is the ceiling
 S1    cold sequential read (dd bs=1M) of the 1 GiB+  min(curl download, S0)      >= 0.8
       NIfTI, loopback
 S2    the same, wan                                  curl download               on >= 3,
@@ -792,7 +793,9 @@ class Bench:
         for _ in range(self.scope.runs):
             self.guarded(measure, lambda: self._zero_read(size))
             self.guarded(early, lambda: self._zero_read(size, "--tune-before-init"))
-        self.s0_measure = measure
+        # The ceiling is the better of the two: the kernel's readahead for a plain
+        # FUSE mount swings several-fold from one mount to the next on this VM.
+        self.s0_measure = max((measure, early), key=lambda m: m.value or 0.0)
         self.add(Figure("S0", None, f"seq read {fmt_bytes(size)} from zerofs (pyfuse3 ceiling)",
                         measure))
         self.add(Figure("S0", None, f"seq read {fmt_bytes(size)} from zerofs tuned as xnatfs "
