@@ -52,3 +52,27 @@ async def test_a_server_ignoring_all_true_still_shows_scan_files() -> None:
     assert [f.path for f in groups[("2", "DICOM")]] == ["1.dcm"]
     assert [f.path for f in groups[(None, "DICOM")]] == ["qc.json"]
     assert server.calls == ["item", "files?all=true", "scans/ALL/files"]
+
+
+class NoSubjectColumnServer:
+    """An XNAT whose project-wide experiment listing leaves out ``subject_ID``."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def list_experiments(self, project: str, subject: str | None = None
+                               ) -> list[xc.Experiment]:
+        self.calls.append(f"experiments of {subject or 'the project'}")
+        owner = None if subject is None else subject
+        return [xc.Experiment(id=f"E_{subject}", label=f"{subject}_MR1", project=project,
+                              subject_id=owner, xsi_type="xnat:mrSessionData", date=None,
+                              insert_date=None)]
+
+
+async def test_a_walk_falls_back_to_subject_listings_without_subject_ids() -> None:
+    server: Any = NoSubjectColumnServer()
+    tree = Tree(server)
+    assert [e.id for e in await tree.subject_experiments("P", "S1")] == ["E_S1"]
+    assert [e.id for e in await tree.subject_experiments("P", "S2")] == ["E_S2"]
+    assert server.calls == ["experiments of S1", "experiments of the project",
+                            "experiments of S2"]

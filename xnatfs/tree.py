@@ -309,7 +309,10 @@ class Tree:
         if walking or whole_project in self._listings or whole_project in self._inflight:
             experiments = await self.cached(
                 whole_project, lambda: self.client.list_experiments(project))
-            return [e for e in experiments if e.subject_id == subject_id]
+            # Rows without their subject (a server that drops the column) cannot
+            # be shared out; the subject's own listing is then the only answer.
+            if all(e.subject_id is not None for e in experiments):
+                return [e for e in experiments if e.subject_id == subject_id]
         self._last_subject_listed[project] = subject_id
         return await self.cached(("experiments", project, subject_id),
                                  lambda: self.client.list_experiments(project, subject_id))
