@@ -3,7 +3,9 @@
 A file is cut into fixed-size blocks keyed by the file's identity (URI, size
 and digest), so a file changed on the server never hits stale blocks. A block
 is looked for in memory (a small LRU of hot blocks), then on disk
-(diskcache, always called from a worker thread), and only then fetched.
+(diskcache, always called from a worker thread), and only then fetched. An
+index of the files with blocks on disk, read once at start, lets a file never
+cached go straight to the server: a cold open costs no disk lookup.
 
 Fetching streams bytes into *pending* blocks, and a reader is woken as soon
 as the bytes it asked for have arrived, not when the whole block has: a
@@ -187,6 +189,7 @@ class _BlockReader:
 class CacheStatistics:
     memory_hits: int = 0
     disk_hits: int = 0
+    disk_lookups: int = 0
     fetched_blocks: int = 0
     fetch_requests: int = 0
     digest_checks: int = 0
@@ -227,9 +230,40 @@ class BlockCache:
         self._range_learning: trio.Event | None = None
         self._drop_listeners: list[Callable[[FileIdentity], None]] = []
         self._suspect: set[str] = set()  # keys of files whose last digest check failed
+        # Keys of the files with blocks on disk, read once at start, so that a file
+        # never cached costs no disk lookup before its download (None until read;
+        # blocks stored meanwhile are noted in _stored_before_index).
+        self._files_on_disk: set[str] | None = None
+        self._stored_before_index: set[str] = set()
+        self.indexed = trio.Event()  # set once the index is read (or could not be)
+        nursery.start_soon(self._index_disk)
 
     def close(self) -> None:
         self.disk.close()
+
+    async def _index_disk(self) -> None:
+        def file_keys() -> set[str]:
+            return {key.split(":", 1)[0] for key in self.disk.iterkeys()}
+
+        try:
+            keys = await trio.to_thread.run_sync(file_keys, limiter=self.lookup_limiter)
+        except Exception as exc:  # without the index, every miss is looked up on disk
+            log.warning("cannot index the disk cache: %s", exc)
+        else:
+            self._files_on_disk = keys | self._stored_before_index
+            self._stored_before_index.clear()
+        finally:
+            self.indexed.set()
+
+    def _never_on_disk(self, state: FileState) -> bool:
+        """Whether the disk cache surely has no block of this file."""
+        return self._files_on_disk is not None and state.ident.key not in self._files_on_disk
+
+    def _note_on_disk(self, state: FileState) -> None:
+        if self._files_on_disk is not None:
+            self._files_on_disk.add(state.ident.key)
+        else:
+            self._stored_before_index.add(state.ident.key)
 
     def add_drop_listener(self, listener: Callable[[FileIdentity], None]) -> None:
         """Call ``listener(ident)`` whenever the blocks of a file are dropped as bad."""
@@ -312,9 +346,10 @@ class BlockCache:
             if loading is not None:  # another reader is reading it from disk
                 await loading.wait()
                 continue
-            data = await self._load_from_disk(state, index)
-            if data is not None:
-                return data
+            if not self._never_on_disk(state):
+                data = await self._load_from_disk(state, index)
+                if data is not None:
+                    return data
             if key not in self.memory and index not in state.pending:
                 await self._fetch(state, index)
 
@@ -337,6 +372,7 @@ class BlockCache:
 
     async def _disk_get(self, state: FileState, index: int) -> bytes | None:
         key = self._disk_key(state, index)
+        self.stats.disk_lookups += 1
         try:
             data = await trio.to_thread.run_sync(self.disk.get, key, None,
                                                  limiter=self.disk_limiter)
@@ -367,6 +403,9 @@ class BlockCache:
             await state.census.wait()
             return
         state.census = trio.Event()
+        if self._never_on_disk(state):
+            state.census.set()
+            return
         keys = [self._disk_key(state, i) for i in range(state.nblocks)]
 
         def present() -> list[int]:
@@ -414,7 +453,7 @@ class BlockCache:
                 continue
             # Only where the block is known to be on disk, or the file has been
             # served from the cache alone so far: cold files are not looked up.
-            if index in state.on_disk or not state.fetched:
+            if index in state.on_disk or not (state.fetched or self._never_on_disk(state)):
                 claimed = state.loading[index] = trio.Event()  # before the task runs
                 self.nursery.start_soon(self._preload_block, state, index, claimed)
 
@@ -637,6 +676,7 @@ class BlockCache:
                 self._store_slots.release()
         if not state.dropped:
             state.on_disk.add(index)
+            self._note_on_disk(state)
 
     # ----------------------------------------------------------- integrity
     def _start_digest(self, state: FileState) -> bool:
