@@ -230,11 +230,11 @@ class BlockCache:
         self._range_learning: trio.Event | None = None
         self._drop_listeners: list[Callable[[FileIdentity], None]] = []
         self._suspect: set[str] = set()  # keys of files whose last digest check failed
-        # Keys of the files with blocks on disk, read once at start, so that a file
-        # never cached costs no disk lookup before its download (None until read;
-        # blocks stored meanwhile are noted in _stored_before_index).
-        self._files_on_disk: set[str] | None = None
-        self._stored_before_index: set[str] = set()
+        # Keys of the files with blocks on disk, read once at start (blocks stored
+        # meanwhile are added as they land), so that a file never cached costs no
+        # disk lookup before its download. Trusted only once the read succeeded.
+        self._files_on_disk: set[str] = set()
+        self._index_complete = False
         self.indexed = trio.Event()  # set once the index is read (or could not be)
         nursery.start_soon(self._index_disk)
 
@@ -250,20 +250,14 @@ class BlockCache:
         except Exception as exc:  # without the index, every miss is looked up on disk
             log.warning("cannot index the disk cache: %s", exc)
         else:
-            self._files_on_disk = keys | self._stored_before_index
-            self._stored_before_index.clear()
+            self._files_on_disk |= keys
+            self._index_complete = True
         finally:
             self.indexed.set()
 
     def _never_on_disk(self, state: FileState) -> bool:
         """Whether the disk cache surely has no block of this file."""
-        return self._files_on_disk is not None and state.ident.key not in self._files_on_disk
-
-    def _note_on_disk(self, state: FileState) -> None:
-        if self._files_on_disk is not None:
-            self._files_on_disk.add(state.ident.key)
-        else:
-            self._stored_before_index.add(state.ident.key)
+        return self._index_complete and state.ident.key not in self._files_on_disk
 
     def add_drop_listener(self, listener: Callable[[FileIdentity], None]) -> None:
         """Call ``listener(ident)`` whenever the blocks of a file are dropped as bad."""
@@ -458,14 +452,10 @@ class BlockCache:
                 self.nursery.start_soon(self._preload_block, state, index, claimed)
 
     async def _preload_block(self, state: FileState, index: int, claimed: trio.Event) -> None:
-        try:
+        try:  # _load_from_disk releases the claim whatever happens
             await self._load_from_disk(state, index, claimed)
         except Exception:  # a failed preload is only a missed chance
             log.exception("preloading block %d of %s failed", index, state.ident.uri)
-        finally:  # never leave readers waiting for it
-            if state.loading.get(index) is claimed:
-                del state.loading[index]
-            claimed.set()
 
     async def prefetch_whole(self, ident: FileIdentity, *, speculative: bool = True) -> None:
         """Fetch a small file completely in the background: a file just opened
@@ -676,7 +666,7 @@ class BlockCache:
                 self._store_slots.release()
         if not state.dropped:
             state.on_disk.add(index)
-            self._note_on_disk(state)
+            self._files_on_disk.add(state.ident.key)
 
     # ----------------------------------------------------------- integrity
     def _start_digest(self, state: FileState) -> bool:

@@ -7,12 +7,12 @@ Layout (the one XNAT's zip downloads use)::
     /uploads, /prearchive                                    (reserved)
 
 Metadata comes only from listings, never from per-file requests: a session's
-scans and resources come from one item request, all its scan files from one
-``scans/ALL/files`` request, so the whole ``scans/`` tree costs two; the
-session-level resources' files cost one more listing, made only when that
-``resources/`` folder is visited. Listings are cached for ``metadata_ttl`` seconds; a
-listing wanted by many callers at once is fetched once; names that do not
-exist are remembered for ``negative_ttl`` seconds.
+scans and resources come from one item request, and every file of its scans
+and of its own resources from one ``files?all=true`` request, so a whole
+session costs two; a walk over a project lists its experiments once. Listings
+are cached for ``metadata_ttl`` seconds; a listing wanted by many callers at
+once is fetched once; names that do not exist are remembered for
+``negative_ttl`` seconds.
 
 Nodes are never dropped while mounted: inodes stay stable across listing
 refreshes, because a node is found again by its key (what it is in XNAT).
