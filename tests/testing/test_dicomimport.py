@@ -227,12 +227,33 @@ def test_empty_zip_is_rejected(tmp_path: Path) -> None:
     assert err.value.status == 400
 
 
-def test_corrupt_zip_is_rejected(tmp_path: Path) -> None:
+def test_body_that_is_not_a_zip_reads_as_an_empty_one(tmp_path: Path) -> None:
+    # ZipInputStream stops at the first record that is not a local file header.
     archive = tmp_path / "u.zip"
     archive.write_bytes(b"not a zip at all")
+    with pytest.raises(StoreError, match="contained no DICOM objects") as err:
+        instances(archive, "upload.zip", tmp_path / "work")
+    assert err.value.status == 400
+
+
+def test_truncated_zip_is_rejected_and_leaves_no_spool(tmp_path: Path,
+                                                       write_study: StudyWriter) -> None:
+    whole = make_zip(tmp_path / "whole.zip", {"a.dcm": write_study([("1", "MR", 1)])[0]})
+    archive = tmp_path / "u.zip"
+    archive.write_bytes(whole.read_bytes()[:200])
     with pytest.raises(StoreError, match="unable to read data from file"):
         instances(archive, "upload.zip", tmp_path / "work")
+    assert list((tmp_path / "work").iterdir()) == []
 
+
+def test_zip_is_read_from_a_stream(tmp_path: Path, write_study: StudyWriter) -> None:
+    archive = make_zip(tmp_path / "u.zip", {f"s/{p.name}": p
+                                            for p in write_study([("1", "MR", 3)])})
+    work = tmp_path / "work"
+    work.mkdir()
+    with open(archive, "rb") as body:
+        found = [i.name for i in iter_dicom_instances(body, "upload.zip", work)]
+    assert len(found) == 3
 
 @pytest.mark.parametrize(("name", "message"), [("upload.bin", "Unsupported format UNKNOWN"),
                                                ("upload.gz", "Unsupported format GZ")])

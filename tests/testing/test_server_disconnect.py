@@ -87,7 +87,7 @@ def test_upload_abandoned_mid_body_is_a_client_disconnect(
     entry = logged(server, mark, "services.import")
     assert entry["status"] == 499, entry
     assert entry["path"] == "/data/services/import"
-    assert server_errors(server) == []
+    assert server_errors(server) == [], server.stderr_path.read_text()
     # Still answering, nothing half-imported, no spooled body left behind.
     assert admin.get("/data/projects?format=json").status_code == 200
     assert prearchive_sessions(admin) == []

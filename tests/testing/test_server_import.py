@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,6 +59,42 @@ def test_dicom_zip_import_lands_in_prearchive(admin: httpx.Client, tmp_path: Pat
     first = files["ResultSet"]["Result"][0]
     assert set(first) == {"Name", "Size", "URI"}
     assert len(admin.get(first["URI"]).content) == int(first["Size"])
+
+
+def test_zip_is_imported_while_the_body_is_still_arriving(
+        admin: httpx.Client, server: TestServer, tmp_path: Path) -> None:
+    """XNAT reads a DICOM-zip body with a ZipInputStream: objects land in the
+    prearchive (RECEIVING) before the client has sent the rest."""
+    body = study_zip(tmp_path, "STREAM001", 5)
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        last_entry = archive.infolist()[-1].header_offset
+
+    def sessions() -> list[dict[str, str]]:
+        with httpx.Client(base_url=server.url, auth=ADMIN, timeout=30) as other:
+            rows = other.get("/data/prearchive/projects/NEURO_PUB?format=json").json()
+        return [r for r in rows["ResultSet"]["Result"] if r["name"] == "STREAM001"]
+
+    seen_while_sending: list[dict[str, str]] = []
+
+    def chunks() -> Iterator[bytes]:
+        yield body[:last_entry]  # every object but the last
+        deadline = time.monotonic() + 30
+        while not (rows := sessions()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen_while_sending.extend(rows)
+        yield body[last_entry:]
+
+    r = admin.post("/data/services/import?import-handler=DICOM-zip&project=NEURO_PUB&inbody=true",
+                   content=chunks(), headers={"Content-Type": "application/zip"})
+    assert r.status_code == 200, r.text
+    assert [row["status"] for row in seen_while_sending] == ["RECEIVING"]
+    (row,) = sessions()
+    assert row["status"] == "READY" and r.text.strip().endswith("/STREAM001")
+    scans = admin.get(r.text.strip() + "/scans?format=json").json()["ResultSet"]["Result"]
+    received = sum(len(admin.get(f"{r.text.strip()}/scans/{scan['ID']}/resources/DICOM/files")
+                       .json()["ResultSet"]["Result"]) for scan in scans)
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        assert received == len(archive.infolist())
 
 
 def test_tar_gz_import(admin: httpx.Client, tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """Reading DICOM uploads the way XNAT's importers do, without any HTTP.
 
-The server spools each request body to a file and hands it here. This module
-turns that file into a stream of :class:`DicomInstance` objects, one parsed
-header at a time, each backed by a spooled file that still holds the original
-bytes. :mod:`xnatfs.testing.prearchive` files them into sessions.
+The server hands over a request body as it arrives (a DICOM-zip upload is
+read front to back, while it is sent, as XNAT reads it) or spooled to a file
+(multipart and single-file uploads). This module turns it into a stream of
+:class:`DicomInstance` objects, one parsed header at a time, each backed by a
+spooled file that still holds the original bytes. :mod:`xnatfs.testing.prearchive` files them into sessions.
 
 What XNAT does, and what we copy (``web/.../archive/DicomZipImporter``,
 ``GradualDicomImporter``, ``xft/utils/fileExtraction/Format``):
@@ -37,13 +38,12 @@ the SeriesInstanceUID with ``[^\\w]`` replaced by ``_`` when there is none.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import re
-import shutil
 import tarfile
 import tempfile
-import zipfile
 import zlib
 from typing import BinaryIO
 from collections.abc import Iterable, Iterator
@@ -54,6 +54,7 @@ import pydicom
 from pydicom.multival import MultiValue
 
 from xnatfs.testing.store import StoreError
+from xnatfs.testing.zipstream import ZipStreamError, iter_zip_stream
 
 DEFAULT_SESSION_LABEL = "dicom_upload"
 OTHER_MODALITY = "OT"
@@ -268,16 +269,17 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-def iter_dicom_instances(path: Path, name: str, work_dir: Path, *,
+def iter_dicom_instances(source: Path | BinaryIO, name: str, work_dir: Path, *,
                          ignore_unparsable: bool = False) -> Iterator[DicomInstance]:
-    """DICOM-zip: every object in an archive, one at a time.
+    """DICOM-zip: every object in an archive (a file, or a stream read front to
+    back, as XNAT reads a request body), one at a time.
 
     Each instance's file lives in ``work_dir`` until the consumer moves it away
     or asks for the next instance, so only one entry is on disk at a time.
     """
     skipped: StoreError | None = None
     found_any = False
-    for entry_name, entry_path in iter_archive_entries(path, name, work_dir):
+    for entry_name, entry_path in iter_archive_entries(source, name, work_dir):
         try:
             instance = read_dicom(entry_path, entry_name)
         except StoreError as exc:
@@ -291,43 +293,44 @@ def iter_dicom_instances(path: Path, name: str, work_dir: Path, *,
         raise skipped or StoreError(400, "The upload contained no DICOM objects.")
 
 
-def iter_archive_entries(path: Path, name: str, work_dir: Path) -> Iterator[tuple[str, Path]]:
+def iter_archive_entries(source: Path | BinaryIO, name: str,
+                         work_dir: Path) -> Iterator[tuple[str, Path]]:
     """Spool each file entry of a zip or tar to ``work_dir`` and yield
     (entry name, spooled path); nested archives are opened in turn."""
     fmt = archive_format(name)
-    if fmt == "ZIP":
-        entries = _zip_entries(path, work_dir)
-    elif fmt in ("TAR", "TGZ"):
-        entries = _tar_entries(path, work_dir)
-    else:
+    if fmt not in ("ZIP", "TAR", "TGZ"):
         raise StoreError(400, f"Unsupported format {fmt or 'UNKNOWN'}")
-    for entry_name, entry_path in entries:
-        try:
-            if archive_format(entry_name) is not None:
-                yield from iter_archive_entries(entry_path, entry_name, work_dir)
-            else:
-                yield entry_name, entry_path
-        finally:
-            entry_path.unlink(missing_ok=True)
+    with contextlib.ExitStack() as stack:
+        stream = (stack.enter_context(open(source, "rb")) if isinstance(source, Path)
+                  else source)
+        entries = _zip_entries(stream, work_dir) if fmt == "ZIP" else _tar_entries(
+            stream, work_dir)
+        for entry_name, entry_path in entries:
+            try:
+                if archive_format(entry_name) is not None:
+                    yield from iter_archive_entries(entry_path, entry_name, work_dir)
+                else:
+                    yield entry_name, entry_path
+            finally:
+                entry_path.unlink(missing_ok=True)
 
 
-def _zip_entries(path: Path, work_dir: Path) -> Iterator[tuple[str, Path]]:
+def _zip_entries(stream: BinaryIO, work_dir: Path) -> Iterator[tuple[str, Path]]:
+    """Entries by their local headers, as ``ZipInputStream`` reads them: a body
+    that is not a zip reads as an empty one."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if info.is_dir():
-                    continue
-                _check_entry_name(info.filename)
-                with archive.open(info) as source:
-                    spooled = _spool(source, work_dir)
-                yield info.filename, spooled
-    except (zipfile.BadZipFile, NotImplementedError, EOFError, zlib.error) as exc:
+        for entry_name, chunks in iter_zip_stream(stream):
+            if entry_name.endswith("/"):
+                continue
+            _check_entry_name(entry_name)
+            yield entry_name, _spool(chunks, work_dir)
+    except (ZipStreamError, EOFError, zlib.error) as exc:
         raise StoreError(400, "unable to read data from file") from exc
 
 
-def _tar_entries(path: Path, work_dir: Path) -> Iterator[tuple[str, Path]]:
+def _tar_entries(stream: BinaryIO, work_dir: Path) -> Iterator[tuple[str, Path]]:
     try:
-        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
+        with tarfile.open(fileobj=stream, mode="r|*") as archive:
             while (member := archive.next()) is not None:
                 # tarfile remembers every member it has read; forget them so an
                 # archive of 100k files does not grow memory without bound.
@@ -338,17 +341,26 @@ def _tar_entries(path: Path, work_dir: Path) -> Iterator[tuple[str, Path]]:
                 # Links and devices carry no data: XNAT reads them as empty
                 # streams, which then fail as unreadable DICOM.
                 source = archive.extractfile(member) if member.isfile() else None
-                yield member.name, _spool(source, work_dir)
+                yield member.name, _spool(_file_chunks(source), work_dir)
     except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise StoreError(400, "unable to read data from file") from exc
 
 
-def _spool(source: BinaryIO | None, work_dir: Path) -> Path:
-    """Copy one entry to a fresh file in ``work_dir`` (empty when no source)."""
+def _file_chunks(source: BinaryIO | None) -> Iterator[bytes]:
+    while source is not None and (data := source.read(COPY_CHUNK)):
+        yield data
+
+
+def _spool(chunks: Iterable[bytes], work_dir: Path) -> Path:
+    """Write one entry's bytes to a fresh file in ``work_dir``."""
     fd, name = tempfile.mkstemp(dir=work_dir, prefix="entry-")
-    with os.fdopen(fd, "wb") as sink:
-        if source is not None:
-            shutil.copyfileobj(source, sink, COPY_CHUNK)
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            for data in chunks:
+                sink.write(data)
+    except BaseException:
+        os.unlink(name)
+        raise
     return Path(name)
 
 

@@ -37,6 +37,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from xnatfs.testing.dicomimport import (
     DicomInstance,
@@ -194,9 +195,13 @@ class Prearchive:
                 store.execute(statement)
 
     # ---------------------------------------------------------------- imports
-    def import_dicom_zip(self, archive_path: Path, archive_name: str,
+    def import_dicom_zip(self, archive: Path | BinaryIO, archive_name: str,
                          params: Mapping[str, str], user: str) -> list[str]:
         """``import-handler=DICOM-zip``: the URIs XNAT's body would list.
+
+        ``archive`` is a file or a stream read front to back (a request body
+        as it arrives): each object is filed as soon as it has been read, so
+        a body that breaks off leaves what came before it RECEIVING, as in XNAT.
 
         Every session the archive touched is built (READY) at the end. With
         ``dest=/archive/...``, or ``Direct-Archive=true`` and a known project,
@@ -207,7 +212,7 @@ class Prearchive:
         project = self._upload_project(request.project, user)
         touched: dict[int, None] = {}
         with tempfile.TemporaryDirectory(dir=self.store.tmp_dir) as work_dir:
-            for instance in iter_dicom_instances(Path(archive_path), archive_name, Path(work_dir),
+            for instance in iter_dicom_instances(archive, archive_name, Path(work_dir),
                                                  ignore_unparsable=request.ignore_unparsable):
                 touched[self._receive(instance, request, project, user, move=True)] = None
         return list(dict.fromkeys(self._finish_zip_session(s, request, user) for s in touched))

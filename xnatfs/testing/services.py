@@ -12,11 +12,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 
 from .archive import Access, archive_response, send_blob, spool_body, zip_entry_name
+from .bodystream import read_in_thread
 from .auth import Caller
 from .knobs import Knobs
 from .prearchive import UNASSIGNED, Prearchive
@@ -85,26 +88,47 @@ class ServiceRoutes:
         multipart = (request.content_type or "").startswith("multipart/")
         if multipart and params.get("inbody") == "true":
             raise XnatHTTPError(406, "Multipart uploads cannot be combined with inbody=true.")
+        raw_name = None if multipart else _RAW_BODY_NAMES.get(_media_type(request))
+        if not multipart and handler != "gradual-DICOM" and not (
+                raw_name or "").endswith(".dcm"):
+            # DICOM-zip reads the body while it arrives, as XNAT's ZipInputStream does.
+            def import_stream(body: BinaryIO) -> list[str]:
+                head = body.peek(4)  # type: ignore[attr-defined]
+                if not head:
+                    raise XnatHTTPError(400, "Unable to identify upload format.")
+                name = raw_name or _sniffed_body_name(head)
+                return self._import_zip(body, name, params, caller.login, handler)
+
+            uris = await read_in_thread(request, self.knobs, import_stream)
+            return text_response("\r\n".join(uris))
         body = await spool_body(request, self.store.tmp_dir, self.knobs)
         try:
             if body.size == 0:
                 raise XnatHTTPError(400, "Unable to identify upload format.")
-            name = body.name if multipart else _raw_body_name(body.content_type, body.path)
+            if multipart:
+                name = body.name
+            else:
+                with open(body.path, "rb") as spooled:
+                    name = raw_name or _sniffed_body_name(spooled.read(4))
             if handler == "gradual-DICOM" or (handler == "SI" and name.endswith(".dcm")):
                 uris = [await asyncio.to_thread(self.prearchive.import_gradual, body.path, name,
                                                 params, caller.login)]
             else:
-                try:
-                    uris = await asyncio.to_thread(self.prearchive.import_dicom_zip, body.path,
-                                                   name, params, caller.login)
-                except StoreError as exc:
-                    # The SI importer answers conflicts with 409, DICOM-zip with 400.
-                    if handler == "SI" and exc.status == 400 and "already exists" in exc.message:
-                        raise StoreError(409, exc.message) from exc
-                    raise
+                uris = await asyncio.to_thread(self._import_zip, body.path, name, params,
+                                               caller.login, handler)
         finally:
             body.cleanup()
         return text_response("\r\n".join(uris))
+
+    def _import_zip(self, archive: Path | BinaryIO, name: str, params: Mapping[str, str],
+                    login: str, handler: str) -> list[str]:
+        try:
+            return self.prearchive.import_dicom_zip(archive, name, params, login)
+        except StoreError as exc:
+            # The SI importer answers conflicts with 409, DICOM-zip with 400.
+            if handler == "SI" and exc.status == 400 and "already exists" in exc.message:
+                raise StoreError(409, exc.message) from exc
+            raise
 
     # ---------------------------------------------------------------- archive
     async def _archive(self, request: web.Request, caller: Caller,
@@ -317,16 +341,15 @@ async def _parameters(request: web.Request) -> dict[str, str]:
     return params
 
 
-def _raw_body_name(content_type: str, path) -> str:  # noqa: ANN001 - a pathlib.Path
-    """XNAT names a raw body after its Content-Type; octet-stream is sniffed."""
-    ctype = (content_type or "").split(";")[0].strip().lower()
-    if ctype in _RAW_BODY_NAMES:
-        return _RAW_BODY_NAMES[ctype]
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic.startswith(b"PK"):
+def _media_type(request: web.Request) -> str:
+    return (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+
+
+def _sniffed_body_name(head: bytes) -> str:
+    """XNAT names a raw body after its Content-Type; other types are sniffed."""
+    if head.startswith(b"PK"):
         return "upload.zip"
-    if magic.startswith(b"\x1f\x8b"):
+    if head.startswith(b"\x1f\x8b"):
         return "upload.tar.gz"
     return "upload.tar"
 
