@@ -346,6 +346,27 @@ def test_walk_completes_across_expired_sessions(demo_server: TestServer,
     assert sum(len(fs) for _, _, fs in walked) > 20
 
 
+def test_concurrent_walks_survive_one_expiry(demo_server: TestServer, mount_factory) -> None:
+    """Every session entered at once, just after the server forgot our session:
+    the requests all get 401, one of them logs in again, all are retried."""
+    mount = mount_factory(demo_server, name="expiring-together")
+    sessions = sorted(p for p in (mount.path / "NEURO_PUB").glob("*/*") if p.is_dir())
+    assert len(sessions) >= 3
+
+    def walk(root: Path) -> list[tuple[str, list[str], list[str]]]:
+        return [(os.path.relpath(d, root), sorted(ds), sorted(fs)) for d, ds, fs in os.walk(root)]
+
+    mark = demo_server.log_mark()
+    demo_server.expire_sessions()
+    with ThreadPoolExecutor(len(sessions)) as pool:
+        walked = list(pool.map(walk, sessions))
+    logins = [e for e in demo_server.requests_since(mark)
+              if e["route"] == "jsession" and e["method"] == "POST"]
+    assert len(logins) == 1
+    reference = mount_factory(demo_server, name="reference-together")
+    assert walked == [walk(reference.path / s.relative_to(mount.path)) for s in sessions]
+
+
 # ----------------------------------------------- 7. nibabel and pydicom
 def test_nibabel_mmap_loads_a_mounted_nifti(server: TestServer, mount_factory,
                                             tmp_path: Path) -> None:
