@@ -75,7 +75,7 @@ class BodyPipe:
 
     # ---------------------------------------------------- reader side
     def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes (all that is queued when ``size`` < 0); b"" at the end."""
+        """Up to ``size`` bytes (the next chunk as it came when ``size`` < 0); b"" at the end."""
         with self._lock:
             while not self._chunks and not self._ended:
                 self._lock.wait()
