@@ -209,11 +209,20 @@ class Operations(pyfuse3.Operations):
 
     def _read_ahead_series(self, node: Node) -> None:
         """Opening one file of a folder of small files starts fetching the next ones."""
-        if node.file is not None:
-            self.nursery.start_soon(self._prefetch_quietly, self.identity(node), False)
-        for sibling in self.tree.siblings_after(node, SERIES_READ_AHEAD):
-            if sibling.file is not None and sibling.size <= SMALL_FILE:
-                self.nursery.start_soon(self._prefetch_quietly, self.identity(sibling), True)
+        if node.file is None:
+            return
+        siblings = [self.identity(sibling)
+                    for sibling in self.tree.siblings_after(node, SERIES_READ_AHEAD)
+                    if sibling.file is not None and sibling.size <= SMALL_FILE]
+        self.nursery.start_soon(self._prefetch_series, self.identity(node), siblings)
+
+    async def _prefetch_series(self, opened: FileIdentity, siblings: list[FileIdentity]) -> None:
+        """The opened file first: the next files are asked for once its first bytes
+        are in, so that the server does not serve them ahead of it."""
+        await self._prefetch_quietly(opened, False)  # returns once the download is on its way
+        await self.blocks.first_bytes(opened)
+        for sibling in siblings:
+            self.nursery.start_soon(self._prefetch_quietly, sibling, True)
 
     async def _prefetch_quietly(self, ident: FileIdentity, speculative: bool) -> None:
         try:

@@ -28,6 +28,7 @@ import pydicom
 import pytest
 
 from xnatfs.blockcache import DEFAULT_BLOCK_SIZE
+from xnatfs.fs import SERIES_READ_AHEAD
 from xnatfs.testing.harness import TestServer
 from xnatfs.testing.store import Store
 
@@ -415,6 +416,39 @@ def test_pydicom_reads_a_mounted_series(demo_server: TestServer, mount_factory,
         assert mounted == reference, name
         assert mounted.PixelData == reference.PixelData
         assert np.array_equal(mounted.pixel_array, reference.pixel_array)
+
+
+def test_opening_a_file_of_a_series_fetches_the_next_ones_after_it(
+        demo_server: TestServer, mount_factory) -> None:
+    """The next files of a DICOM folder are fetched ahead, but asked for only
+    once the opened file's first bytes are in (the server serves it first)."""
+    mount = mount_factory(demo_server, name="series-ahead")
+    series = mount.path / "NEURO_PUB/NP002/NP002_MR1/scans/2-T1_MPRAGE_2/resources/DICOM/files"
+    names = sorted(os.listdir(series))[:1 + SERIES_READ_AHEAD]  # the opened one, the next ones
+    assert len(names) >= 4
+    latency = 0.2
+    demo_server.set_knobs(latency_ms=latency * 1000)
+    try:
+        mark = demo_server.log_mark()
+        read_all(series / names[0])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            downloads = [e for e in demo_server.requests_since(mark)
+                         if e["route"].startswith("files.download")]
+            if {e["path"].rsplit("/", 1)[-1] for e in downloads} >= set(names):
+                break
+            time.sleep(0.05)
+    finally:
+        demo_server.set_knobs(latency_ms=0.0)
+    started = {e["path"].rsplit("/", 1)[-1]: e["t"] - e["ms"] / 1000 for e in downloads}
+    assert set(started) == set(names)  # every file fetched once, only the first opened
+    assert len(downloads) == len(names)
+    assert min(started[n] for n in names[1:]) - started[names[0]] >= 0.9 * latency
+    mark = demo_server.log_mark()
+    for name in names[1:]:
+        read_all(series / name)
+    assert not [e for e in demo_server.requests_since(mark)  # (files further on may be)
+                if e["route"].startswith("files.download") and e["path"].endswith(tuple(names))]
 
 
 # ----------------------------------------------------- 8. digest mismatch
