@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import BinaryIO
 
 LOCAL_HEADER = b"PK\x03\x04"
@@ -127,7 +127,7 @@ def _zip64_sizes(extra: bytes, size: int, csize: int) -> tuple[int, int]:
     raise ZipStreamError("zip64 sizes missing from the local header")
 
 
-def _stored(source: _Input, name: str, size: int, crc: int) -> Iterator[bytes]:
+def _stored(source: _Input, name: str, size: int, crc: int) -> Generator[bytes, None, None]:
     left, actual = size, 0
     while left:
         data = source.read(min(left, READ_SIZE))
@@ -141,7 +141,7 @@ def _stored(source: _Input, name: str, size: int, crc: int) -> Iterator[bytes]:
 
 
 def _deflated(source: _Input, name: str,
-              sizes: tuple[int, int, int] | None) -> Iterator[bytes]:
+              sizes: tuple[int, int, int] | None) -> Generator[bytes, None, None]:
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     actual_crc = csize = size = 0
     while not inflater.eof:
