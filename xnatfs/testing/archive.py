@@ -1095,7 +1095,7 @@ async def spool_body(request: web.Request, tmp_dir: Path, knobs: Knobs) -> Spool
     """
     import uuid
 
-    from .knobs import Throttle
+    from .knobs import Throttle, received_body
 
     target = tmp_dir / f"upload-{uuid.uuid4().hex}"
     throttle = Throttle(knobs.bandwidth_mb_s)
@@ -1118,10 +1118,9 @@ async def spool_body(request: web.Request, tmp_dir: Path, knobs: Knobs) -> Spool
                         await throttle.consumed(len(chunk))
                     break
             else:
-                async for chunk in request.content.iter_chunked(1 << 20):
+                async for chunk in received_body(request, knobs):
                     await loop.run_in_executor(None, out.write, chunk)
                     size += len(chunk)
-                    await throttle.consumed(len(chunk))
     except BaseException:
         # A client that hangs up mid-body leaves a partial spool; nothing will use it.
         target.unlink(missing_ok=True)

@@ -24,11 +24,10 @@ from typing import BinaryIO, TypeVar
 
 from aiohttp import web
 
-from .knobs import Knobs, Throttle
+from .knobs import Knobs, received_body
 
 T = TypeVar("T")
 PIPE_BYTES = 8 << 20
-READ_SIZE = 1 << 20
 
 
 class BodyBrokeOff(ConnectionError):
@@ -94,7 +93,7 @@ class BodyPipe:
     def peek(self, size: int) -> bytes:
         """The next ``size`` bytes (fewer at the end) without consuming them."""
         with self._lock:
-            while sum(map(len, self._chunks)) < size and not self._ended:
+            while self._queued < size and not self._ended:
                 self._lock.wait()
             if len(self._chunks) > 1 and len(self._chunks[0]) < size:
                 merged = b"".join(self._chunks)
@@ -147,14 +146,12 @@ async def read_in_thread(request: web.Request, knobs: Knobs,
             pass
 
     threading.Thread(target=run, name="import-body", daemon=True).start()
-    throttle = Throttle(knobs.bandwidth_mb_s)
     wanted = True
     try:
         try:
-            async for chunk in request.content.iter_chunked(READ_SIZE):
+            async for chunk in received_body(request, knobs):
                 if wanted:
                     wanted = await pipe.feed(chunk)
-                await throttle.consumed(len(chunk))
         except BaseException:
             pipe.end(BodyBrokeOff("the request body broke off"))
             raise

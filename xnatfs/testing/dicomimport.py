@@ -4,7 +4,8 @@ The server hands over a request body as it arrives (a DICOM-zip upload is
 read front to back, while it is sent, as XNAT reads it) or spooled to a file
 (multipart and single-file uploads). This module turns it into a stream of
 :class:`DicomInstance` objects, one parsed header at a time, each backed by a
-spooled file that still holds the original bytes. :mod:`xnatfs.testing.prearchive` files them into sessions.
+spooled file that still holds the original bytes.
+:mod:`xnatfs.testing.prearchive` files them into sessions.
 
 What XNAT does, and what we copy (``web/.../archive/DicomZipImporter``,
 ``GradualDicomImporter``, ``xft/utils/fileExtraction/Format``):

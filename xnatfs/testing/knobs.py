@@ -15,6 +15,7 @@ import os
 import random
 import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -98,6 +99,16 @@ class Throttle:
         ahead = self.sent / self.rate - (time.monotonic() - self.start)
         if ahead > 0:
             await asyncio.sleep(ahead)
+
+
+async def received_body(request: web.Request, knobs: Knobs,
+                        chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+    """A raw request body in chunks, received no faster than ``bandwidth_mb_s``
+    (the cap applies to uploads as it does to downloads)."""
+    throttle = Throttle(knobs.bandwidth_mb_s)
+    async for chunk in request.content.iter_chunked(chunk_size):
+        yield chunk
+        await throttle.consumed(len(chunk))
 
 
 async def send_file_body(request: web.Request, response: web.StreamResponse,
