@@ -40,7 +40,8 @@ check.
 
 Blocks are written to disk in the background, shielded from cancellation
 (blocks read before an unmount are on disk when the process exits), at most
-16 at a time: a download waits while the disk is behind.
+16 at a time: a download waits while the disk is behind. They bypass the page
+cache (``directdisk``): the kernel already holds the file's pages once.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ import trio
 from cachetools import LRUCache
 
 from .client import XnatClient
+from .directdisk import BlockValue, DirectDisk
 from .errors import Stale, Unreachable, XnatError
 
 log = logging.getLogger(__name__)
@@ -171,20 +173,6 @@ class FileState:
     verified: bool | None = None  # digest matched / did not / not known yet
 
 
-class _BlockReader:
-    """A block as a file-like object for ``diskcache``, read without copying."""
-
-    def __init__(self, data: Block) -> None:
-        self._view = memoryview(data)
-        self._position = 0
-
-    def read(self, size: int = -1) -> memoryview | bytes:
-        end = len(self._view) if size < 0 else self._position + size
-        chunk = self._view[self._position:end]
-        self._position += len(chunk)
-        return chunk if len(chunk) else b""
-
-
 @dataclass
 class CacheStatistics:
     memory_hits: int = 0
@@ -211,7 +199,8 @@ class BlockCache:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(directory, 0o700)
         self.disk = diskcache.Cache(str(directory), size_limit=size_limit,
-                                    eviction_policy="least-recently-stored")
+                                    eviction_policy="least-recently-stored",
+                                    disk=DirectDisk)
         self.memory: LRUCache[tuple[str, int], Block] = LRUCache(maxsize=memory_bytes,
                                                                  getsizeof=len)
         self.files: LRUCache[str, FileState] = LRUCache(maxsize=4096)
@@ -659,9 +648,7 @@ class BlockCache:
         def store() -> None:
             if state.dropped:
                 return
-            # As a file-like value: diskcache writes it in large pieces, where a
-            # bytes value would be written line by line (per b"\n", under the GIL).
-            self.disk.set(key, _BlockReader(data), read=True)
+            self.disk.set(key, BlockValue(data), read=True)
             if state.dropped:  # dropped while we wrote: do not leave it behind
                 self.disk.delete(key)
 
