@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import re
+import socket
 import time
 import zipfile
 from collections.abc import Iterator
@@ -95,6 +97,41 @@ def test_zip_is_imported_while_the_body_is_still_arriving(
                        .json()["ResultSet"]["Result"]) for scan in scans)
     with zipfile.ZipFile(io.BytesIO(body)) as archive:
         assert received == len(archive.infolist())
+
+
+def test_a_body_that_breaks_off_keeps_the_objects_already_read(
+        admin: httpx.Client, server: TestServer, tmp_path: Path) -> None:
+    """As XNAT's ZipInputStream import: what was filed before the connection
+    broke stays in the prearchive, and the session settles like any other."""
+    body = study_zip(tmp_path, "BROKEN001", 6)
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        entries = archive.infolist()
+    url = httpx.URL(server.url)
+    head = (f"POST /data/services/import?import-handler=DICOM-zip&project=NEURO_PUB&inbody=true "
+            f"HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+            f"Authorization: Basic {base64.b64encode(b'admin:admin').decode()}\r\n"
+            f"Content-Type: application/zip\r\nContent-Length: {len(body)}\r\n\r\n")
+
+    def sessions() -> list[dict[str, str]]:
+        rows = admin.get("/data/prearchive/projects/NEURO_PUB?format=json").json()
+        return [r for r in rows["ResultSet"]["Result"] if r["name"] == "BROKEN001"]
+
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        sock.sendall(head.encode() + body[:entries[-1].header_offset])
+        deadline = time.monotonic() + 30
+        while not sessions() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    # The connection is gone with one object unsent.
+    deadline = time.monotonic() + 30
+    while (rows := sessions()) and rows[0]["status"] != "READY" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (row,) = rows
+    assert row["status"] == "READY"
+    uri = "/data" + row["url"]
+    scans = admin.get(uri + "/scans?format=json").json()["ResultSet"]["Result"]
+    received = sum(len(admin.get(f"{uri}/scans/{scan['ID']}/resources/DICOM/files")
+                       .json()["ResultSet"]["Result"]) for scan in scans)
+    assert received == len(entries) - 1
 
 
 def test_tar_gz_import(admin: httpx.Client, tmp_path: Path) -> None:
