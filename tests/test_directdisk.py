@@ -91,3 +91,27 @@ def test_other_errors_are_not_mistaken_for_a_refusal(cache: diskcache.Cache,
         cache.set("k", BlockValue(b"x" * 10_000), read=True)
     assert raised.value.errno == errno.ENOSPC
     assert cache.disk.direct
+
+
+def test_a_write_that_fails_leaves_no_partial_block(cache: diskcache.Cache,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(OSError):
+        cache.set("k", BlockValue(b"x" * 10_000), read=True)
+    assert block_files(cache) == []
+
+
+def test_a_direct_read_refused_falls_back_to_buffered(cache: diskcache.Cache,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(10_000)
+    cache.set("k", BlockValue(data), read=True)
+
+    def refuse(fd: int, buffers: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "readv", refuse)
+    assert cache.get("k") == data
+    assert not cache.disk.direct

@@ -62,20 +62,24 @@ class DirectDisk(diskcache.Disk):
         filename, full_path = self.filename(key, value)
         os.makedirs(os.path.dirname(full_path), exist_ok=True)
         data = memoryview(value.data).cast("B")
-        if self.direct:
-            try:
-                self._write_direct(full_path, data)
-                return len(data), MODE_BINARY, filename, None
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self._give_up_direct(exc)
-                _remove_quietly(full_path)
-        fd = os.open(full_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            _write_all(fd, data)
-        finally:
-            os.close(fd)
+            if self.direct:
+                try:
+                    self._write_direct(full_path, data)
+                    return len(data), MODE_BINARY, filename, None
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._give_up_direct(exc)
+                    _remove_quietly(full_path)
+            fd = os.open(full_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _remove_quietly(full_path)  # a full disk leaves no partial block behind
+            raise
         return len(data), MODE_BINARY, filename, None
 
     def _write_direct(self, full_path: str, data: memoryview) -> None:
@@ -97,12 +101,15 @@ class DirectDisk(diskcache.Disk):
             return super().fetch(mode, filename, value, read)
         full_path = os.path.join(self._directory, filename)
         try:
-            fd = os.open(full_path, os.O_RDONLY | _O_DIRECT)
+            return self._read_direct(full_path)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             self._give_up_direct(exc)
             return super().fetch(mode, filename, value, read)
+
+    def _read_direct(self, full_path: str) -> bytes:
+        fd = os.open(full_path, os.O_RDONLY | _O_DIRECT)
         try:
             length = os.fstat(fd).st_size
             buffer = self._buffer(length)
