@@ -9,19 +9,22 @@ at about 1.7 GB/s, with little CPU. Reading a block back with ``O_DIRECT``
 likewise skips the page cache, which the FUSE pages of the file cover anyway.
 
 ``O_DIRECT`` needs page-aligned memory and lengths in whole pages, so a block
-goes through a page-aligned scratch buffer kept per worker thread; a file whose
-length is not a whole number of pages is written padded and truncated back.
-Where the file system refuses ``O_DIRECT`` (tmpfs, some network and FUSE file
+goes through a page-aligned scratch buffer (a few are kept for reuse: a fresh
+mapping costs a page fault per page), and a file whose length is not a whole
+number of pages is written padded and truncated back. Where the file system
+refuses ``O_DIRECT`` (tmpfs before Linux 6.6, some network and FUSE file
 systems) this falls back to ordinary buffered I/O for good.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import diskcache
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ALIGNMENT = mmap.PAGESIZE  # a multiple of every logical block size O_DIRECT asks for
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none
+SPARE_BUFFERS = 4  # as many as the block cache runs disk calls at once
 
 
 class BlockValue:
@@ -53,7 +57,8 @@ class DirectDisk(diskcache.Disk):
     def __init__(self, directory: str, **kwargs: Any) -> None:
         super().__init__(directory, **kwargs)
         self.direct = bool(_O_DIRECT)
-        self._scratch = threading.local()
+        self._spare_buffers: list[mmap.mmap] = []
+        self._spare_lock = threading.Lock()
 
     # ---------------------------------------------------------------- store
     def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> tuple[int, int, str | None, Any]:
@@ -83,17 +88,16 @@ class DirectDisk(diskcache.Disk):
         return len(data), MODE_BINARY, filename, None
 
     def _write_direct(self, full_path: str, data: memoryview) -> None:
-        length = len(data)
-        buffer = self._buffer(length)
-        buffer[:length] = data
-        padded = _padded(length)
-        fd = os.open(full_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o600)
-        try:
-            _write_all(fd, buffer[:padded])
-            if padded != length:
-                os.ftruncate(fd, length)
-        finally:
-            os.close(fd)
+        length, padded = len(data), _padded(len(data))
+        with self._aligned_buffer(length) as buffer:
+            buffer[:length] = data
+            fd = os.open(full_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o600)
+            try:
+                _write_all(fd, buffer[:padded])
+                if padded != length:
+                    os.ftruncate(fd, length)
+            finally:
+                os.close(fd)
 
     # ---------------------------------------------------------------- fetch
     def fetch(self, mode: int, filename: str, value: Any, read: bool) -> Any:
@@ -112,24 +116,33 @@ class DirectDisk(diskcache.Disk):
         fd = os.open(full_path, os.O_RDONLY | _O_DIRECT)
         try:
             length = os.fstat(fd).st_size
-            buffer = self._buffer(length)
-            got = 0
-            while got < length:
-                n = os.readv(fd, [buffer[got:_padded(length)]])
-                if n == 0:
-                    break
-                got += n
-            return bytes(buffer[:min(got, length)])
+            with self._aligned_buffer(length) as buffer:
+                got = 0
+                while got < length:
+                    n = os.readv(fd, [buffer[got:_padded(length)]])
+                    if n == 0:
+                        break
+                    got += n
+                return bytes(buffer[:min(got, length)])
         finally:
             os.close(fd)
 
     # -------------------------------------------------------------- helpers
-    def _buffer(self, length: int) -> memoryview:
-        """This thread's page-aligned scratch buffer, at least ``length`` bytes long."""
-        scratch: mmap.mmap | None = getattr(self._scratch, "buffer", None)
+    @contextlib.contextmanager
+    def _aligned_buffer(self, length: int) -> Iterator[memoryview]:
+        """A page-aligned buffer of at least ``length`` bytes, for one call."""
+        with self._spare_lock:
+            scratch = self._spare_buffers.pop() if self._spare_buffers else None
         if scratch is None or len(scratch) < _padded(length):
-            scratch = self._scratch.buffer = mmap.mmap(-1, max(_padded(length), ALIGNMENT))
-        return memoryview(scratch)
+            scratch = mmap.mmap(-1, max(_padded(length), ALIGNMENT))
+        view = memoryview(scratch)
+        try:
+            yield view
+        finally:
+            view.release()
+            with self._spare_lock:
+                if len(self._spare_buffers) < SPARE_BUFFERS:
+                    self._spare_buffers.append(scratch)
 
     def _give_up_direct(self, exc: OSError) -> None:
         if self.direct:
