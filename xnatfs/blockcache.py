@@ -21,10 +21,13 @@ every download carries the file from its first byte, so a download fills
 many readers there are and wherever they start, each byte crosses the
 network about once. A reader needing a block that a running download has
 already passed (it was evicted) starts another download, which stops where
-the others are. Such a stream runs on to the end of the file in the
-background, unless it is past every byte asked for while other downloads
-wait for one of the ``max_parallel`` slots: then it stops, rather than
-starve them (a header peek at many big files).
+the others are. Such a stream runs on ahead of its readers by at most half
+the memory cache, then pauses (TCP holds the rest at the server) until a
+reader comes closer: the blocks ahead are read from memory, not pushed out
+unread and read back from disk. It stops, rather than starve other downloads,
+when it is past every byte asked for while they wait for one of the
+``max_parallel`` slots (a header peek at many big files), or when it has been
+paused for ``PAUSED_DOWNLOAD_LIMIT`` seconds (the file was put down).
 
 Integrity: when a whole file has passed through and the listing gave an MD5
 digest, the blocks are hashed in order (from memory or disk). A read that
@@ -73,6 +76,10 @@ SEQUENTIAL_AHEAD = 16 * 1024 * 1024
 SEQUENTIAL_BEHIND = 8 * 1024 * 1024
 # Blocks read from the disk cache into memory ahead of a sequential reader.
 DISK_READ_AHEAD_BLOCKS = 4
+# A whole-file stream paused this long ahead of its readers stops; while paused,
+# it looks this often whether other downloads wait for its slot.
+PAUSED_DOWNLOAD_LIMIT = 30.0
+PAUSED_DOWNLOAD_POLL = 0.25
 
 Block = bytes | bytearray
 
@@ -146,6 +153,7 @@ class Download:
 
     position: int
     stop: int
+    halted: bool = False  # it should stop: paused too long, or its slot is wanted
 
 
 @dataclass(eq=False)
@@ -159,6 +167,7 @@ class FileState:
     loading: dict[int, trio.Event] = field(default_factory=dict)  # disk reads under way
     downloads: list[Download] = field(default_factory=list)       # whole-file streams
     wanted: int = 0             # furthest byte asked for (by readers or a prefetch)
+    progress: trio.Event = field(default_factory=trio.Event)  # set when wanted or hash_next grow
     fetched: bool = False       # a block was downloaded, not just found in a cache
     end_served: bool = False    # a read asked for the end of the file
     dropped: bool = False       # its blocks were dropped: the state is dead
@@ -184,6 +193,18 @@ class CacheStatistics:
     digest_failures: int = 0
 
 
+def _want(state: FileState, end: int) -> None:
+    """Note that bytes up to ``end`` are asked for; wake the streams paused short of them."""
+    if end > state.wanted:
+        state.wanted = end
+        _progressed(state)
+
+
+def _progressed(state: FileState) -> None:
+    state.progress.set()
+    state.progress = trio.Event()
+
+
 class BlockCache:
     """Blocks of remote files, in memory, on disk and in flight."""
 
@@ -195,6 +216,8 @@ class BlockCache:
         self.block_size = block_size
         self.range_mode = range_mode
         self.max_window = max_window
+        # How far a whole-file stream may run ahead of the furthest byte asked for.
+        self.max_ahead = max(block_size, memory_bytes // 2)
         self.nursery = nursery
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(directory, 0o700)
@@ -272,7 +295,7 @@ class BlockCache:
         if offset >= end:
             return b""
         state = self._state(ident)
-        state.wanted = max(state.wanted, end)
+        _want(state, end)
         if end == ident.size:
             state.end_served = True
         first, last = offset // self.block_size, (end - 1) // self.block_size
@@ -281,7 +304,7 @@ class BlockCache:
         if ident.key in self._suspect:
             # This version of the file failed its digest: no byte of it is served
             # before the whole file has been fetched again and checked.
-            state.wanted = ident.size
+            _want(state, ident.size)
             for index in range(state.nblocks):
                 await self._locate(state, index)
             state.end_served = state.fetched = True  # the check must run
@@ -329,7 +352,12 @@ class BlockCache:
             if loading is not None:  # another reader is reading it from disk
                 await loading.wait()
                 continue
-            if not self._never_on_disk(state):
+            # The census (one worker call per file) says which blocks the disk
+            # has; blocks stored since are added as they land. A block known
+            # to be missing is not looked up again before each read.
+            if not self._never_on_disk(state) and await self._has_block(state, index):
+                if key in self.memory or index in state.pending or index in state.loading:
+                    continue  # it arrived while the census ran
                 data = await self._load_from_disk(state, index)
                 if data is not None:
                     return data
@@ -452,7 +480,7 @@ class BlockCache:
         if ident.size == 0:
             return
         state = self._state(ident)
-        state.wanted = ident.size
+        _want(state, ident.size)
         for index in range(state.nblocks):
             if not await self._has_block(state, index):
                 await self._fetch(state, index, speculative=speculative)
@@ -555,9 +583,11 @@ class BlockCache:
                         position = await self._distribute(state, position, chunk, download)
                         if state.dropped:
                             break
-                        if download is not None and self._should_yield(state, position):
+                        if download is not None and (download.halted
+                                                     or self._should_yield(state, position)):
                             log.info("stopping the download of %s ahead of its readers, at "
-                                     "byte %d: other downloads wait", ident.uri, position)
+                                     "byte %d: other downloads wait, or nobody read on",
+                                     ident.uri, position)
                             self._fail_blocks(state, position, stop,
                                               Unreachable("download paused", path=ident.uri),
                                               download)
@@ -582,6 +612,27 @@ class BlockCache:
         (a later read past it starts another stream; without Range, from byte 0)."""
         return (position >= state.wanted
                 and self.fetch_limiter.statistics().tasks_waiting > 0)
+
+    async def _keep_pace(self, state: FileState, position: int) -> bool:
+        """Pause a whole-file stream that is ``max_ahead`` past the furthest byte
+        asked for, or past the digest check (blocks it has not hashed yet must
+        not leave memory either), until they move on. False: stop it instead
+        (other downloads wait for a slot, or nothing moved for
+        ``PAUSED_DOWNLOAD_LIMIT`` s)."""
+        give_up_at = trio.current_time() + PAUSED_DOWNLOAD_LIMIT
+        while position >= self._pace_mark(state) + self.max_ahead and not state.dropped:
+            if (self.fetch_limiter.statistics().tasks_waiting > 0
+                    or trio.current_time() >= give_up_at):
+                return False
+            with trio.move_on_after(PAUSED_DOWNLOAD_POLL):
+                await state.progress.wait()
+        return True
+
+    def _pace_mark(self, state: FileState) -> int:
+        """Where a whole-file stream's allowance ahead is counted from."""
+        if state.hashing:
+            return min(state.wanted, state.hash_next * self.block_size)
+        return state.wanted
 
     def _fail_blocks(self, state: FileState, position: int, stop: int, error: BaseException,
                      download: Download | None) -> None:
@@ -608,7 +659,13 @@ class BlockCache:
             take = min(len(view), length - within)
             pending = state.pending.get(index)
             if pending is None and download is not None and within == 0:
-                # A whole-file stream entering a block: fill it unless it is cached.
+                # A whole-file stream entering a block: wait for its readers if it
+                # is far ahead of them, then fill it unless it is cached.
+                if not await self._keep_pace(state, position):
+                    download.halted = True
+                    return position
+                pending = state.pending.get(index)
+            if pending is None and download is not None and within == 0:
                 if not await self._has_block(state, index):
                     pending = self._open_block(state, index)
                 else:
@@ -705,6 +762,11 @@ class BlockCache:
                         if loading is not None:
                             await loading.wait()
                             continue
+                        if not await self._has_block(state, index):
+                            if ((state.ident.key, index) in self.memory
+                                    or index in state.pending):
+                                continue  # it arrived during the census
+                            return  # not fetched yet (a paused stream)
                         data = await self._disk_get(state, index)
                         if data is None:
                             if ((state.ident.key, index) in self.memory
@@ -714,6 +776,7 @@ class BlockCache:
                     assert data is not None
                 await trio.to_thread.run_sync(state.hasher.update, data)  # type: ignore[attr-defined]
                 state.hash_next += 1
+                _progressed(state)
             self.stats.digest_checks += 1
             actual = state.hasher.hexdigest()  # type: ignore[attr-defined]
             state.verified = actual == state.ident.digest
