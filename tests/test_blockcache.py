@@ -7,7 +7,8 @@ itself does (disk lookups, downloads), which no mount-level view shows.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -88,10 +89,21 @@ async def big_file(server: TestServer, client: XnatClient) -> FileIdentity:
     return FileIdentity(remote.uri, remote.size, remote.digest)
 
 
-def small_cache(client: XnatClient, tmp_path: Path, nursery: trio.Nursery) -> BlockCache:
-    """Memory for 8 blocks: a whole-file stream may run 4 blocks past its reader."""
-    return BlockCache(client, tmp_path / "blocks", size_limit=1 << 30, nursery=nursery,
-                      block_size=BLOCK, memory_bytes=8 * BLOCK)
+@asynccontextmanager
+async def header_read(server: TestServer, tmp_path: Path
+                      ) -> AsyncIterator[tuple[BlockCache, FileIdentity]]:
+    """A cache with memory for 8 blocks (a whole-file stream may run 4 blocks
+    past its reader) that has read the first 4 KiB of the big file."""
+    async with connect(server, tmp_path) as client:
+        ident = await big_file(server, client)
+        async with trio.open_nursery() as nursery:
+            blocks = BlockCache(client, tmp_path / "blocks", size_limit=1 << 30,
+                                nursery=nursery, block_size=BLOCK, memory_bytes=8 * BLOCK)
+            await blocks.indexed.wait()
+            assert await blocks.read(ident, 0, 4096) == BIG[:4096]
+            yield blocks, ident
+            nursery.cancel_scope.cancel()
+        blocks.close()
 
 
 async def test_a_whole_file_stream_keeps_pace_with_its_reader(server: TestServer,
@@ -99,41 +111,27 @@ async def test_a_whole_file_stream_keeps_pace_with_its_reader(server: TestServer
     """Without Range one stream carries the file; it pauses short of pushing
     unread blocks out of memory, so every block is read from memory, never
     from disk, and the file is downloaded once."""
-    async with connect(server, tmp_path) as client:
-        ident = await big_file(server, client)
-        async with trio.open_nursery() as nursery:
-            blocks = small_cache(client, tmp_path, nursery)
-            await blocks.indexed.wait()
-            assert await blocks.read(ident, 0, 4096) == BIG[:4096]
-            state = blocks.files[ident.key]
-            (stream,) = state.downloads
-            await trio.sleep(0.5)  # unpaced, the 2.5 MiB would all have arrived by now
-            assert stream.position <= 4096 + blocks.max_ahead + BLOCK
-            assert state.downloads == [stream]  # paused, not stopped
-            data = bytearray(BIG[:4096])
-            while len(data) < len(BIG):
-                data += await blocks.read(ident, len(data), 3 * BLOCK // 2)
-            assert data == BIG
-            assert blocks.stats.fetch_requests == 1
-            assert blocks.stats.disk_lookups == 0 and blocks.stats.digest_checks == 1
-            nursery.cancel_scope.cancel()
-        blocks.close()
+    async with header_read(server, tmp_path) as (blocks, ident):
+        state = blocks.files[ident.key]
+        (stream,) = state.downloads
+        await trio.sleep(0.5)  # unpaced, the 2.5 MiB would all have arrived by now
+        assert stream.position <= 4096 + blocks.max_ahead + BLOCK
+        assert state.downloads == [stream]  # paused, not stopped
+        data = bytearray(BIG[:4096])
+        while len(data) < len(BIG):
+            data += await blocks.read(ident, len(data), 3 * BLOCK // 2)
+        assert data == BIG
+        assert blocks.stats.fetch_requests == 1
+        assert blocks.stats.disk_lookups == 0 and blocks.stats.digest_checks == 1
 
 
 async def test_a_stream_paused_too_long_stops_and_a_later_read_restarts_it(
         server: TestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(blockcache, "PAUSED_DOWNLOAD_LIMIT", 0.5)
-    async with connect(server, tmp_path) as client:
-        ident = await big_file(server, client)
-        async with trio.open_nursery() as nursery:
-            blocks = small_cache(client, tmp_path, nursery)
-            await blocks.indexed.wait()
-            assert await blocks.read(ident, 0, 4096) == BIG[:4096]
-            state = blocks.files[ident.key]
-            with trio.fail_after(10):
-                while state.downloads:
-                    await trio.sleep(0.05)
-            assert await blocks.read(ident, len(BIG) - 5000, 5000) == BIG[-5000:]
-            assert blocks.stats.fetch_requests == 2
-            nursery.cancel_scope.cancel()
-        blocks.close()
+    async with header_read(server, tmp_path) as (blocks, ident):
+        state = blocks.files[ident.key]
+        with trio.fail_after(10):
+            while state.downloads:
+                await trio.sleep(0.05)
+        assert await blocks.read(ident, len(BIG) - 5000, 5000) == BIG[-5000:]
+        assert blocks.stats.fetch_requests == 2
