@@ -9,6 +9,7 @@ a body cut short, a server that stops answering.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trustme
 
 from xnatfs.client import ClientSettings, XnatClient
 from xnatfs.credentials import Credentials, SessionCache
@@ -72,13 +74,16 @@ Reply = Callable[[socket.socket], bool]  # writes one answer; True: keep the con
 
 
 class ScriptedServer:
-    """Answers each request it reads with the next reply of its script."""
+    """Answers each request it reads with the next reply of its script; over
+    TLS when given a server context."""
 
-    def __init__(self, replies: list[Reply]) -> None:
+    def __init__(self, replies: list[Reply], tls: ssl.SSLContext | None = None) -> None:
         self.replies = list(replies)
         self.connections = 0
+        self.tls = tls
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.listener.getsockname()[1]}"
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -92,6 +97,12 @@ class ScriptedServer:
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
     def _answer(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError):
+                conn.close()
+                return
         with conn:
             while self.replies:
                 head = b""
@@ -138,11 +149,11 @@ def stall(conn: socket.socket) -> bool:
 
 
 @pytest.fixture
-def scripted() -> Iterator[Callable[[list[Reply]], ScriptedServer]]:
+def scripted() -> Iterator[Callable[..., ScriptedServer]]:
     servers: list[ScriptedServer] = []
 
-    def start(replies: list[Reply]) -> ScriptedServer:
-        servers.append(ScriptedServer(replies))
+    def start(replies: list[Reply], tls: ssl.SSLContext | None = None) -> ScriptedServer:
+        servers.append(ScriptedServer(replies, tls))
         return servers[-1]
 
     yield start
@@ -150,8 +161,9 @@ def scripted() -> Iterator[Callable[[list[Reply]], ScriptedServer]]:
         srv.close()
 
 
-def new_client() -> tuple[httpx.AsyncClient, DownloadTransport]:
-    context = httpx.create_ssl_context()
+def new_client(context: ssl.SSLContext | None = None
+               ) -> tuple[httpx.AsyncClient, DownloadTransport]:
+    context = context or httpx.create_ssl_context()
     transport = DownloadTransport(httpx.AsyncHTTPTransport(verify=context), context)
     return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(2.0)), transport
 
@@ -211,3 +223,34 @@ async def test_other_requests_go_to_httpx(scripted) -> None:  # type: ignore[no-
     async with client:
         assert (await client.get(srv.url + "/data/projects")).content == b"listing"
     assert transport.stats["downloads"] == 0
+
+
+@pytest.fixture(scope="module")
+def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context trusting the server's test CA)."""
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = httpx.create_ssl_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+async def test_downloads_over_tls_share_one_connection(scripted, tls) -> None:  # type: ignore[no-untyped-def]
+    server_context, client_context = tls
+    big = bytes(range(256)) * 20_000  # several reads of the TLS stream
+    srv = scripted([body(big), body(b"second")], tls=server_context)
+    client, transport = new_client(client_context)
+    async with client:
+        assert await download(client, srv.url) == big
+        assert await download(client, srv.url) == b"second"
+    assert srv.connections == 1 and transport.stats["reused"] == 1
+
+
+async def test_an_untrusted_certificate_is_refused(scripted, tls) -> None:  # type: ignore[no-untyped-def]
+    server_context, _ = tls
+    srv = scripted([body(b"secret")], tls=server_context)
+    client, _ = new_client(httpx.create_ssl_context())  # the system's CAs only
+    async with client:
+        with pytest.raises(httpx.ConnectError):
+            await download(client, srv.url)
