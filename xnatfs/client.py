@@ -61,7 +61,6 @@ import trio
 
 from . import __version__
 from .credentials import Credentials, SessionCache
-from .transport import DOWNLOAD, KEEPALIVE_SECONDS, DownloadTransport
 from .errors import (
     AuthenticationFailed,
     BadRequest,
@@ -431,7 +430,7 @@ class XnatClient:
                     accept: Collection[int] = (), use_session: bool = True,
                     keep_open: bool = False,
                     body: Callable[[], AsyncIterator[bytes]] | None = None,
-                    attempts: int | None = None, download: bool = False) -> T:
+                    attempts: int | None = None) -> T:
         """Run one operation: attempts, backoff, session renewal, all within the deadline.
 
         ``handle`` gets every 2xx answer (and those in ``accept``) with its body
@@ -441,8 +440,7 @@ class XnatClient:
         with ``use_session=False`` carry their own credentials in ``headers``;
         for them a 401 is final. ``body`` makes a fresh request body for each
         attempt (an upload); ``attempts`` caps the attempts below the setting
-        (1 for a body that cannot be produced twice). ``download``: a file's
-        bytes, which take the transport's fast path (see ``transport``).
+        (1 for a body that cannot be produced twice).
         """
         settings = self.settings
         give_up_at = trio.current_time() + settings.deadline
@@ -462,8 +460,7 @@ class XnatClient:
                     request_headers.update(_cookie(session_id))
                 request = self._http.build_request(
                     method, self._url(path), params=params, headers=request_headers,
-                    content=body() if body is not None else None,
-                    extensions={DOWNLOAD: True} if download else None)
+                    content=body() if body is not None else None)
                 self._counts[kind] += 1
                 retry_after = None
                 try:
@@ -924,8 +921,7 @@ class ByteStream:
             last = "" if self.end is None else str(self.end - 1)
             headers["Range"] = f"bytes={self.position}-{last}"
         response = await client._send("GET", self.uri, kind="files.stream", headers=headers,
-                                      accept={416}, keep_open=True, handle=_as_is,
-                                      download=True)
+                                      accept={416}, keep_open=True, handle=_as_is)
         self._response = response
         status = response.status_code
         if status == 416:  # position is at or past the end
@@ -1027,18 +1023,15 @@ def _new_http_client(settings: ClientSettings) -> httpx.AsyncClient:
     # The JSESSIONID is managed by hand; a jar that accepts nothing keeps
     # httpx from storing or replaying cookies behind our back.
     no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-    ssl_context = httpx.create_ssl_context(verify=settings.verify_tls)
-    # Tomcat closes idle connections after 20 s; drop ours before that.
-    limits = httpx.Limits(max_connections=settings.max_connections,
-                          max_keepalive_connections=settings.max_connections,
-                          keepalive_expiry=KEEPALIVE_SECONDS)
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
                               write=settings.read_timeout, pool=settings.deadline),
-        limits=limits, verify=ssl_context,  # these two for proxies from the environment
-        transport=DownloadTransport(httpx.AsyncHTTPTransport(verify=ssl_context, limits=limits),
-                                    ssl_context),
-        headers={"User-Agent": USER_AGENT}, cookies=no_cookies, follow_redirects=False)
+        # Tomcat closes idle connections after 20 s; drop ours before that.
+        limits=httpx.Limits(max_connections=settings.max_connections,
+                            max_keepalive_connections=settings.max_connections,
+                            keepalive_expiry=15.0),
+        headers={"User-Agent": USER_AGENT}, cookies=no_cookies, follow_redirects=False,
+        verify=settings.verify_tls)
 
 
 def _body_chunks(response: httpx.Response,
