@@ -92,7 +92,7 @@ async def big_file(server: TestServer, client: XnatClient) -> FileIdentity:
 @asynccontextmanager
 async def header_read(server: TestServer, tmp_path: Path
                       ) -> AsyncIterator[tuple[BlockCache, FileIdentity]]:
-    """A cache with memory for 8 blocks (a whole-file stream may run 4 blocks
+    """A cache with memory for 8 blocks (a whole-file stream may run 2 blocks
     past its reader) that has read the first 4 KiB of the big file."""
     async with connect(server, tmp_path) as client:
         ident = await big_file(server, client)

@@ -21,13 +21,14 @@ every download carries the file from its first byte, so a download fills
 many readers there are and wherever they start, each byte crosses the
 network about once. A reader needing a block that a running download has
 already passed (it was evicted) starts another download, which stops where
-the others are. Such a stream runs on ahead of its readers by at most half
-the memory cache, then pauses (TCP holds the rest at the server) until a
-reader comes closer: the blocks ahead are read from memory, not pushed out
-unread and read back from disk. It stops, rather than starve other downloads,
-when it is past every byte asked for while they wait for one of the
-``max_parallel`` slots (a header peek at many big files), or when it has been
-paused for ``PAUSED_DOWNLOAD_LIMIT`` seconds (the file was put down).
+the others are. Such a stream runs on ahead of its readers by at most a
+quarter of the memory cache, then pauses (TCP holds the rest at the server)
+until a reader comes closer: the blocks ahead are read from memory, not
+pushed out unread and read back from disk. It stops, rather than starve
+other downloads, when it is past every byte asked for while they wait for
+one of the ``max_parallel`` slots (a header peek at many big files), or when
+it has been paused for ``PAUSED_DOWNLOAD_LIMIT`` seconds (the file was put
+down).
 
 Integrity: when a whole file has passed through and the listing gave an MD5
 digest, the blocks are hashed in order (from memory or disk). A read that
@@ -216,8 +217,11 @@ class BlockCache:
         self.block_size = block_size
         self.range_mode = range_mode
         self.max_window = max_window
-        # How far a whole-file stream may run ahead of the furthest byte asked for.
-        self.max_ahead = max(block_size, memory_bytes // 2)
+        # How far a whole-file stream may run ahead of the furthest byte asked for:
+        # a quarter of the memory, so that the least recently used blocks are
+        # always ones the readers passed (at half, a block just fetched could
+        # push out one fetched earlier and not read yet).
+        self.max_ahead = max(block_size, memory_bytes // 4)
         self.nursery = nursery
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(directory, 0o700)
