@@ -668,12 +668,11 @@ class BlockCache:
                 if not await self._keep_pace(state, position):
                     download.halted = True
                     return position
-                pending = state.pending.get(index)
-            if pending is None and download is not None and within == 0:
-                if not await self._has_block(state, index):
-                    pending = self._open_block(state, index)
-                else:
+                # A reader may have opened it while the stream was paused.
+                if await self._has_block(state, index):
                     pending = state.pending.get(index)
+                else:
+                    pending = self._open_block(state, index)
             if pending is not None:
                 pending.feed_at(within, view[:take])
                 if pending.complete and state.pending.get(index) is pending:
@@ -766,16 +765,14 @@ class BlockCache:
                         if loading is not None:
                             await loading.wait()
                             continue
-                        if not await self._has_block(state, index):
-                            if ((state.ident.key, index) in self.memory
-                                    or index in state.pending):
-                                continue  # it arrived during the census
-                            return  # not fetched yet (a paused stream)
-                        data = await self._disk_get(state, index)
+                        # Not looked up where the census says it is not on disk
+                        # (not fetched yet: a paused stream).
+                        data = (await self._disk_get(state, index)
+                                if await self._has_block(state, index) else None)
                         if data is None:
                             if ((state.ident.key, index) in self.memory
                                     or index in state.pending):
-                                continue  # it arrived while we looked on disk
+                                continue  # it arrived while we looked
                             return
                     assert data is not None
                 await trio.to_thread.run_sync(state.hasher.update, data)  # type: ignore[attr-defined]
