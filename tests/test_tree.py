@@ -1,15 +1,22 @@
-"""Tree's choice of listings, against a client stand-in that records calls.
+"""Tree against client stand-ins: its choice of listings, and how long nodes live.
 
-The mount tests show what a real walk costs; these cover the branch that our
-XNAT-compatible server never takes: a server that ignores ``files?all=true``.
+The mount tests show what a real walk costs and that the kernel's forgets
+break nothing; these cover the branch that our XNAT-compatible server never
+takes (a server that ignores ``files?all=true``), and that a forgotten node
+is really let go.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import gc
+import weakref
+from typing import Any, cast
+
+import pytest
 
 from xnatfs import client as xc
-from xnatfs.tree import Tree
+from xnatfs.errors import NotFound
+from xnatfs.tree import ROOT_INODE, Tree
 
 
 def remote_file(scan_id: str | None, path: str) -> xc.RemoteFile:
@@ -76,3 +83,56 @@ async def test_a_walk_falls_back_to_subject_listings_without_subject_ids() -> No
     assert [e.id for e in await tree.subject_experiments("P", "S2")] == ["E_S2"]
     assert server.calls == ["experiments of S1", "experiments of the project",
                             "experiments of S2"]
+
+
+class ManySubjectsServer:
+    """One project with many subjects: a listing that makes many nodes at once."""
+
+    def __init__(self, subjects: int) -> None:
+        self.subjects = subjects
+
+    async def list_projects(self) -> list[xc.Project]:
+        return [xc.Project(id="P", name=None, secondary_id=None, description=None)]
+
+    async def list_subjects(self, project: str) -> list[xc.Subject]:
+        return [xc.Subject(id=f"S{i}", label=f"SUBJ{i:04d}", project=project, insert_date=None)
+                for i in range(self.subjects)]
+
+
+async def walked_project(tree: Tree, *, remember: bool) -> list[Any]:
+    """List the root and the project, handing every entry to the "kernel" if asked."""
+    (project, *_) = await tree.children(ROOT_INODE)
+    if remember:
+        tree.remember(project)
+    subjects = await tree.children(project.inode)
+    if remember:
+        for subject in subjects:
+            tree.remember(subject)
+    return subjects
+
+
+async def test_nodes_go_once_the_kernel_forgets_them_and_keep_their_inode() -> None:
+    tree = Tree(cast(Any, ManySubjectsServer(200)))
+    subjects = await walked_project(tree, remember=True)
+    refs = [weakref.ref(s) for s in subjects]
+    inodes = {s.name: s.inode for s in subjects}
+    project_inode = subjects[0].parent
+    del subjects
+    gc.collect()
+    assert all(r() is not None for r in refs), "held by the kernel: must stay"
+
+    tree.remember(tree.node(inodes["SUBJ0007"]))  # looked up once more
+    for inode in inodes.values():
+        assert tree.forget(inode, 1) is (inode != inodes["SUBJ0007"])
+    assert tree.forget(project_inode, 1)
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 1  # only the one still held
+    assert tree.node(inodes["SUBJ0007"]).name == "SUBJ0007"
+    with pytest.raises(NotFound):
+        tree.node(inodes["SUBJ0001"])
+
+    # Listed again, the same names come back under the same inode numbers.
+    again = await walked_project(tree, remember=False)
+    assert {s.name: s.inode for s in again} == inodes
+    assert tree.forget(ROOT_INODE, 1) and tree.node(ROOT_INODE).inode == ROOT_INODE
+

@@ -136,11 +136,18 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         node = await self.tree.lookup(parent_inode, os.fsdecode(name))
-        return self.attributes(node)
+        return self._entry(node)
+
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """``node``'s attributes for a reply that hands it to the kernel."""
+        attr = self.attributes(node)
+        self.tree.remember(node)
+        return attr
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
-        # Nodes stay for the life of the mount (see tree.py); nothing to release.
-        return None
+        for inode, count in inode_list:
+            if self.tree.forget(inode, count):
+                self._page_identity.pop(inode, None)  # the kernel dropped the pages too
 
     # ----------------------------------------------------------- directories
     @fuse_errors
@@ -158,6 +165,7 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, os.fsencode(node.name),
                                          self.attributes(node), index + 1):
                 return
+            self.tree.remember(node)  # readdirplus: each entry sent counts as a lookup
 
     async def releasedir(self, fh: int) -> None:
         return None
@@ -322,7 +330,7 @@ class Operations(pyfuse3.Operations):
         upload.open_handles += 1
         self.tree.forget_negative(parent_inode)
         return (pyfuse3.FileInfo(fh=self._new_handle(node), direct_io=True),
-                self.attributes(node))
+                self._entry(node))
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
@@ -338,7 +346,7 @@ class Operations(pyfuse3.Operations):
             self.tree.upload_folders.add((parent.project, relpath))
             node = self.tree.upload_dir_node(parent, relpath.rsplit("/", 1)[-1])
         self.tree.forget_negative(parent_inode)
-        return self.attributes(node)
+        return self._entry(node)
 
     @fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,

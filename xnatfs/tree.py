@@ -14,8 +14,12 @@ are cached for ``metadata_ttl`` seconds; a listing wanted by many callers at
 once is fetched once; names that do not exist are remembered for
 ``negative_ttl`` seconds.
 
-Nodes are never dropped while mounted: inodes stay stable across listing
-refreshes, because a node is found again by its key (what it is in XNAT).
+A node lives while the kernel holds it (its FUSE lookup count is above zero)
+or a listing still being served refers to it; after the kernel forgets it, it
+is dropped and made again from the listings when next wanted. Its inode
+number stays the same for the life of the mount, because a node is found by
+its key (what it is in XNAT) and only that key-to-number map is kept for
+good: a walk over a whole archive leaves that map behind, not the nodes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import datetime as dt
 import enum
 import json
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,8 +136,11 @@ class Tree:
         self.hidden: set[int] = set()  # prearchive entries removed by `rm -r` before rmdir
         self.prearchive_ttl = max(prearchive_ttl if prearchive_ttl is not None else 5.0, 0.5)
         self.metadata_ttl = max(metadata_ttl, 1.0)
-        self._nodes: dict[int, Node] = {}
-        self._by_key: dict[Hashable, int] = {}
+        # Every live node; the kernel's (and the root) are also held in _held.
+        self._nodes: weakref.WeakValueDictionary[int, Node] = weakref.WeakValueDictionary()
+        self._held: dict[int, Node] = {}
+        self._lookups: dict[int, int] = {}  # the kernel's lookup count of each held node
+        self._by_key: dict[Hashable, int] = {}  # kept for good: inode numbers stay stable
         self._next_inode = ROOT_INODE + 1
         self._listings: TTLCache[Hashable, Any] = TTLCache(
             maxsize=max_listings, ttl=self.metadata_ttl, timer=trio.current_time)
@@ -148,7 +156,7 @@ class Tree:
         self.mount_time_ns = int(dt.datetime.now().timestamp() * 1e9)
         root = Node(ROOT_INODE, Kind.ROOT, "", ROOT_INODE, ("root",),
                     mtime_ns=self.mount_time_ns)
-        self._nodes[ROOT_INODE] = root
+        self._nodes[ROOT_INODE] = self._held[ROOT_INODE] = root
         self._by_key[root.key] = ROOT_INODE
 
     # ------------------------------------------------------------------ nodes
@@ -159,20 +167,40 @@ class Tree:
             raise NotFound(f"inode {inode} is unknown") from None
 
     def _child(self, parent: Node, kind: Kind, name: str, key: Hashable, **fields: Any) -> Node:
-        """The node for ``key``, created on first sight and refreshed after."""
+        """The node for ``key``: refreshed if it is alive, made (again) if not."""
         inode = self._by_key.get(key)
-        if inode is not None:
-            node = self._nodes[inode]
+        node = self._nodes.get(inode) if inode is not None else None
+        if node is not None:
             node.name = name
             for attr, value in fields.items():
                 setattr(node, attr, value)
             return node
-        inode = self._next_inode
-        self._next_inode += 1
+        if inode is None:
+            inode = self._next_inode
+            self._next_inode += 1
+            self._by_key[key] = inode
         node = Node(inode, kind, name, parent.inode, key, **fields)
         self._nodes[inode] = node
-        self._by_key[key] = inode
         return node
+
+    def remember(self, node: Node) -> None:
+        """The kernel was handed ``node`` (a lookup, a readdirplus entry, a create):
+        keep it until the kernel forgets it as often."""
+        self._lookups[node.inode] = self._lookups.get(node.inode, 0) + 1
+        self._held[node.inode] = node
+
+    def forget(self, inode: int, count: int) -> bool:
+        """The kernel dropped ``count`` references; True if it holds none now,
+        so the node may go (the root stays)."""
+        left = self._lookups.get(inode, 0) - count
+        if left > 0:
+            self._lookups[inode] = left
+            return False
+        self._lookups.pop(inode, None)
+        if inode != ROOT_INODE:
+            self._held.pop(inode, None)
+            self._entries.pop(inode, None)
+        return True
 
     # --------------------------------------------------------------- listings
     async def cached(self, key: Hashable, fetch: Callable[[], Awaitable[Any]]) -> Any:
@@ -491,8 +519,9 @@ class Tree:
     def upload_finished(self, upload: Upload) -> None:
         """A background (write-behind) upload ended: show its outcome at once."""
         inode = self._by_key.get(("upload", upload.record.id))
-        if inode is not None:
-            self.refresh_upload_node(self._nodes[inode])
+        node = self._nodes.get(inode) if inode is not None else None
+        if node is not None:
+            self.refresh_upload_node(node)
         if upload.record.result:
             self.invalidate_prearchive()
 

@@ -68,6 +68,15 @@ def unmount(mountpoint: Path) -> None:
     subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False, timeout=60)
 
 
+def drop_kernel_entries() -> None:
+    """Make the kernel drop its unused dentries and inodes, which sends the mount
+    FUSE forgets for them (root only: otherwise the calling test is skipped)."""
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")
+    except PermissionError:
+        pytest.skip("dropping the kernel's caches needs root")
+
+
 def make_env(home: Path) -> dict[str, str]:
     env = dict(os.environ, XNAT_USER="admin", XNAT_PASS="admin",
                XDG_CACHE_HOME=str(home / "cache"), XDG_CONFIG_HOME=str(home / "config"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import Mount
+from .conftest import Mount, drop_kernel_entries
 
 SESSION = Path("NEURO_PUB/NP001/NP001_MR1")
 
@@ -138,6 +138,30 @@ def test_find_lists_everything_and_ls_l_costs_one_listing(demo_mount: Mount) -> 
     mark = demo_mount.server.log_mark()
     subprocess.run(["ls", "-lR", str(session)], check=True, capture_output=True)
     assert demo_mount.server.requests_since(mark) == []  # all cached
+
+
+def test_entries_the_kernel_forgot_come_back_and_held_ones_stay(demo_mount: Mount) -> None:
+    """The mount lets go of what the kernel forgets (a walk over a whole archive
+    must not pin every node for the life of the mount), and nothing shows it."""
+    project = demo_mount.path / "NEURO_PUB"
+    inodes = {p: p.stat().st_ino for p in project.rglob("*")}
+    listing = sorted(os.listdir(demo_mount.path / SESSION))
+    dicom = next(p for p in inodes if p.suffix == ".dcm")
+    head = dicom.read_bytes()[:4096]
+    session_fd = os.open(demo_mount.path / SESSION, os.O_RDONLY | os.O_DIRECTORY)
+    dicom_fd = os.open(dicom, os.O_RDONLY)
+    try:
+        drop_kernel_entries()
+        # Held open: the kernel kept these, so the mount must have too.
+        assert sorted(os.listdir(session_fd)) == listing
+        assert os.getxattr(session_fd, "user.xnat.label") == b"NP001_MR1"
+        assert os.pread(dicom_fd, 4096, 0) == head
+        # Forgotten: found again under the same inode numbers (find and tar rely on it).
+        assert {p: p.stat().st_ino for p in project.rglob("*")} == inodes
+        assert dicom.read_bytes()[:4096] == head
+    finally:
+        os.close(session_fd)
+        os.close(dicom_fd)
 
 
 def test_extended_attributes(demo_mount: Mount) -> None:

@@ -22,7 +22,7 @@ import pytest
 from xnatfs.testing.datasets import synthetic_study, write_dicom_archive, write_dicom_series
 from xnatfs.testing.harness import TestServer
 
-from .conftest import Mount, daemon_pid
+from .conftest import Mount, daemon_pid, drop_kernel_entries
 
 ADMIN = ("admin", "admin")
 
@@ -287,6 +287,32 @@ def test_rsync_writes_a_temporary_and_renames(mount: Mount, tmp_path: Path) -> N
     subprocess.run(["rsync", "-a", str(archive), str(folder) + "/"], check=True)
     [uri] = upload_result(folder / "synced.zip")
     assert uri.endswith("/RSYNC1")
+
+
+def test_made_folders_and_files_outlive_the_kernel_forgetting(mount: Mount,
+                                                             tmp_path: Path) -> None:
+    """mkdir and create hand the kernel entries of their own; the mount keeps them
+    while the kernel does."""
+    folder = mount.path / "uploads" / "NEURO_PUB" / "batch"
+    folder.mkdir()
+    folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        kept = folder / ".DS_Store"  # litter: kept locally, never uploaded
+        with open(kept, "wb") as f:
+            f.write(b"\0" * 300)
+            drop_kernel_entries()
+            assert os.getxattr(f.fileno(), "user.xnatfs.upload.state") == b"writing"
+        drop_kernel_entries()
+        assert os.listdir(folder_fd) == [".DS_Store"]
+        assert os.getxattr(kept, "user.xnatfs.upload.state") == b"kept"
+        archive = tmp_path / "late.zip"
+        write_dicom_archive(archive, synthetic_study("La^Te", "LATE1", slices=2, rows=16,
+                                                     cols=16, seed=10))
+        shutil.copy(archive, folder / "late.zip")
+        [uri] = upload_result(folder / "late.zip")
+        assert uri.endswith("/LATE1")
+    finally:
+        os.close(folder_fd)
 
 
 def test_file_manager_litter_is_not_uploaded(mount: Mount) -> None:
