@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import httpx
@@ -162,6 +163,31 @@ def test_entries_the_kernel_forgot_come_back_and_held_ones_stay(demo_mount: Moun
     finally:
         os.close(session_fd)
         os.close(dicom_fd)
+
+
+def test_walks_stay_whole_while_the_kernel_keeps_forgetting(demo_mount: Mount) -> None:
+    """Forgets race with lookups and readdirplus replies for the same entries;
+    a walk must never meet an entry the mount let go of too early."""
+    project = demo_mount.path / "NEURO_PUB"
+    walk_cmd = ["find", str(project), "-printf", "%i %s %p\\n"]  # stats every entry
+    expected = subprocess.run(walk_cmd, check=True, capture_output=True, text=True).stdout
+    stop = threading.Event()
+
+    def keep_forgetting() -> None:
+        while not stop.is_set():
+            drop_kernel_entries()
+
+    drop_kernel_entries()  # skips the test where it is not allowed
+    forgetter = threading.Thread(target=keep_forgetting)
+    forgetter.start()
+    try:
+        for _ in range(10):
+            walk = subprocess.run(walk_cmd, capture_output=True, text=True)
+            assert walk.returncode == 0, walk.stderr
+            assert walk.stdout == expected  # same entries, sizes and inode numbers
+    finally:
+        stop.set()
+        forgetter.join()
 
 
 def test_extended_attributes(demo_mount: Mount) -> None:
