@@ -15,8 +15,9 @@ from typing import Any, cast
 import pytest
 
 from xnatfs import client as xc
+from xnatfs import tree as tree_module
 from xnatfs.errors import NotFound
-from xnatfs.tree import ROOT_INODE, Tree
+from xnatfs.tree import ROOT_INODE, Kind, Tree
 
 
 def remote_file(scan_id: str | None, path: str) -> xc.RemoteFile:
@@ -136,3 +137,50 @@ async def test_nodes_go_once_the_kernel_forgets_them_and_keep_their_inode() -> N
     assert {s.name: s.inode for s in again} == inodes
     assert tree.forget(ROOT_INODE, 1) and tree.node(ROOT_INODE).inode == ROOT_INODE
 
+
+
+async def test_inode_numbers_are_the_same_in_every_mount() -> None:
+    first = await walked_project(Tree(cast(Any, ManySubjectsServer(50))), remember=False)
+    second = await walked_project(Tree(cast(Any, ManySubjectsServer(50))), remember=False)
+    assert [s.inode for s in first] == [s.inode for s in second]
+    assert len({s.inode for s in first}) == 50 and ROOT_INODE not in {s.inode for s in first}
+
+
+async def test_keys_whose_hashes_collide_get_numbers_of_their_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    hashed = tree_module._hashed_inode
+    monkeypatch.setattr(tree_module, "_hashed_inode",
+                        lambda key: 5 if key[0] == "subject" else hashed(key))
+    tree = Tree(cast(Any, ManySubjectsServer(3)))
+    subjects = await walked_project(tree, remember=True)
+    assert [s.inode for s in subjects] == [5, 6, 7]
+    assert [tree.node(i).name for i in (5, 6, 7)] == ["SUBJ0000", "SUBJ0001", "SUBJ0002"]
+    # The one on the shared number goes; the others keep theirs when listed again,
+    # and it gets the shared number back.
+    tree.forget(5, 1)
+    tree.forget(subjects[0].parent, 1)  # the project: its listing goes too
+    del subjects
+    gc.collect()
+    with pytest.raises(NotFound):
+        tree.node(5)
+    # Found on its own number while the shared one is free (not made a second time).
+    assert tree._inode_of(("subject", "S2")) == 7
+    again = await walked_project(tree, remember=False)
+    assert {s.name: s.inode for s in again} == {"SUBJ0000": 5, "SUBJ0001": 6, "SUBJ0002": 7}
+
+
+async def test_lookups_reuse_a_big_listing_until_it_changes() -> None:
+    server = ManySubjectsServer(2000)
+    tree = Tree(cast(Any, server))
+    subjects = await walked_project(tree, remember=True)
+    project = tree.node(subjects[0].parent)
+    # Unchanged: the entries already made serve the lookup (no node made again).
+    assert await tree.children(project.inode) is await tree.children(project.inode)
+    assert (await tree.lookup(project.inode, "SUBJ1999")) is subjects[-1]
+    # A refreshed listing with one more subject, and a subject made with mkdir.
+    server.subjects = 2001
+    tree.invalidate(("subjects", "P"))
+    assert (await tree.lookup(project.inode, "SUBJ2000")).subject_id == "S2000"
+    tree.add_pending_subject(project, "NEW")
+    assert (await tree.lookup(project.inode, "NEW")).kind is Kind.PENDING_SUBJECT
+    assert (await tree.lookup(project.inode, "SUBJ1999")) is subjects[-1]

@@ -16,10 +16,10 @@ once is fetched once; names that do not exist are remembered for
 
 A node lives while the kernel holds it (its FUSE lookup count is above zero)
 or a listing still being served refers to it; after the kernel forgets it, it
-is dropped and made again from the listings when next wanted. Its inode
-number stays the same for the life of the mount, because a node is found by
-its key (what it is in XNAT) and only that key-to-number map is kept for
-good: a walk over a whole archive leaves that map behind, not the nodes.
+is dropped and made again from the listings when next wanted, so a walk over
+a whole archive leaves nothing behind. Its inode number is a hash of its key
+(what it is in XNAT), so an entry keeps its number when it is made again, and
+across remounts, with nothing kept per entry.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import hashlib
 import json
 import logging
 import weakref
@@ -140,8 +141,8 @@ class Tree:
         self._nodes: weakref.WeakValueDictionary[int, Node] = weakref.WeakValueDictionary()
         self._held: dict[int, Node] = {}
         self._lookups: dict[int, int] = {}  # the kernel's lookup count of each held node
-        self._by_key: dict[Hashable, int] = {}  # kept for good: inode numbers stay stable
-        self._next_inode = ROOT_INODE + 1
+        # Keys whose hashed number was taken by a live node of another key (next to never).
+        self._displaced: dict[Hashable, int] = {}
         self._listings: TTLCache[Hashable, Any] = TTLCache(
             maxsize=max_listings, ttl=self.metadata_ttl, timer=trio.current_time)
         self._negative: TTLCache[tuple[int, str], bool] = TTLCache(
@@ -149,6 +150,8 @@ class Tree:
         self._inflight: dict[Hashable, trio.Event] = {}
         self._inflight_errors: dict[Hashable, BaseException] = {}
         self._entries: dict[int, list[Node]] = {}  # last listing of each directory
+        # What a big directory's entries were made from, to reuse them while it stays the same.
+        self._made_from: dict[int, tuple[object, ...]] = {}
         # The subject whose experiments were last listed on their own, by project.
         self._last_subject_listed: TTLCache[str, str] = TTLCache(
             maxsize=1000, ttl=self.metadata_ttl, timer=trio.current_time)
@@ -157,7 +160,6 @@ class Tree:
         root = Node(ROOT_INODE, Kind.ROOT, "", ROOT_INODE, ("root",),
                     mtime_ns=self.mount_time_ns)
         self._nodes[ROOT_INODE] = self._held[ROOT_INODE] = root
-        self._by_key[root.key] = ROOT_INODE
 
     # ------------------------------------------------------------------ nodes
     def node(self, inode: int) -> Node:
@@ -166,19 +168,29 @@ class Tree:
         except KeyError:
             raise NotFound(f"inode {inode} is unknown") from None
 
+    def _inode_of(self, key: Hashable) -> int:
+        """``key``'s inode number: its hash, unless a live node of another key has it."""
+        inode = self._displaced.get(key) or _hashed_inode(key)
+        start = inode
+        while (other := self._nodes.get(inode)) is not None and other.key != key:
+            inode = inode + 1 if inode < _LAST_INODE else _FIRST_INODE
+        if inode != start or key in self._displaced:
+            self._displaced[key] = inode
+        return inode
+
+    def _live(self, key: Hashable) -> Node | None:
+        node = self._nodes.get(self._inode_of(key))
+        return node if node is not None and node.key == key else None
+
     def _child(self, parent: Node, kind: Kind, name: str, key: Hashable, **fields: Any) -> Node:
         """The node for ``key``: refreshed if it is alive, made (again) if not."""
-        inode = self._by_key.get(key)
-        node = self._nodes.get(inode) if inode is not None else None
+        inode = self._inode_of(key)
+        node = self._nodes.get(inode)
         if node is not None:
             node.name = name
             for attr, value in fields.items():
                 setattr(node, attr, value)
             return node
-        if inode is None:
-            inode = self._next_inode
-            self._next_inode += 1
-            self._by_key[key] = inode
         node = Node(inode, kind, name, parent.inode, key, **fields)
         self._nodes[inode] = node
         return node
@@ -200,7 +212,23 @@ class Tree:
         if inode != ROOT_INODE:
             self._held.pop(inode, None)
             self._entries.pop(inode, None)
+            self._made_from.pop(inode, None)
         return True
+
+    def _entries_made_from(self, node: Node, sources: tuple[object, ...]) -> list[Node] | None:
+        """``node``'s entries as last made, if they were made from these same listings.
+
+        A lookup lists the directory again; in a folder of thousands of files
+        (or a project of thousands of subjects) making every node again would
+        cost milliseconds per lookup. A listing still cached is the very same
+        object; a refreshed one is a new object, compared by value.
+        """
+        made_from = self._made_from.get(node.inode)
+        if made_from is None or len(made_from) != len(sources) or not all(
+                old is new or old == new for old, new in zip(made_from, sources, strict=True)):
+            self._made_from[node.inode] = sources
+            return None
+        return self._entries.get(node.inode)
 
     # --------------------------------------------------------------- listings
     async def cached(self, key: Hashable, fetch: Callable[[], Awaitable[Any]]) -> Any:
@@ -313,12 +341,15 @@ class Tree:
     async def _children_of_project(self, node: Node) -> list[Node]:
         subjects = await self.cached(("subjects", node.project),
                                      lambda: self.client.list_subjects(node.project))
+        pending_labels = tuple(sorted(label for project, label in self.pending_subjects
+                                      if project == node.project))
+        if (same := self._entries_made_from(node, (subjects, pending_labels))) is not None:
+            return same
         labels = {s.label for s in subjects}
         pending = [self._child(node, Kind.PENDING_SUBJECT, safe_name(label),
                                ("pending-subject", node.project, label), project=node.project,
                                mtime_ns=self.mount_time_ns)
-                   for project, label in sorted(self.pending_subjects)
-                   if project == node.project and label not in labels]
+                   for label in pending_labels if label not in labels]
         return pending + [self._child(node, Kind.SUBJECT, safe_name(s.label), ("subject", s.id),
                             project=node.project, subject_id=s.id,
                             mtime_ns=_time_ns(s.insert_date, self.mount_time_ns),
@@ -436,6 +467,8 @@ class Tree:
         else:
             groups = await self.session_files(node.experiment_id)
             files = groups.get((node.scan_id, node.resource_label), [])
+        if (same := self._entries_made_from(node, (files, node.mtime_ns))) is not None:
+            return same
         prefix = f"{node.folder}/" if node.folder else ""
         owner = node.experiment_id or node.prearchive_uri
         common = dict(project=node.project, subject_id=node.subject_id,
@@ -518,8 +551,7 @@ class Tree:
 
     def upload_finished(self, upload: Upload) -> None:
         """A background (write-behind) upload ended: show its outcome at once."""
-        inode = self._by_key.get(("upload", upload.record.id))
-        node = self._nodes.get(inode) if inode is not None else None
+        node = self._live(("upload", upload.record.id))
         if node is not None:
             self.refresh_upload_node(node)
         if upload.record.result:
@@ -645,6 +677,18 @@ class Tree:
         except ValueError:
             return []
         return files[start:start + limit]
+
+
+_FIRST_INODE = ROOT_INODE + 1
+_LAST_INODE = (1 << 63) - 1
+
+
+def _hashed_inode(key: Hashable) -> int:
+    """A number for ``key`` in [_FIRST_INODE, _LAST_INODE], the same in every mount
+    (keys are tuples of strings, whose repr does not vary)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    number = int.from_bytes(digest, "big") & _LAST_INODE
+    return number if number >= _FIRST_INODE else number + _FIRST_INODE
 
 
 def _upload_xattrs(upload: Upload) -> dict[str, str]:
