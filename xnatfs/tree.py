@@ -685,7 +685,7 @@ _LAST_INODE = (1 << 63) - 1
 
 def _hashed_inode(key: Hashable) -> int:
     """A number for ``key`` in [_FIRST_INODE, _LAST_INODE], the same in every mount
-    (keys are tuples of strings, whose repr does not vary)."""
+    (keys are tuples of strings and None, whose repr does not vary)."""
     digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
     number = int.from_bytes(digest, "big") & _LAST_INODE
     return number if number >= _FIRST_INODE else number + _FIRST_INODE
