@@ -164,7 +164,7 @@ async def test_keys_whose_hashes_collide_get_numbers_of_their_own(
     with pytest.raises(NotFound):
         tree.node(5)
     # Found on its own number while the shared one is free (not made a second time).
-    assert tree._inode_of(("subject", "S2")) == 7
+    assert tree._inode_of(("subject", "P", "S2")) == 7
     again = await walked_project(tree, remember=False)
     assert {s.name: s.inode for s in again} == {"SUBJ0000": 5, "SUBJ0001": 6, "SUBJ0002": 7}
 
@@ -184,3 +184,28 @@ async def test_lookups_reuse_a_big_listing_until_it_changes() -> None:
     tree.add_pending_subject(project, "NEW")
     assert (await tree.lookup(project.inode, "NEW")).kind is Kind.PENDING_SUBJECT
     assert (await tree.lookup(project.inode, "SUBJ1999")) is subjects[-1]
+
+
+class SharedSubjectServer:
+    """Subject S1 of project A, shared into project B under another label (XNAT sharing)."""
+
+    async def list_projects(self) -> list[xc.Project]:
+        return [xc.Project(id=p, name=None, secondary_id=None, description=None)
+                for p in ("A", "B")]
+
+    async def list_subjects(self, project: str) -> list[xc.Subject]:
+        label = "OWN_LABEL" if project == "A" else "SHARED_LABEL"
+        return [xc.Subject(id="S1", label=label, project=project, insert_date=None)]
+
+
+async def test_a_shared_subject_is_a_node_of_its_own_in_each_project() -> None:
+    tree = Tree(cast(Any, SharedSubjectServer()))
+    a, b = (n for n in await tree.children(ROOT_INODE) if n.name in ("A", "B"))
+    in_a = await tree.lookup(a.inode, "OWN_LABEL")
+    in_b = await tree.lookup(b.inode, "SHARED_LABEL")
+    assert in_a is not in_b and in_a.inode != in_b.inode
+    # Listing B does not rename or move A's entry (one directory, one parent).
+    assert (await tree.lookup(a.inode, "OWN_LABEL")) is in_a
+    assert (in_a.name, in_a.project, in_a.parent) == ("OWN_LABEL", "A", a.inode)
+    assert (in_b.name, in_b.project, in_b.parent) == ("SHARED_LABEL", "B", b.inode)
+    assert in_a.xattrs["user.xnat.project"] == "A"

@@ -350,8 +350,8 @@ class Tree:
                                ("pending-subject", node.project, label), project=node.project,
                                mtime_ns=self.mount_time_ns)
                    for label in pending_labels if label not in labels]
-        return pending + [self._child(node, Kind.SUBJECT, safe_name(s.label), ("subject", s.id),
-                            project=node.project, subject_id=s.id,
+        return pending + [self._child(node, Kind.SUBJECT, safe_name(s.label),
+                            ("subject", node.project, s.id), project=node.project, subject_id=s.id,
                             mtime_ns=_time_ns(s.insert_date, self.mount_time_ns),
                             xattrs=_xattrs(id=s.id, label=s.label, project=node.project,
                                            uri=f"/data/projects/{node.project}/subjects/{s.id}",
@@ -378,8 +378,9 @@ class Tree:
 
     async def _children_of_subject(self, node: Node) -> list[Node]:
         experiments = await self.subject_experiments(node.project, node.subject_id)
-        return [self._child(node, Kind.SESSION, safe_name(e.label), ("session", e.id),
-                            project=node.project, subject_id=node.subject_id,
+        return [self._child(node, Kind.SESSION, safe_name(e.label),
+                            ("session", node.project, e.id), project=node.project,
+                            subject_id=node.subject_id,
                             experiment_id=e.id,
                             mtime_ns=_time_ns(e.insert_date, self.mount_time_ns),
                             xattrs=_xattrs(id=e.id, label=e.label, project=node.project,
@@ -390,9 +391,10 @@ class Tree:
     async def _children_of_session(self, node: Node) -> list[Node]:
         common = dict(project=node.project, subject_id=node.subject_id,
                       experiment_id=node.experiment_id, mtime_ns=node.mtime_ns)
-        return [self._child(node, Kind.SCANS, "scans", ("scans", node.experiment_id), **common),
+        return [self._child(node, Kind.SCANS, "scans",
+                            ("scans", node.project, node.experiment_id), **common),
                 self._child(node, Kind.RESOURCES, "resources",
-                            ("resources", node.experiment_id, None), **common)]
+                            ("resources", node.project, node.experiment_id, None), **common)]
 
     async def _children_of_scans(self, node: Node) -> list[Node]:
         if node.prearchive_uri:
@@ -409,7 +411,7 @@ class Tree:
         for scan in detail.scans:
             out.append(self._child(
                 node, Kind.SCAN, scan_folder_name(scan.id, scan.type or ""),
-                ("scan", node.experiment_id, scan.id), project=node.project,
+                ("scan", node.project, node.experiment_id, scan.id), project=node.project,
                 subject_id=node.subject_id, experiment_id=node.experiment_id, scan_id=scan.id,
                 mtime_ns=node.mtime_ns,
                 xattrs=_xattrs(id=scan.id, label=scan.id, type=scan.type,
@@ -420,7 +422,7 @@ class Tree:
 
     async def _children_of_scan(self, node: Node) -> list[Node]:
         return [self._child(node, Kind.RESOURCES, "resources",
-                            ("resources", node.experiment_id, node.scan_id,
+                            ("resources", node.project, node.experiment_id, node.scan_id,
                              node.prearchive_uri), prearchive_uri=node.prearchive_uri,
                             project=node.project, subject_id=node.subject_id,
                             experiment_id=node.experiment_id, scan_id=node.scan_id,
@@ -442,7 +444,7 @@ class Tree:
             resources = scan.resources if scan is not None else []
             base = f"/data/experiments/{node.experiment_id}/scans/{node.scan_id}"
         return [self._child(node, Kind.RESOURCE, safe_name(r.label),
-                            ("resource", node.experiment_id, node.scan_id, r.label),
+                            ("resource", node.project, node.experiment_id, node.scan_id, r.label),
                             project=node.project, subject_id=node.subject_id,
                             experiment_id=node.experiment_id, scan_id=node.scan_id,
                             resource_label=r.label, mtime_ns=node.mtime_ns,
@@ -453,8 +455,9 @@ class Tree:
 
     async def _children_of_resource(self, node: Node) -> list[Node]:
         return [self._child(node, Kind.FOLDER, "files",
-                            ("folder", node.experiment_id or node.prearchive_uri, node.scan_id,
-                             node.resource_label, ""), prearchive_uri=node.prearchive_uri,
+                            ("folder", node.project, node.experiment_id or node.prearchive_uri,
+                             node.scan_id, node.resource_label, ""),
+                            prearchive_uri=node.prearchive_uri,
                             project=node.project, subject_id=node.subject_id,
                             experiment_id=node.experiment_id, scan_id=node.scan_id,
                             resource_label=node.resource_label, folder="",
@@ -487,12 +490,12 @@ class Tree:
                     seen_dirs.add(head)
                     out.append(self._child(
                         node, Kind.FOLDER, safe_name(head),
-                        ("folder", owner, node.scan_id, node.resource_label,
+                        ("folder", node.project, owner, node.scan_id, node.resource_label,
                          prefix + head), folder=prefix + head, **common))
                 continue
             out.append(self._child(
                 node, Kind.FILE, safe_name(rest),
-                ("file", owner, node.scan_id, node.resource_label, f.path),
+                ("file", node.project, owner, node.scan_id, node.resource_label, f.path),
                 file=f, xattrs=_xattrs(label=f.path.rsplit("/", 1)[-1], uri=f.uri,
                                        digest=f.digest or "", size=str(f.size),
                                        resource=f.resource_label, resource_id=f.resource_id,
