@@ -197,7 +197,12 @@ class Tree:
 
     def remember(self, node: Node) -> None:
         """The kernel was handed ``node`` (a lookup, a readdirplus entry, a create):
-        keep it until the kernel forgets it as often."""
+        keep it until the kernel forgets it as often.
+
+        Counted before the reply is sent: a reply the kernel never gets (the
+        caller was interrupted) leaves the node held for the life of the mount,
+        since pyfuse3 does not say so; that costs memory, never an answer.
+        """
         self._lookups[node.inode] = self._lookups.get(node.inode, 0) + 1
         self._held[node.inode] = node
 
