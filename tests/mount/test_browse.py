@@ -14,6 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from xnatfs.testing.harness import TestServer
+from xnatfs.testing.store import Store
+
 from .conftest import Mount, drop_kernel_entries
 
 SESSION = Path("NEURO_PUB/NP001/NP001_MR1")
@@ -188,6 +191,37 @@ def test_walks_stay_whole_while_the_kernel_keeps_forgetting(demo_mount: Mount) -
     finally:
         stop.set()
         forgetter.join()
+
+
+def test_a_shared_subject_is_an_entry_of_its_own_in_each_project(tmp_path: Path,
+                                                                 mount_factory) -> None:  # noqa: ANN001
+    """XNAT sharing: NP001 of NEURO_PUB shown in ALICE_LAB under other labels. Each
+    project has its own entry with its own name, project and inode; neither changes
+    when the other is listed; both paths give the same bytes."""
+    with TestServer(tmp_path / "data", dataset="demo") as server:
+        store = Store(server.data_dir)
+        try:
+            subject = store.subject("NEURO_PUB", "NP001")
+            session = store.experiment("NEURO_PUB", "NP001_MR1")
+            assert subject is not None and session is not None
+            store.share("subject", subject["id"], "ALICE_LAB", "SHARED_SUBJ")
+            store.share("experiment", session["id"], "ALICE_LAB", "SHARED_MR1")
+        finally:
+            store.close()
+        mount = mount_factory(server)
+        own, shared = mount.path / "NEURO_PUB" / "NP001", mount.path / "ALICE_LAB" / "SHARED_SUBJ"
+        for _ in range(2):  # listing one project must not rename the other's entry
+            assert "SHARED_SUBJ" in os.listdir(mount.path / "ALICE_LAB")
+            assert "NP001" in os.listdir(mount.path / "NEURO_PUB")
+            assert os.listdir(shared) == ["SHARED_MR1"]
+            assert "NP001_MR1" in os.listdir(own)
+            assert os.getxattr(shared, "user.xnat.project") == b"ALICE_LAB"
+            assert os.getxattr(own, "user.xnat.project") == b"NEURO_PUB"
+            assert os.getxattr(shared, "user.xnat.label") == b"SHARED_SUBJ"
+        assert os.stat(shared).st_ino != os.stat(own).st_ino
+        dicom = next((own / "NP001_MR1").rglob("*.dcm"))
+        in_shared = shared / "SHARED_MR1" / dicom.relative_to(own / "NP001_MR1")
+        assert in_shared.read_bytes() == dicom.read_bytes()
 
 
 def test_extended_attributes(demo_mount: Mount) -> None:

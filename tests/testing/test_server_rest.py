@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from xnatfs.testing.harness import TestServer
+from xnatfs.testing.store import Store, StoreError
 
 ADMIN = ("admin", "admin")
 ALICE = ("alice", "alice")
@@ -325,3 +326,37 @@ def test_injected_faults(admin: httpx.Client, server: TestServer) -> None:
     finally:
         server.set_knobs(hang=False)
     assert admin.get(url).status_code == 200
+
+
+def test_shared_subjects_and_experiments_appear_under_their_label_there(
+        admin: httpx.Client, server: TestServer) -> None:
+    """Sharing (XNAT's projectParticipant / experimentData_share): the other project
+    lists the shared objects under its own label and resolves that label."""
+    subject = admin.get("/data/projects/PUBP/subjects").json()["ResultSet"]["Result"][0]
+    session = admin.get("/data/projects/PUBP/experiments").json()["ResultSet"]["Result"][0]
+    store = Store(server.data_dir)
+    try:
+        store.share("subject", subject["ID"], "PROTP", "SHARED_SUBJ")
+        store.share("experiment", session["ID"], "PROTP", "SHARED_SESS")
+        with pytest.raises(StoreError):
+            store.share("subject", subject["ID"], "PUBP", "AGAIN")  # its own project
+    finally:
+        store.close()
+    [row] = admin.get("/data/projects/PROTP/subjects").json()["ResultSet"]["Result"]
+    assert (row["ID"], row["label"], row["project"]) == (subject["ID"], "SHARED_SUBJ", "PUBP")
+    assert [r["label"] for r in admin.get("/data/projects/PUBP/subjects").json()[
+        "ResultSet"]["Result"]] == ["SUBJ1"]  # the owner still sees its own label
+    item = admin.get("/data/projects/PROTP/subjects/SHARED_SUBJ?format=json")
+    assert item.status_code == 200
+    assert item.json()["items"][0]["data_fields"]["ID"] == subject["ID"]
+    for listing in ("/data/projects/PROTP/experiments",
+                    "/data/projects/PROTP/subjects/SHARED_SUBJ/experiments",
+                    f"/data/projects/PROTP/subjects/{subject['ID']}/experiments"):
+        rows = admin.get(listing, params={"columns": "ID,label,subject_ID,subject_label"}
+                         ).json()["ResultSet"]["Result"]
+        assert [(r["ID"], r["label"], r["subject_ID"]) for r in rows] == [
+            (session["ID"], "SHARED_SESS", subject["ID"])], listing
+    files = admin.get("/data/projects/PROTP/subjects/SHARED_SUBJ/experiments/SHARED_SESS"
+                      "/scans/3/resources/DICOM/files")
+    assert files.status_code == 200 and len(files.json()["ResultSet"]["Result"]) == 2
+    assert admin.get("/data/projects/PROTP/subjects/SUBJ1").status_code == 404

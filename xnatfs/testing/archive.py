@@ -375,11 +375,15 @@ class ArchiveRoutes:
             raise XnatHTTPError(404, "The requested resource was not found.")
         if not access.readable(project):
             raise XnatHTTPError(403, f"Unable to read subjects for Project: {project['id']}")
-        rows = [{"ID": s["id"], "project": s["project"], "label": s["label"],
+        # Its own subjects and those shared into it, under their label here.
+        rows = [{"ID": s["id"], "project": s["project"], "label": s["here_label"],
                  "insert_date": s["insert_date"], "insert_user": s["insert_user"],
                  "gender": s["gender"], "yob": s["yob"], "URI": f"/data/subjects/{s['id']}"}
                 for s in self.store.query(
-                    "SELECT * FROM subjects WHERE project = ? ORDER BY label", (project["id"],))]
+                    "SELECT s.*, COALESCE(h.label, s.label) AS here_label FROM subjects s"
+                    " LEFT JOIN shares h ON h.kind = 'subject' AND h.id = s.id AND h.project = ?"
+                    " WHERE s.project = ? OR h.id IS NOT NULL ORDER BY here_label",
+                    (project["id"], project["id"]))]
         return listings.render(request, self.SUBJECT_SPEC, rows)
 
     # Experiments -----------------------------------------------------------
@@ -393,16 +397,26 @@ class ArchiveRoutes:
 
     def _list_experiments(self, request: web.Request, access: Access, path: ArchivePath,
                           res: Resolved) -> web.Response:
-        sql = ("SELECT e.*, s.label AS subject_label FROM experiments e JOIN subjects s"
-               " ON s.id = e.subject_id")
+        sql = ("SELECT e.*, e.label AS here_label, s.label AS subject_label"
+               " FROM experiments e JOIN subjects s ON s.id = e.subject_id")
         args: list[Any] = []
         where = []
         if res.project is not None:
             if not access.readable(res.project):
                 raise XnatHTTPError(403, f"Unable to read experiments for Project: "
                                          f"{res.project['id']}")
-            where.append("e.project = ?")
-            args.append(res.project["id"])
+            # Its own experiments and those shared into it, labelled as they are here.
+            here = res.project["id"]
+            sql = ("SELECT e.*, COALESCE(he.label, e.label) AS here_label,"
+                   " CASE WHEN s.project = ? THEN s.label ELSE COALESCE(hs.label, s.label) END"
+                   " AS subject_label FROM experiments e JOIN subjects s ON s.id = e.subject_id"
+                   " LEFT JOIN shares he ON he.kind = 'experiment' AND he.id = e.id"
+                   " AND he.project = ?"
+                   " LEFT JOIN shares hs ON hs.kind = 'subject' AND hs.id = s.id"
+                   " AND hs.project = ?")
+            args.extend([here, here, here])
+            where.append("(e.project = ? OR he.id IS NOT NULL)")
+            args.append(here)
         else:
             readable = [p["id"] for p in self.store.projects() if access.readable(p)]
             where.append(f"e.project IN ({','.join('?' * len(readable)) or 'NULL'})")
@@ -415,10 +429,11 @@ class ArchiveRoutes:
             where.append("lower(e.xsi_type) = lower(?)")
             args.append(xsi_type)
         rows = []
-        for e in self.store.query(f"{sql} WHERE {' AND '.join(where)} ORDER BY e.label", args):
+        for e in self.store.query(f"{sql} WHERE {' AND '.join(where)} ORDER BY here_label", args):
             rows.append({
                 "ID": e["id"], "project": e["project"], "date": e["date"],
-                "xsiType": e["xsi_type"], "label": e["label"], "insert_date": e["insert_date"],
+                "xsiType": e["xsi_type"], "label": e["here_label"],
+                "insert_date": e["insert_date"],
                 "subject_ID": e["subject_id"], "subject_label": e["subject_label"],
                 "time": e["time"], "modality": e["modality"], "UID": e["uid"],
                 "session_type": e["session_type"], "URI": f"/data/experiments/{e['id']}",

@@ -79,6 +79,10 @@ CREATE TABLE IF NOT EXISTS files (
     path TEXT NOT NULL, size INTEGER NOT NULL, digest TEXT NOT NULL, mtime REAL NOT NULL,
     blob TEXT NOT NULL, format TEXT NOT NULL DEFAULT '', content TEXT NOT NULL DEFAULT '',
     tags TEXT NOT NULL DEFAULT '', UNIQUE (resource_id, path));
+CREATE TABLE IF NOT EXISTS shares (
+    kind TEXT NOT NULL CHECK (kind IN ('subject', 'experiment')), id TEXT NOT NULL,
+    project TEXT NOT NULL REFERENCES projects(id) ON DELETE CASCADE, label TEXT NOT NULL,
+    PRIMARY KEY (kind, id, project), UNIQUE (kind, project, label));
 CREATE TABLE IF NOT EXISTS tokens (
     alias TEXT PRIMARY KEY, secret TEXT NOT NULL, login TEXT NOT NULL,
     id INTEGER NOT NULL, created INTEGER NOT NULL, expires INTEGER NOT NULL,
@@ -313,14 +317,34 @@ class Store:
         return sid
 
     def subject(self, project_id: str | None, id_or_label: str) -> sqlite3.Row | None:
-        """By accession ID anywhere, or by label within a project."""
+        """By accession ID anywhere, or by ID or label within a project (its own
+        subjects, and those shared into it under their label there)."""
         if project_id is None:
             return self.query_one("SELECT * FROM subjects WHERE id = ?", (id_or_label,))
         return self.query_one(
-            "SELECT * FROM subjects WHERE project = ? AND (id = ? OR label = ?)"
-            " ORDER BY id = ? DESC LIMIT 1",
-            (project_id, id_or_label, id_or_label, id_or_label),
+            "SELECT s.* FROM subjects s LEFT JOIN shares h"
+            " ON h.kind = 'subject' AND h.id = s.id AND h.project = ?"
+            " WHERE (s.project = ? AND (s.id = ? OR s.label = ?))"
+            " OR (h.id IS NOT NULL AND (s.id = ? OR h.label = ?))"
+            " ORDER BY s.id = ? DESC LIMIT 1",
+            (project_id, project_id, *([id_or_label] * 5)),
         )
+
+    def share(self, kind: str, object_id: str, project_id: str, label: str) -> None:
+        """Share a subject or experiment into another project, under ``label`` there
+        (XNAT's ``xnat:projectParticipant`` / ``xnat:experimentData_share``)."""
+        table = {"subject": "subjects", "experiment": "experiments"}[kind]
+        with self.transaction():
+            row = self.query_one(f"SELECT project FROM {table} WHERE id = ?", (object_id,))
+            if row is None:
+                raise StoreError(404, f"Unable to find {kind} {object_id}.")
+            if row["project"] == project_id:
+                raise StoreError(409, f"Already owned by project {project_id}.")
+            taken = getattr(self, kind)(project_id, label)
+            if taken is not None and taken["id"] != object_id:
+                raise StoreError(409, f"Label {label} is already used in {project_id}.")
+            self.execute("INSERT OR REPLACE INTO shares (kind, id, project, label)"
+                         " VALUES (?, ?, ?, ?)", (kind, object_id, project_id, label))
 
     # ------------------------------------------------------------- experiments
     def add_experiment(self, project_id: str, subject_id: str, label: str, xsi_type: str, *,
@@ -348,9 +372,12 @@ class Store:
         if project_id is None:
             return self.query_one("SELECT * FROM experiments WHERE id = ?", (id_or_label,))
         return self.query_one(
-            "SELECT * FROM experiments WHERE project = ? AND (id = ? OR label = ?)"
-            " ORDER BY id = ? DESC LIMIT 1",
-            (project_id, id_or_label, id_or_label, id_or_label),
+            "SELECT e.* FROM experiments e LEFT JOIN shares h"
+            " ON h.kind = 'experiment' AND h.id = e.id AND h.project = ?"
+            " WHERE (e.project = ? AND (e.id = ? OR e.label = ?))"
+            " OR (h.id IS NOT NULL AND (e.id = ? OR h.label = ?))"
+            " ORDER BY e.id = ? DESC LIMIT 1",
+            (project_id, project_id, *([id_or_label] * 5)),
         )
 
     # ------------------------------------------------------------------- scans
