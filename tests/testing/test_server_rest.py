@@ -360,3 +360,8 @@ def test_shared_subjects_and_experiments_appear_under_their_label_there(
                       "/scans/3/resources/DICOM/files")
     assert files.status_code == 200 and len(files.json()["ResultSet"]["Result"]) == 2
     assert admin.get("/data/projects/PROTP/subjects/SUBJ1").status_code == 404
+    children = admin.get(f"/data/experiments/{session['ID']}?format=json").json()[
+        "items"][0]["children"]
+    [sharing] = [c["items"] for c in children if c["field"] == "sharing/share"]
+    assert [(i["meta"]["xsi:type"], i["data_fields"]) for i in sharing] == [
+        ("xnat:experimentData_share", {"label": "SHARED_SESS", "project": "PROTP"})]

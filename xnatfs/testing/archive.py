@@ -541,9 +541,19 @@ class ArchiveRoutes:
                                        if v not in ("", None)}
         children = [child_field("demographics", [demographics])] if s["gender"] or s["yob"] \
             else []
+        children += self._sharing("subject", s["id"], "xnat:projectParticipant")
         return item_json("xnat:subjectData", {
             "ID": s["id"], "project": s["project"], "label": s["label"],
             "insert_date": s["insert_date"], "insert_user": s["insert_user"]}, children)
+
+    def _sharing(self, kind: str, object_id: str, xsi_type: str) -> list[dict[str, Any]]:
+        """The ``sharing/share`` child of an item: the projects it is shared into,
+        with its label in each (where xnatpy reads a subject's label per project)."""
+        shares = [item_json(xsi_type, {"label": row["label"], "project": row["project"]})
+                  for row in self.store.query(
+                      "SELECT project, label FROM shares WHERE kind = ? AND id = ?"
+                      " ORDER BY project", (kind, object_id))]
+        return [child_field("sharing/share", shares)] if shares else []
 
     def _experiment_item(self, e: sqlite3.Row) -> dict[str, Any]:
         scan_items = [self._scan_item(s, e) for s in self.store.scans(e["id"])]
@@ -553,6 +563,7 @@ class ArchiveRoutes:
             children.append(child_field("scans/scan", scan_items))
         if resource_items:
             children.append(child_field("resources/resource", resource_items))
+        children += self._sharing("experiment", e["id"], "xnat:experimentData_share")
         fields = {"ID": e["id"], "id": e["id"], "project": e["project"],
                   "subject_ID": e["subject_id"], "label": e["label"], "date": e["date"],
                   "time": e["time"], "modality": e["modality"], "UID": e["uid"],
