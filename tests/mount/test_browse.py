@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from xnatfs.testing.harness import TestServer
-from xnatfs.testing.store import Store
+from xnatfs.testing.harness import TestServer, share_session
 
 from .conftest import Mount, drop_kernel_entries
 
@@ -199,15 +198,8 @@ def test_a_shared_subject_is_an_entry_of_its_own_in_each_project(tmp_path: Path,
     project has its own entry with its own name, project and inode; neither changes
     when the other is listed; both paths give the same bytes."""
     with TestServer(tmp_path / "data", dataset="demo") as server:
-        store = Store(server.data_dir)
-        try:
-            subject = store.subject("NEURO_PUB", "NP001")
-            session = store.experiment("NEURO_PUB", "NP001_MR1")
-            assert subject is not None and session is not None
-            store.share("subject", subject["id"], "ALICE_LAB", "SHARED_SUBJ")
-            store.share("experiment", session["id"], "ALICE_LAB", "SHARED_MR1")
-        finally:
-            store.close()
+        share_session(server, "NEURO_PUB", "NP001", "NP001_MR1", into="ALICE_LAB",
+                      subject_label="SHARED_SUBJ", session_label="SHARED_MR1")
         mount = mount_factory(server)
         own, shared = mount.path / "NEURO_PUB" / "NP001", mount.path / "ALICE_LAB" / "SHARED_SUBJ"
         for _ in range(2):  # listing one project must not rename the other's entry

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import xnat
 
-from xnatfs.testing.harness import TestServer
+from xnatfs.testing.harness import TestServer, share_session
 from xnatfs.testing.store import Store
 
 
@@ -148,23 +148,16 @@ def test_shared_subjects_and_sessions_through_xnatpy(tmp_path: Path) -> None:
     """xnatpy lists a subject shared into another project under its label there;
     the item names the projects it is shared into (``sharing/share``)."""
     with TestServer(tmp_path / "data", dataset="demo") as server:
-        store = Store(server.data_dir)
-        try:
-            subject = store.subject("NEURO_PUB", "NP001")
-            session = store.experiment("NEURO_PUB", "NP001_MR1")
-            assert subject is not None and session is not None
-            store.share("subject", subject["id"], "ALICE_LAB", "SHARED_SUBJ")
-            store.share("experiment", session["id"], "ALICE_LAB", "SHARED_MR1")
-        finally:
-            store.close()
+        subject_id, session_id = share_session(
+            server, "NEURO_PUB", "NP001", "NP001_MR1", into="ALICE_LAB",
+            subject_label="SHARED_SUBJ", session_label="SHARED_MR1")
         with xnat.connect(server.url, user="admin", password="admin",
                           extension_types=False) as connection:
             shared = connection.projects["ALICE_LAB"].subjects["SHARED_SUBJ"]
-            assert shared.id == subject["id"] and shared.label == "SHARED_SUBJ"
-            assert list(shared.experiments.keys()) and \
-                shared.experiments["SHARED_MR1"].id == session["id"]
+            assert shared.id == subject_id and shared.label == "SHARED_SUBJ"
+            assert shared.experiments["SHARED_MR1"].id == session_id
             # The item lists where it is shared, in the shape xnatpy reads labels from.
-            item = connection.create_object(f"/data/subjects/{subject['id']}")
+            item = connection.create_object(f"/data/subjects/{subject_id}")
             [sharing] = [c for c in item.fulldata["children"] if c["field"] == "sharing/share"]
             assert [(i["meta"]["xsi:type"], i["data_fields"]) for i in sharing["items"]] == [
                 ("xnat:projectParticipant", {"label": "SHARED_SUBJ", "project": "ALICE_LAB"})]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .knobs import log_offset, read_request_log
+from .store import Store
 
 
 def free_port() -> int:
@@ -142,3 +143,20 @@ def pids_with_cmdline(*needles: str) -> list[int]:
         if all(needle in text for needle in needles):
             found.append(int(entry.name))
     return found
+
+
+def share_session(server: TestServer, project: str, subject: str, session: str, *,
+                  into: str, subject_label: str, session_label: str) -> tuple[str, str]:
+    """Share ``subject`` and its ``session`` (labels in ``project``) into project
+    ``into`` under other labels, through the server's store (the share endpoints
+    are not served); returns their accession IDs."""
+    store = Store(server.data_dir)
+    try:
+        subject_row = store.subject(project, subject)
+        session_row = store.experiment(project, session)
+        assert subject_row is not None and session_row is not None
+        store.share("subject", subject_row["id"], into, subject_label)
+        store.share("experiment", session_row["id"], into, session_label)
+        return str(subject_row["id"]), str(session_row["id"])
+    finally:
+        store.close()
