@@ -365,3 +365,12 @@ def test_shared_subjects_and_experiments_appear_under_their_label_there(
     [sharing] = [c["items"] for c in children if c["field"] == "sharing/share"]
     assert [(i["meta"]["xsi:type"], i["data_fields"]) for i in sharing] == [
         ("xnat:experimentData_share", {"label": "SHARED_SESS", "project": "PROTP"})]
+    # Deleting through the sharing project removes the share, not the data.
+    assert admin.delete("/data/projects/PROTP/subjects/SHARED_SUBJ/experiments/SHARED_SESS"
+                        ).status_code == 200
+    assert admin.get("/data/projects/PROTP/experiments").json()["ResultSet"]["Result"] == []
+    assert admin.get(f"/data/experiments/{session['ID']}?format=json").status_code == 200
+    assert admin.delete("/data/projects/PROTP/subjects/SHARED_SUBJ").status_code == 200
+    assert admin.get("/data/projects/PROTP/subjects").json()["ResultSet"]["Result"] == []
+    assert [r["label"] for r in admin.get("/data/projects/PUBP/subjects").json()[
+        "ResultSet"]["Result"]] == ["SUBJ1"]
