@@ -329,7 +329,7 @@ def test_injected_faults(admin: httpx.Client, server: TestServer) -> None:
 
 
 def test_shared_subjects_and_experiments_appear_under_their_label_there(
-        admin: httpx.Client, server: TestServer) -> None:
+        admin: httpx.Client, alice: httpx.Client, server: TestServer) -> None:
     """Sharing (XNAT's projectParticipant / experimentData_share): the other project
     lists the shared objects under its own label and resolves that label."""
     subject = admin.get("/data/projects/PUBP/subjects").json()["ResultSet"]["Result"][0]
@@ -338,6 +338,7 @@ def test_shared_subjects_and_experiments_appear_under_their_label_there(
     try:
         store.share("subject", subject["ID"], "PROTP", "SHARED_SUBJ")
         store.share("experiment", session["ID"], "PROTP", "SHARED_SESS")
+        store.set_role("PROTP", "alice", "owner")  # owns the sharing project only
         with pytest.raises(StoreError):
             store.share("subject", subject["ID"], "PUBP", "AGAIN")  # its own project
     finally:
@@ -365,12 +366,21 @@ def test_shared_subjects_and_experiments_appear_under_their_label_there(
     [sharing] = [c["items"] for c in children if c["field"] == "sharing/share"]
     assert [(i["meta"]["xsi:type"], i["data_fields"]) for i in sharing] == [
         ("xnat:experimentData_share", {"label": "SHARED_SESS", "project": "PROTP"})]
-    # Deleting through the sharing project removes the share, not the data.
-    assert admin.delete("/data/projects/PROTP/subjects/SHARED_SUBJ/experiments/SHARED_SESS"
-                        ).status_code == 200
+    # Shared data is read-only in the sharing project; deleting it there removes
+    # the share, not the data.
+    shared_session = "/data/projects/PROTP/subjects/SHARED_SUBJ/experiments/SHARED_SESS"
+    assert alice.get(f"{shared_session}/scans/3/resources/DICOM/files").status_code == 200
+    assert alice.put(f"{shared_session}/resources/NOTES/files/x.txt",
+                     content=b"x").status_code == 403
+    assert alice.delete(shared_session).status_code == 200
     assert admin.get("/data/projects/PROTP/experiments").json()["ResultSet"]["Result"] == []
     assert admin.get(f"/data/experiments/{session['ID']}?format=json").status_code == 200
     assert admin.delete("/data/projects/PROTP/subjects/SHARED_SUBJ").status_code == 200
     assert admin.get("/data/projects/PROTP/subjects").json()["ResultSet"]["Result"] == []
     assert [r["label"] for r in admin.get("/data/projects/PUBP/subjects").json()[
         "ResultSet"]["Result"]] == ["SUBJ1"]
+    store = Store(server.data_dir)
+    try:
+        store.execute("DELETE FROM roles WHERE project = 'PROTP' AND login = 'alice'")
+    finally:
+        store.close()
