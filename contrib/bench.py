@@ -1408,6 +1408,16 @@ class Bench:
         if not self.args.keep:
             shutil.rmtree(self.workdir / "caches", ignore_errors=True)
             shutil.rmtree(self.workdir / "out", ignore_errors=True)
+            if self.args.workdir is None and not self.failed():
+                # A clean run's temporary directory holds nothing worth keeping.
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            elif self.args.workdir is None:
+                self.say(f"something failed: mount and server logs kept in {self.workdir}/logs")
+
+    def failed(self) -> bool:
+        measures = [m for f in self.figures for m in (f.measure, f.baseline) if m is not None]
+        measures += self.baselines.values()
+        return "error" in self.meta or any(r.error for m in measures for r in m.runs)
 
 
 def failure(done: Done, mountpoint: Path) -> str:
