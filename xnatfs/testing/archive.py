@@ -772,13 +772,20 @@ class ArchiveRoutes:
                                 tags=q.get("tags", ""))
         return text_response("", 200)
 
+    @staticmethod
+    def _shared_here(res: Resolved) -> sqlite3.Row | None:
+        """The subject or experiment a path names, if it is only shared into the
+        project of the path (another project owns it)."""
+        owned = res.experiment if res.experiment is not None else res.subject
+        if owned is None or res.project is None or owned["project"] == res.project["id"]:
+            return None
+        return owned
+
     def _require_edit(self, access: Access, res: Resolved, *, owner_too: bool = True) -> None:
         """Edit rights on the project of the path and, for data shared into it, on
         the project that owns the data (a sharing project only reads it)."""
-        owned = res.experiment if res.experiment is not None else res.subject
-        owner = (self.store.project(owned["project"])
-                 if owner_too and owned is not None and res.project is not None
-                 and owned["project"] != res.project["id"] else res.project)
+        shared = self._shared_here(res) if owner_too else None
+        owner = self.store.project(shared["project"]) if shared is not None else res.project
         if (res.project is None or not access.editable(res.project)
                 or owner is None or not access.editable(owner)):
             raise XnatHTTPError(403, "User account doesn't have permission to edit this "
@@ -838,10 +845,9 @@ class ArchiveRoutes:
     def _delete(self, request: web.Request, access: Access,
                 path: ArchivePath) -> web.Response:
         res = self.resolve(access, path)
-        unshare = (path.collection is None and path.level in ("experiment", "subject")
-                   and res.project is not None
-                   and getattr(res, path.level)["project"] != res.project["id"])
-        self._require_edit(access, res, owner_too=not unshare)
+        unshare = (self._shared_here(res) if path.collection is None
+                   and path.level in ("experiment", "subject") else None)
+        self._require_edit(access, res, owner_too=unshare is None)
         request["route"] = f"{path.collection or path.level}.delete"
         if path.collection == "files":
             if path.file_path is None:
@@ -866,31 +872,29 @@ class ArchiveRoutes:
                 for r in self.store.resources(res.experiment["id"], s["pk"]):
                     self.store.delete_resource(r["id"])
                 self.store.execute("DELETE FROM scans WHERE pk = ?", (s["pk"],))
-        elif unshare:
+        elif unshare is not None:
             # Deleted through a project it is only shared into: XNAT removes the share.
             self.store.execute("DELETE FROM shares WHERE kind = ? AND id = ? AND project = ?",
-                               (level, getattr(res, level)["id"], res.project["id"]))
+                               (level, unshare["id"], res.project["id"]))
         elif level == "experiment":
             self._delete_experiment(res.experiment["id"])
         elif level == "subject":
-            for e in self.store.query("SELECT id FROM experiments WHERE subject_id = ?",
-                                      (res.subject["id"],)):
-                self._delete_experiment(e["id"])
-            self.store.execute("DELETE FROM shares WHERE kind = 'subject' AND id = ?",
-                               (res.subject["id"],))
-            self.store.execute("DELETE FROM subjects WHERE id = ?", (res.subject["id"],))
+            self._delete_subject(res.subject["id"])
         elif level == "project":
             if not (access.caller.is_admin or access.role(res.project["id"]) == "owner"):
                 raise XnatHTTPError(403, "Unable to delete project.")
             for s in self.store.query("SELECT id FROM subjects WHERE project = ?",
                                       (res.project["id"],)):
-                for e in self.store.query("SELECT id FROM experiments WHERE subject_id = ?",
-                                          (s["id"],)):
-                    self._delete_experiment(e["id"])
-                self.store.execute("DELETE FROM shares WHERE kind = 'subject' AND id = ?",
-                                   (s["id"],))
+                self._delete_subject(s["id"])
             self.store.execute("DELETE FROM projects WHERE id = ?", (res.project["id"],))
         return text_response("", 200)
+
+    def _delete_subject(self, subject_id: str) -> None:
+        for e in self.store.query("SELECT id FROM experiments WHERE subject_id = ?",
+                                  (subject_id,)):
+            self._delete_experiment(e["id"])
+        self.store.execute("DELETE FROM shares WHERE kind = 'subject' AND id = ?", (subject_id,))
+        self.store.execute("DELETE FROM subjects WHERE id = ?", (subject_id,))
 
     def _delete_experiment(self, experiment_id: str) -> None:
         for r in self.store.query("SELECT id FROM resources WHERE experiment_id = ?",
