@@ -164,7 +164,7 @@ async def test_keys_whose_hashes_collide_get_numbers_of_their_own(
     with pytest.raises(NotFound):
         tree.node(5)
     # Found on its own number while the shared one is free (not made a second time).
-    assert tree._inode_of(("subject", "P", "S2")) == 7
+    assert tree._slot(("subject", "P", "S2"))[0] == 7
     again = await walked_project(tree, remember=False)
     assert {s.name: s.inode for s in again} == {"SUBJ0000": 5, "SUBJ0001": 6, "SUBJ0002": 7}
 

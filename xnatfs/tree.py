@@ -168,24 +168,20 @@ class Tree:
         except KeyError:
             raise NotFound(f"inode {inode} is unknown") from None
 
-    def _inode_of(self, key: Hashable) -> int:
-        """``key``'s inode number: its hash, unless a live node of another key has it."""
+    def _slot(self, key: Hashable) -> tuple[int, Node | None]:
+        """``key``'s inode number (its hash, unless a live node of another key has
+        it) and its live node, if any."""
         inode = self._displaced.get(key) or _hashed_inode(key)
         start = inode
-        while (other := self._nodes.get(inode)) is not None and other.key != key:
+        while (node := self._nodes.get(inode)) is not None and node.key != key:
             inode = inode + 1 if inode < _LAST_INODE else _FIRST_INODE
         if inode != start or key in self._displaced:
             self._displaced[key] = inode
-        return inode
-
-    def _live(self, key: Hashable) -> Node | None:
-        node = self._nodes.get(self._inode_of(key))
-        return node if node is not None and node.key == key else None
+        return inode, node
 
     def _child(self, parent: Node, kind: Kind, name: str, key: Hashable, **fields: Any) -> Node:
         """The node for ``key``: refreshed if it is alive, made (again) if not."""
-        inode = self._inode_of(key)
-        node = self._nodes.get(inode)
+        inode, node = self._slot(key)
         if node is not None:
             node.name = name
             for attr, value in fields.items():
@@ -559,7 +555,7 @@ class Tree:
 
     def upload_finished(self, upload: Upload) -> None:
         """A background (write-behind) upload ended: show its outcome at once."""
-        node = self._live(("upload", upload.record.id))
+        _, node = self._slot(("upload", upload.record.id))
         if node is not None:
             self.refresh_upload_node(node)
         if upload.record.result:
