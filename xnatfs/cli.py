@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--metadata-ttl", type=float, default=60.0,
                        help="seconds listings are cached (default 60, minimum 1)")
     mount.add_argument("--read-only", action="store_true", help="mount read-only")
+    sharing = mount.add_mutually_exclusive_group()
+    sharing.add_argument("--allow-other", action="store_true",
+                         help="let every user of this machine read the mount (only you "
+                              "can upload); needs user_allow_other in /etc/fuse.conf")
+    sharing.add_argument("--allow-root", action="store_true",
+                         help="let root read the mount too, e.g. the Docker daemon for "
+                              "'docker run -v'; needs user_allow_other in /etc/fuse.conf")
     mount.add_argument("--direct-archive", action="store_true",
                        help="uploads go straight to the archive (XNAT's Direct-Archive)")
     mount.add_argument("--write-behind", action="store_true",
@@ -255,11 +262,27 @@ def _apply_config_switches(args: argparse.Namespace, site: str) -> None:
             setattr(args, name, value)
 
 
-def _setup_logging(level: str, log_file: Path | None) -> None:
+def _check_sharing(args: argparse.Namespace) -> None:
+    from .mount import sharing_refusal
+
+    if args.allow_other and args.allow_root:  # one from the config file, one given here
+        raise UserError("xnatfs: --allow-other and --allow-root exclude each other "
+                        "(allow_other already lets root in)")
+    refusal = sharing_refusal(args.allow_other, args.allow_root)
+    if refusal is not None:
+        raise UserError(f"xnatfs: {refusal}")
+
+
+def _setup_logging(level: str, log_file: Path | None, *, daemon: bool = False) -> None:
+    """Log to ``log_file`` or stderr. A ``daemon`` (the background mount, whose
+    stderr nobody reads) also sends its stderr there: libfuse prints the reason
+    for a refused mount on it."""
     handlers: list[logging.Handler]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if daemon:
+            os.dup2(fd, 2)
         handlers = [logging.StreamHandler(os.fdopen(fd, "a", buffering=1))]
     else:
         handlers = [logging.StreamHandler()]
@@ -274,6 +297,7 @@ def mount(args: argparse.Namespace) -> int:
     credentials = _resolve_credentials(args, url)
     if not args.credentials_on_stdin:  # the parent already applied the config file
         _apply_config_switches(args, credentials.url)
+    _check_sharing(args)
     if not args.foreground:
         return _mount_in_background(args, credentials, mountpoint)
     return _mount_in_foreground(args, credentials, mountpoint)
@@ -284,16 +308,17 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
     import trio
 
     from .errors import XnatError
-    from .mount import MountConfig, run_mount
+    from .mount import MountConfig, MountRefused, run_mount
 
-    _setup_logging(args.log_level, args.log_file)
+    _setup_logging(args.log_level, args.log_file, daemon=args.ready_fd is not None)
     config = MountConfig(credentials=credentials, mountpoint=mountpoint.resolve(),
                          cache_dir=args.cache_dir, cache_size=args.cache_size,
                          metadata_ttl=args.metadata_ttl, read_only=args.read_only,
                          verify_tls=not args.insecure, range_mode=args.range,
                          direct_archive=args.direct_archive, write_behind=args.write_behind,
                          prearchive_ttl=args.prearchive_ttl,
-                         request_timeout=args.timeout, debug_fuse=args.debug_fuse)
+                         request_timeout=args.timeout, debug_fuse=args.debug_fuse,
+                         allow_other=args.allow_other, allow_root=args.allow_root)
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
     mounted = False
 
@@ -311,6 +336,8 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
             logging.getLogger("xnatfs").exception("the mount stopped on an error")
             raise
         message = f"xnatfs: cannot mount {credentials.url}: {exc}"
+        if isinstance(exc, MountRefused):
+            message += f" (libfuse gave the reason in {args.log_file or 'the lines above'})"
         if ready_pipe is not None and not ready_pipe.closed:
             ready_pipe.write(f"error: {message}\n")
             ready_pipe.close()
@@ -340,6 +367,10 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
         argv.append("--write-behind")
     if args.insecure:
         argv.append("--insecure")
+    if args.allow_other:
+        argv.append("--allow-other")
+    if args.allow_root:
+        argv.append("--allow-root")
     child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, pass_fds=(write_fd,),
                              start_new_session=True)

@@ -175,13 +175,14 @@ def _prompted(site: str, user: str, ask_password: PasswordPrompt | None,
     return Credentials(site, user, ask_password(site, user), source)
 
 
-MOUNT_SWITCHES = ("direct_archive", "write_behind")
+MOUNT_SWITCHES = ("direct_archive", "write_behind", "allow_other", "allow_root")
 
 
 def mount_switches(site: str, profile: str | None = None,
                    config_path: Path | None = None) -> dict[str, bool]:
-    """Upload switches from the config file: the ``[mount]`` table, overridden by
-    the profile in use (``--profile``, or the one whose ``url`` is the site)::
+    """On/off mount options (``MOUNT_SWITCHES``) from the config file: the
+    ``[mount]`` table, overridden by the profile in use (``--profile``, or the
+    one whose ``url`` is the site)::
 
         [mount]
         write_behind = true

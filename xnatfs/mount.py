@@ -7,6 +7,7 @@ XNAT session and the disk cache.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -46,6 +47,8 @@ class MountConfig:
     op_timeout: float = 120.0
     request_timeout: float = 30.0
     debug_fuse: bool = False
+    allow_other: bool = False         # every local user may read (not upload)
+    allow_root: bool = False          # root may read too (a Docker daemon, say)
 
     def __repr__(self) -> str:  # credentials have their own password-free repr
         return (f"MountConfig(url={self.credentials.url!r}, mountpoint={self.mountpoint!r}, "
@@ -53,15 +56,51 @@ class MountConfig:
 
 
 def fuse_options(config: MountConfig) -> set[str]:
-    """Private to the mounting user (no allow_other); read-only when asked."""
+    """Private to the mounting user unless shared on purpose; read-only when asked.
+
+    ``default_permissions`` (pyfuse3's default, kept) has the kernel check the
+    modes the mount reports, all owned by the mounting user: users it is shared
+    with may read, but only its owner (and root) may upload, archive or delete.
+    """
     options = set(pyfuse3.default_options)
     site = config.credentials.url.split("://", 1)[-1].replace(",", "%2C")
     options |= {f"fsname=xnatfs:{site}", "subtype=xnatfs", "noatime"}
+    if config.allow_other:
+        options.add("allow_other")
+    elif config.allow_root:
+        options.add("allow_root")  # libfuse: allow_other for the kernel, then refuses others
     if config.read_only:
         options.add("ro")
     if config.debug_fuse:
         options.add("debug")
     return options
+
+
+FUSE_CONF = Path("/etc/fuse.conf")
+
+
+def sharing_refusal(allow_other: bool, allow_root: bool, *, euid: int | None = None,
+                    fuse_conf: Path = FUSE_CONF) -> str | None:
+    """Why ``fusermount3`` would refuse to share this mount, or None.
+
+    Only root may mount with ``allow_other``/``allow_root`` unless the
+    administrator put ``user_allow_other`` in ``/etc/fuse.conf``. fusermount3
+    says so on the stderr of a background process nobody reads, so the CLI
+    checks first and tells the user.
+    """
+    if not (allow_other or allow_root):
+        return None
+    if (os.geteuid() if euid is None else euid) == 0:
+        return None
+    try:
+        lines = fuse_conf.read_text().splitlines()
+    except OSError:
+        lines = []
+    if any(line.strip() == "user_allow_other" for line in lines):
+        return None
+    option = "--allow-other" if allow_other else "--allow-root"
+    return (f"{option} needs a line 'user_allow_other' in {fuse_conf} (ask the "
+            f"administrator), or a mount by root")
 
 
 def mount_device(mountpoint: Path) -> tuple[int, int] | None:
@@ -80,6 +119,10 @@ def mount_device(mountpoint: Path) -> tuple[int, int] | None:
             major, _, minor = fields[2].partition(":")
             return int(major), int(minor)
     return None
+
+
+class MountRefused(OSError):
+    """FUSE would not mount (a busy or forbidden mount point, a refused option)."""
 
 
 FUSECTL = Path("/sys/fs/fuse/connections")
@@ -128,6 +171,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
     config.cache_dir.chmod(0o700)  # cached data is as private as the mount
     client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache())
     await client.connect()
+    refused: MountRefused | None = None
     try:
         async with trio.open_nursery() as nursery:
             uploads = UploadManager(client, config.cache_dir / "uploads", nursery,
@@ -140,21 +184,32 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                                 nursery=nursery, range_mode=config.range_mode)
             operations = Operations(tree, blocks, uploads, nursery=nursery,
                                     op_timeout=config.op_timeout)
-            pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
             try:
-                nursery.start_soon(_tune_after_init, operations, config.mountpoint)
-                nursery.start_soon(_terminate_on_signal)
-                if on_ready is not None:
-                    on_ready()
-                log.info("mounted %s on %s", config.credentials.url, config.mountpoint)
-                await pyfuse3.main()
-            finally:
-                pyfuse3.close(unmount=True)
+                pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
+            except RuntimeError as exc:
+                # pyfuse3's only word for it (libfuse printed why on stderr). Raised
+                # here, it would leave the nursery wrapped in an ExceptionGroup.
+                refused = MountRefused(errno.EPERM, f"FUSE refused the mount ({exc})")
                 blocks.close()
                 nursery.cancel_scope.cancel()
+            else:
+                try:
+                    nursery.start_soon(_tune_after_init, operations, config.mountpoint)
+                    nursery.start_soon(_terminate_on_signal)
+                    if on_ready is not None:
+                        on_ready()
+                    log.info("mounted %s on %s", config.credentials.url, config.mountpoint)
+                    await pyfuse3.main()
+                finally:
+                    pyfuse3.close(unmount=True)
+                    blocks.close()
+                    nursery.cancel_scope.cancel()
+        if refused is not None:
+            raise refused
     finally:
         await client.aclose()
-        log.info("unmounted %s", config.mountpoint)
+        if refused is None:
+            log.info("unmounted %s", config.mountpoint)
 
 
 async def _tune_after_init(operations: Operations, mountpoint: Path) -> None:
