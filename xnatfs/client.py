@@ -278,7 +278,6 @@ class XnatClient:
         self._session_id: str | None = None
         self._last_activity: float | None = None
         self._session_timeout: float | None = None
-        self._range_support: bool | None = None
         self._server_down = False  # the last operation found no working server
         self._counts: Counter[str] = Counter()
 
@@ -326,7 +325,7 @@ class XnatClient:
                 await self._http.aclose()
 
     def statistics(self) -> dict[str, int]:
-        """Requests sent, by kind (``files.range``, ``session.login``...), and events:
+        """Requests sent, by kind (``files.stream``, ``session.login``...), and events:
         ``retries``, ``relogins``, ``sessions_reused``, ``range_ignored``, ``stream_resumes``."""
         return dict(self._counts)
 
@@ -658,56 +657,6 @@ class XnatClient:
                 for row in rows]
 
     # -------------------------------------------------------------------- data
-    async def read_range(self, uri: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of a file; fewer only where the file ends.
-
-        Sends an HTTP Range request. A 206 must carry the Content-Range asked
-        for. Real XNAT ignores Range and answers 200 with the whole file: then
-        the wanted bytes are cut out of the stream, which is read only up to
-        ``end``, and :meth:`probe_range_support` answers False from then on.
-        Callers reading far into large files should check that first and use
-        :meth:`open_stream` instead.
-
-        Raises:
-            NotFound: no such file.
-            ServerError: the server answered a different range than asked.
-        """
-        if start < 0 or end < start:
-            raise ValueError(f"bad byte range [{start}, {end})")
-        if end == start:
-            return b""
-
-        async def read(response: httpx.Response) -> bytes:
-            status = response.status_code
-            if status == 416:  # start is at or past the end of the file
-                return b""
-            if status == 206:
-                self._range_support = True
-                return await _read_partial_content(response, uri, start, end)
-            if status == 200:
-                self._note_range_ignored()
-                return await _slice_of_body(response, start, end, self.settings.chunk_size)
-            raise ServerError(f"unexpected status {status} for a range request", status=status,
-                              path=uri)
-
-        return await self._send("GET", uri, kind="files.range", headers=_range_headers(start, end),
-                                accept={416}, handle=read)
-
-    async def probe_range_support(self, uri: str) -> bool:
-        """Whether the server honours HTTP Range, learnt from one request for ``uri``.
-
-        The answer is kept for the life of the client (it is a property of the
-        server, and :meth:`read_range` keeps it up to date).
-        """
-        if self._range_support is None:
-            async def honoured(response: httpx.Response) -> bool:
-                return response.status_code in (206, 416)  # 416: an empty file, ranges known
-
-            self._range_support = await self._send(
-                "GET", uri, kind="files.probe", headers=_range_headers(0, 1), accept={416},
-                handle=honoured)
-        return self._range_support
-
     @asynccontextmanager
     async def open_stream(self, uri: str, start: int = 0,
                           end: int | None = None) -> AsyncIterator[ByteStream]:
@@ -736,10 +685,6 @@ class XnatClient:
             yield stream
         finally:
             await stream.aclose()
-
-    def _note_range_ignored(self) -> None:
-        self._range_support = False
-        self._counts["range_ignored"] += 1
 
     # ----------------------------------------------------------------- uploads
     async def import_archive(self, body: Path | AsyncIterator[bytes], *, name: str,
@@ -938,10 +883,10 @@ class ByteStream:
                                   path=self.uri)
             self._skip = 0
             self._body_end = last + 1
-            self.ranged = client._range_support = True
+            self.ranged = True
         else:
             if "Range" in headers:
-                client._note_range_ignored()
+                client._counts["range_ignored"] += 1
                 self.ranged = False
             size = _content_length(response)
             self._skip = self.position
@@ -1081,10 +1026,6 @@ def _cookie(session_id: str) -> dict[str, str]:
     return {"Cookie": f"JSESSIONID={session_id}"}
 
 
-def _range_headers(start: int, end: int) -> dict[str, str]:
-    return {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
-
-
 async def _as_is(response: httpx.Response) -> httpx.Response:
     return response
 
@@ -1178,37 +1119,6 @@ def _content_range(response: httpx.Response, uri: str) -> tuple[int, int, int | 
 def _content_length(response: httpx.Response) -> int | None:
     value = response.headers.get("content-length", "")
     return int(value) if value.isdigit() else None
-
-
-async def _read_partial_content(response: httpx.Response, uri: str, start: int,
-                                end: int) -> bytes:
-    """The body of a 206, checked against the range asked for."""
-    first, last, total = _content_range(response, uri)
-    expected_last = end - 1 if total is None else min(end, total) - 1
-    if first != start or last != expected_last:
-        raise ServerError(f"asked for bytes {start}-{end - 1}, got {first}-{last}/{total}",
-                          status=206, path=uri)
-    body = await response.aread()
-    if len(body) != last - first + 1:
-        raise Unreachable(f"range body has {len(body)} bytes, not {last - first + 1}",
-                          path=uri)
-    return body
-
-
-async def _slice_of_body(response: httpx.Response, start: int, end: int,
-                         chunk_size: int) -> bytes:
-    """Bytes ``[start, end)`` of a whole-file answer, reading no further than ``end``."""
-    wanted = bytearray()
-    offset = 0
-    async with aclosing(_body_chunks(response, chunk_size)) as chunks:
-        async for chunk in chunks:
-            chunk_end = offset + len(chunk)
-            if chunk_end > start:
-                wanted += chunk[max(start - offset, 0):end - offset]
-            offset = chunk_end
-            if offset >= end:
-                break
-    return bytes(wanted)
 
 
 @contextmanager

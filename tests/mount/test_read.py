@@ -35,7 +35,7 @@ from xnatfs.testing.store import Store
 BS = DEFAULT_BLOCK_SIZE
 ADMIN = ("admin", "admin")
 # Routes and client request kinds that carry file contents.
-DATA_ROUTES = {"files.download", "files.stream", "files.range", "files.probe"}
+DATA_ROUTES = {"files.download", "files.stream"}
 FILES = Path("P/S/E/resources/R/files")
 DEFAULT_KNOBS = {"range": False, "bandwidth_mb_s": 0.0, "latency_ms": 0.0, "fail_rate": 0.0,
                  "drop_rate": 0.0, "truncate_rate": 0.0, "hang": False, "fault_path": ""}
