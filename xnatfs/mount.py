@@ -64,7 +64,10 @@ def fuse_options(config: MountConfig) -> set[str]:
     """
     options = set(pyfuse3.default_options)
     site = config.credentials.url.split("://", 1)[-1].replace(",", "%2C")
-    options |= {f"fsname=xnatfs:{site}", "subtype=xnatfs", "noatime"}
+    # auto_unmount: if this process dies (a crash, kill -9, the OOM killer),
+    # fusermount3 unmounts, instead of leaving a mount point that answers
+    # "Transport endpoint is not connected" until someone runs fusermount3 -u.
+    options |= {f"fsname=xnatfs:{site}", "subtype=xnatfs", "noatime", "auto_unmount"}
     if config.allow_other:
         options.add("allow_other")
     elif config.allow_root:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import select
+import signal
 import stat
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from xnatfs.testing.harness import TestServer, free_port
 
-from .conftest import Mount, make_env, unmount
+from .conftest import Mount, daemon_pid, make_env, mount_xnatfs, unmount
 
 
 def mounted(path: Path) -> bool:
@@ -35,6 +37,35 @@ def test_mount_returns_once_mounted_and_umount_logs_out(demo_mount: Mount) -> No
         time.sleep(0.1)
     else:
         raise AssertionError(f"no DELETE /data/JSESSION after unmount: {entries}")
+
+
+def wait_for_unmount(path: Path, timeout: float) -> bool:
+    """Wait (polling the mount table for changes, not sleeping) until ``path``
+    is no longer mounted; False if it still is after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    with open("/proc/self/mounts") as table:
+        poller = select.poll()
+        poller.register(table, select.POLLPRI | select.POLLERR)
+        while mounted(path):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            poller.poll(left * 1000)  # the table changed (or time is up)
+            table.seek(0)
+            table.read()  # re-arm
+    return True
+
+
+def test_a_killed_mount_process_leaves_no_dead_mount(demo_mount: Mount) -> None:
+    """``kill -9`` (or a crash, or the OOM killer) must not leave a mount that
+    answers "Transport endpoint is not connected" until someone unmounts it."""
+    assert mounted(demo_mount.path) and os.listdir(demo_mount.path)
+    os.kill(daemon_pid(demo_mount.path), signal.SIGKILL)
+    assert wait_for_unmount(demo_mount.path, timeout=30)
+    assert os.listdir(demo_mount.path) == []  # the empty mount point, usable again
+    mount_xnatfs(demo_mount.server, demo_mount.path, demo_mount.cache_dir, demo_mount.env,
+                 demo_mount.options)
+    assert "NEURO_PUB" in os.listdir(demo_mount.path)
 
 
 def test_password_never_in_argv_logs_or_world_readable_files(demo_server: TestServer,
