@@ -182,7 +182,7 @@ def test_a_refused_mount_says_where_libfuse_gave_the_reason(demo_server: TestSer
     log = open_dir / "home" / ".cache" / "xnatfs" / "xnatfs.log"
     assert f"FUSE refused the mount (fuse_session_mount failed) (libfuse gave the reason in {log})" in out
     assert "exit: 1" in out
-    assert "fuse: failed to open /dev/fuse: Permission denied" in log.read_text()
+    assert "failed to open /dev/fuse: Permission denied" in log.read_text()  # fusermount3 says it
     assert not (open_dir / "mnt").is_mount()
 
 
