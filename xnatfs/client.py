@@ -863,8 +863,8 @@ class ByteStream:
         client = self._client
         headers = {"Accept-Encoding": "identity"}
         if self.position > 0 or self.end is not None:
-            last = "" if self.end is None else str(self.end - 1)
-            headers["Range"] = f"bytes={self.position}-{last}"
+            last_byte = "" if self.end is None else str(self.end - 1)
+            headers["Range"] = f"bytes={self.position}-{last_byte}"
         response = await client._send("GET", self.uri, kind="files.stream", headers=headers,
                                       accept={416}, keep_open=True, handle=_as_is)
         self._response = response

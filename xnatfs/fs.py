@@ -13,8 +13,8 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -28,13 +28,15 @@ from .uploads import UploadManager
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # Files in one folder fetched ahead when one of them is opened (a DICOM series).
 SERIES_READ_AHEAD = 16
 SMALL_FILE = 8 * 1024 * 1024
 
 
-def fuse_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def fuse_errors(handler: Callable[Concatenate[Operations, P], Awaitable[T]]
+                ) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, T]]:
     """Turn XnatErrors into errnos, bound the time, and log real bugs with their traceback.
 
     Handlers that wait for an upload get ``upload_timeout``; all others ``op_timeout``.
@@ -42,10 +44,10 @@ def fuse_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable
     slow = handler.__name__ in ("write", "flush", "fsync", "rename", "release")
 
     @functools.wraps(handler)
-    async def wrapper(self: Operations, *args: Any) -> T:
+    async def wrapper(self: Operations, *args: P.args, **kwargs: P.kwargs) -> T:
         try:
             with trio.fail_after(self.upload_timeout if slow else self.op_timeout):
-                return await handler(self, *args)
+                return await handler(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except XnatError as exc:
@@ -144,7 +146,7 @@ class Operations(pyfuse3.Operations):
         self.tree.remember(node)
         return attr
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             if self.tree.forget(inode, count):
                 self._page_identity.pop(inode, None)  # the kernel dropped the pages too

@@ -442,7 +442,7 @@ class Tree:
             base = f"/data/experiments/{node.experiment_id}"
         else:
             scan = next((s for s in detail.scans if s.id == node.scan_id), None)
-            resources = scan.resources if scan is not None else []
+            resources = scan.resources if scan is not None else ()
             base = f"/data/experiments/{node.experiment_id}/scans/{node.scan_id}"
         return [self._child(node, Kind.RESOURCE, safe_name(r.label),
                             ("resource", node.project, node.experiment_id, node.scan_id, r.label),

@@ -37,7 +37,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 import trio
 
@@ -107,6 +107,15 @@ def labels_from_path(relpath: str) -> tuple[str | None, str | None]:
         elif part.startswith("session=") and len(part) > 8:
             session = part[8:]
     return subject, session
+
+
+class ImportTarget(TypedDict):
+    """Where an upload goes: the keyword arguments of both :class:`Importer` calls."""
+
+    project: str
+    subject: str | None
+    session: str | None
+    direct_archive: bool
 
 
 class Importer(Protocol):
@@ -347,10 +356,10 @@ class UploadManager:
             if upload.stream_scope is not None:
                 upload.stream_scope.cancel()
 
-    def _labels(self, upload: Upload) -> dict[str, object]:
+    def _labels(self, upload: Upload) -> ImportTarget:
         subject, session = labels_from_path(upload.record.relpath)
-        return {"project": upload.record.project, "subject": subject, "session": session,
-                "direct_archive": self.direct_archive}
+        return ImportTarget(project=upload.record.project, subject=subject, session=session,
+                            direct_archive=self.direct_archive)
 
     def _note_in_flight(self, delta: int) -> None:
         self.in_flight += delta
@@ -547,7 +556,7 @@ def _remove_spool(spool_dir: Path) -> None:
 
 def kept_uploads(spool_root: Path) -> list[tuple[UploadRecord, Path]]:
     """Uploads left on disk (failed, interrupted): for ``xnatfs uploads list``."""
-    out = []
+    out: list[tuple[UploadRecord, Path]] = []
     if not spool_root.is_dir():
         return out
     for meta in sorted(spool_root.glob("*/meta.json")):
