@@ -310,7 +310,8 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
     from .errors import XnatError
     from .mount import MountConfig, MountRefused, run_mount
 
-    _setup_logging(args.log_level, args.log_file, daemon=args.ready_fd is not None)
+    daemon = args.ready_fd is not None  # started by _mount_in_background
+    _setup_logging(args.log_level, args.log_file, daemon=daemon)
     config = MountConfig(credentials=credentials, mountpoint=mountpoint.resolve(),
                          cache_dir=args.cache_dir, cache_size=args.cache_size,
                          metadata_ttl=args.metadata_ttl, read_only=args.read_only,
@@ -337,7 +338,8 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
             raise
         message = f"xnatfs: cannot mount {credentials.url}: {exc}"
         if isinstance(exc, MountRefused):
-            message += f" (libfuse gave the reason in {args.log_file or 'the lines above'})"
+            where = args.log_file if daemon and args.log_file else "the lines above"
+            message += f" (libfuse gave the reason in {where})"
         if ready_pipe is not None and not ready_pipe.closed:
             ready_pipe.write(f"error: {message}\n")
             ready_pipe.close()
