@@ -614,8 +614,10 @@ class BlockCache:
         """Whether a whole-file stream should give its slot to downloads waiting for
         one: it has passed every byte asked for, so it only fills the cache ahead
         (a later read past it starts another stream; without Range, from byte 0)."""
-        return (position >= state.wanted
-                and self.fetch_limiter.statistics().tasks_waiting > 0)
+        return position >= state.wanted and self._downloads_wait_for_a_slot()
+
+    def _downloads_wait_for_a_slot(self) -> bool:
+        return self.fetch_limiter.statistics().tasks_waiting > 0
 
     async def _keep_pace(self, state: FileState, position: int) -> bool:
         """Pause a whole-file stream that is ``max_ahead`` past the furthest byte
@@ -625,8 +627,7 @@ class BlockCache:
         ``PAUSED_DOWNLOAD_LIMIT`` s)."""
         give_up_at = trio.current_time() + PAUSED_DOWNLOAD_LIMIT
         while position >= self._pace_mark(state) + self.max_ahead and not state.dropped:
-            if (self.fetch_limiter.statistics().tasks_waiting > 0
-                    or trio.current_time() >= give_up_at):
+            if self._downloads_wait_for_a_slot() or trio.current_time() >= give_up_at:
                 return False
             with trio.move_on_after(PAUSED_DOWNLOAD_POLL):
                 await state.progress.wait()
