@@ -250,27 +250,41 @@ def _resolve_credentials(args: argparse.Namespace, url: str | None) -> Credentia
 
 
 def _apply_config_switches(args: argparse.Namespace, site: str) -> None:
-    """``direct_archive``/``write_behind`` from the config file, unless given here."""
+    """Mount switches (``direct_archive``, ``allow_other``...) from the config file,
+    unless given here; ``args.from_config`` names those taken from the file."""
     from .credentials import CredentialsError, mount_switches
 
     try:
         switches = mount_switches(site, args.profile)
     except CredentialsError as exc:
         raise UserError(f"xnatfs: {exc}") from None
+    args.from_config = set()
     for name, value in switches.items():
         if not getattr(args, name):
             setattr(args, name, value)
+            if value:
+                args.from_config.add(name)
 
 
 def _check_sharing(args: argparse.Namespace) -> None:
     from .mount import sharing_refusal
 
     if args.allow_other and args.allow_root:  # one from the config file, one given here
-        raise UserError("xnatfs: --allow-other and --allow-root exclude each other "
+        raise UserError(f"xnatfs: {_switch_name(args, 'allow_other')} and "
+                        f"{_switch_name(args, 'allow_root')} exclude each other "
                         "(allow_other already lets root in)")
-    refusal = sharing_refusal(args.allow_other, args.allow_root)
+    switch = "allow_other" if args.allow_other else "allow_root"
+    refusal = sharing_refusal(args.allow_other, args.allow_root,
+                              named=_switch_name(args, switch))
     if refusal is not None:
         raise UserError(f"xnatfs: {refusal}")
+
+
+def _switch_name(args: argparse.Namespace, switch: str) -> str:
+    """A switch as the user gave it: ``--allow-other``, or the config file's line."""
+    if switch in getattr(args, "from_config", ()):
+        return f"'{switch} = true' in the config file"
+    return "--" + switch.replace("_", "-")
 
 
 def _setup_logging(level: str, log_file: Path | None, *, daemon: bool = False) -> None:

@@ -83,8 +83,10 @@ FUSE_CONF = Path("/etc/fuse.conf")
 
 
 def sharing_refusal(allow_other: bool, allow_root: bool, *, euid: int | None = None,
-                    fuse_conf: Path = FUSE_CONF) -> str | None:
+                    fuse_conf: Path = FUSE_CONF, named: str | None = None) -> str | None:
     """Why ``fusermount3`` would refuse to share this mount, or None.
+
+    ``named``: how the user asked for sharing, when not by the command-line option.
 
     Only root may mount with ``allow_other``/``allow_root`` unless the
     administrator put ``user_allow_other`` in ``/etc/fuse.conf``. fusermount3
@@ -101,7 +103,7 @@ def sharing_refusal(allow_other: bool, allow_root: bool, *, euid: int | None = N
         lines = []
     if any(line.strip() == "user_allow_other" for line in lines):
         return None
-    option = "--allow-other" if allow_other else "--allow-root"
+    option = named or ("--allow-other" if allow_other else "--allow-root")
     return (f"{option} needs a line 'user_allow_other' in {fuse_conf} (ask the "
             f"administrator), or a mount by root")
 

@@ -143,22 +143,32 @@ def test_allow_root_lets_root_in_and_keeps_others_out(demo_server: TestServer,
     assert "Permission denied" in out and "stranger: NEURO_PUB" not in out.splitlines()
 
 
+@pytest.mark.parametrize("asked_by", ["option", "config"])
 def test_sharing_without_user_allow_other_is_refused_clearly(demo_server: TestServer,
-                                                             open_dir: Path) -> None:
+                                                             open_dir: Path, asked_by: str) -> None:
     """fusermount3 would refuse it in a background process nobody watches: the
-    command says why, and nothing is mounted."""
+    command says why, naming how sharing was asked for, and nothing is mounted."""
     (open_dir / "mnt").mkdir()
     os.chown(open_dir / "mnt", NOBODY, NOBODY)
+    option = "--allow-other"
+    if asked_by == "config":
+        config = open_dir / ".config" / "xnatfs" / "config.toml"
+        config.parent.mkdir(parents=True)
+        config.write_text("[mount]\nallow_other = true\n")
+        for path in (open_dir / ".config", config.parent, config):
+            os.chown(path, NOBODY, NOBODY)
+        option = ""
     script = """
     HOME="$MNT/.." XNAT_USER=admin XNAT_PASS=admin $AS_READER \
-        "$PY" -m xnatfs.cli mount "$URL" "$MNT" --allow-other 2>&1
+        "$PY" -m xnatfs.cli mount "$URL" "$MNT" $OPTION 2>&1
     echo "exit: $?"
     grep -c " $MNT " /proc/self/mounts || true
     """
     out = run_in_private_namespace(script, "#user_allow_other\n", open_dir,
                                    AS_READER=AS_READER.format(NOBODY), URL=demo_server.url,
-                                   MNT=str(open_dir / "mnt"))
-    assert "--allow-other needs a line 'user_allow_other' in /etc/fuse.conf" in out
+                                   MNT=str(open_dir / "mnt"), OPTION=option)
+    named = "--allow-other" if asked_by == "option" else "'allow_other = true' in the config file"
+    assert f"{named} needs a line 'user_allow_other' in /etc/fuse.conf" in out
     assert "exit: 1" in out and out.rstrip().endswith("0")
 
 
@@ -198,7 +208,8 @@ def test_config_file_sharing_and_the_other_option_conflict(tmp_path: Path) -> No
                              str(tmp_path / "mnt"), "--allow-other"],
                             capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 1
-    assert "--allow-other and --allow-root exclude each other" in result.stderr
+    assert ("--allow-other and 'allow_root = true' in the config file exclude each other"
+            in result.stderr)
     assert not (tmp_path / "mnt").is_mount()
 
 
