@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--range", choices=("auto", "on", "off"), default="auto",
                        help="use HTTP Range requests: learn from the first download (auto), or force")
     mount.add_argument("--timeout", type=float, default=30.0,
-                       help="seconds before an unanswered request counts as failed")
+                       help="seconds before an unanswered request counts as failed; "
+                            "a file operation gives up after 4 times as long")
     mount.add_argument("--log-level", default="WARNING")
     mount.add_argument("--log-file", type=Path,
                        help="log here (default: stderr in the foreground, "

@@ -44,8 +44,8 @@ class MountConfig:
     direct_archive: bool = False      # uploads go straight to the archive
     write_behind: bool = False        # close() of loose DICOM does not wait for XNAT
     prearchive_ttl: float = 5.0       # seconds the prearchive listing is trusted
-    op_timeout: float = 120.0
-    request_timeout: float = 30.0
+    request_timeout: float = 30.0     # an unanswered request fails after this
+    op_timeout: float | None = None   # any file operation fails after this; None: 4 requests' worth
     debug_fuse: bool = False
     allow_other: bool = False         # every local user may read (not upload)
     allow_root: bool = False          # root may read too (a Docker daemon, say)
@@ -188,7 +188,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
             blocks = BlockCache(client, config.cache_dir / "blocks", size_limit=config.cache_size,
                                 nursery=nursery, range_mode=config.range_mode)
             operations = Operations(tree, blocks, uploads, nursery=nursery,
-                                    op_timeout=config.op_timeout)
+                                    op_timeout=config.op_timeout or 4 * config.request_timeout)
             try:
                 pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
             except RuntimeError as exc:

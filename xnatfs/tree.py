@@ -148,7 +148,7 @@ class Tree:
         self._negative: TTLCache[tuple[int, str], bool] = TTLCache(
             maxsize=100_000, ttl=max(negative_ttl, 0.5), timer=trio.current_time)
         self._inflight: dict[Hashable, trio.Event] = {}
-        self._inflight_errors: dict[Hashable, BaseException] = {}
+        self._inflight_errors: dict[Hashable, Exception] = {}
         self._entries: dict[int, list[Node]] = {}  # last listing of each directory
         # What a big directory's entries were made from, to reuse them while it stays the same.
         self._made_from: dict[int, tuple[object, ...]] = {}
@@ -233,7 +233,12 @@ class Tree:
 
     # --------------------------------------------------------------- listings
     async def cached(self, key: Hashable, fetch: Callable[[], Awaitable[Any]]) -> Any:
-        """A listing from the cache, or fetched once however many callers want it."""
+        """A listing from the cache, or fetched once however many callers want it.
+
+        The callers waiting for a fetch share its failure, but not its
+        cancellation (the fetching call ran out of time, or its FUSE request was
+        interrupted): then the next waiter fetches in its turn.
+        """
         while True:
             try:
                 return self._listings[key]
@@ -243,12 +248,14 @@ class Tree:
             if event is None:
                 break
             await event.wait()
-            if key in self._inflight_errors:
-                raise self._inflight_errors[key]
+            error = self._inflight_errors.get(key)
+            if error is not None:
+                raise error
         event = self._inflight[key] = trio.Event()
+        self._inflight_errors.pop(key, None)
         try:
             value = await fetch()
-        except BaseException as exc:
+        except Exception as exc:
             self._inflight_errors[key] = exc
             raise
         else:

@@ -517,6 +517,38 @@ def test_server_down_fails_within_a_bound_and_recovers(fresh_server: TestServer,
     assert read_all(cold_dir / "cold.bin") == payload
 
 
+def test_an_operation_that_times_out_leaves_the_others_waiting_for_its_listing_alive(
+        fresh_server: TestServer, mount_factory) -> None:
+    """Two folders of one session wait for the same hung listing. The first
+    `ls` runs out of time; the second must get its own answer (here: its own
+    timeout) rather than the first one's cancellation, which ended the whole
+    mount, and the mount must work once the server answers again."""
+    put_files(fresh_server, {"a.bin": b"a"})
+    mount = mount_factory(fresh_server, "--timeout", "1")  # operations give up after 4 s
+    session = mount.path / "P/S/E"
+    assert os.listdir(mount.path / "P/S") == ["E"]
+    fresh_server.set_knobs(hang=True)
+
+    def list_dir(path: Path) -> BaseException | list[str]:
+        try:
+            return os.listdir(path)
+        except OSError as exc:
+            return exc
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(list_dir, session / "resources")
+        time.sleep(1)  # the second one's own deadline comes a second after the first one's
+        second = pool.submit(list_dir, session / "scans")
+        results = [first.result(timeout=60), second.result(timeout=60)]
+    for result in results:
+        assert isinstance(result, OSError) and result.errno == errno.ETIMEDOUT, result
+
+    fresh_server.set_knobs(hang=False)
+    assert os.path.ismount(mount.path)
+    assert os.listdir(session / "resources") == ["R"]
+    assert os.listdir(session / "resources/R/files") == ["a.bin"]
+
+
 # ------------------------------------------------------------- 10. mmap
 def test_mmap_of_a_mounted_file(server: TestServer, mount_factory) -> None:
     mount = mount_factory(server)
