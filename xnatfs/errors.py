@@ -13,7 +13,8 @@ them into ``FUSEError(errno_for(exc))``. Anything else (a ``KeyError``, a
     ├── ServerError           5xx that outlived the retries, or an unusable answer
     ├── Unreachable           no (complete) answer in time, after the retries
     ├── Stale                 the object changed under us (size or digest differ)
-    └── ReadOnly              a write to archived content, which the mount refuses
+    ├── ReadOnly              a write to archived content, which the mount refuses
+    └── NoSpace               the local disk holding an upload's copy is full
 
 Adding a class means adding it to :data:`ERRNO_BY_ERROR`; a test checks that
 every subclass has an entry.
@@ -29,6 +30,7 @@ __all__ = [
     "BadRequest",
     "Conflict",
     "Forbidden",
+    "NoSpace",
     "NotFound",
     "ReadOnly",
     "ServerError",
@@ -96,6 +98,11 @@ class ReadOnly(XnatError):
     """Archived content cannot be changed through the mount."""
 
 
+class NoSpace(XnatError):
+    """The local disk that keeps an upload's copy (the spool) is full: the upload
+    cannot be kept, so it is refused before XNAT sees a partial file."""
+
+
 # One table, so the mapping can be reviewed at a glance (mountpoint-s3's fs/error.rs).
 # Unreachable is EIO rather than ETIMEDOUT: it also covers refused connections,
 # resets and truncated bodies, for which "Connection timed out" would mislead, and
@@ -112,6 +119,7 @@ ERRNO_BY_ERROR: dict[type[XnatError], int] = {
     Unreachable: errno.EIO,
     Stale: errno.ESTALE,
     ReadOnly: errno.EROFS,
+    NoSpace: errno.ENOSPC,
 }
 
 

@@ -51,16 +51,24 @@ def fuse_errors(handler: Callable[Concatenate[Operations, P], Awaitable[T]]
         except pyfuse3.FUSEError:
             raise
         except XnatError as exc:
-            log.debug("%s%r: %s", handler.__name__, args, exc)
+            log.debug("%s%s: %s", handler.__name__, _loggable(handler.__name__, args), exc)
             raise pyfuse3.FUSEError(errno_for(exc)) from None
         except trio.TooSlowError:
-            log.warning("%s%r ran out of time", handler.__name__, args)
+            log.warning("%s%s ran out of time", handler.__name__, _loggable(handler.__name__, args))
             raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
         except Exception:
-            log.exception("bug in %s%r", handler.__name__, args)
+            log.exception("bug in %s%s", handler.__name__, _loggable(handler.__name__, args))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+def _loggable(handler: str, args: tuple[Any, ...]) -> str:
+    """A handler's arguments for the log; the data of a write only by its length
+    (it may be a patient's DICOM, and megabytes of it)."""
+    shown = [f"<{len(arg)} bytes>" if handler == "write" and isinstance(
+        arg, (bytes, bytearray, memoryview)) else repr(arg) for arg in args]
+    return f"({', '.join(shown)})"
 
 
 def read_only(*_args: Any, **_kwargs: Any) -> Any:

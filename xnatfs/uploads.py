@@ -26,7 +26,9 @@ names them instead; other folders only organise the upload.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
 import fnmatch
 import json
 import logging
@@ -34,14 +36,14 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol, TypedDict
 
 import trio
 
-from .errors import BadRequest, Conflict, Forbidden, NotFound, XnatError
+from .errors import BadRequest, Conflict, Forbidden, NoSpace, NotFound, XnatError
 
 log = logging.getLogger(__name__)
 
@@ -270,9 +272,13 @@ class UploadManager:
     async def _spool_write(self, upload: Upload, offset: int, data: bytes) -> None:
         def spool() -> None:
             upload.ensure_spool()
-            os.pwrite(upload.fd, data, offset)
+            view, at = memoryview(data), offset
+            while view:
+                written = os.pwrite(upload.fd, view, at)
+                view, at = view[written:], at + written
 
-        await trio.to_thread.run_sync(spool, limiter=self.disk_limiter)
+        with _full_disk_refused(upload):
+            await trio.to_thread.run_sync(spool, limiter=self.disk_limiter)
 
     async def truncate(self, upload: Upload, size: int) -> None:
         """``O_TRUNC`` or ``truncate()``: the upload starts over from ``size`` bytes."""
@@ -531,7 +537,20 @@ class UploadManager:
         return "\n".join(lines) + ("\n" if lines else "")
 
     async def _save(self, upload: Upload) -> None:
-        await trio.to_thread.run_sync(_write_meta, upload, limiter=self.disk_limiter)
+        with _full_disk_refused(upload):
+            await trio.to_thread.run_sync(_write_meta, upload, limiter=self.disk_limiter)
+
+
+@contextlib.contextmanager
+def _full_disk_refused(upload: Upload) -> Iterator[None]:
+    """A full spool disk is the user's to fix (ENOSPC to ``cp``), not a bug."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise NoSpace(f"no room left for the local copy of the upload in {upload.spool_dir}",
+                      path=upload.record.relpath) from None
 
 
 def _write_meta(upload: Upload) -> None:

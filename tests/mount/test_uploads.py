@@ -221,6 +221,33 @@ def test_refused_upload_fails_cp_and_keeps_the_bytes(mount: Mount, tmp_path: Pat
     assert "NEURO_PUB/bad.dcm" in kept and "NEURO_PUB/notes.txt" in kept
 
 
+def test_a_full_spool_disk_fails_cp_with_enospc(upload_server: TestServer, mount_factory,  # noqa: ANN001
+                                                 tmp_path: Path) -> None:
+    """The local copy of an upload has no room: ``cp`` says "No space left on
+    device" (not an I/O error), the log does not hold the bytes written, and the
+    mount goes on."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    cache = tmp_path / "home-small" / "blocks"  # where mount_factory puts name="small"'s cache
+    cache.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(cache)],
+                   check=True)
+    try:
+        mount = mount_factory(upload_server, name="small")
+        source = tmp_path / "scan.bin"
+        source.write_bytes(b"PATIENT-NAME-" * ((8 << 20) // 13))  # twice the disk
+        copy = subprocess.run(["cp", str(source), str(mount.path / "uploads" / "NEURO_PUB")],
+                              capture_output=True, text=True, timeout=120)
+        assert copy.returncode != 0
+        assert "No space left on device" in copy.stderr, copy.stderr
+        log = (tmp_path / "home-small" / "mount.log").read_text()
+        assert "bug in" not in log and "PATIENT-NAME" not in log
+        assert "NEURO_PUB" in os.listdir(mount.path / "uploads")  # still serving
+    finally:
+        subprocess.run(["fusermount3", "-u", str(tmp_path / "small")], check=False)
+        subprocess.run(["umount", "--lazy", str(cache)], check=True)  # the daemon may still be exiting
+
+
 def test_server_error_fails_cp_then_retry_succeeds(mount: Mount, tmp_path: Path) -> None:
     archive = tmp_path / "retry.zip"
     write_dicom_archive(archive, synthetic_study("Re^Try", "RETRY1", slices=3, rows=16,
