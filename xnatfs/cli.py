@@ -303,6 +303,8 @@ def _setup_logging(level: str, log_file: Path | None, *, daemon: bool = False) -
         handlers = [logging.StreamHandler()]
     logging.basicConfig(level=level.upper(), handlers=handlers, force=True,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # httpcore's debug lines carry every header, session cookies included.
+    logging.getLogger("httpcore").setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 def mount(args: argparse.Namespace) -> int:
@@ -388,9 +390,12 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
         argv.append("--allow-other")
     if args.allow_root:
         argv.append("--allow-root")
+    # The password goes over the pipe only: not left in the daemon's environment
+    # (readable in /proc by root, inherited by everything the daemon starts).
+    env = {name: value for name, value in os.environ.items() if name != "XNAT_PASS"}
     child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, pass_fds=(write_fd,),
-                             start_new_session=True)
+                             start_new_session=True, env=env)
     os.close(write_fd)
     assert child.stdin is not None
     child.stdin.write(json.dumps({"url": credentials.url, "user": credentials.user,

@@ -137,8 +137,12 @@ def _ensure_fusectl() -> None:
     """``max_background`` lives in fusectl, which minimal systems do not mount (root only)."""
     if os.geteuid() != 0 or not FUSECTL.is_dir() or any(FUSECTL.iterdir()):
         return
-    result = subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)],
-                            capture_output=True, text=True, check=False, timeout=10)
+    try:
+        result = subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)],
+                                capture_output=True, text=True, check=False, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:  # no mount(8), or it hung
+        log.debug("could not mount fusectl: %s", exc)
+        return
     if result.returncode != 0:
         log.debug("could not mount fusectl: %s", result.stderr.strip())
 

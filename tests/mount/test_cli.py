@@ -71,6 +71,9 @@ def test_a_killed_mount_process_leaves_no_dead_mount(demo_mount: Mount) -> None:
 def test_password_never_in_argv_logs_or_world_readable_files(demo_server: TestServer,
                                                              mount_factory) -> None:  # noqa: ANN001
     mount = mount_factory(demo_server, "--log-level", "DEBUG")
+    # XNAT_PASS was in the mount command's environment; the daemon's is clean.
+    assert mount.env["XNAT_PASS"] == "admin"
+    assert b"XNAT_PASS=" not in Path(f"/proc/{daemon_pid(mount.path)}/environ").read_bytes()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -83,6 +86,7 @@ def test_password_never_in_argv_logs_or_world_readable_files(demo_server: TestSe
     os.listdir(mount.path / "NEURO_PUB")
     log = (mount.cache_dir.parent / "mount.log").read_text()
     assert "Authorization" not in log and "YWRtaW46YWRtaW4" not in log  # base64 admin:admin
+    assert "JSESSIONID=" not in log  # the session cookie is a credential too
     sessions = Path(mount.env["XDG_CACHE_HOME"]) / "xnatfs" / "sessions.json"
     assert sessions.exists()
     assert stat.S_IMODE(sessions.stat().st_mode) == 0o600
