@@ -37,6 +37,7 @@ from xnatfs.errors import (
     XnatError,
     errno_for,
 )
+from xnatfs.testing.datasets import synthetic_study, write_dicom_archive
 from xnatfs.testing.harness import TestServer, free_port
 from xnatfs.testing.knobs import Knobs
 
@@ -445,6 +446,33 @@ async def test_silent_server_fails_within_the_deadline(server: TestServer,
             with pytest.raises(Unreachable):
                 await read_bytes(client, "/data/experiments/X/resources/1/files/a", 0, 10)
             assert time.monotonic() - started < 10
+
+
+async def test_an_upload_longer_than_the_deadline_is_bounded_by_progress_only(
+        server: TestServer, tmp_path: Path) -> None:
+    """A big archive on a slow link takes as long as it takes: the import
+    finishes although it outlasts the deadline (it used to be cut off, while
+    XNAT had already filed what it had received). The body comes at a slow
+    writer's pace, as ``cp`` into ``uploads/`` streams it."""
+    archive = tmp_path / "study.zip"
+    write_dicom_archive(archive, synthetic_study("Slow^Link", "SLOW01", slices=8, rows=64,
+                                                 cols=64, seed=5))
+    data = archive.read_bytes()
+    pieces = 30
+
+    async def slow_writer() -> AsyncIterator[bytes]:
+        step = -(-len(data) // pieces)
+        for at in range(0, len(data), step):
+            await trio.sleep(0.1)  # a writer producing the archive over 3 s
+            yield data[at:at + step]
+
+    bounded = dataclasses.replace(FAST, read_timeout=2.0, deadline=1.0)
+    async with new_client(server, tmp_path, settings=bounded) as client:
+        started = time.monotonic()
+        uris = await client.import_archive(slow_writer(), name="study.zip", project="NEURO_PUB")
+        elapsed = time.monotonic() - started
+    assert elapsed > 3 * bounded.deadline
+    assert len(uris) == 1 and uris[0].startswith("/data/prearchive/projects/NEURO_PUB/")
 
 
 async def test_nothing_listening_is_unreachable(tmp_path: Path) -> None:

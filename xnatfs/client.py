@@ -37,6 +37,7 @@ import html
 import http.cookiejar
 import json
 import logging
+import math
 import random
 import re
 from collections import Counter
@@ -440,16 +441,22 @@ class XnatClient:
         for them a 401 is final. ``body`` makes a fresh request body for each
         attempt (an upload); ``attempts`` caps the attempts below the setting
         (1 for a body that cannot be produced twice).
+
+        An upload (``body``) has no overall deadline, since a big archive on a
+        slow link takes as long as it takes: it is bounded by its progress
+        instead, each write of the body and the wait for the answer by
+        ``read_timeout``.
         """
         settings = self.settings
-        give_up_at = trio.current_time() + settings.deadline
+        deadline = settings.deadline if body is None else math.inf
+        give_up_at = trio.current_time() + deadline
         failure: XnatError | None = None
         renewed = False
         attempt = 0
         limit = min(settings.max_attempts, attempts or settings.max_attempts)
         if self._server_down:
             limit = 1  # fail fast while the server is down; one answer ends that
-        with trio.move_on_after(settings.deadline):
+        with trio.move_on_after(deadline):
             while True:
                 attempt += 1
                 request_headers = dict(headers or {})
