@@ -183,8 +183,6 @@ class Operations(pyfuse3.Operations):
     def file_size(self, node: Node) -> int:
         if node.kind is Kind.STATUS_FILE:
             return len(self.tree.status_text(node))
-        if node.kind is Kind.INFO_FILE:
-            return 4096  # generated at open; reads past the end return fewer bytes
         return node.size
 
     # ----------------------------------------------------------------- files
@@ -211,8 +209,10 @@ class Operations(pyfuse3.Operations):
         fh = self._new_handle(node)
         if node.kind in (Kind.STATUS_FILE, Kind.INFO_FILE):
             # Generated text: read it fresh, bypassing the page cache.
-            content = (self.tree.status_text(node) if node.kind is Kind.STATUS_FILE
-                       else await self.tree.info_text(node))
+            if node.kind is Kind.STATUS_FILE:
+                content = self.tree.status_text(node)
+            else:
+                content = node.text = await self.tree.info_text(node)
             self._generated[fh] = content
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if node.size <= SMALL_FILE:

@@ -94,6 +94,7 @@ class Node:
     prearchive_uri: str = ""               # set on everything below a prearchive session
     upload: Upload | None = None           # for UPLOAD_FILE nodes
     relpath: str = ""                      # below uploads/<PROJECT>/ for upload nodes
+    text: bytes = b""                      # an INFO_FILE's content when last listed
 
     @property
     def is_dir(self) -> bool:
@@ -105,6 +106,8 @@ class Node:
             return self.file.size
         if self.upload is not None:
             return self.upload.record.size
+        if self.kind is Kind.INFO_FILE:
+            return len(self.text)
         return 0
 
     @property
@@ -636,7 +639,7 @@ class Tree:
         out = [self._child(node, Kind.SCANS, "scans", ("pre-scans", node.prearchive_uri),
                            **common),
                self._child(node, Kind.INFO_FILE, INFO_NAME, ("pre-info", node.prearchive_uri),
-                           xattrs=node.xattrs, **common)]
+                           xattrs=node.xattrs, text=await self.info_text(node), **common)]
         return [n for n in out if n.inode not in self.hidden]
 
     async def prearchive_scans(self, uri: str) -> list[xc.Scan]:
@@ -648,6 +651,8 @@ class Tree:
                                  lambda: self.client.list_prearchive_files(uri, scan_id))
 
     async def info_text(self, node: Node) -> bytes:
+        """A prearchive session's ``prearchive-info.json``, from the prearchive
+        listing (so its size is known when the folder is listed)."""
         session = next((s for s in await self.prearchive_sessions()
                         if s.uri == node.prearchive_uri), None)
         if session is None:

@@ -114,8 +114,14 @@ def test_cp_archive_lands_in_prearchive_byte_identical(mount: Mount, tmp_path: P
     _, _, _, _, project, timestamp, folder = uri.split("/")
     session_dir = mount.path / "prearchive" / project / timestamp / folder
     assert (session_dir / "scans").is_dir()
-    info = json.loads((session_dir / "prearchive-info.json").read_text())
+    info_file = session_dir / "prearchive-info.json"
+    info = json.loads(info_file.read_text())
     assert info["status"] == "READY" and info["uri"] == uri
+    # Its size is that of its content, so tar and rsync copy it whole.
+    assert info_file.stat().st_size == len(info_file.read_bytes())
+    copy = tmp_path / "copy"
+    subprocess.run(["rsync", "-a", f"{session_dir}/", str(copy)], check=True)
+    assert json.loads((copy / "prearchive-info.json").read_text()) == info
     assert "NEURO_PUB/" + archive.name in (mount.path / "uploads" / "UPLOAD_STATUS.txt").read_text()
 
 
