@@ -97,6 +97,8 @@ class Operations(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._open_files: dict[int, Node] = {}
+        # Open directories: their inode, and the entries of the pass being read.
+        self._open_dirs: dict[int, tuple[int, list[Node]]] = {}
         self._next_fh = 1
         # Each open archive file reads the version of the file it was opened on...
         self._open_identity: dict[int, FileIdentity] = {}
@@ -165,11 +167,20 @@ class Operations(pyfuse3.Operations):
         node = self.tree.node(inode)
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        fh = self._next_fh
+        self._next_fh += 1
+        self._open_dirs[fh] = (inode, [])
+        return fh
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = await self.tree.children(fh)
+        """Entries from one listing per pass: a big folder takes several calls,
+        each resuming at an offset, and a listing refreshed in between (its
+        time was up, the folder changed) would skip or repeat entries."""
+        inode, entries = self._open_dirs[fh]
+        if start_id == 0:  # a new pass (opendir, or rewinddir): list afresh
+            entries = await self.tree.children(inode)
+            self._open_dirs[fh] = (inode, entries)
         for index in range(start_id, len(entries)):
             node = entries[index]
             if not pyfuse3.readdir_reply(token, os.fsencode(node.name),
@@ -178,7 +189,7 @@ class Operations(pyfuse3.Operations):
             self.tree.remember(node)  # readdirplus: each entry sent counts as a lookup
 
     async def releasedir(self, fh: int) -> None:
-        return None
+        self._open_dirs.pop(fh, None)
 
     def file_size(self, node: Node) -> int:
         if node.kind is Kind.STATUS_FILE:

@@ -517,6 +517,32 @@ def test_server_down_fails_within_a_bound_and_recovers(fresh_server: TestServer,
     assert read_all(cold_dir / "cold.bin") == payload
 
 
+def test_a_folder_changing_during_a_listing_skips_and_repeats_nothing(
+        fresh_server: TestServer, mount_factory) -> None:
+    """A big folder is read in several readdir calls, each resuming at an offset.
+    Files deleted on the server half-way, with the listing refreshed before the
+    next call, must not shift the others: each file is listed once."""
+    names = [f"f{i:04d}.bin" for i in range(2000)]
+    put_files(fresh_server, {name: b"x" for name in names})
+    mount = mount_factory(fresh_server, "--metadata-ttl", "1")
+    folder = mount.path / FILES
+    seen = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            seen.append(entry.name)
+            if len(seen) == 1000:  # well past the first readdir call's entries
+                with http(fresh_server) as c:
+                    for name in names[:3]:
+                        r = c.delete(f"/data/projects/P/subjects/S/experiments/E"
+                                     f"/resources/R/files/{name}")
+                        assert r.status_code == 200, r.text
+                # Another pass shows the deletions once the listing's 1 s is up.
+                give_up = time.monotonic() + 30
+                while names[0] in os.listdir(folder):
+                    assert time.monotonic() < give_up, "the deletions never showed"
+    assert sorted(seen) == names  # the pass began before the deletions
+
+
 def test_an_operation_that_times_out_leaves_the_others_waiting_for_its_listing_alive(
         fresh_server: TestServer, mount_factory) -> None:
     """Two folders of one session wait for the same hung listing. The first
