@@ -336,6 +336,11 @@ class UploadManager:
                             self._note_in_flight(-1)
                 except XnatError as exc:
                     upload.stream_result = exc
+                finally:
+                    # However the request ended, nothing reads the stream any more:
+                    # the writer's next send fails at once (the spool has it all)
+                    # instead of waiting for room that never comes.
+                    receive.close()
             if scope.cancelled_caught:
                 upload.stream_result = XnatError("stream abandoned")
             assert upload.stream_done is not None

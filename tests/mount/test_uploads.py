@@ -280,6 +280,37 @@ def test_server_error_fails_cp_then_retry_succeeds(mount: Mount, tmp_path: Path)
     assert "retry.zip" not in kept
 
 
+def test_an_import_dying_mid_stream_fails_cp_instead_of_hanging_it(upload_server: TestServer,
+                                                                   mount_factory,  # noqa: ANN001
+                                                                   tmp_path: Path) -> None:
+    """The server stops taking the archive while ``cp`` still writes (12 MB,
+    more than the stream buffers): ``cp`` goes on into the local copy and fails
+    at close, with the bytes kept. It used to wait in write() for the dead
+    request to take more, unkillable, for the upload timeout (an hour)."""
+    mount = mount_factory(upload_server, "--timeout", "2")
+    archive = tmp_path / "stalled.zip"
+    write_dicom_archive(archive, synthetic_study("Stal^Led", "STALL1", slices=120, rows=256,
+                                                 cols=256, seed=6))
+    minor = os.minor(os.stat(mount.path).st_dev)
+    upload_server.set_knobs(hang=True, fault_path="/data/services/import")
+    copy = subprocess.Popen(["cp", str(archive), str(mount.path / "uploads/NEURO_PUB/")],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = copy.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        # cp cannot be killed while it waits in the kernel: abort the connection.
+        Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
+        copy.communicate()
+        pytest.fail("cp hung on the dead import")
+    finally:
+        upload_server.set_knobs(hang=False, fault_path="")
+    assert copy.returncode != 0 and "Input/output error" in stderr, stderr
+    kept = subprocess.run([sys.executable, "-m", "xnatfs.cli", "uploads", "list",
+                           "--cache-dir", str(mount.cache_dir)], env=mount.env,
+                          capture_output=True, text=True, check=True).stdout
+    assert "NEURO_PUB/stalled.zip" in kept
+
+
 def test_session_expiry_in_the_middle_of_a_large_upload(mount: Mount, tmp_path: Path) -> None:
     archive = tmp_path / "large.zip"
     write_dicom_archive(archive, synthetic_study("Lar^Ge", "LARGE1", slices=60, rows=256,
