@@ -501,6 +501,16 @@ class Operations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        """Not supported, rather than read-only: ``cp -a``/``cp -p``/``mv`` into
+        ``uploads/`` copy a file's ACL (``system.posix_acl_access``) and treat
+        ENOTSUP as "nothing to keep", where EROFS fails them."""
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
     # ------------------------------------------------- everything else: no
-    mknod = symlink = link = setxattr = removexattr = read_only
+    mknod = symlink = link = read_only
 

@@ -353,6 +353,23 @@ def test_rsync_writes_a_temporary_and_renames(mount: Mount, tmp_path: Path) -> N
     assert uri.endswith("/RSYNC1")
 
 
+@pytest.mark.parametrize("command", [["cp", "-a"], ["cp", "-p"], ["mv"]])
+def test_copies_that_keep_attributes_succeed_quietly(mount: Mount, tmp_path: Path,
+                                                     command: list[str]) -> None:
+    """cp -a/-p and mv copy modes, times and the ACL; the mount keeps no ACL and
+    says so with ENOTSUP, which they accept (EROFS made them fail)."""
+    patient = "KEEP" + command[-1].strip("-").upper()
+    archive = tmp_path / f"{patient.lower()}.zip"
+    write_dicom_archive(archive, synthetic_study("Ke^Ep", patient, slices=2, rows=16,
+                                                 cols=16, seed=10))
+    folder = mount.path / "uploads" / "NEURO_PUB"
+    result = subprocess.run([*command, str(archive), str(folder) + "/"], capture_output=True,
+                            text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (0, "")
+    [uri] = upload_result(folder / archive.name)
+    assert uri.endswith("/" + patient)
+
+
 def test_made_folders_and_files_outlive_the_kernel_forgetting(mount: Mount,
                                                              tmp_path: Path) -> None:
     """mkdir and create hand the kernel entries of their own; the mount keeps them
