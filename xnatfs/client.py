@@ -430,7 +430,8 @@ class XnatClient:
                     accept: Collection[int] = (), use_session: bool = True,
                     keep_open: bool = False,
                     body: Callable[[], AsyncIterator[bytes]] | None = None,
-                    attempts: int | None = None) -> T:
+                    attempts: int | None = None,
+                    final: Callable[[XnatError], XnatError | None] | None = None) -> T:
         """Run one operation: attempts, backoff, session renewal, all within the deadline.
 
         ``handle`` gets every 2xx answer (and those in ``accept``) with its body
@@ -440,7 +441,9 @@ class XnatClient:
         with ``use_session=False`` carry their own credentials in ``headers``;
         for them a 401 is final. ``body`` makes a fresh request body for each
         attempt (an upload); ``attempts`` caps the attempts below the setting
-        (1 for a body that cannot be produced twice).
+        (1 for a body that cannot be produced twice). ``final`` picks out the 5xx
+        answers that are a refusal rather than a failure, returning the error
+        to raise at once.
 
         An upload (``body``) has no overall deadline, since a big archive on a
         slow link takes as long as it takes: it is bounded by its progress
@@ -498,6 +501,9 @@ class XnatClient:
                         error = await _error_from_response(response, path)
                         if status != 429 and status < 500:
                             raise error
+                        refusal = final(error) if final is not None else None
+                        if refusal is not None:
+                            raise refusal
                         failure = error
                         retry_after = _retry_after_seconds(response)
                     except _TRANSPORT_FAILURES as exc:
@@ -521,6 +527,8 @@ class XnatClient:
         """An operation failed for want of a (working) server: until the server
         answers again, operations make one attempt each, so that a dead server
         fails every system call within one request timeout."""
+        if failure.status == 500:
+            return failure  # the application failed at this one thing; the server is up
         if not self._server_down:
             log.warning("%s seems down (%s); failing fast until it answers", self._base_url,
                         failure)
@@ -782,7 +790,7 @@ class XnatClient:
         text = await self._send(
             "POST", "/data/services/archive", kind="prearchive.archive",
             headers={"Content-Type": "application/x-www-form-urlencoded"},
-            body=lambda: _one_chunk(encoded), handle=_body_text)
+            body=lambda: _one_chunk(encoded), handle=_body_text, final=_archive_refusal)
         return text.strip()
 
     async def move_prearchive(self, session_uri: str, project: str) -> str:
@@ -1059,6 +1067,15 @@ def _unreachable(exc: Exception, path: str) -> Unreachable:
                         path=path)
     error.__cause__ = exc
     return error
+
+
+def _archive_refusal(error: XnatError) -> XnatError | None:
+    """XNAT answers a session it will not archive (its label or UID is taken by
+    another study, the subject differs...) with 500 "FAILED: why": final, and
+    a conflict, not a server in trouble."""
+    if error.status == 500 and error.message.startswith("FAILED"):
+        return Conflict(error.message, status=error.status, path=error.path)
+    return None
 
 
 async def _error_from_response(response: httpx.Response, path: str) -> XnatError:

@@ -441,11 +441,18 @@ def test_refused_archive_action_maps_to_errno(mount: Mount, tmp_path: Path) -> N
     _, uri = drop_archive(mount, tmp_path, "conflict.zip", ("Con^Flict", "CONFL1"), slices=2,
                           seed=31)
     session_dir = mounted_prearchive(mount, uri)
-    # NP001_MR1 already exists in NP001 and is a different study: XNAT refuses.
+    # NP001_MR1 already exists in NP001 and is a different study: XNAT refuses
+    # with 500 "FAILED: ...", which is final (one request) and a conflict.
+    mark = mount.server.log_mark()
     with pytest.raises(OSError) as info:
         os.rename(session_dir, mount.path / "NEURO_PUB" / "NP001" / "NP001_MR1")
-    assert info.value.errno in (errno.EIO, errno.EEXIST, errno.EINVAL)
+    assert info.value.errno == errno.EEXIST
+    archives = [e for e in mount.server.requests_since(mark)
+                if e["path"] == "/data/services/archive"]
+    assert [e["status"] for e in archives] == [500]
     assert session_dir.exists()
+    log = (mount.cache_dir.parent / "mount.log").read_text()
+    assert "seems down" not in log  # the server answered; it is not down
 
 
 def peak_rss(pids: list[int], stop: threading.Event, peaks: dict[int, int]) -> None:
