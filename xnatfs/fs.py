@@ -420,6 +420,7 @@ class Operations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         node = await self.tree.lookup(parent_inode_old, os.fsdecode(name_old))
         new_parent = self.tree.node(parent_inode_new)
+        # The kernel moves its entry from the old name to the new one itself.
         if node.kind is Kind.UPLOAD_FILE:
             await self._rename_upload(node, new_parent, name_new)
         elif node.kind is Kind.PREARCHIVE_SESSION:
@@ -429,7 +430,6 @@ class Operations(pyfuse3.Operations):
             self._forget_entry(parent_inode_new, name_new, 0)
         else:
             raise pyfuse3.FUSEError(errno.EROFS)
-        self._forget_entry(parent_inode_old, name_old, node.inode)
 
     async def _rename_upload(self, node: Node, new_parent: Node, name_new: bytes) -> None:
         """Write-to-temporary-then-rename: the entry moves; a litter name becoming a real one

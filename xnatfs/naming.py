@@ -1,17 +1,25 @@
 """Turning XNAT labels into file names, and back.
 
 Names come from the server and are never trusted as paths: a label with
-``/`` or NUL, or one that is ``.``, ``..`` or empty, is percent-encoded into
-a single safe component. ``%`` itself is encoded too, so the mapping is
-reversible and labels without these characters (nearly all, since XNAT's
-importers produce ``[\\w-]+``) keep their names.
+``/``, NUL or other control characters (a newline would split ``ls``'s output
+and forge log lines), or one that is ``.``, ``..`` or empty, is
+percent-encoded into a single safe component. ``%`` itself is encoded too, so
+the mapping is reversible and labels without these characters (nearly all,
+since XNAT's importers produce ``[\\w-]+``) keep their names. A name longer
+than the kernel's 255 bytes is cut short and ends in a hash of the whole
+label, so that it can still be listed, opened and copied.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
-_ESCAPES = {"%": "%25", "/": "%2F", "\x00": "%00"}
+NAME_MAX = 255  # bytes in one path component (Linux)
+_CONTROL = [*range(0x20), 0x7F]
+_ESCAPES = {"%": "%25", "/": "%2F", **{chr(c): f"%{c:02X}" for c in _CONTROL}}
+_UNESCAPES = {code[1:]: ch for ch, code in _ESCAPES.items()}
+_ESCAPED = re.compile(r"%(25|2F|[01][0-9A-F]|7F)")
 _SPECIAL = {"": "%", ".": "%2E", "..": "%2E%2E"}
 _REVERSE_SPECIAL = {v: k for k, v in _SPECIAL.items()}
 
@@ -20,15 +28,25 @@ def safe_name(label: str) -> str:
     """One path component standing for ``label``."""
     if label in _SPECIAL:
         return _SPECIAL[label]
-    return "".join(_ESCAPES.get(ch, ch) for ch in label)
+    name = "".join(_ESCAPES.get(ch, ch) for ch in label)
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        name = _shortened(name, label)
+    return name
+
+
+def _shortened(name: str, label: str) -> str:
+    """``name`` cut to fit NAME_MAX bytes, ending in ``%~`` and a hash of ``label``."""
+    tag = "%~" + hashlib.sha256(label.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    room = NAME_MAX - len(tag)
+    head = name.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
+    return head + tag
 
 
 def label_from_name(name: str) -> str:
-    """The inverse of :func:`safe_name`."""
+    """The inverse of :func:`safe_name` (for names short enough to be whole)."""
     if name in _REVERSE_SPECIAL:
         return _REVERSE_SPECIAL[name]
-    return re.sub(r"%(25|2F|00)", lambda m: {"25": "%", "2F": "/", "00": "\x00"}[m.group(1)],
-                  name)
+    return _ESCAPED.sub(lambda m: _UNESCAPES[m.group(1)], name)
 
 
 def scan_folder_name(scan_id: str, scan_type: str) -> str:

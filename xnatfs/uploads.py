@@ -487,7 +487,8 @@ class UploadManager:
                 failure = exc
                 log.warning("upload of %s failed (%s), attempt %d of %d",
                             upload.record.relpath, exc, attempt + 1, UPLOAD_ATTEMPTS)
-                await trio.sleep(min(2 ** attempt, 8))
+                if attempt + 1 < UPLOAD_ATTEMPTS:
+                    await trio.sleep(min(2 ** attempt, 8))
         assert failure is not None
         raise failure
 

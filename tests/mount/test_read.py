@@ -15,6 +15,7 @@ import mmap
 import os
 import random
 import threading
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -515,6 +516,29 @@ def test_server_down_fails_within_a_bound_and_recovers(fresh_server: TestServer,
     assert read_all(warm) == payload
     assert os.listdir(cold_dir) == ["cold.bin"]
     assert read_all(cold_dir / "cold.bin") == payload
+
+
+def test_hostile_and_overlong_labels_become_safe_names(fresh_server: TestServer,
+                                                      mount_factory, tmp_path: Path) -> None:
+    """Labels come from the server: a newline or an escape sequence is shown
+    percent-encoded (not as two lines of ``ls``, nor a colour change), and a
+    label longer than a file name may be is cut short with a hash, so the
+    subject can still be listed, entered and copied."""
+    put_files(fresh_server, {"a.bin": b"a"})
+    long_label = "L" * 300
+    with http(fresh_server) as c:
+        for number, label in enumerate(("evil\nWARNING forged", "\x1b[31mred", long_label)):
+            r = c.put(f"/data/projects/P/subjects/ODD{number}", params={"label": label})
+            assert r.status_code in (200, 201), r.text
+    mount = mount_factory(fresh_server)
+    names = os.listdir(mount.path / "P")
+    assert "evil%0AWARNING forged" in names and "%1B[31mred" in names
+    [long_name] = [n for n in names if n.startswith("LLL")]
+    assert len(long_name.encode()) <= 255 and "%~" in long_name
+    assert os.path.isdir(mount.path / "P" / long_name)
+    assert all("\n" not in n and "\x1b" not in n for n in names)
+    subprocess.run(["cp", "-r", str(mount.path / "P"), str(tmp_path / "copy")], check=True)
+    assert sorted(os.listdir(tmp_path / "copy")) == sorted(names)
 
 
 def test_a_folder_changing_during_a_listing_skips_and_repeats_nothing(
