@@ -198,14 +198,32 @@ async def test_second_client_reuses_the_cached_session(server: TestServer,
             await second.list_projects()
             assert second.statistics()["sessions_reused"] == 1
             assert logins(requests_since(server, mark)) == []
-        # The second client logged the shared session out; the first renews it.
+        # The second client borrowed the session: it left it alive for the first.
         await first.list_projects()
-        assert first.statistics()["relogins"] == 1
+        assert first.statistics().get("relogins", 0) == 0
+        assert not [e for e in requests_since(server, mark) if e["method"] == "DELETE"]
         cached = SessionCache(tmp_path / "sessions.json").get(server.url, "admin")
         assert cached is not None
     finally:
-        await first.aclose()
+        await first.aclose()  # the owner logs it out
     assert SessionCache(tmp_path / "sessions.json").get(server.url, "admin") is None
+
+
+async def test_a_mount_never_borrows_a_session(server: TestServer, tmp_path: Path) -> None:
+    """A mount (``reuse_sessions=False``) logs in for itself, so no other
+    process can end its session under it (on a site with guest access, a dead
+    cookie would silently turn into guest access)."""
+    async with new_client(server, tmp_path) as command:
+        mark = server.log_mark()
+        mount = XnatClient(Credentials(server.url, "admin", "admin"), settings=FAST,
+                           session_cache=SessionCache(tmp_path / "sessions.json"),
+                           reuse_sessions=False)
+        async with mount:
+            await mount.list_projects()
+            assert len(logins(requests_since(server, mark))) == 1
+            assert mount.statistics().get("sessions_reused", 0) == 0
+        await command.list_projects()  # the command's own session outlived the mount
+        assert command.statistics().get("relogins", 0) == 0
 
 
 async def test_expired_session_is_renewed_mid_walk(server: TestServer,

@@ -266,13 +266,21 @@ class XnatClient:
     """
 
     def __init__(self, credentials: Credentials, *, settings: ClientSettings | None = None,
-                 session_cache: SessionCache | None = None,
+                 session_cache: SessionCache | None = None, reuse_sessions: bool = True,
                  http: httpx.AsyncClient | None = None) -> None:
-        """``http`` is for tests (a mock transport); by default the client owns its pool."""
+        """``session_cache`` shares sessions between processes: this client's own
+        login is stored there, and with ``reuse_sessions`` (short commands) a live
+        session found there is used instead of logging in. A session is logged
+        out at the end only by the client that logged it in, so a command never
+        ends a session a mount still uses. A mount does not reuse sessions:
+        its own lives as long as it does. ``http`` is for tests (a mock
+        transport); by default the client owns its pool."""
         self.credentials = credentials
         self.settings = settings or ClientSettings()
         self._base_url = credentials.url.rstrip("/")
         self._session_cache = session_cache
+        self._reuse_sessions = reuse_sessions
+        self._session_reused = False  # the session in use came from the cache
         self._owns_http = http is None
         self._http = http or _new_http_client(self.settings)
         self._login_lock = trio.Lock()
@@ -311,7 +319,7 @@ class XnatClient:
         """
         session_id, self._session_id = self._session_id, None
         try:
-            if session_id is not None:
+            if session_id is not None and not self._session_reused:
                 with trio.CancelScope(shield=True):
                     await self._forget_cached_session(session_id)
                 with trio.move_on_after(self.settings.connect_timeout, shield=True):
@@ -355,15 +363,17 @@ class XnatClient:
         return idle > self._session_timeout * _IDLE_RENEWAL_FRACTION
 
     async def _log_in(self, rejected: str | None) -> None:
-        cached = await self._cached_session()
+        cached = await self._cached_session() if self._reuse_sessions else None
         if cached is not None and cached != rejected and await self._session_is_alive(cached):
             self._counts["sessions_reused"] += 1
             self._adopt_session(cached)
+            self._session_reused = True
             return
         session_id = await self._send(
             "POST", "/data/JSESSION", kind="session.login", use_session=False,
             headers={"Authorization": self._basic_authorization()}, handle=_session_id_from)
         self._adopt_session(session_id)
+        self._session_reused = False
         await self._store_cached_session(session_id)
 
     async def _session_is_alive(self, session_id: str) -> bool:
