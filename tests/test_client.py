@@ -209,23 +209,6 @@ async def test_second_client_reuses_the_cached_session(server: TestServer,
     assert SessionCache(tmp_path / "sessions.json").get(server.url, "admin") is None
 
 
-async def test_a_mount_never_borrows_a_session(server: TestServer, tmp_path: Path) -> None:
-    """A mount (``reuse_sessions=False``) logs in for itself, so no other
-    process can end its session under it (on a site with guest access, a dead
-    cookie would silently turn into guest access)."""
-    async with new_client(server, tmp_path) as command:
-        mark = server.log_mark()
-        mount = XnatClient(Credentials(server.url, "admin", "admin"), settings=FAST,
-                           session_cache=SessionCache(tmp_path / "sessions.json"),
-                           reuse_sessions=False)
-        async with mount:
-            await mount.list_projects()
-            assert len(logins(requests_since(server, mark))) == 1
-            assert mount.statistics().get("sessions_reused", 0) == 0
-        await command.list_projects()  # the command's own session outlived the mount
-        assert command.statistics().get("relogins", 0) == 0
-
-
 async def test_expired_session_is_renewed_mid_walk(server: TestServer,
                                                    client: XnatClient) -> None:
     subjects = await client.list_subjects("NEURO_PUB")

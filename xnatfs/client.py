@@ -26,7 +26,8 @@ Contract for the layers above:
   idle timeout on every response, and a session idle for nearly that long is
   renewed before use: on sites with guest access an expired cookie gets no
   401, it silently turns the caller into the guest.
-  :meth:`XnatClient.aclose` logs out and forgets the cached session.
+  :meth:`XnatClient.aclose` logs out and forgets the cached session if this
+  client logged it in; a borrowed one is left to its owner.
 * Credentials never reach a log record; only methods, paths and statuses do.
 """
 
@@ -266,20 +267,18 @@ class XnatClient:
     """
 
     def __init__(self, credentials: Credentials, *, settings: ClientSettings | None = None,
-                 session_cache: SessionCache | None = None, reuse_sessions: bool = True,
+                 session_cache: SessionCache | None = None,
                  http: httpx.AsyncClient | None = None) -> None:
-        """``session_cache`` shares sessions between processes: this client's own
-        login is stored there, and with ``reuse_sessions`` (short commands) a live
-        session found there is used instead of logging in. A session is logged
-        out at the end only by the client that logged it in, so a command never
-        ends a session a mount still uses. A mount does not reuse sessions:
-        its own lives as long as it does. ``http`` is for tests (a mock
-        transport); by default the client owns its pool."""
+        """``session_cache`` shares sessions between processes (mounts, commands):
+        a live session found there is used instead of logging in, and this
+        client's own login is stored there. A session is logged out at the end
+        only by the client that logged it in: one that borrowed it leaves it to
+        the others still using it. ``http`` is for tests (a mock transport); by
+        default the client owns its pool."""
         self.credentials = credentials
         self.settings = settings or ClientSettings()
         self._base_url = credentials.url.rstrip("/")
         self._session_cache = session_cache
-        self._reuse_sessions = reuse_sessions
         self._session_reused = False  # the session in use came from the cache
         self._owns_http = http is None
         self._http = http or _new_http_client(self.settings)
@@ -363,7 +362,7 @@ class XnatClient:
         return idle > self._session_timeout * _IDLE_RENEWAL_FRACTION
 
     async def _log_in(self, rejected: str | None) -> None:
-        cached = await self._cached_session() if self._reuse_sessions else None
+        cached = await self._cached_session()
         if cached is not None and cached != rejected and await self._session_is_alive(cached):
             self._counts["sessions_reused"] += 1
             self._adopt_session(cached)

@@ -178,8 +178,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                               verify_tls=config.verify_tls)
     config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.cache_dir.chmod(0o700)  # cached data is as private as the mount
-    client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache(),
-                        reuse_sessions=False)
+    client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache())
     await client.connect()
     refused: MountRefused | None = None
     try:

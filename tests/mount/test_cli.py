@@ -109,8 +109,16 @@ def test_second_mount_reuses_the_cached_session(demo_server: TestServer,
         logins = [e for e in demo_server.requests_since(mark)
                   if e["route"] == "jsession" and e["method"] == "POST"]
         assert logins == []
+        exited = os.pidfd_open(daemon_pid(second))
     finally:
         unmount(second)
+    # The second mount borrowed the session: its end (waited for) left it to the first.
+    assert select.select([exited], [], [], 60)[0], "the second mount's process did not end"
+    os.close(exited)
+    assert "NP001" in os.listdir(first.path / "NEURO_PUB")
+    jsession = [(e["method"], e["status"]) for e in demo_server.requests_since(mark)
+                if e["route"] == "jsession"]
+    assert jsession == [("GET", 200)], jsession  # the check that it is alive, nothing else
 
 
 def test_bad_password_fails_clearly_and_leaves_no_mount(demo_server: TestServer,
