@@ -209,6 +209,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                         on_ready()
                     log.info("mounted %s on %s", config.credentials.url, config.mountpoint)
                     await pyfuse3.main()
+                    await uploads.finish_background_uploads()
                 finally:
                     pyfuse3.close(unmount=True)
                     blocks.close()

@@ -429,6 +429,17 @@ class UploadManager:
         log.info("uploaded %s/%s → %s", upload.record.project, upload.record.relpath,
                  ", ".join(result))
 
+    async def finish_background_uploads(self) -> None:
+        """At unmount: write-behind uploads still queued or running go on until
+        XNAT has them (each is bounded by the client's timeouts), as ``cp`` was
+        told they would; the mount point is already free meanwhile."""
+        waiting = [u for u in self.uploads.values() if u.background is not None]
+        if waiting:
+            log.info("unmounted; finishing %d write-behind uploads first", len(waiting))
+        for upload in waiting:
+            while upload.background is not None:
+                await upload.background.wait()
+
     async def _upload_in_background(self, upload: Upload, done: trio.Event) -> None:
         """Write-behind: the upload a flush did not wait for. A refusal is recorded
         (status file, extended attributes, ``xnatfs uploads list``) and kept."""

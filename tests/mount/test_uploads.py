@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -123,6 +124,31 @@ def test_cp_archive_lands_in_prearchive_byte_identical(mount: Mount, tmp_path: P
     subprocess.run(["rsync", "-a", f"{session_dir}/", str(copy)], check=True)
     assert json.loads((copy / "prearchive-info.json").read_text()) == info
     assert "NEURO_PUB/" + archive.name in (mount.path / "uploads" / "UPLOAD_STATUS.txt").read_text()
+
+
+def test_unmount_finishes_write_behind_uploads(upload_server: TestServer, mount_factory,  # noqa: ANN001
+                                               tmp_path: Path) -> None:
+    """--write-behind: cp returns before XNAT has the files; an unmount right
+    after must not drop the ones still queued (it left them half-uploaded)."""
+    mount = mount_factory(upload_server, "--write-behind")
+    source = tmp_path / "series"
+    write_dicom_series(source / "s1", patient_name="Un^Mount", patient_id="UM30",
+                       study_uid="1.2.826.0.1.3680043.8.498.779", series_number=1,
+                       series_description="unmount", slices=30, rows=8, cols=8, seed=7)
+    target = mount.path / "uploads" / "NEURO_PUB"
+    upload_server.set_knobs(latency_ms=200)  # every import takes a while
+    try:
+        mark = upload_server.log_mark()
+        subprocess.run(["cp", "-r", str(source / "s1"), str(target)], check=True)
+        exited = os.pidfd_open(daemon_pid(mount.path))
+        subprocess.run(["fusermount3", "-u", str(mount.path)], check=True)
+        assert select.select([exited], [], [], 120)[0], "the mount process did not end"
+        os.close(exited)
+        imports = [e for e in upload_server.requests_since(mark)
+                   if e["route"] == "services.import"]
+    finally:
+        upload_server.set_knobs(latency_ms=0)
+    assert len(imports) == 30 and all(e["status"] == 200 for e in imports)
 
 
 def test_cp_r_loose_dicom_with_bounded_parallelism(mount: Mount, tmp_path: Path) -> None:
