@@ -187,10 +187,11 @@ def uploads_command(args: argparse.Namespace) -> int:
                         head = f.read(264)
                     result = await client.import_archive(
                         data, name=archive_name(head), project=rec.project, subject=subject,
-                        session=session)
+                        session=session, direct_archive=rec.direct_archive)
                 else:
                     result = [await client.import_dicom_file(
-                        data, project=rec.project, subject=subject, session=session)]
+                        data, project=rec.project, subject=subject, session=session,
+                        direct_archive=rec.direct_archive)]
             except XnatError as exc:
                 failures += 1
                 print(f"failed  {rec.project}/{rec.relpath}: {exc}", file=sys.stderr)

@@ -145,6 +145,7 @@ class UploadRecord:
     result: list[str] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     finished: float | None = None
+    direct_archive: bool = False  # the mount's --direct-archive, for a later retry
 
     @property
     def name(self) -> str:
@@ -224,7 +225,8 @@ class UploadManager:
             upload_id = uuid.uuid4().hex
             spool_dir = self.spool_root / upload_id
             spool_dir.mkdir(mode=0o700)
-            upload = Upload(UploadRecord(upload_id, project, relpath), spool_dir)
+            upload = Upload(UploadRecord(upload_id, project, relpath,
+                                         direct_archive=self.direct_archive), spool_dir)
             if is_litter(upload.record.name):
                 upload.record.kind = Kind.LITTER.value
             _write_meta(upload)

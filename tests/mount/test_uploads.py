@@ -592,6 +592,31 @@ def test_direct_archive_sends_uploads_to_the_archive(upload_server: TestServer, 
     assert os.listdir(mount.path / "NEURO_PUB" / "DSUBJ" / session / "scans")
 
 
+def test_a_retried_upload_keeps_the_mounts_direct_archive(upload_server: TestServer,
+                                                          mount_factory,  # noqa: ANN001
+                                                          tmp_path: Path) -> None:
+    """``xnatfs uploads retry`` sends a kept upload where the mount would have:
+    with --direct-archive, into the archive (it went to the prearchive)."""
+    mount = mount_factory(upload_server, "--direct-archive", name="direct-retry")
+    archive = tmp_path / "later.zip"
+    write_dicom_archive(archive, synthetic_study("La^Ter", "LATER1", slices=2, rows=16,
+                                                 cols=16, seed=62))
+    folder = mount.path / "uploads" / "NEURO_PUB" / "subject=LSUBJ2" / "session=LATER_MR"
+    folder.mkdir(parents=True)
+    upload_server.set_knobs(fail_rate=1.0, fault_path="/data/services/import")
+    try:
+        failed = subprocess.run(["cp", str(archive), str(folder)], capture_output=True,
+                                timeout=120)
+    finally:
+        upload_server.set_knobs(fail_rate=0.0, fault_path="")
+    assert failed.returncode != 0
+    done = subprocess.run([sys.executable, "-m", "xnatfs.cli", "uploads", "retry",
+                           "--cache-dir", str(mount.cache_dir), "--url", upload_server.url],
+                          env=mount.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "-> /data/archive/projects/NEURO_PUB/subjects/LSUBJ2/experiments/LATER_MR" in done.stdout
+
+
 def test_prearchive_cli_commands(mount: Mount, tmp_path: Path) -> None:
     archive = tmp_path / "cli.zip"
     write_dicom_archive(archive, synthetic_study("C^Li", "CLI1", slices=2, rows=16, cols=16,
