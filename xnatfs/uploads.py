@@ -308,9 +308,21 @@ class UploadManager:
                                              limiter=self.disk_limiter)
 
     async def read(self, upload: Upload, offset: int, size: int) -> bytes:
-        if upload.fd < 0:
-            raise XnatError(f"{upload.record.relpath} was uploaded; its local copy is gone")
-        return await self._read_spool(upload, offset, size)
+        """From the local copy, open or not (a kept file, litter a file manager
+        reads back, a failed upload); an uploaded file's copy is gone."""
+        if upload.fd >= 0:
+            return await self._read_spool(upload, offset, size)
+
+        def read_closed() -> bytes:
+            with open(upload.data_path, "rb") as f:
+                f.seek(offset)
+                return f.read(size)
+
+        try:
+            return await trio.to_thread.run_sync(read_closed, limiter=self.disk_limiter)
+        except FileNotFoundError:
+            raise XnatError(f"{upload.record.relpath} was uploaded; its local copy is gone",
+                            path=upload.record.relpath) from None
 
     # -------------------------------------------------------------- streaming
     def _start_stream(self, upload: Upload) -> None:

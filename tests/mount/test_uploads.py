@@ -431,6 +431,10 @@ def test_file_manager_litter_is_not_uploaded(mount: Mount) -> None:
         (folder / name).write_bytes(b"\0" * 300)
     assert not [e for e in mount.server.requests_since(mark) if e["route"] == "services.import"]
     assert ".DS_Store" not in (folder / "UPLOAD_STATUS.txt").read_text()
+    # Kept locally, so the file manager can read back what it wrote (KDE's .directory).
+    (folder / ".directory").write_text("[Dolphin]\nViewMode=1\n")
+    assert (folder / ".directory").read_text() == "[Dolphin]\nViewMode=1\n"
+    assert (folder / ".DS_Store").read_bytes() == b"\0" * 300
 
 
 def test_uploads_root_lists_writable_projects_only(mount: Mount) -> None:
