@@ -550,6 +550,26 @@ def mock_xnat(routes: dict[tuple[str, str], list[Answer]]) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.MockTransport(answer))
 
 
+async def test_paths_are_sent_percent_encoded(tmp_path: Path) -> None:
+    """What RFC 3986 does not allow raw in a path goes encoded: brackets (Tomcat
+    answers 400 to them raw), spaces, '#', '?', '%'."""
+    raw_paths: list[bytes] = []
+    session_id = "ABCDEF0123456789ABCDEF0123456789"
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/data/JSESSION":
+            return httpx.Response(200, text=session_id,
+                                  headers={"Set-Cookie": f"JSESSIONID={session_id}; Path=/"})
+        raw_paths.append(request.url.raw_path)
+        return httpx.Response(200, content=b"x")
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    async with XnatClient(Credentials("http://xnat.test", "u", "p"), settings=FAST,
+                          http=http) as client:
+        await full_download(client, "/data/experiments/E/resources/R/files/a[1] #2?%.dcm")
+    assert raw_paths == [b"/data/experiments/E/resources/R/files/a%5B1%5D%20%232%3F%25.dcm"]
+
+
 async def test_429_is_retried() -> None:
     rows = {"ResultSet": {"Result": [{"ID": "P", "name": "", "secondary_ID": "",
                                       "description": ""}]}}

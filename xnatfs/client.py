@@ -106,11 +106,13 @@ _JSESSIONID_COOKIE = re.compile(r"JSESSIONID=([^;\s]+)")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._-]{8,256}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 # ".../resources/{R}/files/{path}": the first such pair, so a resource may be called "files".
-_FILE_URI = re.compile(r"^(?P<owner>.*?)/resources/(?P<resource>[^/]+)/files/(?P<path>.+)$")
+_FILE_URI = re.compile(r"^(?P<owner>.*?)/resources/(?P<resource>[^/]+)/files/(?P<path>.+)$",
+                       re.DOTALL)  # a file name may hold a newline; safe_name shows it
 _SCAN_OWNER = re.compile(r"/experiments/[^/]+/scans/(?P<scan>[^/]+)$")
 _SESSION_OWNER = re.compile(r"/experiments/[^/]+$")
-# RFC 3986 pchar plus "/": everything else in an XNAT path is percent-encoded.
-_PATH_SAFE = "/:@!$&'()*+,;=[]~"
+# RFC 3986 pchar plus "/": everything else in an XNAT path is percent-encoded
+# ("[" and "]" too: Tomcat refuses them raw with 400).
+_PATH_SAFE = "/:@!$&'()*+,;=~"
 
 
 @dataclass(frozen=True)
