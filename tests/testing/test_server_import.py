@@ -211,6 +211,22 @@ def test_archive_move_delete_and_their_errors(admin: httpx.Client, tmp_path: Pat
     assert admin.get(uri + "?format=json").status_code == 404
 
 
+def test_archiving_into_a_project_needs_edit_rights_there(server: TestServer,
+                                                          tmp_path: Path) -> None:
+    """A collaborator may read a project, not add sessions to it: archiving a
+    session of a project she may edit into one she only reads is refused."""
+    with httpx.Client(base_url=server.url, auth=("alice", "alice")) as alice:
+        uri = alice.post("/data/services/import?import-handler=DICOM-zip&project=NEURO_PUB",
+                         content=study_zip(tmp_path, "COL001", 7),
+                         headers={"Content-Type": "application/zip"}).text
+        assert "/prearchive/projects/NEURO_PUB/" in uri
+        for target in ({"project": "ONC-PROT"}, {"dest": "/archive/projects/ONC-PROT"}):
+            r = alice.post("/data/services/archive", data={"src": uri, **target})
+            assert r.status_code == 403, (target, r.text)
+        r = alice.post("/data/services/archive", data={"src": uri, "subject": "COLSUBJ"})
+        assert r.status_code == 200 and "/archive/projects/NEURO_PUB/" in r.text
+
+
 def test_prearchive_listing_envelope_and_permissions(admin: httpx.Client,
                                                      server: TestServer) -> None:
     body = admin.get("/data/prearchive/projects?format=json").json()

@@ -146,7 +146,13 @@ class ServiceRoutes:
                 await asyncio.to_thread(self.prearchive.archive_src, src, user=caller.login,
                                         overwrite=params.get("overwrite"))
             return table_response(request, rows, LISTING_COLUMNS, default_format="json")
-        self._check_source_access(Access(self.store, caller), sources[0] if sources else None)
+        access = Access(self.store, caller)
+        self._check_source_access(access, sources[0] if sources else None)
+        # Archiving into another project creates an experiment there, which needs
+        # edit rights on it as well (a collaborator may only read).
+        destination = params.get("project") or _dest_project(params.get("dest"))
+        if destination:
+            self._require_project(access, destination)
         uri = await asyncio.to_thread(
             self.prearchive.archive_src, sources[0] if sources else None, user=caller.login,
             dest=params.get("dest"), project=params.get("project"),
@@ -377,3 +383,12 @@ def _session_xml(row: Mapping[str, str], scans: list[dict[str, str]]) -> str:
             f'UID={quoteattr(row["tag"])}><xnat:subject_ID>{escape(row["subject"])}'
             f"</xnat:subject_ID><xnat:scans>{scan_xml}</xnat:scans></xnat:Session>")
 
+
+def _dest_project(dest: str | None) -> str | None:
+    """P of ``dest=/archive/projects/P/...`` (``/data`` prefix optional)."""
+    parts = [p for p in (dest or "").split("/") if p]
+    if parts and parts[0] == "data":
+        parts = parts[1:]
+    if len(parts) >= 3 and parts[:2] == ["archive", "projects"]:
+        return parts[2]
+    return None
