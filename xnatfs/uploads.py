@@ -384,7 +384,7 @@ class UploadManager:
     def _labels(self, upload: Upload) -> ImportTarget:
         subject, session = labels_from_path(upload.record.relpath)
         return ImportTarget(project=upload.record.project, subject=subject, session=session,
-                            direct_archive=self.direct_archive)
+                            direct_archive=upload.record.direct_archive)
 
     def _note_in_flight(self, delta: int) -> None:
         self.in_flight += delta

@@ -37,14 +37,20 @@ class Mount:
     def remount(self) -> None:
         """Unmount, wait for the old process to exit (so that the new one sees
         exactly what it left in the cache directory), and mount again."""
-        pidfd = os.pidfd_open(daemon_pid(self.path))
-        try:
-            unmount(self.path)
-            ready, _, _ = select.select([pidfd], [], [], 60)
-            assert ready, "the xnatfs process did not exit after unmount"
-        finally:
-            os.close(pidfd)
+        unmount_and_wait(self.path)
         mount_xnatfs(self.server, self.path, self.cache_dir, self.env, self.options)
+
+
+def unmount_and_wait(mountpoint: Path, timeout: float = 60) -> None:
+    """Unmount, and return once the process that served the mount has exited
+    (whatever it still does after the unmount, such as logging out, is done)."""
+    pidfd = os.pidfd_open(daemon_pid(mountpoint))
+    try:
+        unmount(mountpoint)
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+        assert ready, "the xnatfs process did not exit after unmount"
+    finally:
+        os.close(pidfd)
 
 
 def daemon_pid(mountpoint: Path) -> int:

@@ -7,7 +7,6 @@ import errno
 import hashlib
 import json
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 from xnatfs.testing.datasets import synthetic_study, write_dicom_archive, write_dicom_series
 from xnatfs.testing.harness import TestServer
 
-from .conftest import Mount, daemon_pid, drop_kernel_entries
+from .conftest import Mount, daemon_pid, drop_kernel_entries, unmount_and_wait
 
 ADMIN = ("admin", "admin")
 
@@ -140,10 +139,7 @@ def test_unmount_finishes_write_behind_uploads(upload_server: TestServer, mount_
     try:
         mark = upload_server.log_mark()
         subprocess.run(["cp", "-r", str(source / "s1"), str(target)], check=True)
-        exited = os.pidfd_open(daemon_pid(mount.path))
-        subprocess.run(["fusermount3", "-u", str(mount.path)], check=True)
-        assert select.select([exited], [], [], 120)[0], "the mount process did not end"
-        os.close(exited)
+        unmount_and_wait(mount.path, timeout=120)
         imports = [e for e in upload_server.requests_since(mark)
                    if e["route"] == "services.import"]
     finally:
