@@ -23,6 +23,7 @@ from .blockcache import BlockCache, FileIdentity
 from .errors import Stale, XnatError, errno_for
 from .naming import label_from_name
 from .tree import Kind, Node, Tree
+from .uploads import State as UploadState
 from .uploads import UploadManager
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ P = ParamSpec("P")
 # Files in one folder fetched ahead when one of them is opened (a DICOM series).
 SERIES_READ_AHEAD = 16
 SMALL_FILE = 8 * 1024 * 1024
+RENAME_EXCHANGE = 2  # <linux/fs.h>; RENAME_NOREPLACE (1) the kernel checks itself
 
 
 def fuse_errors(handler: Callable[Concatenate[Operations, P], Awaitable[T]]
@@ -379,6 +381,9 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_size and node.upload is not None:
             await self.uploads.truncate(node.upload, attr.st_size)
+        if fields.update_mtime and node.upload is not None:
+            await self.uploads.set_mtime(node.upload, attr.st_mtime_ns)
+            self.tree.refresh_upload_node(node)
         return self.attributes(node)
 
     # --------------------------------------------------- removing, renaming
@@ -418,11 +423,15 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        if flags & RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
         node = await self.tree.lookup(parent_inode_old, os.fsdecode(name_old))
         new_parent = self.tree.node(parent_inode_new)
         # The kernel moves its entry from the old name to the new one itself.
         if node.kind is Kind.UPLOAD_FILE:
             await self._rename_upload(node, new_parent, name_new)
+        elif node.kind is Kind.UPLOAD_DIR and node.relpath:
+            await self._rename_upload_folder(node, new_parent, name_new)
         elif node.kind is Kind.PREARCHIVE_SESSION:
             await self._rename_prearchive(node, new_parent, name_new)
             # The kernel would point the new name at the prearchive node; the
@@ -446,6 +455,26 @@ class Operations(pyfuse3.Operations):
         if node.upload.dirty and node.upload.open_handles == 0:
             # Renamed after close (a temporary made real): finished as a close would be.
             await self._finish_upload(node, closing=True)
+
+    async def _rename_upload_folder(self, node: Node, new_parent: Node, name_new: bytes) -> None:
+        """A folder renamed or moved within its project's upload area: "New Folder"
+        named ``subject=S05`` after the file manager made it."""
+        if new_parent.kind is not Kind.UPLOAD_DIR or new_parent.project != node.project:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        new_relpath = self._upload_target(new_parent, name_new)
+        replaced = await self._existing_child(new_parent.inode, name_new)
+        if replaced is not None and replaced is not node:
+            if replaced.kind is not Kind.UPLOAD_DIR:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            if await self.tree.children(replaced.inode):
+                raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+            self.tree.upload_folders.discard((replaced.project, replaced.relpath))
+        if any(u.open_handles or u.background is not None or u.state is UploadState.UPLOADING
+               for u in self.uploads.below(node.project, node.relpath)):
+            # Their labels come from the path; one being sent cannot change them.
+            raise pyfuse3.FUSEError(errno.EBUSY)
+        await self.uploads.move_folder(node.project, node.relpath, new_relpath)
+        self.tree.move_upload_folder(node, new_parent, new_relpath)
 
     async def _rename_prearchive(self, node: Node, new_parent: Node, name_new: bytes) -> None:
         """``mv`` out of the prearchive: into a subject archives, into another project moves."""

@@ -561,7 +561,39 @@ class Tree:
         rec = upload.record
         return self._child(parent, Kind.UPLOAD_FILE, rec.name, ("upload", rec.id),
                            project=parent.project, relpath=rec.relpath, upload=upload,
-                           mtime_ns=int(rec.created * 1e9), xattrs=_upload_xattrs(upload))
+                           mtime_ns=_upload_mtime_ns(upload), xattrs=_upload_xattrs(upload))
+
+    def move_upload_folder(self, node: Node, new_parent: Node, new_relpath: str) -> None:
+        """A folder in ``uploads/`` renamed or moved (a file manager's "New Folder"
+        named afterwards): it and the folders below it keep their inodes, the
+        kernel's entries, under their new paths."""
+        old_prefix, new_prefix = node.relpath, new_relpath
+
+        def moved(relpath: str) -> str | None:
+            if relpath == old_prefix:
+                return new_prefix
+            if relpath.startswith(old_prefix + "/"):
+                return new_prefix + relpath[len(old_prefix):]
+            return None
+
+        for project, relpath in list(self.upload_folders):
+            if project == node.project and (target := moved(relpath)) is not None:
+                self.upload_folders.discard((project, relpath))
+                self.upload_folders.add((project, target))
+        for live in list(self._nodes.values()):
+            if live.project != node.project:
+                continue
+            if live.kind is Kind.UPLOAD_FILE:
+                self.refresh_upload_node(live)
+            elif live.kind is Kind.UPLOAD_DIR and (target := moved(live.relpath)) is not None:
+                # Re-keyed in place: _slot finds the new key on this same number.
+                self._displaced.pop(live.key, None)
+                live.key = ("upload-dir", live.project, target)
+                self._displaced[live.key] = live.inode
+                live.relpath = target
+        node.name = new_relpath.rsplit("/", 1)[-1]
+        node.parent = new_parent.inode
+        self.forget_negative(new_parent.inode)
 
     def upload_finished(self, upload: Upload) -> None:
         """A background (write-behind) upload ended: show its outcome at once."""
@@ -576,6 +608,7 @@ class Tree:
             node.xattrs = _upload_xattrs(node.upload)
             node.relpath = node.upload.record.relpath
             node.name = node.upload.record.name
+            node.mtime_ns = _upload_mtime_ns(node.upload)
 
     def status_text(self, node: Node) -> bytes:
         if self.uploads is None:
@@ -712,6 +745,13 @@ def _upload_xattrs(upload: Upload) -> dict[str, str]:
     return {f"user.xnatfs.upload.{k}": v for k, v in (
         ("state", rec.state), ("kind", rec.kind), ("message", rec.message),
         ("result", " ".join(rec.result))) if v}
+
+
+def _upload_mtime_ns(upload: Upload) -> int:
+    """The time set on the entry (``cp -a``, ``rsync``: a second rsync then skips
+    what it already sent), else when it was made."""
+    rec = upload.record
+    return rec.mtime_ns if rec.mtime_ns is not None else int(rec.created * 1e9)
 
 
 def _prearchive_time(timestamp: str) -> str:

@@ -146,6 +146,7 @@ class UploadRecord:
     created: float = field(default_factory=time.time)
     finished: float | None = None
     direct_archive: bool = False  # the mount's --direct-archive, for a later retry
+    mtime_ns: int | None = None   # set by the writer (cp -a, rsync), else None
 
     @property
     def name(self) -> str:
@@ -545,6 +546,23 @@ class UploadManager:
             upload.record.kind = classify(upload.record.name, bytes(upload.head)).value
             upload.dirty = True
         await self._save(upload)
+
+    async def set_mtime(self, upload: Upload, mtime_ns: int) -> None:
+        upload.record.mtime_ns = mtime_ns
+        await self._save(upload)
+
+    def below(self, project: str, folder: str) -> list[Upload]:
+        """The uploads in ``folder`` (a path below ``uploads/<project>/``) and its subfolders."""
+        return [u for u in self.uploads.values() if u.record.project == project
+                and u.record.relpath.startswith(folder + "/")]
+
+    async def move_folder(self, project: str, folder: str, new_folder: str) -> None:
+        """A folder renamed: the uploads below it move along. What they are uploaded
+        as (``subject=``/``session=`` folders) follows the new path; the caller
+        makes sure none of them is being written or uploaded."""
+        for upload in self.below(project, folder):
+            upload.record.relpath = new_folder + upload.record.relpath[len(folder):]
+            await self._save(upload)
 
     async def forget(self, upload: Upload) -> None:
         """``rm`` of an upload entry: the server keeps what it got; local copy goes."""

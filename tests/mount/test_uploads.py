@@ -377,6 +377,72 @@ def test_rsync_writes_a_temporary_and_renames(mount: Mount, tmp_path: Path) -> N
     assert "ERROR" not in (mount.cache_dir.parent / "mount.log").read_text()
 
 
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
+def test_a_second_rsync_sends_nothing_again(mount: Mount, tmp_path: Path) -> None:
+    """rsync -a keeps times on what it sent, so running it again (after an
+    interruption, say) skips what XNAT already has instead of importing it twice."""
+    source = tmp_path / "again"
+    write_dicom_series(source, patient_name="Ag^Ain", patient_id="AGAIN3",
+                       study_uid="1.2.826.0.1.3680043.8.498.781", series_number=1,
+                       series_description="again", slices=3, rows=8, cols=8, seed=11)
+    target = mount.path / "uploads" / "NEURO_PUB" / "subject=AGSUBJ" / "session=AGAIN_MR"
+    target.mkdir(parents=True)
+    mark = mount.server.log_mark()
+    subprocess.run(["rsync", "-a", f"{source}/", f"{target}/"], check=True)
+    first = [e for e in mount.server.requests_since(mark) if e["route"] == "services.import"]
+    assert len(first) == 3
+    for path in source.iterdir():
+        assert (target / path.name).stat().st_mtime_ns == path.stat().st_mtime_ns
+    mark = mount.server.log_mark()
+    again = subprocess.run(["rsync", "-a", "--itemize-changes", f"{source}/", f"{target}/"],
+                           check=True, capture_output=True, text=True)
+    assert again.stdout.strip() == ""
+    assert not [e for e in mount.server.requests_since(mark)
+                if e["route"] == "services.import"]
+
+
+def test_a_new_folder_renamed_names_the_subject(mount: Mount, tmp_path: Path) -> None:
+    """The file-manager way: make "New Folder", rename it to ``subject=...``,
+    drop files in. The folders keep their inodes; what lands below follows the
+    new names, and a folder cannot be renamed while an upload below it runs."""
+    project = mount.path / "uploads" / "NEURO_PUB"
+    (project / "New Folder" / "inner").mkdir(parents=True)
+    inode = (project / "New Folder").stat().st_ino
+    inner_inode = (project / "New Folder" / "inner").stat().st_ino
+    os.rename(project / "New Folder", project / "subject=NFSUBJ")
+    assert "New Folder" not in os.listdir(project)
+    assert (project / "subject=NFSUBJ").stat().st_ino == inode
+    drop_kernel_entries()  # the names now come from the mount, not the kernel's memory
+    assert (project / "subject=NFSUBJ").stat().st_ino == inode
+    os.rename(project / "subject=NFSUBJ" / "inner", project / "subject=NFSUBJ" / "session=NF_MR")
+    session = project / "subject=NFSUBJ" / "session=NF_MR"
+    assert session.stat().st_ino == inner_inode
+    archive = tmp_path / "newfolder.zip"
+    write_dicom_archive(archive, synthetic_study("New^Folder", "NEWF1", slices=2, rows=16,
+                                                 cols=16, seed=12))
+    with open(session / "newfolder.zip", "wb") as open_upload:
+        open_upload.write(archive.read_bytes()[:1000])
+        with pytest.raises(OSError) as busy:
+            os.rename(project / "subject=NFSUBJ", project / "subject=OTHER")
+        assert busy.value.errno == errno.EBUSY
+        open_upload.write(archive.read_bytes()[1000:])
+    [uri] = upload_result(session / "newfolder.zip")
+    assert uri.endswith("/NF_MR")
+    with httpx.Client(base_url=mount.server.url, auth=ADMIN) as c:
+        rows = c.get("/data/prearchive/projects/NEURO_PUB?format=json").json()
+        [row] = [r for r in rows["ResultSet"]["Result"] if r["name"] == "NF_MR"]
+        assert row["subject"] == "NFSUBJ"
+    # Once uploaded, the folder moves with its entries (a rename changes nothing sent).
+    os.rename(project / "subject=NFSUBJ", project / "done")
+    assert os.listdir(project / "done" / "session=NF_MR") == ["newfolder.zip"]
+    (project / "empty").mkdir()
+    os.rename(project / "done", project / "empty")  # over an empty folder: replaced
+    assert "done" not in os.listdir(project)
+    with pytest.raises(OSError) as cross:
+        os.rename(project / "empty", mount.path / "uploads" / "ONC-PROT" / "empty")
+    assert cross.value.errno == errno.EXDEV
+
+
 @pytest.mark.parametrize("command", [["cp", "-a"], ["cp", "-p"], ["mv"]])
 def test_copies_that_keep_attributes_succeed_quietly(mount: Mount, tmp_path: Path,
                                                      command: list[str]) -> None:
