@@ -154,8 +154,12 @@ def uploads_command(args: argparse.Namespace) -> int:
     from .uploads import archive_name, kept_uploads, labels_from_path
 
     spool_root = args.cache_dir / "uploads"
-    kept = [(rec, path) for rec, path in kept_uploads(spool_root)
-            if not args.ids or rec.id in args.ids]
+    everything = kept_uploads(spool_root)
+    unknown = sorted(set(args.ids) - {rec.id for rec, _ in everything})
+    if unknown:  # a typo must not look like success (nor act on the others)
+        raise UserError(f"xnatfs: no kept upload {', '.join(unknown)} in {spool_root} "
+                        "(see 'xnatfs uploads list')")
+    kept = [(rec, path) for rec, path in everything if not args.ids or rec.id in args.ids]
     if args.action == "list":
         for rec, path in kept:
             print(f"{rec.id}  {rec.state:7} {rec.project}/{rec.relpath}  {rec.size} bytes"

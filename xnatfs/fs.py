@@ -404,7 +404,15 @@ class Operations(pyfuse3.Operations):
         node = await self.tree.lookup(parent_inode, os.fsdecode(name))
         if node.kind is Kind.PREARCHIVE_SESSION:
             await self.tree.client.delete_prearchive(node.prearchive_uri)
+            timestamp = self.tree.node(parent_inode)
+            self.tree.emptied_timestamps.add((timestamp.project, timestamp.folder))
             self.tree.invalidate_prearchive()
+            self._forget_entry(parent_inode, name, node.inode)
+            return
+        if node.kind is Kind.PREARCHIVE_TIMESTAMP:
+            if await self.tree.children(node.inode):
+                raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+            self.tree.emptied_timestamps.discard((node.project, node.folder))
             self._forget_entry(parent_inode, name, node.inode)
             return
         if node.prearchive_uri:

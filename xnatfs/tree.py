@@ -138,6 +138,10 @@ class Tree:
         self.upload_folders: set[tuple[str, str]] = set()
         self.pending_subjects: set[tuple[str, str]] = set()
         self.hidden: set[int] = set()  # prearchive entries removed by `rm -r` before rmdir
+        # Prearchive timestamp folders whose last session the mount deleted: XNAT
+        # has no such folder any more, but `rm -r` still removes it, so it stays
+        # (empty) until then, as a folder would.
+        self.emptied_timestamps: set[tuple[str, str]] = set()
         self.prearchive_ttl = max(prearchive_ttl if prearchive_ttl is not None else 5.0, 0.5)
         self.metadata_ttl = max(metadata_ttl, 1.0)
         # Every live node; the kernel's (and the root) are also held in _held.
@@ -643,7 +647,8 @@ class Tree:
 
     async def _children_of_prearchive_project(self, node: Node) -> list[Node]:
         stamps = sorted({s.timestamp for s in await self.prearchive_sessions()
-                         if s.project == node.project})
+                         if s.project == node.project}
+                        | {ts for p, ts in self.emptied_timestamps if p == node.project})
         return [self._child(node, Kind.PREARCHIVE_TIMESTAMP, safe_name(ts),
                             ("pre-ts", node.project, ts), project=node.project, folder=ts,
                             mtime_ns=_time_ns(_prearchive_time(ts), self.mount_time_ns))

@@ -293,6 +293,11 @@ def test_server_error_fails_cp_then_retry_succeeds(mount: Mount, tmp_path: Path)
                           text=True, check=True).stdout
     line = next(line for line in kept.splitlines() if "retry.zip" in line)
     upload_id = line.split()[0]
+    for action in ("retry", "discard"):  # a mistyped id fails and leaves the rest alone
+        typo = subprocess.run([*cli, action, upload_id, upload_id[:-1] + "x", *common],
+                              env=mount.env, capture_output=True, text=True)
+        assert typo.returncode != 0 and "no kept upload" in typo.stderr
+        assert upload_id[:-1] + "x" in typo.stderr and upload_id not in typo.stderr
     done = subprocess.run([*cli, "retry", upload_id, *common], env=mount.env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -529,6 +534,21 @@ def test_archive_move_and_delete_by_file_operations(mount: Mount, tmp_path: Path
     with httpx.Client(base_url=mount.server.url, auth=ADMIN) as c:
         assert c.get(uris[2] + "?format=json").status_code == 404
     assert not dirs[2].exists()
+
+
+def test_rm_r_of_a_prearchive_timestamp_folder(mount: Mount, tmp_path: Path) -> None:
+    """XNAT drops a timestamp folder with its last session; ``rm -r`` of the folder
+    still ends well (it failed on the folder after deleting what was in it)."""
+    _, uri = drop_archive(mount, tmp_path, "stamp.zip", ("St^Amp", "STAMP1"), slices=2,
+                          seed=33)
+    stamp = mounted_prearchive(mount, uri).parent
+    assert os.listdir(stamp) == ["STAMP1"]
+    result = subprocess.run(["rm", "-r", str(stamp)], capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert not stamp.exists() and stamp.name not in os.listdir(stamp.parent)
+    with httpx.Client(base_url=mount.server.url, auth=ADMIN) as c:
+        assert c.get(uri + "?format=json").status_code == 404
 
 
 def test_refused_archive_action_maps_to_errno(mount: Mount, tmp_path: Path) -> None:
