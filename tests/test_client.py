@@ -620,10 +620,20 @@ class BreaksOff(httpx.AsyncByteStream):
         raise httpx.ReadError("connection reset by peer")
 
 
-async def test_a_download_resumed_on_a_changed_file_is_stale() -> None:
+OLD = "Mon, 02 Mar 2026 10:00:00 GMT"
+
+
+@pytest.mark.parametrize("resumed", [
+    {"content": b"b" * 70, "headers": {"Content-Range": "bytes 50-119/120",
+                                       "Last-Modified": OLD}},                 # bigger
+    {"content": b"b" * 50, "headers": {"Content-Range": "bytes 50-99/100",
+                                       "Last-Modified": "Mon, 02 Mar 2026 10:00:05 GMT"}},
+], ids=["size", "last-modified"])
+async def test_a_download_resumed_on_a_changed_file_is_stale(resumed: dict) -> None:
     http = mock_xnat({("GET", "/data/f"): [
-        (200, {"headers": {"Content-Length": "100"}, "stream": BreaksOff(b"a" * 50)}),
-        (206, {"content": b"b" * 70, "headers": {"Content-Range": "bytes 50-119/120"}})]})
+        (200, {"headers": {"Content-Length": "100", "Last-Modified": OLD},
+               "stream": BreaksOff(b"a" * 50)}),
+        (206, resumed)]})
     received = bytearray()
     small_chunks = dataclasses.replace(FAST, chunk_size=10)  # no bytes wait in a buffer
     async with http, XnatClient(Credentials("http://xnat.test", "u", "p"),

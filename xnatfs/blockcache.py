@@ -40,7 +40,10 @@ only in part cannot be checked: XNAT has no digest per block.) A mismatch
 drops every block of the file, in memory and on disk, and tells the
 listeners (the FUSE layer drops the kernel's pages); after it, no byte of
 that version of the file is served until a complete fetch of it passes the
-check.
+check. A file replaced on the server under an unchanged listing (same size)
+is caught by ``Last-Modified``: every download of a file must carry the
+first one's, or the file's blocks are dropped the same way, so a reader
+never gets new bytes after old ones.
 
 Blocks are written to disk in the background, shielded from cancellation
 (blocks read before an unmount are on disk when the process exits), at most
@@ -181,6 +184,7 @@ class FileState:
     hashing: bool = False
     hash_done: trio.Event = field(default_factory=trio.Event)
     verified: bool | None = None  # digest matched / did not / not known yet
+    version: str | None = None  # Last-Modified of its first download: every later one must match
 
 
 @dataclass
@@ -276,7 +280,8 @@ class BlockCache:
         return self._index_complete and state.ident.key not in self._files_on_disk
 
     def add_drop_listener(self, listener: Callable[[FileIdentity], None]) -> None:
-        """Call ``listener(ident)`` whenever the blocks of a file are dropped as bad."""
+        """Call ``listener(ident)`` whenever the blocks of a file are dropped as
+        wrong (failed the digest check, or the file was replaced)."""
         self._drop_listeners.append(listener)
 
     # ------------------------------------------------------------- reading
@@ -581,6 +586,8 @@ class BlockCache:
                     if chunks.size is not None and chunks.size != ident.size:
                         raise Stale(f"the server has {chunks.size} bytes, the listing said "
                                     f"{ident.size}", path=ident.uri)
+                    if not await self._same_version(state, chunks.version):
+                        return
                     # Read to the end (the stream stops at ``stop``), so that a
                     # complete answer's connection goes back to the pool.
                     async for chunk in chunks:
@@ -609,6 +616,24 @@ class BlockCache:
                 self._learned_range(None)
             if download is not None:
                 state.downloads.remove(download)
+
+    async def _same_version(self, state: FileState, version: str | None) -> bool:
+        """Whether a download's answer is of the file the cached blocks came from.
+
+        Within the metadata TTL the listing's size and digest cannot tell a file
+        replaced on the server (same size) from the old one, and a reader that
+        got old bytes would get new ones after them. Every download of a file
+        must carry the first one's ``Last-Modified``; otherwise its blocks are
+        dropped (readers get ESTALE) and it is fetched anew.
+        """
+        if version is None or state.version in (None, version):
+            state.version = state.version or version
+            return True
+        log.warning("%s was replaced on the server (Last-Modified %s, now %s); dropping "
+                    "its cached blocks", state.ident.uri, state.version, version)
+        await self._drop_state(state, bad=bool(state.ident.digest),
+                               why=f"{state.ident.uri}: replaced on the server while read")
+        return False
 
     def _should_yield(self, state: FileState, position: int) -> bool:
         """Whether a whole-file stream should give its slot to downloads waiting for
@@ -788,7 +813,8 @@ class BlockCache:
                 self.stats.digest_failures += 1
                 log.error("digest mismatch for %s: listed %s, received %s; dropping its blocks",
                           state.ident.uri, state.ident.digest, actual)
-                await self._drop_state(state, bad=True)
+                await self._drop_state(state, bad=True,
+                                       why=f"{state.ident.uri}: data did not match its digest")
         finally:
             state.hashing = False
             done.set()
@@ -820,8 +846,11 @@ class BlockCache:
             state = FileState(ident, max(1, -(-ident.size // self.block_size)))
         await self._drop_state(state, bad=False)
 
-    async def _drop_state(self, state: FileState, *, bad: bool) -> None:
-        """Forget a file's blocks; ``bad``: because they failed the digest check."""
+    async def _drop_state(self, state: FileState, *, bad: bool, why: str | None = None) -> None:
+        """Forget a file's blocks. ``why``: they may be wrong (failed the digest
+        check, or the file was replaced), which readers and listeners are told;
+        ``bad``: no byte of this identity is served again before a whole fetch
+        of it passes the digest check."""
         ident = state.ident
         if self.files.get(ident.key) is state:
             del self.files[ident.key]
@@ -829,14 +858,13 @@ class BlockCache:
         if bad:
             state.verified = False
             self._suspect.add(ident.key)
-        error = Stale(f"{ident.uri}: data did not match its digest" if bad
-                      else f"{ident.uri}: dropped from the cache")
+        error = Stale(why or f"{ident.uri}: dropped from the cache")
         for pending in state.pending.values():
             pending.fail(error)
         state.pending.clear()
         for i in range(state.nblocks):
             self.memory.pop((ident.key, i), None)
-        for listener in self._drop_listeners if bad else []:
+        for listener in self._drop_listeners if why else []:
             try:
                 listener(ident)
             except Exception:

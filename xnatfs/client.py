@@ -826,6 +826,8 @@ class ByteStream:
         position: offset in the file of the next byte to be yielded.
         end: offset at which the download stops, or None for the end of the file.
         size: the file's full size when the server said, else None.
+        version: the first answer's ``Last-Modified`` (XNAT sends no ETag), if any;
+            a resumed download whose answer differs is of another file.
         ranged: after a request with a Range header, whether the server
             honoured it (206) or sent the whole file (200); None before.
     """
@@ -837,6 +839,7 @@ class ByteStream:
         self.position = start
         self.end = end
         self.size: int | None = None
+        self.version: str | None = None
         self.ranged: bool | None = None
         self._client = client
         self._response: httpx.Response | None = None
@@ -923,6 +926,13 @@ class ByteStream:
                 raise Stale(f"size changed from {self.size} to {size} during the download",
                             path=self.uri)
             self.size = size
+        version = response.headers.get("Last-Modified")
+        if version is not None:
+            if self.version is not None and version != self.version:
+                await self._close_response()
+                raise Stale(f"replaced during the download (Last-Modified {self.version}, "
+                            f"now {version})", path=self.uri)
+            self.version = version
         self._chunks = _body_chunks(response)
 
     async def aclose(self) -> None:

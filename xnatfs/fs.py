@@ -280,7 +280,8 @@ class Operations(pyfuse3.Operations):
         return await self.blocks.read(ident, off, size)  # type: ignore[return-value]
 
     def _blocks_dropped(self, ident: FileIdentity) -> None:
-        """A file failed its digest check: the kernel must not serve its pages again."""
+        """A file failed its digest check or was replaced on the server: the kernel
+        must not serve its pages again."""
         for inode, cached in list(self._page_identity.items()):
             if cached == ident:
                 del self._page_identity[inode]  # the next open drops the pages...

@@ -323,6 +323,40 @@ def test_changed_file_is_read_anew_after_the_metadata_ttl(fresh_server: TestServ
     assert os.stat(path).st_size == len(new)
 
 
+def test_a_file_replaced_while_open_is_never_served_spliced(fresh_server: TestServer,
+                                                            mount_factory) -> None:
+    """A file replaced on the server (same size, listing not yet refreshed) while
+    a reader holds it open: a later read of bytes not fetched yet fails with
+    ESTALE, rather than returning the new version's bytes after the old one's.
+    (A whole-file reader is caught by the digest check; this one reads in part.)"""
+    old = random.Random(11).randbytes(BIG_SIZE)
+    new = random.Random(12).randbytes(BIG_SIZE)
+    put_files(fresh_server, {"replaced.bin": old})
+    store = Store(fresh_server.data_dir)  # XNAT's Last-Modified has 1 s steps: an older file
+    try:
+        store.execute("UPDATE files SET mtime = mtime - 3600 WHERE path = 'replaced.bin'")
+    finally:
+        store.close()
+    fresh_server.set_knobs(range=True)
+    mount = mount_factory(fresh_server, "--range", "auto")
+    path = mount.path / FILES / "replaced.bin"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == old[:4096]
+        put_files(fresh_server, {"replaced.bin": new})
+        with pytest.raises(OSError) as info:
+            os.pread(fd, 4096, BIG_SIZE - 4096)
+        assert info.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    # Nor is the old version served again from what was cached of it: a new
+    # reader gets the new bytes, which fail the (old) listed digest until the
+    # listing is refreshed.
+    with pytest.raises(OSError) as info:
+        read_all(path)
+    assert info.value.errno == errno.ESTALE
+
+
 # ---------------------------------------------- 6. session expiry mid-walk
 def test_walk_completes_across_expired_sessions(demo_server: TestServer,
                                                 mount_factory) -> None:
