@@ -20,7 +20,7 @@ import pyfuse3
 import trio
 
 from .blockcache import BlockCache, FileIdentity
-from .errors import Stale, XnatError, errno_for
+from .errors import NotFound, Stale, XnatError, errno_for
 from .naming import label_from_name
 from .tree import Kind, Node, Tree
 from .uploads import State as UploadState
@@ -159,9 +159,14 @@ class Operations(pyfuse3.Operations):
         return attr
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for inode, count in inode_list:
-            if self.tree.forget(inode, count):
-                self._page_identity.pop(inode, None)  # the kernel dropped the pages too
+        # Not under fuse_errors: a forget has no reply to carry an errno, and any
+        # exception escaping a handler ends pyfuse3.main(), the whole mount.
+        try:
+            for inode, count in inode_list:
+                if self.tree.forget(inode, count):
+                    self._page_identity.pop(inode, None)  # the kernel dropped the pages too
+        except Exception:
+            log.exception("bug in forget(%r)", inode_list)
 
     # ----------------------------------------------------------- directories
     @fuse_errors
@@ -190,6 +195,7 @@ class Operations(pyfuse3.Operations):
                 return
             self.tree.remember(node)  # readdirplus: each entry sent counts as a lookup
 
+    @fuse_errors
     async def releasedir(self, fh: int) -> None:
         self._open_dirs.pop(fh, None)
 
@@ -277,7 +283,10 @@ class Operations(pyfuse3.Operations):
         if self._page_identity.get(node.inode, ident) != ident:
             # Opened before the file changed: its pages would mix with the new version's.
             raise Stale(f"{ident.uri} changed since it was opened")
-        return await self.blocks.read(ident, off, size)  # type: ignore[return-value]
+        try:
+            return await self.blocks.read(ident, off, size)  # type: ignore[return-value]
+        except NotFound as exc:  # deleted on the server since it was opened
+            raise Stale(exc.message, path=ident.uri) from None
 
     def _blocks_dropped(self, ident: FileIdentity) -> None:
         """A file failed its digest check or was replaced on the server: the kernel
@@ -325,6 +334,7 @@ class Operations(pyfuse3.Operations):
             if node.upload.record.result:
                 self.tree.invalidate_prearchive()
 
+    @fuse_errors
     async def release(self, fh: int) -> None:
         node = self._open_files.pop(fh, None)
         self._generated.pop(fh, None)
@@ -533,12 +543,14 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return [name.encode() for name in self.tree.node(inode).xattrs]
 
+    @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 128 * 1024
         data.f_namemax = 255
         return data
 
+    @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
         """Not supported, rather than read-only: ``cp -a``/``cp -p``/``mv`` into
@@ -546,6 +558,7 @@ class Operations(pyfuse3.Operations):
         ENOTSUP as "nothing to keep", where EROFS fails them."""
         raise pyfuse3.FUSEError(errno.ENOTSUP)
 
+    @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.ENOTSUP)
 

@@ -357,6 +357,26 @@ def test_a_file_replaced_while_open_is_never_served_spliced(fresh_server: TestSe
     assert info.value.errno == errno.ESTALE
 
 
+def test_a_file_deleted_while_open_reads_as_stale(fresh_server: TestServer,
+                                                  mount_factory) -> None:
+    """ESTALE, as NFS says it, rather than ENOENT, which read(2) never returns."""
+    data = random.Random(13).randbytes(BIG_SIZE)
+    put_files(fresh_server, {"deleted.bin": data})
+    fresh_server.set_knobs(range=True)
+    mount = mount_factory(fresh_server, "--range", "auto")
+    fd = os.open(mount.path / FILES / "deleted.bin", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == data[:4096]
+        with http(fresh_server) as c:
+            assert c.delete("/data/projects/P/subjects/S/experiments/E/resources/R/files/"
+                            "deleted.bin").status_code == 200
+        with pytest.raises(OSError) as info:
+            os.pread(fd, 4096, BIG_SIZE - 4096)
+        assert info.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------- 6. session expiry mid-walk
 def test_walk_completes_across_expired_sessions(demo_server: TestServer,
                                                 mount_factory) -> None:
