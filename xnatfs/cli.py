@@ -293,6 +293,17 @@ def _switch_name(args: argparse.Namespace, switch: str) -> str:
     return "--" + switch.replace("_", "-")
 
 
+class OneLineFormatter(logging.Formatter):
+    """Each message stays one line: control characters in it (a name from the
+    server holding a newline or an escape sequence) are shown escaped, so they
+    can neither forge log lines nor drive the terminal. Tracebacks keep theirs."""
+
+    _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return self._CONTROL.sub(lambda m: repr(m.group())[1:-1], super().formatMessage(record))
+
+
 def _setup_logging(level: str, log_file: Path | None, *, daemon: bool = False) -> None:
     """Log to ``log_file`` or stderr. A ``daemon`` (the background mount, whose
     stderr nobody reads) also sends its stderr there: libfuse prints the reason
@@ -306,8 +317,9 @@ def _setup_logging(level: str, log_file: Path | None, *, daemon: bool = False) -
         handlers = [logging.StreamHandler(os.fdopen(fd, "a", buffering=1))]
     else:
         handlers = [logging.StreamHandler()]
-    logging.basicConfig(level=level.upper(), handlers=handlers, force=True,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for handler in handlers:
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=handlers, force=True)
     # httpcore's debug lines carry every header, session cookies included.
     logging.getLogger("httpcore").setLevel(max(logging.INFO, logging.getLogger().level))
 
