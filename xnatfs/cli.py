@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--timeout", type=float, default=30.0,
                        help="seconds before an unanswered request counts as failed; "
                             "a file operation gives up after 4 times as long")
+    mount.add_argument("--import-timeout", type=float, default=900.0,
+                       help="seconds to wait for XNAT's answer once an upload is sent "
+                            "(it imports the whole archive first; default 900)")
     mount.add_argument("--log-level", default="WARNING")
     mount.add_argument("--log-file", type=Path,
                        help="log here (default: stderr in the foreground, "
@@ -352,7 +355,8 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
                          verify_tls=not args.insecure, range_mode=args.range,
                          direct_archive=args.direct_archive, write_behind=args.write_behind,
                          prearchive_ttl=args.prearchive_ttl,
-                         request_timeout=args.timeout, debug_fuse=args.debug_fuse,
+                         request_timeout=args.timeout, import_timeout=args.import_timeout,
+                         debug_fuse=args.debug_fuse,
                          allow_other=args.allow_other, allow_root=args.allow_root)
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
     mounted = False
@@ -392,7 +396,8 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
             "--foreground", "--credentials-on-stdin", "--ready-fd", str(write_fd),
             "--cache-dir", str(args.cache_dir), "--cache-size", str(args.cache_size),
             "--metadata-ttl", str(args.metadata_ttl), "--range", args.range,
-            "--timeout", str(args.timeout), "--log-level", args.log_level,
+            "--timeout", str(args.timeout), "--import-timeout", str(args.import_timeout),
+            "--log-level", args.log_level,
             "--prearchive-ttl", str(args.prearchive_ttl),
             "--log-file", str(log_file)]
     if args.read_only:

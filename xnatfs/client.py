@@ -71,6 +71,7 @@ from .errors import (
     NotFound,
     ServerError,
     Stale,
+    Unanswered,
     Unreachable,
     XnatError,
 )
@@ -135,6 +136,9 @@ class ClientSettings:
             into one.
         verify_tls: check the server's certificate (off only for test sites
             with self-signed certificates).
+        upload_answer_timeout: seconds to wait for the answer to an upload once
+            all of it is sent: XNAT answers an import only when it has imported
+            the whole archive, minutes for a big one.
     """
 
     connect_timeout: float = 10.0
@@ -146,6 +150,7 @@ class ClientSettings:
     max_connections: int = 16
     chunk_size: int = 1 << 20
     verify_tls: bool = True
+    upload_answer_timeout: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -284,6 +289,10 @@ class XnatClient:
         self._session_reused = False  # the session in use came from the cache
         self._owns_http = http is None
         self._http = http or _new_http_client(self.settings)
+        settings = self.settings
+        self._upload_timeouts = httpx.Timeout(
+            connect=settings.connect_timeout, read=settings.upload_answer_timeout,
+            write=settings.read_timeout, pool=settings.deadline)
         self._login_lock = trio.Lock()
         self._session_id: str | None = None
         self._last_activity: float | None = None
@@ -458,8 +467,10 @@ class XnatClient:
 
         An upload (``body``) has no overall deadline, since a big archive on a
         slow link takes as long as it takes: it is bounded by its progress
-        instead, each write of the body and the wait for the answer by
-        ``read_timeout``.
+        instead, each write of the body by ``read_timeout`` and the wait for
+        the answer by ``upload_answer_timeout``. An upload sent whole whose
+        answer never came is not sent again (:class:`Unanswered`): XNAT may
+        have imported it.
         """
         settings = self.settings
         deadline = settings.deadline if body is None else math.inf
@@ -480,11 +491,20 @@ class XnatClient:
                     request_headers.update(_cookie(session_id))
                 request = self._http.build_request(
                     method, self._url(path), params=params, headers=request_headers,
-                    content=body() if body is not None else None)
+                    content=body() if body is not None else None,
+                    timeout=self._upload_timeouts if body is not None else httpx.USE_CLIENT_DEFAULT)
                 self._counts[kind] += 1
                 retry_after = None
                 try:
                     response = await self._http.send(request, stream=True)
+                except httpx.ReadTimeout as exc:
+                    if body is None:
+                        failure = _unreachable(exc, path)
+                    else:  # httpcore reads only once the whole body is written
+                        raise Unanswered(
+                            f"the server received all of it but gave no answer within "
+                            f"{settings.upload_answer_timeout:g} s (it may have acted on it)",
+                            path=path) from exc
                 except _TRANSPORT_FAILURES as exc:
                     failure = _unreachable(exc, path)
                 else:

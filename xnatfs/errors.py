@@ -90,6 +90,11 @@ class Unreachable(XnatError):
     """No complete answer: connection refused or reset, timeout, truncated body."""
 
 
+class Unanswered(Unreachable):
+    """The server received a whole upload but gave no answer in time: it may have
+    imported it (XNAT answers an import once it is done), so it is not sent again."""
+
+
 class Stale(XnatError):
     """The object changed while we used it (its size or digest no longer match)."""
 
@@ -117,6 +122,7 @@ ERRNO_BY_ERROR: dict[type[XnatError], int] = {
     BadRequest: errno.EINVAL,
     ServerError: errno.EIO,
     Unreachable: errno.EIO,
+    Unanswered: errno.ETIMEDOUT,
     Stale: errno.ESTALE,
     ReadOnly: errno.EROFS,
     NoSpace: errno.ENOSPC,

@@ -99,6 +99,7 @@ class Operations(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._open_files: dict[int, Node] = {}
+        self._upload_writers: set[int] = set()  # handles that may write an upload
         # Open directories: their inode, and the entries of the pass being read.
         self._open_dirs: dict[int, tuple[int, list[Node]]] = {}
         self._next_fh = 1
@@ -222,7 +223,10 @@ class Operations(pyfuse3.Operations):
             if flags & os.O_TRUNC:
                 await self.uploads.truncate(node.upload, 0)
             node.upload.open_handles += 1
-            return pyfuse3.FileInfo(fh=self._new_handle(node), direct_io=True)
+            fh = self._new_handle(node)
+            if writing:
+                self._upload_writers.add(fh)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if writing:
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = self._new_handle(node)
@@ -314,16 +318,22 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
-        """close(): an upload returns only once XNAT accepted it (or failed)."""
+        """close() of a handle that wrote an upload returns only once XNAT accepted
+        it (or failed). Other handles close at once: a file manager peeking at a
+        file being copied (thumbnails, indexing) must not send it half written."""
         node = self._open_files.get(fh)
-        if node is not None and node.upload is not None:
+        if node is not None and node.upload is not None and fh in self._upload_writers:
             await self._finish_upload(node, closing=True)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         node = self._open_files.get(fh)
-        if node is not None and node.upload is not None:
+        if node is None or node.upload is None:
+            return
+        if fh in self._upload_writers:
             await self._finish_upload(node, closing=False)
+        else:  # XNAT's answer to what the writers sent, without sending anything
+            await self.uploads.outcome(node.upload)
 
     async def _finish_upload(self, node: Node, *, closing: bool) -> None:
         assert node.upload is not None
@@ -337,6 +347,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def release(self, fh: int) -> None:
         node = self._open_files.pop(fh, None)
+        self._upload_writers.discard(fh)
         self._generated.pop(fh, None)
         self._open_identity.pop(fh, None)
         if node is not None and node.upload is not None:
@@ -363,8 +374,9 @@ class Operations(pyfuse3.Operations):
         node = self.tree.upload_file_node(parent, upload)
         upload.open_handles += 1
         self.tree.forget_negative(parent_inode)
-        return (pyfuse3.FileInfo(fh=self._new_handle(node), direct_io=True),
-                self._entry(node))
+        fh = self._new_handle(node)
+        self._upload_writers.add(fh)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True), self._entry(node)
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,

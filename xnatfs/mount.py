@@ -46,6 +46,7 @@ class MountConfig:
     prearchive_ttl: float = 5.0       # seconds the prearchive listing is trusted
     request_timeout: float = 30.0     # an unanswered request fails after this
     op_timeout: float | None = None   # any file operation fails after this; None: 4 requests' worth
+    import_timeout: float = 900.0     # wait for XNAT's answer to a whole upload (it imports first)
     debug_fuse: bool = False
     allow_other: bool = False         # every local user may read (not upload)
     allow_root: bool = False          # root may read too (a Docker daemon, say)
@@ -175,7 +176,8 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
     """Mount, call ``on_ready`` once the mount answers, serve until unmounted or signalled."""
     settings = ClientSettings(read_timeout=config.request_timeout,
                               deadline=max(2 * config.request_timeout, 60.0),
-                              verify_tls=config.verify_tls)
+                              verify_tls=config.verify_tls,
+                              upload_answer_timeout=config.import_timeout)
     config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.cache_dir.chmod(0o700)  # cached data is as private as the mount
     client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache())
@@ -192,7 +194,8 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
             blocks = BlockCache(client, config.cache_dir / "blocks", size_limit=config.cache_size,
                                 nursery=nursery, range_mode=config.range_mode)
             operations = Operations(tree, blocks, uploads, nursery=nursery,
-                                    op_timeout=config.op_timeout or 4 * config.request_timeout)
+                                    op_timeout=config.op_timeout or 4 * config.request_timeout,
+                                    upload_timeout=max(3600.0, 2 * config.import_timeout))
             try:
                 pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
             except RuntimeError as exc:

@@ -43,7 +43,7 @@ from typing import Protocol, TypedDict
 
 import trio
 
-from .errors import BadRequest, Conflict, Forbidden, NoSpace, NotFound, XnatError
+from .errors import BadRequest, Conflict, Forbidden, NoSpace, NotFound, Unanswered, XnatError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ LITTER_PATTERNS = (".DS_Store", "._*", "Thumbs.db", "ehthumbs.db", "desktop.ini"
 HEAD_BYTES = 264             # enough to recognise zip, gzip, tar (ustar at 257) and DICOM
 STREAM_CHUNKS = 8            # chunks buffered between writer and the streaming request
 UPLOAD_ATTEMPTS = 3          # uploads from the spool after the stream failed
-REFUSALS = (BadRequest, Conflict, Forbidden, NotFound)  # the server said no: do not retry
+# Not sent again: the server said no, or got all of it and may have imported it.
+NOT_RESENT = (BadRequest, Conflict, Forbidden, NotFound, Unanswered)
 
 
 class Kind(str, enum.Enum):
@@ -431,9 +432,21 @@ class UploadManager:
                 return
             await self._upload_and_record(upload)
 
+    async def outcome(self, upload: Upload) -> None:
+        """Wait for the upload under way (write-behind) and raise if it failed,
+        starting none: for handles that did not write (another may be writing)."""
+        while upload.background is not None:
+            await upload.background.wait()
+        if upload.state is State.FAILED:
+            raise BadRequest(upload.record.message or "upload failed")
+
     async def _upload_and_record(self, upload: Upload) -> None:
         try:
             result = await self._upload(upload)
+        except Unanswered as exc:
+            await self._fail(upload, f"{exc}; not sent again: look in prearchive/ (or the "
+                                     "archive) before 'xnatfs uploads retry'")
+            raise
         except XnatError as exc:
             await self._fail(upload, str(exc))
             raise
@@ -486,7 +499,7 @@ class UploadManager:
             upload.stream_done = None
             if isinstance(outcome, list):
                 return outcome
-            if isinstance(outcome, REFUSALS):
+            if isinstance(outcome, NOT_RESENT):
                 raise outcome
             log.warning("streaming %s failed (%s); uploading the local copy",
                         upload.record.relpath, outcome)
@@ -507,7 +520,7 @@ class UploadManager:
                             upload.data_path, **self._labels(upload))]  # type: ignore[arg-type]
                     finally:
                         self._note_in_flight(-1)
-            except REFUSALS:
+            except NOT_RESENT:
                 raise
             except XnatError as exc:
                 failure = exc

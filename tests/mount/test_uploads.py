@@ -307,6 +307,41 @@ def test_server_error_fails_cp_then_retry_succeeds(mount: Mount, tmp_path: Path)
     assert "retry.zip" not in kept
 
 
+def test_an_import_answered_too_late_is_not_sent_again(upload_server: TestServer,
+                                                       mount_factory,  # noqa: ANN001
+                                                       tmp_path: Path) -> None:
+    """XNAT answers an import once it has imported the archive. If that answer
+    does not come in time, the archive is not sent again (XNAT may have it, and
+    a big one would go over the wire again and again): cp fails with "Connection
+    timed out", the bytes are kept, and the status says to look first."""
+    mount = mount_factory(upload_server, "--import-timeout", "2", name="late-answer")
+    archive = tmp_path / "late.zip"
+    write_dicom_archive(archive, synthetic_study("La^Te", "LATEANS1", slices=2, rows=16,
+                                                 cols=16, seed=41))
+    mark = upload_server.log_mark()
+    upload_server.set_knobs(answer_delay_ms=4000, fault_path="/data/services/import")
+    try:
+        result = subprocess.run(["cp", str(archive), str(mount.path / "uploads/NEURO_PUB/")],
+                                capture_output=True, text=True, timeout=120)
+        imports: list[dict] = []
+        deadline = time.monotonic() + 30
+        while not imports:  # the server logs a request once it has answered
+            assert time.monotonic() < deadline, "the import never reached the server"
+            imports = [e for e in upload_server.requests_since(mark)
+                       if e["route"] == "services.import"]
+    finally:
+        upload_server.set_knobs(answer_delay_ms=0, fault_path="")
+    assert result.returncode != 0 and "Connection timed out" in result.stderr
+    assert len(imports) == 1
+    with httpx.Client(base_url=upload_server.url, auth=ADMIN) as c:  # XNAT did import it
+        rows = c.get("/data/prearchive/projects/NEURO_PUB?format=json").json()
+        assert any(r["name"] == "LATEANS1" for r in rows["ResultSet"]["Result"])
+    entry = mount.path / "uploads/NEURO_PUB/late.zip"
+    assert os.getxattr(entry, "user.xnatfs.upload.state") == b"failed"
+    assert b"not sent again" in os.getxattr(entry, "user.xnatfs.upload.message")
+    assert entry.read_bytes() == archive.read_bytes()  # kept
+
+
 def test_an_import_dying_mid_stream_fails_cp_instead_of_hanging_it(upload_server: TestServer,
                                                                    mount_factory,  # noqa: ANN001
                                                                    tmp_path: Path) -> None:
@@ -489,6 +524,30 @@ def test_made_folders_and_files_outlive_the_kernel_forgetting(mount: Mount,
         assert uri.endswith("/LATE1")
     finally:
         os.close(folder_fd)
+
+
+def test_a_reader_closing_a_file_being_copied_sends_nothing(mount: Mount,
+                                                             tmp_path: Path) -> None:
+    """File managers open a file being copied in (thumbnails, indexing) and close
+    it again; only the writer's close sends it, whole (a reader's close once
+    sent the first half)."""
+    archive = tmp_path / "peeked.zip"
+    write_dicom_archive(archive, synthetic_study("Pe^Ek", "PEEK1", slices=3, rows=16,
+                                                 cols=16, seed=14))
+    data = archive.read_bytes()
+    target = mount.path / "uploads" / "NEURO_PUB" / "peeked.zip"
+    mark = mount.server.log_mark()
+    with open(target, "wb") as writer:
+        writer.write(data[:len(data) // 2])
+        writer.flush()
+        with open(target, "rb") as reader:
+            assert reader.read(4) == b"PK\x03\x04"
+        assert os.getxattr(target, "user.xnatfs.upload.state") == b"writing"
+        writer.write(data[len(data) // 2:])
+    imports = [e for e in mount.server.requests_since(mark) if e["route"] == "services.import"]
+    assert len(imports) == 1 and imports[0]["status"] == 200
+    [uri] = upload_result(target)
+    assert uri.endswith("/PEEK1")
 
 
 def test_file_manager_litter_is_not_uploaded(mount: Mount) -> None:

@@ -35,6 +35,8 @@ class Knobs:
     drop_rate: float = 0.0           # abort the connection halfway through a file body
     truncate_rate: float = 0.0       # close cleanly after half of a file body
     hang: bool = False               # accept requests but never answer them
+    answer_delay_ms: float = 0.0     # handle the request, then hold its answer back this
+                                     # long (XNAT importing a big archive before it answers)
     fault_path: str = ""             # regex: faults apply only to matching paths ("" = all)
     session_timeout_s: float = 900.0  # JSESSION inactivity timeout
     prearchive_settle_s: float = 5.0  # gradual-DICOM RECEIVING -> READY after this idle time

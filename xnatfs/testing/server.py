@@ -120,6 +120,8 @@ def _make_middleware(ctx: ServerContext):  # noqa: ANN202 - aiohttp middleware
             if caller is None and not _OPEN_PATHS.match(path):
                 raise unauthorized(request)
             response = await handler(request)
+            if knobs.answer_delay_ms > 0 and knobs.fault_applies(path):
+                await asyncio.sleep(knobs.answer_delay_ms / 1000)
         except XnatHTTPError as exc:
             response = error_response(exc.status, exc.message, exc.headers)
         except StoreError as exc:
