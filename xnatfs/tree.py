@@ -336,7 +336,15 @@ class Tree:
             scan_id = label_from_name(name)
             for child in await self.children(parent.inode):
                 if child.scan_id == scan_id:
-                    return child
+                    # An inode of its own: were it the listed folder's, the kernel
+                    # would move that folder's entry (and the working directory of
+                    # a shell in it) to the bare name.
+                    return self._child(
+                        parent, Kind.SCAN, name, ("bare-scan", child.key),
+                        project=child.project, subject_id=child.subject_id,
+                        experiment_id=child.experiment_id, scan_id=child.scan_id,
+                        prearchive_uri=child.prearchive_uri, mtime_ns=child.mtime_ns,
+                        xattrs=child.xattrs)
         return None
 
     async def _children_of_root(self, node: Node) -> list[Node]:

@@ -57,9 +57,19 @@ def test_hierarchy_and_scan_folder_names(demo_mount: Mount) -> None:
     assert set(os.listdir(root / SESSION)) == {"scans", "resources"}
     scans = set(os.listdir(root / SESSION / "scans"))
     assert "2-T1_MPRAGE_2" in scans
-    # A bare scan ID resolves although it is not listed.
+    # A bare scan ID resolves although it is not listed, to the same contents...
     assert "2" not in scans and (root / SESSION / "scans" / "2").is_dir()
     assert os.listdir(root / SESSION / "scans" / "2" / "resources")
+    assert os.getxattr(root / SESSION / "scans" / "2", "user.xnat.id") == b"2"
+    # ...without moving the listed folder's entry: a shell inside it stays there.
+    full = root / SESSION / "scans" / "2-T1_MPRAGE_2"
+    here = os.getcwd()
+    os.chdir(full)
+    try:
+        os.stat(root / SESSION / "scans" / "2")
+        assert os.getcwd() == str(full)
+    finally:
+        os.chdir(here)
 
 
 def test_stat_sizes_match_listings_without_per_file_requests(demo_mount: Mount) -> None:
