@@ -154,7 +154,7 @@ def _run_with_client(args: argparse.Namespace, work):  # noqa: ANN001, ANN202
 # ----------------------------------------------------------- uploads, prearchive
 def uploads_command(args: argparse.Namespace) -> int:
     """Uploads the mount kept because the server failed or refused them."""
-    from .uploads import archive_name, kept_uploads, labels_from_path
+    from .uploads import archive_name, kept_uploads, labels_from_path, record_retried, write_record
 
     spool_root = args.cache_dir / "uploads"
     everything = kept_uploads(spool_root)
@@ -177,8 +177,6 @@ def uploads_command(args: argparse.Namespace) -> int:
         return 0
 
     async def retry(client):  # noqa: ANN001, ANN202
-        import json as _json
-
         from .errors import XnatError
 
         failures = 0
@@ -203,10 +201,10 @@ def uploads_command(args: argparse.Namespace) -> int:
                 failures += 1
                 print(f"failed  {rec.project}/{rec.relpath}: {exc}", file=sys.stderr)
                 rec.message = str(exc)
-                (path / "meta.json").write_text(_json.dumps(rec.__dict__))
+                write_record(path, rec)
                 continue
             print(f"uploaded {rec.project}/{rec.relpath} -> {', '.join(result)}")
-            shutil.rmtree(path)
+            record_retried(path, rec, result)
         return failures
 
     return 1 if _run_with_client(args, retry) else 0

@@ -233,6 +233,7 @@ class Operations(pyfuse3.Operations):
         if node.kind in (Kind.STATUS_FILE, Kind.INFO_FILE):
             # Generated text: read it fresh, bypassing the page cache.
             if node.kind is Kind.STATUS_FILE:
+                await self.uploads.notice_outside_changes()
                 content = self.tree.status_text(node)
             else:
                 content = node.text = await self.tree.info_text(node)
@@ -546,6 +547,9 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.tree.node(inode)
+        if node.upload is not None and node.upload.state is UploadState.FAILED:
+            await self.uploads.notice_outside_changes()  # retried from the command line?
+            self.tree.refresh_upload_node(node)
         value = node.xattrs.get(os.fsdecode(name))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

@@ -540,6 +540,8 @@ class Tree:
                            project=project or "", mtime_ns=self.mount_time_ns)
 
     async def _children_of_upload_dir(self, node: Node) -> list[Node]:
+        if self.uploads is not None:
+            await self.uploads.notice_outside_changes()
         out: list[Node] = []
         prefix = f"{node.relpath}/" if node.relpath else ""
         folders = set()

@@ -440,6 +440,33 @@ class UploadManager:
         if upload.state is State.FAILED:
             raise BadRequest(upload.record.message or "upload failed")
 
+    async def notice_outside_changes(self) -> None:
+        """Failed uploads that ``xnatfs uploads retry`` sent or ``discard`` dropped
+        meanwhile (their record on disk says so): show them as they are now."""
+        settled = [u for u in self.uploads.values() if u.state is State.FAILED
+                   and not u.open_handles and u.background is None]
+
+        def read_records() -> list[tuple[Upload, UploadRecord | None]]:
+            out = []
+            for upload in settled:
+                try:
+                    fields = json.loads((upload.spool_dir / "meta.json").read_text())
+                    out.append((upload, UploadRecord(**fields)))
+                except FileNotFoundError:
+                    out.append((upload, None))
+                except (OSError, ValueError, TypeError):
+                    continue  # being rewritten, or not ours to judge: as it was
+            return out
+
+        if not settled:
+            return
+        for upload, on_disk in await trio.to_thread.run_sync(read_records,
+                                                             limiter=self.disk_limiter):
+            if on_disk is None:
+                self.uploads.pop(upload.record.id, None)  # discarded
+            elif on_disk.state == State.DONE.value:
+                upload.record = on_disk
+
     async def _upload_and_record(self, upload: Upload) -> None:
         try:
             result = await self._upload(upload)
@@ -616,14 +643,27 @@ def _full_disk_refused(upload: Upload) -> Iterator[None]:
 
 
 def _write_meta(upload: Upload) -> None:
-    """Describe an upload next to its spool (atomically: a crash leaves old or new)."""
-    meta = upload.spool_dir / "meta.json"
-    tmp = meta.with_suffix(".tmp")
     try:
-        tmp.write_text(json.dumps(asdict(upload.record)))
-        os.replace(tmp, meta)
+        write_record(upload.spool_dir, upload.record)
     except FileNotFoundError:
         pass  # done and cleaned up (perhaps just now, by release): nothing to describe
+
+
+def write_record(spool_dir: Path, record: UploadRecord) -> None:
+    """Describe an upload next to its spool (atomically: a crash leaves old or new)."""
+    meta = spool_dir / "meta.json"
+    tmp = meta.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(record)))
+    os.replace(tmp, meta)
+
+
+def record_retried(spool_dir: Path, record: UploadRecord, result: list[str]) -> None:
+    """A kept upload sent by ``xnatfs uploads retry``: its copy goes; its record says
+    done, for a mount still showing it (removed when the next mount starts)."""
+    record.state, record.result = State.DONE.value, result
+    record.message, record.finished = "", time.time()
+    write_record(spool_dir, record)
+    (spool_dir / "data").unlink(missing_ok=True)
 
 
 def _remove_spool(spool_dir: Path) -> None:
@@ -652,7 +692,8 @@ def kept_uploads(spool_root: Path) -> list[tuple[UploadRecord, Path]]:
 
 
 def purge_local_only(spool_root: Path) -> None:
-    """Drop spools of litter and empty files left by an earlier mount: nothing to upload."""
+    """Drop what an earlier mount left with nothing to upload: litter, empty files,
+    and records of uploads done (by ``xnatfs uploads retry``)."""
     if not spool_root.is_dir():
         return
     for meta in spool_root.glob("*/meta.json"):

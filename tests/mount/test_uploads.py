@@ -247,6 +247,13 @@ def test_refused_upload_fails_cp_and_keeps_the_bytes(mount: Mount, tmp_path: Pat
                            "--cache-dir", str(mount.cache_dir)], env=mount.env,
                           capture_output=True, text=True, check=True).stdout
     assert "NEURO_PUB/bad.dcm" in kept and "NEURO_PUB/notes.txt" in kept
+    # Discarded from the command line: gone from the running mount too.
+    [upload_id] = [line.split()[0] for line in kept.splitlines() if "NEURO_PUB/notes.txt" in line]
+    subprocess.run([sys.executable, "-m", "xnatfs.cli", "uploads", "discard", upload_id,
+                    "--cache-dir", str(mount.cache_dir)], env=mount.env, check=True,
+                   capture_output=True)
+    assert "notes.txt" not in os.listdir(mount.path / "uploads/NEURO_PUB")
+    assert "notes.txt" not in (mount.path / "uploads/NEURO_PUB/UPLOAD_STATUS.txt").read_text()
 
 
 def test_a_full_spool_disk_fails_cp_with_enospc(upload_server: TestServer, mount_factory,  # noqa: ANN001
@@ -305,6 +312,11 @@ def test_server_error_fails_cp_then_retry_succeeds(mount: Mount, tmp_path: Path)
     kept = subprocess.run([*cli, "list", *common], env=mount.env, capture_output=True,
                           text=True, check=True).stdout
     assert "retry.zip" not in kept
+    # The running mount shows what the command did (it kept showing "failed").
+    [uri] = upload_result(mount.path / "uploads/NEURO_PUB/retry.zip")
+    assert uri in done.stdout
+    status = (mount.path / "uploads/NEURO_PUB/UPLOAD_STATUS.txt").read_text()
+    assert f"done      NEURO_PUB/retry.zip  {uri}" in status
 
 
 def test_an_import_answered_too_late_is_not_sent_again(upload_server: TestServer,
