@@ -447,7 +447,7 @@ class UploadManager:
                    and not u.open_handles and u.background is None]
 
         def read_records() -> list[tuple[Upload, UploadRecord | None]]:
-            out = []
+            out: list[tuple[Upload, UploadRecord | None]] = []
             for upload in settled:
                 try:
                     fields = json.loads((upload.spool_dir / "meta.json").read_text())
