@@ -4,6 +4,7 @@ mounts in tests/mount/test_cli.py)."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from xnatfs.cli import OneLineFormatter
@@ -18,6 +19,10 @@ def test_log_messages_stay_one_line() -> None:
                                "download of %s failed", (name,), None)
     assert formatter.format(record) == (
         "WARNING download of a.dcm\\nERROR forged line\\x1b[2J failed")
+    # C1 controls (CSI), Unicode line separators, undecodable bytes (surrogates).
+    odd = "b\x9b2J\u2028c" + os.fsdecode(b"\xff")
+    record = logging.LogRecord("xnatfs", logging.WARNING, __file__, 1, "%s", (odd,), None)
+    assert formatter.format(record) == "WARNING b\\x9b2J\\u2028c\\udcff"
     try:
         raise ValueError("boom")
     except ValueError:

@@ -299,7 +299,9 @@ class OneLineFormatter(logging.Formatter):
     server holding a newline or an escape sequence) are shown escaped, so they
     can neither forge log lines nor drive the terminal. Tracebacks keep theirs."""
 
-    _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+    # C0 and C1 controls, line and paragraph separators, and the lone surrogates
+    # of undecodable bytes (which would also fail the log's encoding).
+    _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         return self._CONTROL.sub(lambda m: repr(m.group())[1:-1], super().formatMessage(record))

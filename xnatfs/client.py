@@ -498,13 +498,9 @@ class XnatClient:
                 try:
                     response = await self._http.send(request, stream=True)
                 except httpx.ReadTimeout as exc:
-                    if body is None:
-                        failure = _unreachable(exc, path)
-                    else:  # httpcore reads only once the whole body is written
-                        raise Unanswered(
-                            f"the server received all of it but gave no answer within "
-                            f"{settings.upload_answer_timeout:g} s (it may have acted on it)",
-                            path=path) from exc
+                    if body is not None:  # httpcore reads only once the whole body is written
+                        raise self._unanswered(path) from exc
+                    failure = _unreachable(exc, path)
                 except _TRANSPORT_FAILURES as exc:
                     failure = _unreachable(exc, path)
                 else:
@@ -532,11 +528,18 @@ class XnatClient:
                         error = await _error_from_response(response, path)
                         if status != 429 and status < 500:
                             raise error
+                        if body is not None and status == 504:
+                            # A proxy gave up waiting for XNAT, which had it all.
+                            raise self._unanswered(path) from error
                         refusal = final(error) if final is not None else None
                         if refusal is not None:
                             raise refusal
                         failure = error
                         retry_after = _retry_after_seconds(response)
+                    except httpx.ReadTimeout as exc:
+                        if body is not None:  # the answer began: XNAT had it all
+                            raise self._unanswered(path) from exc
+                        failure = _unreachable(exc, path)
                     except _TRANSPORT_FAILURES as exc:
                         failure = _unreachable(exc, path)
                     finally:
@@ -553,6 +556,11 @@ class XnatClient:
                 await trio.sleep(delay)
         raise self._gave_up(Unreachable(f"no answer within {settings.deadline:g} s",
                                         path=path)) from failure
+
+    def _unanswered(self, path: str) -> Unanswered:
+        return Unanswered(f"the server received all of it but gave no answer within "
+                          f"{self.settings.upload_answer_timeout:g} s (it may have acted on it)",
+                          path=path)
 
     def _gave_up(self, failure: XnatError) -> XnatError:
         """An operation failed for want of a (working) server: until the server

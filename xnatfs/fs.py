@@ -100,6 +100,7 @@ class Operations(pyfuse3.Operations):
         self.gid = os.getgid()
         self._open_files: dict[int, Node] = {}
         self._upload_writers: set[int] = set()  # handles that may write an upload
+        self._stale_handles: set[int] = set()  # opened on bytes since dropped as wrong
         # Open directories: their inode, and the entries of the pass being read.
         self._open_dirs: dict[int, tuple[int, list[Node]]] = {}
         self._next_fh = 1
@@ -222,11 +223,8 @@ class Operations(pyfuse3.Operations):
             assert node.upload is not None
             if flags & os.O_TRUNC:
                 await self.uploads.truncate(node.upload, 0)
-            node.upload.open_handles += 1
-            fh = self._new_handle(node)
-            if writing:
-                self._upload_writers.add(fh)
-            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+            return pyfuse3.FileInfo(fh=self._upload_handle(node, writer=bool(writing)),
+                                    direct_io=True)
         if writing:
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = self._new_handle(node)
@@ -285,6 +283,8 @@ class Operations(pyfuse3.Operations):
         if node.upload is not None:
             return await self.uploads.read(node.upload, off, size)
         ident = self._open_identity.get(fh) or self.identity(node)
+        if fh in self._stale_handles:
+            raise Stale(f"{ident.uri} was dropped as wrong since it was opened; open it again")
         if self._page_identity.get(node.inode, ident) != ident:
             # Opened before the file changed: its pages would mix with the new version's.
             raise Stale(f"{ident.uri} changed since it was opened")
@@ -300,6 +300,10 @@ class Operations(pyfuse3.Operations):
             if cached == ident:
                 del self._page_identity[inode]  # the next open drops the pages...
                 self.nursery.start_soon(self._invalidate_pages, inode)  # ...and so does this
+        # Handles that may have read the dropped bytes read nothing more: the next
+        # bytes could be another version's (the kernel retries a failed readahead).
+        self._stale_handles.update(fh for fh, opened in self._open_identity.items()
+                                   if opened == ident)
 
     async def _invalidate_pages(self, inode: int) -> None:
         # In a worker thread: the kernel waits for pages locked by reads that
@@ -348,12 +352,24 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def release(self, fh: int) -> None:
         node = self._open_files.pop(fh, None)
-        self._upload_writers.discard(fh)
         self._generated.pop(fh, None)
         self._open_identity.pop(fh, None)
+        self._stale_handles.discard(fh)
         if node is not None and node.upload is not None:
             node.upload.open_handles -= 1
+            if fh in self._upload_writers:
+                self._upload_writers.discard(fh)
+                node.upload.writers -= 1
             await self.uploads.release(node.upload)
+
+    def _upload_handle(self, node: Node, *, writer: bool) -> int:
+        assert node.upload is not None
+        fh = self._new_handle(node)
+        node.upload.open_handles += 1
+        if writer:
+            self._upload_writers.add(fh)
+            node.upload.writers += 1
+        return fh
 
     # ------------------------------------------------------ creating entries
     def _upload_target(self, parent: Node, name: bytes) -> str:
@@ -373,11 +389,9 @@ class Operations(pyfuse3.Operations):
         relpath = self._upload_target(parent, name)
         upload = await self.uploads.create(parent.project, relpath)
         node = self.tree.upload_file_node(parent, upload)
-        upload.open_handles += 1
         self.tree.forget_negative(parent_inode)
-        fh = self._new_handle(node)
-        self._upload_writers.add(fh)
-        return pyfuse3.FileInfo(fh=fh, direct_io=True), self._entry(node)
+        return (pyfuse3.FileInfo(fh=self._upload_handle(node, writer=True), direct_io=True),
+                self._entry(node))
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
@@ -484,7 +498,7 @@ class Operations(pyfuse3.Operations):
         await self.uploads.rename(node.upload, self._upload_target(new_parent, name_new))
         self.tree.refresh_upload_node(node)
         node.parent = new_parent.inode
-        if node.upload.dirty and node.upload.open_handles == 0:
+        if node.upload.dirty and node.upload.writers == 0:
             # Renamed after close (a temporary made real): finished as a close would be.
             await self._finish_upload(node, closing=True)
 
@@ -500,13 +514,15 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             if await self.tree.children(replaced.inode):
                 raise pyfuse3.FUSEError(errno.ENOTEMPTY)
-            self.tree.upload_folders.discard((replaced.project, replaced.relpath))
-        if any(u.open_handles or u.background is not None or u.state is UploadState.UPLOADING
-               for u in self.uploads.below(node.project, node.relpath)):
+        # From here to the move, no await: no other request sees half of it.
+        if any(u.busy for u in self.uploads.below(node.project, node.relpath)):
             # Their labels come from the path; one being sent cannot change them.
             raise pyfuse3.FUSEError(errno.EBUSY)
-        await self.uploads.move_folder(node.project, node.relpath, new_relpath)
+        if replaced is not None and replaced is not node:
+            self.tree.upload_folders.discard((replaced.project, replaced.relpath))
+        moved = self.uploads.move_folder(node.project, node.relpath, new_relpath)
         self.tree.move_upload_folder(node, new_parent, new_relpath)
+        await self.uploads.save(moved)
 
     async def _rename_prearchive(self, node: Node, new_parent: Node, name_new: bytes) -> None:
         """``mv`` out of the prearchive: into a subject archives, into another project moves."""

@@ -162,7 +162,7 @@ class Upload:
         self.spool_dir = spool_dir
         self.data_path = spool_dir / "data"
         self.fd = -1
-        self._fd_lock = threading.Lock()  # close_spool runs in worker threads
+        self.fd_lock = threading.Lock()  # close_spool runs in worker threads
         self.ensure_spool()
         self.head = bytearray()
         self.next_offset = 0                     # where a sequential writer continues
@@ -174,6 +174,13 @@ class Upload:
         self.lock = trio.Lock()                  # one finish at a time
         self.background: trio.Event | None = None  # set when a write-behind upload ends
         self.open_handles = 0
+        self.writers = 0                         # open handles that may write
+
+    @property
+    def busy(self) -> bool:
+        """Being written or sent: where it goes (its path, its labels) is fixed."""
+        return bool(self.writers or self.background is not None or self.lock.locked()
+                    or self.stream_send is not None)
 
     @property
     def kind(self) -> Kind:
@@ -192,7 +199,7 @@ class Upload:
     def close_spool(self) -> None:
         """Close the local copy; safe from several threads at once (each fd is
         closed once: the last close of a write-behind upload can race its end)."""
-        with self._fd_lock:
+        with self.fd_lock:
             fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
@@ -302,26 +309,28 @@ class UploadManager:
                 upload.record.kind = Kind.UNKNOWN.value
         upload.record.size = size
         upload.dirty = True
+        upload.record.mtime_ns = None  # changed since a time was set
         if upload.state in (State.DONE, State.FAILED):
             upload.record.state = State.WRITING.value
 
     async def _read_spool(self, upload: Upload, offset: int, size: int) -> bytes:
-        return await trio.to_thread.run_sync(os.pread, upload.fd, size, offset,
-                                             limiter=self.disk_limiter)
-
-    async def read(self, upload: Upload, offset: int, size: int) -> bytes:
-        """From the local copy, open or not (a kept file, litter a file manager
-        reads back, a failed upload); an uploaded file's copy is gone."""
-        if upload.fd >= 0:
-            return await self._read_spool(upload, offset, size)
-
-        def read_closed() -> bytes:
+        """From the local copy, open or not: the kernel sends a writer's RELEASE
+        asynchronously, so it may close the spool while a reader reads."""
+        def read_local_copy() -> bytes:
+            with upload.fd_lock:
+                if upload.fd >= 0:
+                    return os.pread(upload.fd, size, offset)
             with open(upload.data_path, "rb") as f:
                 f.seek(offset)
                 return f.read(size)
 
+        return await trio.to_thread.run_sync(read_local_copy, limiter=self.disk_limiter)
+
+    async def read(self, upload: Upload, offset: int, size: int) -> bytes:
+        """A kept file, litter a file manager reads back, a failed upload; an
+        uploaded file's copy is gone."""
         try:
-            return await trio.to_thread.run_sync(read_closed, limiter=self.disk_limiter)
+            return await self._read_spool(upload, offset, size)
         except FileNotFoundError:
             raise XnatError(f"{upload.record.relpath} was uploaded; its local copy is gone",
                             path=upload.record.relpath) from None
@@ -596,12 +605,17 @@ class UploadManager:
         return [u for u in self.uploads.values() if u.record.project == project
                 and u.record.relpath.startswith(folder + "/")]
 
-    async def move_folder(self, project: str, folder: str, new_folder: str) -> None:
-        """A folder renamed: the uploads below it move along. What they are uploaded
-        as (``subject=``/``session=`` folders) follows the new path; the caller
-        makes sure none of them is being written or uploaded."""
-        for upload in self.below(project, folder):
+    def move_folder(self, project: str, folder: str, new_folder: str) -> list[Upload]:
+        """A folder renamed: the uploads below it move along, at once (no other
+        request may see half of them moved); the caller saves them, having made
+        sure none is :attr:`Upload.busy` (what they are uploaded as follows the path)."""
+        moved = self.below(project, folder)
+        for upload in moved:
             upload.record.relpath = new_folder + upload.record.relpath[len(folder):]
+        return moved
+
+    async def save(self, uploads: list[Upload]) -> None:
+        for upload in uploads:
             await self._save(upload)
 
     async def forget(self, upload: Upload) -> None:
@@ -652,7 +666,8 @@ def _write_meta(upload: Upload) -> None:
 def write_record(spool_dir: Path, record: UploadRecord) -> None:
     """Describe an upload next to its spool (atomically: a crash leaves old or new)."""
     meta = spool_dir / "meta.json"
-    tmp = meta.with_suffix(".tmp")
+    # One temporary per thread: two saves of one upload may run at once.
+    tmp = spool_dir / f"meta.{threading.get_ident()}.tmp"
     tmp.write_text(json.dumps(asdict(record)))
     os.replace(tmp, meta)
 
@@ -667,8 +682,8 @@ def record_retried(spool_dir: Path, record: UploadRecord, result: list[str]) -> 
 
 
 def _remove_spool(spool_dir: Path) -> None:
-    for name in ("data", "meta.json", "meta.tmp"):
-        (spool_dir / name).unlink(missing_ok=True)
+    for path in [spool_dir / "data", spool_dir / "meta.json", *spool_dir.glob("meta.*tmp")]:
+        path.unlink(missing_ok=True)
     try:
         spool_dir.rmdir()
     except OSError:

@@ -409,7 +409,9 @@ def test_write_to_temporary_name_then_rename(mount: Mount, tmp_path: Path) -> No
     temp = folder / ".goutputstream-ABC123"
     temp.write_bytes(archive.read_bytes())   # litter name: kept locally, not uploaded
     assert os.getxattr(temp, "user.xnatfs.upload.state") == b"kept"
-    os.rename(temp, folder / "renamed.zip")  # a real name: uploaded now
+    # A real name: uploaded now, though an indexer still holds it open for reading.
+    with open(temp, "rb"):
+        os.rename(temp, folder / "renamed.zip")
     [uri] = upload_result(folder / "renamed.zip")
     assert uri.endswith("/RENAME1")
     os.utime(folder / "renamed.zip", (1, 1))  # cp -a / rsync set times afterwards
