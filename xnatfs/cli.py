@@ -154,7 +154,7 @@ def _run_with_client(args: argparse.Namespace, work):  # noqa: ANN001, ANN202
 # ----------------------------------------------------------- uploads, prearchive
 def uploads_command(args: argparse.Namespace) -> int:
     """Uploads the mount kept because the server failed or refused them."""
-    from .uploads import archive_name, kept_uploads, labels_from_path, record_retried, write_record
+    from .uploads import HEAD_BYTES, import_local_copy, kept_uploads, record_retried, write_record
 
     spool_root = args.cache_dir / "uploads"
     everything = kept_uploads(spool_root)
@@ -184,19 +184,11 @@ def uploads_command(args: argparse.Namespace) -> int:
             if rec.kind not in ("archive", "dicom"):
                 print(f"skipped {rec.project}/{rec.relpath}: {rec.kind} files are not uploaded")
                 continue
-            subject, session = labels_from_path(rec.relpath)
             data = path / "data"
+            with open(data, "rb") as f:
+                head = f.read(HEAD_BYTES)
             try:
-                if rec.kind == "archive":
-                    with open(data, "rb") as f:
-                        head = f.read(264)
-                    result = await client.import_archive(
-                        data, name=archive_name(head), project=rec.project, subject=subject,
-                        session=session, direct_archive=rec.direct_archive)
-                else:
-                    result = [await client.import_dicom_file(
-                        data, project=rec.project, subject=subject, session=session,
-                        direct_archive=rec.direct_archive)]
+                result = await import_local_copy(client, rec, data, head)
             except XnatError as exc:
                 failures += 1
                 print(f"failed  {rec.project}/{rec.relpath}: {exc}", file=sys.stderr)

@@ -497,12 +497,8 @@ class XnatClient:
                 retry_after = None
                 try:
                     response = await self._http.send(request, stream=True)
-                except httpx.ReadTimeout as exc:
-                    if body is not None:  # httpcore reads only once the whole body is written
-                        raise self._unanswered(path) from exc
-                    failure = _unreachable(exc, path)
                 except _TRANSPORT_FAILURES as exc:
-                    failure = _unreachable(exc, path)
+                    failure = self._transport_failure(exc, path, upload=body is not None)
                 else:
                     keep = False
                     try:
@@ -536,12 +532,8 @@ class XnatClient:
                             raise refusal
                         failure = error
                         retry_after = _retry_after_seconds(response)
-                    except httpx.ReadTimeout as exc:
-                        if body is not None:  # the answer began: XNAT had it all
-                            raise self._unanswered(path) from exc
-                        failure = _unreachable(exc, path)
                     except _TRANSPORT_FAILURES as exc:
-                        failure = _unreachable(exc, path)
+                        failure = self._transport_failure(exc, path, upload=body is not None)
                     finally:
                         if not keep:
                             await response.aclose()
@@ -556,6 +548,14 @@ class XnatClient:
                 await trio.sleep(delay)
         raise self._gave_up(Unreachable(f"no answer within {settings.deadline:g} s",
                                         path=path)) from failure
+
+    def _transport_failure(self, exc: Exception, path: str, *, upload: bool) -> Unreachable:
+        """A failed request as an error to retry; raises :class:`Unanswered` for an
+        upload whose answer timed out: httpcore reads an answer only once the whole
+        body is written, so XNAT had all of it and may have acted on it."""
+        if upload and isinstance(exc, httpx.ReadTimeout):
+            raise self._unanswered(path) from exc
+        return _unreachable(exc, path)
 
     def _unanswered(self, path: str) -> Unanswered:
         return Unanswered(f"the server received all of it but gave no answer within "

@@ -21,7 +21,7 @@ import trio
 
 from .blockcache import BlockCache, FileIdentity
 from .errors import NotFound, Stale, XnatError, errno_for
-from .naming import label_from_name
+from .naming import NAME_MAX, label_from_name
 from .tree import Kind, Node, Tree
 from .uploads import State as UploadState
 from .uploads import UploadManager
@@ -579,7 +579,7 @@ class Operations(pyfuse3.Operations):
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 128 * 1024
-        data.f_namemax = 255
+        data.f_namemax = NAME_MAX
         return data
 
     @fuse_errors

@@ -132,6 +132,24 @@ class Importer(Protocol):
                                 session: str | None, direct_archive: bool) -> str: ...
 
 
+def import_target(record: UploadRecord) -> ImportTarget:
+    """Where an upload goes: its project, the labels its path names, and the
+    mount's --direct-archive when it was made."""
+    subject, session = labels_from_path(record.relpath)
+    return ImportTarget(project=record.project, subject=subject, session=session,
+                        direct_archive=record.direct_archive)
+
+
+async def import_local_copy(importer: Importer, record: UploadRecord, data: Path,
+                            head: bytes) -> list[str]:
+    """One attempt at sending an upload's local copy (the mount, and ``xnatfs
+    uploads retry``): an archive through DICOM-zip, a DICOM file through gradual-DICOM."""
+    if record.kind == Kind.ARCHIVE.value:
+        return await importer.import_archive(data, name=archive_name(head),
+                                             **import_target(record))
+    return [await importer.import_dicom_file(data, **import_target(record))]
+
+
 @dataclass
 class UploadRecord:
     """What is known about one dropped file; saved next to its spool as JSON."""
@@ -356,7 +374,7 @@ class UploadManager:
                         try:
                             upload.stream_result = await self.importer.import_archive(
                                 body(), name=archive_name(bytes(upload.head)),
-                                **self._labels(upload))
+                                **import_target(upload.record))
                         finally:
                             self._note_in_flight(-1)
                 except XnatError as exc:
@@ -391,11 +409,6 @@ class UploadManager:
             upload.stream_send = None
             if upload.stream_scope is not None:
                 upload.stream_scope.cancel()
-
-    def _labels(self, upload: Upload) -> ImportTarget:
-        subject, session = labels_from_path(upload.record.relpath)
-        return ImportTarget(project=upload.record.project, subject=subject, session=session,
-                            direct_archive=upload.record.direct_archive)
 
     def _note_in_flight(self, delta: int) -> None:
         self.in_flight += delta
@@ -459,8 +472,7 @@ class UploadManager:
             out: list[tuple[Upload, UploadRecord | None]] = []
             for upload in settled:
                 try:
-                    fields = json.loads((upload.spool_dir / "meta.json").read_text())
-                    out.append((upload, UploadRecord(**fields)))
+                    out.append((upload, read_record(upload.spool_dir)))
                 except FileNotFoundError:
                     out.append((upload, None))
                 except (OSError, ValueError, TypeError):
@@ -548,12 +560,8 @@ class UploadManager:
                 async with self.limiter:
                     self._note_in_flight(+1)
                     try:
-                        if upload.kind is Kind.ARCHIVE:
-                            return await self.importer.import_archive(
-                                upload.data_path, name=archive_name(bytes(upload.head)),
-                                **self._labels(upload))
-                        return [await self.importer.import_dicom_file(
-                            upload.data_path, **self._labels(upload))]  # type: ignore[arg-type]
+                        return await import_local_copy(self.importer, upload.record,
+                                                       upload.data_path, bytes(upload.head))
                     finally:
                         self._note_in_flight(-1)
             except NOT_RESENT:
@@ -672,6 +680,12 @@ def write_record(spool_dir: Path, record: UploadRecord) -> None:
     os.replace(tmp, meta)
 
 
+def read_record(spool_dir: Path) -> UploadRecord:
+    """The record :func:`write_record` left (OSError, ValueError or TypeError if it
+    is gone or unreadable)."""
+    return UploadRecord(**json.loads((spool_dir / "meta.json").read_text()))
+
+
 def record_retried(spool_dir: Path, record: UploadRecord, result: list[str]) -> None:
     """A kept upload sent by ``xnatfs uploads retry``: its copy goes; its record says
     done, for a mount still showing it (removed when the next mount starts)."""
@@ -697,7 +711,7 @@ def kept_uploads(spool_root: Path) -> list[tuple[UploadRecord, Path]]:
         return out
     for meta in sorted(spool_root.glob("*/meta.json")):
         try:
-            record = UploadRecord(**json.loads(meta.read_text()))
+            record = read_record(meta.parent)
         except (OSError, ValueError, TypeError):
             continue
         if record.state not in (State.DONE.value, State.KEPT.value) and (
