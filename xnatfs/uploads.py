@@ -201,6 +201,12 @@ class Upload:
                     or self.stream_send is not None)
 
     @property
+    def sent_away(self) -> bool:
+        """Uploaded, with its local copy released (and so removed): nothing of it
+        is left here to read back."""
+        return self.state is State.DONE and self.fd < 0
+
+    @property
     def kind(self) -> Kind:
         return Kind(self.record.kind)
 
@@ -344,13 +350,22 @@ class UploadManager:
 
         return await trio.to_thread.run_sync(read_local_copy, limiter=self.disk_limiter)
 
+    def check_readable(self, upload: Upload) -> None:
+        """An open for reading: refused (EACCES) once the file was uploaded and its
+        local copy removed, rather than failing every read later with EIO."""
+        if upload.sent_away:
+            raise Forbidden(f"{upload.record.relpath} was uploaded; its local copy is gone "
+                            f"(read it from prearchive/ or the archive)",
+                            path=upload.record.relpath)
+
     async def read(self, upload: Upload, offset: int, size: int) -> bytes:
         """A kept file, litter a file manager reads back, a failed upload; an
         uploaded file's copy is gone."""
         try:
             return await self._read_spool(upload, offset, size)
         except FileNotFoundError:
-            raise XnatError(f"{upload.record.relpath} was uploaded; its local copy is gone",
+            raise Forbidden(f"{upload.record.relpath} was uploaded; its local copy is gone "
+                            f"(read it from prearchive/ or the archive)",
                             path=upload.record.relpath) from None
 
     # -------------------------------------------------------------- streaming

@@ -401,6 +401,22 @@ def test_session_expiry_in_the_middle_of_a_large_upload(mount: Mount, tmp_path: 
     assert len(prearchive_session(mount.server, uri)) == len(member_digests(archive))
 
 
+def test_a_sent_file_stays_listed_but_is_not_read_back(mount: Mount, tmp_path: Path) -> None:
+    """Its local copy is removed once XNAT has it: opening it for reading says so
+    at once (EACCES), where every read used to fail with EIO; it can be sent again."""
+    archive = tmp_path / "sent.zip"
+    write_dicom_archive(archive, synthetic_study("Sent^Once", "SENT1", slices=2, rows=16,
+                                                 cols=16, seed=5))
+    target = mount.path / "uploads" / "NEURO_PUB" / "sent.zip"
+    subprocess.run(["cp", str(archive), str(target)], check=True)
+    assert upload_result(target)[0].endswith("/SENT1")
+    assert target.stat().st_size == archive.stat().st_size
+    result = subprocess.run(["cat", str(target)], capture_output=True, text=True)
+    assert result.returncode != 0 and "Permission denied" in result.stderr
+    subprocess.run(["cp", str(archive), str(target)], check=True)  # sent again
+    assert upload_result(target)[0].endswith("/SENT1")
+
+
 def test_write_to_temporary_name_then_rename(mount: Mount, tmp_path: Path) -> None:
     archive = tmp_path / "renamed.zip"
     write_dicom_archive(archive, synthetic_study("Re^Name", "RENAME1", slices=3, rows=16,
