@@ -21,10 +21,10 @@ import trio
 
 from .blockcache import BlockCache, FileIdentity
 from .errors import NotFound, Stale, XnatError, errno_for
-from .naming import NAME_MAX, label_from_name
+from .naming import NAME_MAX, label_from_name, require_label
 from .tree import Kind, Node, Tree
 from .uploads import State as UploadState
-from .uploads import UploadManager
+from .uploads import UploadManager, check_folder_name
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +406,7 @@ class Operations(pyfuse3.Operations):
             node = self.tree.add_pending_subject(parent, os.fsdecode(name))
         else:
             relpath = self._upload_target(parent, name)
+            check_folder_name(os.fsdecode(name))
             self.tree.upload_folders.add((parent.project, relpath))
             node = self.tree.upload_dir_node(parent, relpath.rsplit("/", 1)[-1])
         self.tree.forget_negative(parent_inode)
@@ -510,6 +511,7 @@ class Operations(pyfuse3.Operations):
         if new_parent.kind is not Kind.UPLOAD_DIR or new_parent.project != node.project:
             raise pyfuse3.FUSEError(errno.EXDEV)
         new_relpath = self._upload_target(new_parent, name_new)
+        check_folder_name(os.fsdecode(name_new))
         replaced = await self._existing_child(new_parent.inode, name_new)
         if replaced is not None and replaced is not node:
             if replaced.kind is not Kind.UPLOAD_DIR:
@@ -531,9 +533,11 @@ class Operations(pyfuse3.Operations):
         client = self.tree.client
         if new_parent.kind in (Kind.SUBJECT, Kind.PENDING_SUBJECT):
             subject = new_parent.xattrs.get("user.xnat.label") or label_from_name(new_parent.name)
+            session = label_from_name(os.fsdecode(name_new))
+            if os.fsdecode(name_new) != node.name:  # a label of the user's choosing
+                require_label(session, "session")
             await client.archive_prearchive(node.prearchive_uri, project=new_parent.project,
-                                            subject=subject,
-                                            session=label_from_name(os.fsdecode(name_new)))
+                                            subject=subject, session=session)
             self.tree.invalidate_project(new_parent.project)
             if new_parent.kind is Kind.PENDING_SUBJECT:
                 # The subject now exists on the server, as a different node.

@@ -13,13 +13,19 @@ label, so that it can still be listed, opened and copied.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+
+from .errors import BadRequest
+
+log = logging.getLogger(__name__)
 
 NAME_MAX = 255  # bytes in one path component (Linux)
 _CONTROL = [*range(0x20), 0x7F]
 _ESCAPES = {"%": "%25", "/": "%2F", **{chr(c): f"%{c:02X}" for c in _CONTROL}}
 _UNESCAPES = {code[1:]: ch for ch, code in _ESCAPES.items()}
 _ESCAPED = re.compile(r"%(25|2F|[01][0-9A-F]|7F)")
+_XNAT_LABEL = re.compile(r"[A-Za-z0-9_-]+")  # XNAT turns every other character into _
 _SPECIAL = {"": "%", ".": "%2E", "..": "%2E%2E"}
 _REVERSE_SPECIAL = {v: k for k, v in _SPECIAL.items()}
 
@@ -54,3 +60,19 @@ def scan_folder_name(scan_id: str, scan_type: str) -> str:
     if not scan_type:
         return safe_name(scan_id)
     return safe_name(f"{scan_id}-{re.sub(r'[^A-Za-z0-9_]', '_', scan_type)}")
+
+
+def require_label(label: str, what: str) -> str:
+    """``label``, when XNAT would keep it as given. Its importers and archiver
+    replace every character but letters, digits, ``_`` and ``-`` with ``_``, so
+    a subject made as ``My Sub`` would appear as ``My_Sub``: refused instead.
+
+    Raises:
+        BadRequest: (EINVAL) the label is not one XNAT keeps; the log says why.
+    """
+    if not _XNAT_LABEL.fullmatch(label):
+        message = (f"{what} label {label!r}: XNAT labels are ASCII letters, digits, "
+                   f"'_' and '-' only (XNAT would make it {re.sub(r'[^A-Za-z0-9_-]', '_', label)!r})")
+        log.warning("refused: %s", message)
+        raise BadRequest(message)
+    return label

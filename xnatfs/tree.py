@@ -40,7 +40,7 @@ from cachetools import TTLCache
 
 from . import client as xc
 from .errors import NotFound
-from .naming import label_from_name, safe_name, scan_folder_name
+from .naming import label_from_name, require_label, safe_name, scan_folder_name
 from .uploads import Upload, UploadManager
 
 log = logging.getLogger(__name__)
@@ -728,9 +728,11 @@ class Tree:
         return []
 
     def add_pending_subject(self, parent: Node, name: str) -> Node:
-        self.pending_subjects.add((parent.project, label_from_name(name)))
+        """``mkdir`` of a subject to archive into (refused unless XNAT would keep its label)."""
+        label = require_label(label_from_name(name), "subject")
+        self.pending_subjects.add((parent.project, label))
         return self._child(parent, Kind.PENDING_SUBJECT, name,
-                           ("pending-subject", parent.project, label_from_name(name)),
+                           ("pending-subject", parent.project, label),
                            project=parent.project, mtime_ns=self.mount_time_ns)
 
     def siblings_after(self, node: Node, limit: int) -> list[Node]:

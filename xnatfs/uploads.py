@@ -44,6 +44,7 @@ from typing import Protocol, TypedDict
 import trio
 
 from .errors import BadRequest, Conflict, Forbidden, NoSpace, NotFound, Unanswered, XnatError
+from .naming import require_label
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,14 @@ def archive_name(head: bytes) -> str:
     if head.startswith(b"\x1f\x8b"):
         return "upload.tar.gz"
     return "upload.tar"
+
+
+def check_folder_name(name: str) -> None:
+    """A folder made or renamed in the upload area: a ``subject=``/``session=``
+    label must be one XNAT keeps as given (:func:`naming.require_label`)."""
+    for prefix in ("subject=", "session="):
+        if name.startswith(prefix) and len(name) > len(prefix):
+            require_label(name[len(prefix):], prefix[:-1])
 
 
 def labels_from_path(relpath: str) -> tuple[str | None, str | None]:

@@ -513,6 +513,24 @@ def test_a_new_folder_renamed_names_the_subject(mount: Mount, tmp_path: Path) ->
     assert cross.value.errno == errno.EXDEV
 
 
+def test_labels_xnat_would_change_are_refused(mount: Mount) -> None:
+    """XNAT keeps only letters, digits, _ and - in labels: ``subject=My Sub`` would
+    land as My_Sub, so the folder is refused (EINVAL, reason in the log)."""
+    project = mount.path / "uploads" / "NEURO_PUB"
+    for name in ("subject=My Sub", "session=MR.1", "subject=Zoë"):
+        with pytest.raises(OSError) as refused:
+            (project / name).mkdir()
+        assert refused.value.errno == errno.EINVAL
+        assert name not in os.listdir(project)
+    (project / "New Folder").mkdir()
+    with pytest.raises(OSError) as refused:
+        os.rename(project / "New Folder", project / "subject=My Sub")
+    assert refused.value.errno == errno.EINVAL
+    os.rename(project / "New Folder", project / "subject=My_Sub")
+    assert (project / "subject=My_Sub").is_dir()
+    assert "'My Sub'" in (mount.cache_dir.parent / "mount.log").read_text()
+
+
 @pytest.mark.parametrize("command", [["cp", "-a"], ["cp", "-p"], ["mv"]])
 def test_copies_that_keep_attributes_succeed_quietly(mount: Mount, tmp_path: Path,
                                                      command: list[str]) -> None:
@@ -607,7 +625,13 @@ def test_archive_move_and_delete_by_file_operations(mount: Mount, tmp_path: Path
     dirs = [mounted_prearchive(mount, u) for u in uris]
     # Archive into a new subject: mkdir makes it, mv archives with the given labels.
     subject = mount.path / "NEURO_PUB" / "OPSSUBJ"
+    with pytest.raises(OSError) as refused:  # XNAT would archive it as OPS_SUBJ
+        (mount.path / "NEURO_PUB" / "OPS SUBJ").mkdir()
+    assert refused.value.errno == errno.EINVAL
     subject.mkdir()
+    with pytest.raises(OSError) as refused:
+        os.rename(dirs[0], subject / "OPS1 MR")
+    assert refused.value.errno == errno.EINVAL and dirs[0].exists()
     os.rename(dirs[0], subject / "OPS1_MR")
     assert not dirs[0].exists()
     assert (subject / "OPS1_MR" / "scans").is_dir()
