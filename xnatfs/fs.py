@@ -221,8 +221,6 @@ class Operations(pyfuse3.Operations):
         writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND)
         if node.kind is Kind.UPLOAD_FILE:
             assert node.upload is not None
-            if not writing:
-                self.uploads.check_readable(node.upload)
             if flags & os.O_TRUNC:
                 await self.uploads.truncate(node.upload, 0)
             return pyfuse3.FileInfo(fh=self._upload_handle(node, writer=bool(writing)),

@@ -202,18 +202,13 @@ class Upload:
         self.background: trio.Event | None = None  # set when a write-behind upload ends
         self.open_handles = 0
         self.writers = 0                         # open handles that may write
+        self.failure: type[XnatError] = BadRequest  # what the last failure was (its errno)
 
     @property
     def busy(self) -> bool:
         """Being written or sent: where it goes (its path, its labels) is fixed."""
         return bool(self.writers or self.background is not None or self.lock.locked()
                     or self.stream_send is not None)
-
-    @property
-    def sent_away(self) -> bool:
-        """Uploaded, with its local copy released (and so removed): nothing of it
-        is left here to read back."""
-        return self.state is State.DONE and self.fd < 0
 
     @property
     def kind(self) -> Kind:
@@ -359,17 +354,10 @@ class UploadManager:
 
         return await trio.to_thread.run_sync(read_local_copy, limiter=self.disk_limiter)
 
-    def check_readable(self, upload: Upload) -> None:
-        """An open for reading: refused (EACCES) once the file was uploaded and its
-        local copy removed, rather than failing every read later with EIO."""
-        if upload.sent_away:
-            raise Forbidden(f"{upload.record.relpath} was uploaded; its local copy is gone "
-                            f"(read it from prearchive/ or the archive)",
-                            path=upload.record.relpath)
-
     async def read(self, upload: Upload, offset: int, size: int) -> bytes:
         """A kept file, litter a file manager reads back, a failed upload; an
-        uploaded file's copy is gone."""
+        uploaded file's copy is gone: EACCES, not EIO (opening it still works, for
+        an fsync that asks how its write-behind upload went)."""
         try:
             return await self._read_spool(upload, offset, size)
         except FileNotFoundError:
@@ -484,7 +472,7 @@ class UploadManager:
         while upload.background is not None:
             await upload.background.wait()
         if upload.state is State.FAILED:
-            raise BadRequest(upload.record.message or "upload failed")
+            raise upload.failure(upload.record.message or "upload failed")
 
     async def notice_outside_changes(self) -> None:
         """Failed uploads that ``xnatfs uploads retry`` sent or ``discard`` dropped
@@ -517,10 +505,10 @@ class UploadManager:
             result = await self._upload(upload)
         except Unanswered as exc:
             await self._fail(upload, f"{exc}; not sent again: look in prearchive/ (or the "
-                                     "archive) before 'xnatfs uploads retry'")
+                                     "archive) before 'xnatfs uploads retry'", type(exc))
             raise
         except XnatError as exc:
-            await self._fail(upload, str(exc))
+            await self._fail(upload, str(exc), type(exc))
             raise
         upload.record.state = State.DONE.value
         upload.record.result = result
@@ -599,7 +587,11 @@ class UploadManager:
         assert failure is not None
         raise failure
 
-    async def _fail(self, upload: Upload, message: str) -> None:
+    async def _fail(self, upload: Upload, message: str,
+                    failure: type[XnatError] = BadRequest) -> None:
+        """Record the upload as failed and keep it; ``failure`` is what a later
+        fsync of a reading handle raises (its errno)."""
+        upload.failure = failure
         upload.record.state = State.FAILED.value
         upload.record.message = message
         upload.record.finished = time.time()

@@ -293,7 +293,14 @@ def test_server_error_fails_cp_then_retry_succeeds(mount: Mount, tmp_path: Path)
                                 capture_output=True, text=True, timeout=300)
     finally:
         mount.server.set_knobs(fail_rate=0.0, fault_path="")
-    assert result.returncode != 0
+    assert result.returncode != 0 and "Input/output error" in result.stderr
+    fd = os.open(mount.path / "uploads/NEURO_PUB/retry.zip", os.O_RDONLY)
+    try:  # a reading handle's fsync reports the failure as it was, not as EINVAL
+        with pytest.raises(OSError) as failed:
+            os.fsync(fd)
+        assert failed.value.errno == errno.EIO
+    finally:
+        os.close(fd)
     cli = [sys.executable, "-m", "xnatfs.cli", "uploads"]
     common = ["--cache-dir", str(mount.cache_dir), "--url", mount.server.url]
     kept = subprocess.run([*cli, "list", *common], env=mount.env, capture_output=True,
@@ -402,8 +409,8 @@ def test_session_expiry_in_the_middle_of_a_large_upload(mount: Mount, tmp_path: 
 
 
 def test_a_sent_file_stays_listed_but_is_not_read_back(mount: Mount, tmp_path: Path) -> None:
-    """Its local copy is removed once XNAT has it: opening it for reading says so
-    at once (EACCES), where every read used to fail with EIO; it can be sent again."""
+    """Its local copy is removed once XNAT has it: reading it says so (EACCES),
+    where it used to fail with EIO; it can be sent again."""
     archive = tmp_path / "sent.zip"
     write_dicom_archive(archive, synthetic_study("Sent^Once", "SENT1", slices=2, rows=16,
                                                  cols=16, seed=5))
