@@ -7,7 +7,9 @@ import logging
 import os
 import sys
 
-from xnatfs.cli import OneLineFormatter
+import pytest
+
+from xnatfs.cli import OneLineFormatter, UserError, build_parser, fstab_arguments
 
 
 def test_log_messages_stay_one_line() -> None:
@@ -31,3 +33,21 @@ def test_log_messages_stay_one_line() -> None:
     first, *traceback = formatter.format(failed).splitlines()
     assert first == "ERROR bug in a.dcm\\nERROR forged line\\x1b[2J"
     assert traceback[0].startswith("Traceback") and traceback[-1] == "ValueError: boom"
+
+
+def test_fstab_options_become_mount_switches() -> None:
+    """What mount.fuse3 hands ``xnatfs``: generic options dropped, ``name=value``
+    as ``--name=value``, ``ro`` and ``xnat_user`` under their own names."""
+    argv = fstab_arguments(["https://xnat.example.org", "/mnt/x", "-o",
+                            "rw,noauto,user,user=jdoe,_netdev,x-systemd.automount,ro,"
+                            "profile=work,cache_dir=/c,allow_root,xnat_user=bob,dev,suid"])
+    assert argv == ["mount", "https://xnat.example.org", "/mnt/x", "--read-only",
+                    "--profile=work", "--cache-dir=/c", "--allow-root", "--user=bob"]
+    args = build_parser().parse_args(argv)
+    assert (args.read_only, args.allow_root, args.user, args.profile) == (True, True, "bob",
+                                                                          "work")
+    assert fstab_arguments(["/mnt/x", "-o", "dev,suid"]) == ["mount", "/mnt/x"]  # no source
+    assert fstab_arguments(["mount", "/mnt/x", "-o", "x"]) == ["mount", "/mnt/x", "-o", "x"]
+    for refused in ("foreground", "ready_fd=3", "credentials_on_stdin"):  # the daemon's own
+        with pytest.raises(UserError):
+            fstab_arguments(["/mnt/x", "-o", refused])

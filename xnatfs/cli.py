@@ -3,6 +3,8 @@
 ``xnatfs mount`` returns once the mount answers: it starts a detached child
 (``--foreground`` runs in this process instead), hands it the credentials on
 a pipe (never on argv or in the environment) and waits for its "ready" line.
+``xnatfs [URL] MOUNTPOINT -o OPTIONS`` (how mount(8) runs it for an fstab
+line of type ``fuse.xnatfs``) is ``xnatfs mount`` with the options as switches.
 """
 
 from __future__ import annotations
@@ -469,7 +471,51 @@ Press Ctrl-C to unmount and stop the server.""", flush=True)
     return 0
 
 
+# What mount(8) and mount.fuse3 pass every helper; nothing to xnatfs (its
+# mounts are always nodev and nosuid, whatever "dev" and "suid" say).
+GENERIC_MOUNT_OPTIONS = {
+    "defaults", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
+    "user", "users", "nouser", "owner", "group", "_netdev", "nofail", "async", "atime",
+    "noatime", "relatime", "diratime", "nodiratime"}
+FSTAB_ALIASES = {"ro": "read-only", "xnat-user": "user"}  # "user" means another thing there
+NOT_FROM_FSTAB = {"foreground", "debug-fuse", "credentials-on-stdin", "ready-fd", "user"}
+COMMANDS = {"mount", "umount", "uploads", "prearchive", "demo", "testserver"}
+
+
+def fstab_arguments(argv: list[str]) -> list[str]:
+    """``xnatfs [URL] MOUNTPOINT -o OPTIONS`` is how mount(8) runs us (through
+    mount.fuse3) for an fstab line of type ``fuse.xnatfs``: the same as ``xnatfs
+    mount``, each option ``name[=value]`` being the switch ``--name[=value]``.
+    Other command lines come back as they are."""
+    if not argv or argv[0] in COMMANDS or "-o" not in argv:
+        return argv
+    targets: list[str] = []
+    switches: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word != "-o":
+            targets.append(word)
+            continue
+        for option in next(words, "").split(","):
+            name, has_value, value = option.partition("=")
+            if (name in GENERIC_MOUNT_OPTIONS and not has_value) or name.startswith("x-") \
+                    or name in ("comment", "user"):  # user=NAME: who mounted (util-linux)
+                continue
+            name = name.replace("_", "-")
+            if not name or name in NOT_FROM_FSTAB:
+                raise UserError(f"xnatfs: mount option {option!r} cannot be given in fstab"
+                                + (" (the XNAT user is xnat_user=NAME)" if name == "user" else ""))
+            name = FSTAB_ALIASES.get(name, name)
+            switches.append(f"--{name}={value}" if has_value else f"--{name}")
+    return ["mount", *targets, *switches]
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        argv = fstab_arguments(sys.argv[1:] if argv is None else argv)
+    except UserError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     args = build_parser().parse_args(argv)
     try:
         if args.command == "mount":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import shlex
 import signal
 import stat
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import xnatfs
 from xnatfs.testing.harness import TestServer, free_port
 
 from .conftest import Mount, daemon_pid, make_env, mount_xnatfs, unmount_and_wait
@@ -181,3 +183,40 @@ def test_demo_command_mounts_the_bundled_server_and_cleans_up(tmp_path: Path) ->
     assert not mounted(tmp_path / "xnat-demo")
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "server")], capture_output=True)
     assert leftovers.returncode != 0, leftovers.stdout  # the server is gone too
+
+
+def test_an_fstab_line_mounts_through_mount_8(demo_server: TestServer, tmp_path: Path) -> None:
+    """``mount -t fuse.xnatfs URL DIR -o OPTIONS``, as an fstab line does: mount(8)
+    runs mount.fuse3, which runs ``xnatfs URL DIR -o OPTIONS`` with the generic
+    options (dev, suid, noauto...) mixed in. mount(8) gives helpers the standard
+    PATH only, so, in a private mount namespace, ``xnatfs`` is bind-mounted there."""
+    bin_dir, mountpoint, log = tmp_path / "bin", tmp_path / "mnt", tmp_path / "mount.log"
+    bin_dir.mkdir()
+    mountpoint.mkdir()
+    source_root = Path(xnatfs.__file__).resolve().parents[1]
+    wrapper = bin_dir / "xnatfs"
+    wrapper.write_text(f"#!/bin/sh\ncd {shlex.quote(str(source_root))} && "
+                       f"exec {shlex.quote(sys.executable)} -m xnatfs.cli \"$@\"\n")
+    wrapper.chmod(0o755)
+    options = (f"noauto,_netdev,x-systemd.automount,ro,metadata_ttl=5,log_level=INFO,"
+               f"cache_dir={tmp_path / 'cache'},log_file={log}")
+    mnt, url = shlex.quote(str(mountpoint)), shlex.quote(demo_server.url)
+    script = f"""set -e
+mount --bind {shlex.quote(str(bin_dir))} /usr/local/bin
+if mount -t fuse.xnatfs {url} {mnt} -o noauto,bogus_option=1 2>&1; then exit 3; fi
+echo "refused"
+mount -t fuse.xnatfs {url} {mnt} -o {shlex.quote(options)}
+echo "mounted: $(grep " {mountpoint} " /proc/self/mounts)"
+ls {mnt}/NEURO_PUB
+umount {mnt}
+"""
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                            env=make_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    refusal, _, rest = result.stdout.partition("refused\n")
+    assert "unrecognized arguments: --bogus-option=1" in refusal
+    table, _, listing = rest.partition("\n")
+    assert " fuse.xnatfs ro," in table and "nosuid,nodev" in table  # not dev, suid
+    assert "NP001" in listing.split()
+    assert f"mounted {demo_server.url} on {mountpoint}" in log.read_text()
+    assert not mounted(mountpoint)
