@@ -615,6 +615,21 @@ async def test_prearchive_listing() -> None:
     assert (entry.status, entry.subject, entry.tag) == ("READY", "SUB1", "1.2.3")
 
 
+@pytest.mark.parametrize("rows", [
+    [{"Name": "1.dcm", "Size": "many", "URI": "/prearchive/projects/P/T/S/scans/1/resources/"
+                                              "DICOM/files/1.dcm"}],
+    [{"Name": "1.dcm", "Size": "1", "URI": None}],
+    [["1.dcm", "1"]],
+], ids=["size-not-a-number", "uri-null", "row-not-an-object"])
+async def test_malformed_listing_rows_are_the_servers_fault(rows: list[Any]) -> None:
+    path = "/data/prearchive/projects/P/T/S/scans/1/resources/DICOM/files"
+    http = mock_xnat({("GET", path): [(200, {"json": {"ResultSet": {"Result": rows}}})]})
+    async with http, XnatClient(Credentials("http://xnat.test", "u", "p"), settings=FAST,
+                                http=http) as client:
+        with pytest.raises(errors.ServerError, match="malformed listing row|rows are not"):
+            await client.list_prearchive_files("/data/prearchive/projects/P/T/S", "1")
+
+
 async def test_a_wrong_content_range_is_refused() -> None:
     http = mock_xnat({("GET", "/data/f"): [
         (206, {"content": b"x" * 10, "headers": {"Content-Range": "bytes 10-19/100"}})]})

@@ -1196,11 +1196,15 @@ def _content_length(response: httpx.Response) -> int | None:
 
 @contextmanager
 def _malformed_rows(path: str) -> Iterator[None]:
-    """A listing row without a column we need is the server's fault, not a bug here."""
+    """A listing row without a column we need, or with a value of the wrong kind
+    (a size that is not a number, a row that is not an object), is the server's
+    fault, not a bug here: EIO with the reason in the log, no traceback."""
     try:
         yield
     except KeyError as exc:
         raise ServerError(f"a listing row without {exc}", path=path) from exc
+    except (ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise ServerError(f"a malformed listing row: {exc}", path=path) from exc
 
 
 def _text(value: Any) -> str | None:
