@@ -581,9 +581,15 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        """Size and free space of the local disk that holds upload copies (``df``,
+        and the file managers that check free space before a copy)."""
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 128 * 1024
         data.f_namemax = NAME_MAX
+        disk = await self.uploads.local_space()
+        data.f_blocks = disk.f_blocks * disk.f_frsize // data.f_frsize
+        data.f_bfree = disk.f_bfree * disk.f_frsize // data.f_frsize
+        data.f_bavail = disk.f_bavail * disk.f_frsize // data.f_frsize
         return data
 
     @fuse_errors

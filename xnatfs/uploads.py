@@ -652,6 +652,12 @@ class UploadManager:
 
         await trio.to_thread.run_sync(remove, limiter=self.disk_limiter)
 
+    async def local_space(self) -> os.statvfs_result:
+        """The disk the local copies of uploads go to: the room an upload really
+        has (XNAT does not say how much it has), and what file managers check
+        before they copy (they refuse when a mount reports none)."""
+        return await trio.to_thread.run_sync(os.statvfs, self.spool_root)
+
     def status_text(self, project: str | None = None) -> str:
         lines = []
         for upload in sorted(self.uploads.values(), key=lambda u: u.record.created):

@@ -424,6 +424,20 @@ def test_a_sent_file_stays_listed_but_is_not_read_back(mount: Mount, tmp_path: P
     assert upload_result(target)[0].endswith("/SENT1")
 
 
+def test_free_space_is_the_room_uploads_have(mount: Mount) -> None:
+    """File managers refuse to copy into a folder whose file system reports no
+    free space (GNOME Files: "not enough space"): the mount reports the local
+    disk its upload copies go to, where it reported zero."""
+    mounted, disk = os.statvfs(mount.path), os.statvfs(mount.cache_dir)
+    assert mounted.f_blocks * mounted.f_frsize == pytest.approx(
+        disk.f_blocks * disk.f_frsize, rel=1e-3)
+    free = mounted.f_bavail * mounted.f_frsize
+    assert free > 0 and free == pytest.approx(disk.f_bavail * disk.f_frsize, rel=1e-2)
+    df = subprocess.run(["df", "-B1", "--output=avail", str(mount.path / "uploads")],
+                        capture_output=True, text=True, check=True).stdout.split()
+    assert int(df[-1]) == pytest.approx(free, rel=1e-2)
+
+
 def test_write_to_temporary_name_then_rename(mount: Mount, tmp_path: Path) -> None:
     archive = tmp_path / "renamed.zip"
     write_dicom_archive(archive, synthetic_study("Re^Name", "RENAME1", slices=3, rows=16,
