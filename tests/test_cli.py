@@ -48,6 +48,11 @@ def test_fstab_options_become_mount_switches() -> None:
                                                                           "work")
     assert fstab_arguments(["/mnt/x", "-o", "dev,suid"]) == ["mount", "/mnt/x"]  # no source
     assert fstab_arguments(["mount", "/mnt/x", "-o", "x"]) == ["mount", "/mnt/x", "-o", "x"]
+    assert fstab_arguments(["none", "/mnt/x", "-o", ",profile=p,"]) == [
+        "mount", "/mnt/x", "--profile=p"]  # fstab's placeholder source; empty items
     for refused in ("foreground", "ready_fd=3", "credentials_on_stdin"):  # the daemon's own
         with pytest.raises(UserError):
             fstab_arguments(["/mnt/x", "-o", refused])
+    for unknown in ("debug", "fore", "ready=3", "us=bob", "bogus"):  # no abbreviations
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(fstab_arguments(["/mnt/x", "-o", unknown]))

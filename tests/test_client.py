@@ -619,15 +619,26 @@ async def test_prearchive_listing() -> None:
     [{"Name": "1.dcm", "Size": "many", "URI": "/prearchive/projects/P/T/S/scans/1/resources/"
                                               "DICOM/files/1.dcm"}],
     [{"Name": "1.dcm", "Size": "1", "URI": None}],
-    [["1.dcm", "1"]],
-], ids=["size-not-a-number", "uri-null", "row-not-an-object"])
+    [{"Name": "1.dcm", "Size": "1", "URI": 7}],
+], ids=["size-not-a-number", "uri-null", "uri-a-number"])
 async def test_malformed_listing_rows_are_the_servers_fault(rows: list[Any]) -> None:
     path = "/data/prearchive/projects/P/T/S/scans/1/resources/DICOM/files"
     http = mock_xnat({("GET", path): [(200, {"json": {"ResultSet": {"Result": rows}}})]})
     async with http, XnatClient(Credentials("http://xnat.test", "u", "p"), settings=FAST,
                                 http=http) as client:
-        with pytest.raises(errors.ServerError, match="malformed listing row|rows are not"):
+        with pytest.raises(errors.ServerError, match="malformed listing row"):
             await client.list_prearchive_files("/data/prearchive/projects/P/T/S", "1")
+
+
+@pytest.mark.parametrize("row", [{"URI": 7}, {"URI": "/data/experiments/E/resources/R/files/a",
+                                               "Size": [1]}], ids=["uri-a-number", "size-a-list"])
+async def test_malformed_file_rows_are_the_servers_fault(row: dict[str, Any]) -> None:
+    path = "/data/experiments/E/scans/ALL/files"
+    http = mock_xnat({("GET", path): [(200, {"json": {"ResultSet": {"Result": [row]}}})]})
+    async with http, XnatClient(Credentials("http://xnat.test", "u", "p"), settings=FAST,
+                                http=http) as client:
+        with pytest.raises(errors.ServerError, match="malformed listing row"):
+            await client.list_scan_files("E")
 
 
 async def test_a_wrong_content_range_is_refused() -> None:

@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xnatfs", description="Mount an XNAT archive.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    mount = commands.add_parser("mount", help="mount an XNAT site (returns once mounted)")
+    # No abbreviations: an fstab option such as "debug" must not pass for --debug-fuse.
+    mount = commands.add_parser("mount", help="mount an XNAT site (returns once mounted)",
+                                allow_abbrev=False)
     mount.add_argument("target", nargs="+", metavar="[URL] MOUNTPOINT",
                        help="site URL (or XNAT_URL / --profile) and the mount point")
     mount.add_argument("--user", help="XNAT user or alias token (the password is prompted)")
@@ -478,7 +480,8 @@ GENERIC_MOUNT_OPTIONS = {
     "user", "users", "nouser", "owner", "group", "_netdev", "nofail", "async", "atime",
     "noatime", "relatime", "diratime", "nodiratime"}
 FSTAB_ALIASES = {"ro": "read-only", "xnat-user": "user"}  # "user" means another thing there
-NOT_FROM_FSTAB = {"foreground", "debug-fuse", "credentials-on-stdin", "ready-fd", "user"}
+NOT_FROM_FSTAB = {"foreground", "debug-fuse", "credentials-on-stdin", "ready-fd"}
+NO_SOURCE = {"none", "xnatfs"}  # fstab's placeholders for "the URL comes from the profile"
 COMMANDS = {"mount", "umount", "uploads", "prearchive", "demo", "testserver"}
 
 
@@ -498,15 +501,17 @@ def fstab_arguments(argv: list[str]) -> list[str]:
             continue
         for option in next(words, "").split(","):
             name, has_value, value = option.partition("=")
-            if (name in GENERIC_MOUNT_OPTIONS and not has_value) or name.startswith("x-") \
-                    or name in ("comment", "user"):  # user=NAME: who mounted (util-linux)
+            if (not name or (name in GENERIC_MOUNT_OPTIONS and not has_value)
+                    or name.lower().startswith("x-")
+                    or name in ("comment", "user")):  # user=NAME: who mounted (util-linux)
                 continue
             name = name.replace("_", "-")
-            if not name or name in NOT_FROM_FSTAB:
-                raise UserError(f"xnatfs: mount option {option!r} cannot be given in fstab"
-                                + (" (the XNAT user is xnat_user=NAME)" if name == "user" else ""))
+            if name in NOT_FROM_FSTAB:
+                raise UserError(f"xnatfs: mount option {option!r} cannot be given in fstab")
             name = FSTAB_ALIASES.get(name, name)
             switches.append(f"--{name}={value}" if has_value else f"--{name}")
+    if len(targets) == 2 and targets[0] in NO_SOURCE:
+        del targets[0]
     return ["mount", *targets, *switches]
 
 

@@ -1251,7 +1251,8 @@ def _resource(item: Mapping[str, Any]) -> Resource:
 
 
 def _remote_files(rows: list[dict[str, Any]], listing: str) -> list[RemoteFile]:
-    return [_remote_file(row, listing) for row in rows]
+    with _malformed_rows(listing):
+        return [_remote_file(row, listing) for row in rows]
 
 
 def _remote_file(row: Mapping[str, Any], listing: str) -> RemoteFile:

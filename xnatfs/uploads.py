@@ -43,7 +43,8 @@ from typing import Protocol, TypedDict
 
 import trio
 
-from .errors import BadRequest, Conflict, Forbidden, NoSpace, NotFound, Unanswered, XnatError
+from .errors import (BadRequest, Conflict, Forbidden, NoSpace, NotFound, Stale, Unanswered,
+                     XnatError)
 from .naming import require_label
 
 log = logging.getLogger(__name__)
@@ -361,9 +362,12 @@ class UploadManager:
         try:
             return await self._read_spool(upload, offset, size)
         except FileNotFoundError:
-            raise Forbidden(f"{upload.record.relpath} was uploaded; its local copy is gone "
-                            f"(read it from prearchive/ or the archive)",
-                            path=upload.record.relpath) from None
+            if upload.state is State.DONE:
+                raise Forbidden(f"{upload.record.relpath} was uploaded; its local copy is "
+                                f"gone (read it from prearchive/ or the archive)",
+                                path=upload.record.relpath) from None
+            raise Stale(f"{upload.record.relpath}: its local copy was removed (discarded?)",
+                        path=upload.record.relpath) from None
 
     # -------------------------------------------------------------- streaming
     def _start_stream(self, upload: Upload) -> None:
@@ -436,7 +440,7 @@ class UploadManager:
         async with upload.lock:
             if not upload.dirty:
                 if upload.state is State.FAILED:
-                    raise BadRequest(upload.record.message or "upload failed")
+                    raise upload.failure(upload.record.message or "upload failed")
                 return
             if upload.record.size == 0:
                 upload.record.state = State.KEPT.value  # touch: nothing to upload yet

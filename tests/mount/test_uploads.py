@@ -294,13 +294,15 @@ def test_server_error_fails_cp_then_retry_succeeds(mount: Mount, tmp_path: Path)
     finally:
         mount.server.set_knobs(fail_rate=0.0, fault_path="")
     assert result.returncode != 0 and "Input/output error" in result.stderr
-    fd = os.open(mount.path / "uploads/NEURO_PUB/retry.zip", os.O_RDONLY)
-    try:  # a reading handle's fsync reports the failure as it was, not as EINVAL
-        with pytest.raises(OSError) as failed:
-            os.fsync(fd)
-        assert failed.value.errno == errno.EIO
-    finally:
-        os.close(fd)
+    for flags in (os.O_RDONLY, os.O_RDWR):  # fsync reports the failure as it was, not EINVAL
+        fd = os.open(mount.path / "uploads/NEURO_PUB/retry.zip", flags)
+        try:
+            with pytest.raises(OSError) as failed:
+                os.fsync(fd)
+            assert failed.value.errno == errno.EIO
+        finally:
+            with contextlib.suppress(OSError):  # a writer's close reports it again
+                os.close(fd)
     cli = [sys.executable, "-m", "xnatfs.cli", "uploads"]
     common = ["--cache-dir", str(mount.cache_dir), "--url", mount.server.url]
     kept = subprocess.run([*cli, "list", *common], env=mount.env, capture_output=True,
