@@ -71,8 +71,9 @@ def require_label(label: str, what: str) -> str:
         BadRequest: (EINVAL) the label is not one XNAT keeps; the log says why.
     """
     if not _XNAT_LABEL.fullmatch(label):
+        cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", label)
         message = (f"{what} label {label!r}: XNAT labels are ASCII letters, digits, "
-                   f"'_' and '-' only (XNAT would make it {re.sub(r'[^A-Za-z0-9_-]', '_', label)!r})")
+                   f"'_' and '-' only (XNAT would make it {cleaned!r})")
         log.warning("refused: %s", message)
         raise BadRequest(message)
     return label
