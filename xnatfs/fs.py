@@ -531,8 +531,9 @@ class Operations(pyfuse3.Operations):
         client = self.tree.client
         if new_parent.kind in (Kind.SUBJECT, Kind.PENDING_SUBJECT):
             subject = new_parent.xattrs.get("user.xnat.label") or label_from_name(new_parent.name)
-            session = label_from_name(os.fsdecode(name_new))
-            if os.fsdecode(name_new) != node.name:  # a label of the user's choosing
+            new_name = os.fsdecode(name_new)
+            session = label_from_name(new_name)
+            if new_name != node.name:  # a label of the user's choosing
                 require_label(session, "session")
             await client.archive_prearchive(node.prearchive_uri, project=new_parent.project,
                                             subject=subject, session=session)

@@ -25,7 +25,7 @@ _CONTROL = [*range(0x20), 0x7F]
 _ESCAPES = {"%": "%25", "/": "%2F", **{chr(c): f"%{c:02X}" for c in _CONTROL}}
 _UNESCAPES = {code[1:]: ch for ch, code in _ESCAPES.items()}
 _ESCAPED = re.compile(r"%(25|2F|[01][0-9A-F]|7F)")
-_XNAT_LABEL = re.compile(r"[A-Za-z0-9_-]+")  # XNAT turns every other character into _
+_NOT_IN_LABEL = re.compile(r"[^A-Za-z0-9_-]")  # XNAT turns each of these into _
 _SPECIAL = {"": "%", ".": "%2E", "..": "%2E%2E"}
 _REVERSE_SPECIAL = {v: k for k, v in _SPECIAL.items()}
 
@@ -70,8 +70,8 @@ def require_label(label: str, what: str) -> str:
     Raises:
         BadRequest: (EINVAL) the label is not one XNAT keeps; the log says why.
     """
-    if not _XNAT_LABEL.fullmatch(label):
-        cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", label)
+    if not label or _NOT_IN_LABEL.search(label):
+        cleaned = _NOT_IN_LABEL.sub("_", label)
         message = (f"{what} label {label!r}: XNAT labels are ASCII letters, digits, "
                    f"'_' and '-' only (XNAT would make it {cleaned!r})")
         log.warning("refused: %s", message)

@@ -41,7 +41,7 @@ from cachetools import TTLCache
 from . import client as xc
 from .errors import NotFound
 from .naming import label_from_name, require_label, safe_name, scan_folder_name
-from .uploads import Upload, UploadManager
+from .uploads import Upload, UploadManager, relocated
 
 log = logging.getLogger(__name__)
 
@@ -581,14 +581,10 @@ class Tree:
         """A folder in ``uploads/`` renamed or moved (a file manager's "New Folder"
         named afterwards): it and the folders below it keep their inodes, the
         kernel's entries, under their new paths."""
-        old_prefix, new_prefix = node.relpath, new_relpath
+        old_relpath = node.relpath  # the loop below re-keys node itself too
 
         def moved(relpath: str) -> str | None:
-            if relpath == old_prefix:
-                return new_prefix
-            if relpath.startswith(old_prefix + "/"):
-                return new_prefix + relpath[len(old_prefix):]
-            return None
+            return relocated(relpath, old_relpath, new_relpath)
 
         for project, relpath in list(self.upload_folders):
             if project == node.project and (target := moved(relpath)) is not None:

@@ -111,6 +111,16 @@ def check_folder_name(name: str) -> None:
             require_label(name[len(prefix):], prefix[:-1])
 
 
+def relocated(relpath: str, folder: str, new_folder: str) -> str | None:
+    """Where ``relpath`` goes when ``folder`` is renamed ``new_folder`` (None: not
+    at or below it)."""
+    if relpath == folder:
+        return new_folder
+    if relpath.startswith(folder + "/"):
+        return new_folder + relpath[len(folder):]
+    return None
+
+
 def labels_from_path(relpath: str) -> tuple[str | None, str | None]:
     """``subject=`` and ``session=`` folders in the path below the project folder."""
     subject = session = None
@@ -204,6 +214,11 @@ class Upload:
         self.open_handles = 0
         self.writers = 0                         # open handles that may write
         self.failure: type[XnatError] = BadRequest  # what the last failure was (its errno)
+
+    def raise_if_failed(self) -> None:
+        """Raise what the last upload attempt failed with, as its errno says it."""
+        if self.state is State.FAILED:
+            raise self.failure(self.record.message or "upload failed")
 
     @property
     def busy(self) -> bool:
@@ -439,8 +454,7 @@ class UploadManager:
             await upload.background.wait()  # fsync: the write-behind upload's answer
         async with upload.lock:
             if not upload.dirty:
-                if upload.state is State.FAILED:
-                    raise upload.failure(upload.record.message or "upload failed")
+                upload.raise_if_failed()
                 return
             if upload.record.size == 0:
                 upload.record.state = State.KEPT.value  # touch: nothing to upload yet
@@ -475,8 +489,7 @@ class UploadManager:
         starting none: for handles that did not write (another may be writing)."""
         while upload.background is not None:
             await upload.background.wait()
-        if upload.state is State.FAILED:
-            raise upload.failure(upload.record.message or "upload failed")
+        upload.raise_if_failed()
 
     async def notice_outside_changes(self) -> None:
         """Failed uploads that ``xnatfs uploads retry`` sent or ``discard`` dropped
@@ -639,7 +652,9 @@ class UploadManager:
         sure none is :attr:`Upload.busy` (what they are uploaded as follows the path)."""
         moved = self.below(project, folder)
         for upload in moved:
-            upload.record.relpath = new_folder + upload.record.relpath[len(folder):]
+            target = relocated(upload.record.relpath, folder, new_folder)
+            assert target is not None  # below() chose it
+            upload.record.relpath = target
         return moved
 
     async def save(self, uploads: list[Upload]) -> None:
