@@ -323,6 +323,34 @@ def test_changed_file_is_read_anew_after_the_metadata_ttl(fresh_server: TestServ
     assert os.stat(path).st_size == len(new)
 
 
+def test_a_handle_opened_before_a_change_reads_as_stale(fresh_server: TestServer,
+                                                        mount_factory) -> None:
+    """Once the mount has seen a file's new version (it was opened again), a
+    handle opened on the old one gets ESTALE for what it has not read yet,
+    rather than the new version's bytes after the old one's; the new handle
+    reads the new bytes."""
+    old = random.Random(21).randbytes(BS + 5000)
+    new = random.Random(22).randbytes(2 * BS + 1)
+    put_files(fresh_server, {"changing.bin": old})
+    mount = mount_factory(fresh_server, "--metadata-ttl", "1")
+    path = mount.path / FILES / "changing.bin"
+    kept = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(kept, 100, 0) == old[:100]
+        put_files(fresh_server, {"changing.bin": new})
+        wait_for(lambda: os.stat(path).st_size == len(new), 20, "the new size")
+        fresh = os.open(path, os.O_RDONLY)  # the mount now serves the new version
+        try:
+            with pytest.raises(OSError) as info:
+                os.pread(kept, 4096, BS)
+            assert info.value.errno == errno.ESTALE
+            assert os.pread(fresh, len(new), 0) == new[:len(new)]
+        finally:
+            os.close(fresh)
+    finally:
+        os.close(kept)
+
+
 def test_a_file_replaced_while_open_is_never_served_spliced(fresh_server: TestServer,
                                                             mount_factory) -> None:
     """A file replaced on the server (same size, listing not yet refreshed) while
