@@ -19,9 +19,10 @@ import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from . import listings
 from .auth import Caller
@@ -129,6 +130,22 @@ class Resolved:
     resources: list[sqlite3.Row] | None = None
     resource_multi: bool = False
 
+    # For handlers whose path names the level (resolve raised 404 otherwise).
+    @property
+    def the_project(self) -> sqlite3.Row:
+        assert self.project is not None
+        return self.project
+
+    @property
+    def the_subject(self) -> sqlite3.Row:
+        assert self.subject is not None
+        return self.subject
+
+    @property
+    def the_experiment(self) -> sqlite3.Row:
+        assert self.experiment is not None
+        return self.experiment
+
 
 class Access:
     """XNAT's project permissions for one caller."""
@@ -227,7 +244,7 @@ class ArchiveRoutes:
             if not access.readable(out.project) and path.level != "project":
                 raise XnatHTTPError(403, f"Unable to read data for Project: {out.project['id']}")
         if "scan" in ids:
-            out.scans, out.scan_multi = self._select_scans(out.experiment, ids["scan"])
+            out.scans, out.scan_multi = self._select_scans(out.the_experiment, ids["scan"])
             if not out.scans and not out.scan_multi:
                 raise XnatHTTPError(404, f"Unable to find scan {ids['scan']}.")
         if "resource" in ids:
@@ -489,7 +506,7 @@ class ArchiveRoutes:
         rows: list[dict[str, Any]] = []
         if res.experiment is not None:
             eid = res.experiment["id"]
-            scans = res.scans if res.scans is not None else [None]
+            scans: list[sqlite3.Row | None] = [*res.scans] if res.scans is not None else [None]
             if res.scans is None and request.query.get("all") == "true":
                 scans = [None, *self.store.scans(eid)]
             for scan in scans:
@@ -505,17 +522,17 @@ class ArchiveRoutes:
         fmt = (request.query.get("format") or "json").lower()
         level = path.level
         if level == "project":
-            item = self._project_item(res.project)
+            item = self._project_item(res.the_project)
         elif level == "subject":
-            item = self._subject_item(res.subject)
+            item = self._subject_item(res.the_subject)
         elif level == "experiment":
-            item = self._experiment_item(res.experiment)
+            item = self._experiment_item(res.the_experiment)
         elif level == "scan":
             if res.scan_multi or not res.scans:
                 raise XnatHTTPError(404, "Unable to find the specified scan.")
-            item = self._scan_item(res.scans[0], res.experiment)
+            item = self._scan_item(res.scans[0], res.the_experiment)
         elif level == "resource":
-            if res.resource_multi:
+            if res.resource_multi or not res.resources:
                 raise XnatHTTPError(404, "Unable to find the specified resource.")
             item = self._resource_item(res.resources[0])
             if fmt != "json":
@@ -605,7 +622,7 @@ class ArchiveRoutes:
             return []
         eid = res.experiment["id"]
         pairs: list[tuple[sqlite3.Row | None, sqlite3.Row]] = []
-        scans = res.scans if res.scans is not None else [None]
+        scans: list[sqlite3.Row | None] = [*res.scans] if res.scans is not None else [None]
         if (res.scans is None and res.resources is None and request is not None
                 and request.query.get("all", "").lower() == "true"):
             scans = [None, *self.store.scans(eid)]
@@ -625,13 +642,13 @@ class ArchiveRoutes:
         tail = f"resources/{resource['id']}/files/{f.path}"
         if scan is not None:
             tail = f"scans/{scan['scan_id']}/{tail}"
-        eid = res.experiment["id"]
+        eid = res.the_experiment["id"]
         if self._is_multi(res):
             # Built from SQL resource_path, which lacks /data (reference, section 2).
             return f"/experiments/{eid}/{tail}"
         if path.via_project:
-            return (f"/data/projects/{res.project['id']}/subjects/{res.subject['id']}"
-                    f"/experiments/{eid}/{tail}")
+            return (f"/data/projects/{res.the_project['id']}/subjects/"
+                    f"{res.the_subject['id']}/experiments/{eid}/{tail}")
         return f"/data/experiments/{eid}/{tail}"
 
     FILE_COLUMNS = ["Name", "Size", "URI", "collection", "file_tags", "file_format",
@@ -719,7 +736,7 @@ class ArchiveRoutes:
                 raise XnatHTTPError(400, "Experiments must be created under a subject.")
             xsi_type = query.get("xsiType", "xnat:mrSessionData")
             fields = _prefixed_fields(query, xsi_type, {"date", "time", "modality", "UID"})
-            new_label = fields.pop("label", None) or query.get("label") or label
+            new_label = fields.pop("label", "") or query.get("label") or label
             extra = {k.lower() if k != "UID" else "uid": v for k, v in fields.items()
                      if k in ("date", "time", "modality", "UID")}
             eid = self.store.add_experiment(res.project["id"], res.subject["id"], new_label,
@@ -727,13 +744,13 @@ class ArchiveRoutes:
             return text_response(eid, 201)
         if path.level == "scan":
             scan_id = label.replace("[SLASH]", "/")
-            existing = self.store.scan(res.experiment["id"], scan_id)
+            existing = self.store.scan(res.the_experiment["id"], scan_id)
             if existing:
                 return text_response(scan_id, 200)
             xsi_type = query.get("xsiType", "xnat:mrScanData")
             fields = _prefixed_fields(query, xsi_type,
                                       {"type", "quality", "note", "series_description"})
-            self.store.add_scan(res.experiment["id"], scan_id, xsi_type,
+            self.store.add_scan(res.the_experiment["id"], scan_id, xsi_type,
                                 **{k: v for k, v in fields.items()
                                    if k in ("type", "quality", "note", "series_description")})
             return text_response(scan_id, 201)
@@ -817,7 +834,7 @@ class ArchiveRoutes:
                 scan_pk = res.scans[0]["pk"] if res.scans else None
                 rid = self.store.add_resource(res.experiment["id"], scan_pk,
                                               path.ids["resource"])
-                resource = self.store.query_one("SELECT * FROM resources WHERE id = ?", (rid,))
+                resource = self.store.aggregate("SELECT * FROM resources WHERE id = ?", (rid,))
             overwrite = q.get("overwrite") == "true"
             opts = {"format": q.get("format", ""), "content": q.get("content", ""),
                     "tags": q.get("tags", "")}
@@ -825,6 +842,7 @@ class ArchiveRoutes:
                 items = await asyncio.to_thread(_extract_members, spooled.path, spooled.name,
                                                 self.store.tmp_dir)
             else:
+                assert path.file_path is not None  # checked above
                 items = [(path.file_path, spooled.path)]
             duplicates = []
             for relpath, local in items:
@@ -869,24 +887,25 @@ class ArchiveRoutes:
                 self.store.delete_resource(r["id"])
         elif level == "scan":
             for s in res.scans or []:
-                for r in self.store.resources(res.experiment["id"], s["pk"]):
+                for r in self.store.resources(res.the_experiment["id"], s["pk"]):
                     self.store.delete_resource(r["id"])
                 self.store.execute("DELETE FROM scans WHERE pk = ?", (s["pk"],))
         elif unshare is not None:
             # Deleted through a project it is only shared into: XNAT removes the share.
             self.store.execute("DELETE FROM shares WHERE kind = ? AND id = ? AND project = ?",
-                               (level, unshare["id"], res.project["id"]))
+                               (level, unshare["id"], res.the_project["id"]))
         elif level == "experiment":
-            self._delete_experiment(res.experiment["id"])
+            self._delete_experiment(res.the_experiment["id"])
         elif level == "subject":
-            self._delete_subject(res.subject["id"])
+            self._delete_subject(res.the_subject["id"])
         elif level == "project":
-            if not (access.caller.is_admin or access.role(res.project["id"]) == "owner"):
+            project_id = res.the_project["id"]
+            if not (access.caller.is_admin or access.role(project_id) == "owner"):
                 raise XnatHTTPError(403, "Unable to delete project.")
             for s in self.store.query("SELECT id FROM subjects WHERE project = ?",
-                                      (res.project["id"],)):
+                                      (project_id,)):
                 self._delete_subject(s["id"])
-            self.store.execute("DELETE FROM projects WHERE id = ?", (res.project["id"],))
+            self.store.execute("DELETE FROM projects WHERE id = ?", (project_id,))
         return text_response("", 200)
 
     def _delete_subject(self, subject_id: str) -> None:
@@ -907,19 +926,20 @@ class ArchiveRoutes:
     def _prearchive_code(self, request: web.Request, access: Access,
                          path: ArchivePath) -> web.Response:
         request["route"] = "prearchive_code"
-        res = self.resolve(access, ArchivePath(ids={"project": path.ids["project"]},
-                                               order=["project"], via_project=True))
+        project = self.resolve(access, ArchivePath(ids={"project": path.ids["project"]},
+                                                   order=["project"],
+                                                   via_project=True)).the_project
         if request.method == "GET":
-            return text_response(str(res.project["prearchive_code"]))
+            return text_response(str(project["prearchive_code"]))
         if request.method in ("PUT", "POST") and path.file_path:
-            if not access.editable(res.project):
+            if not access.editable(project):
                 raise XnatHTTPError(403, "Unable to edit project.")
             try:
                 code = int(path.file_path)
             except ValueError:
                 raise XnatHTTPError(400, "Invalid prearchive code.") from None
             self.store.execute("UPDATE projects SET prearchive_code = ? WHERE id = ?",
-                               (code, res.project["id"]))
+                               (code, project["id"]))
             return text_response("", 200)
         raise XnatHTTPError(405, "Method Not Allowed")
 
@@ -940,7 +960,7 @@ async def send_blob(request: web.Request, blob: Path, name: str, size: int, mtim
     if knobs.range:
         response.headers["Accept-Ranges"] = "bytes"
         byte_range = _parse_range(request.headers.get("Range"), size)
-        if byte_range == "unsatisfiable":
+        if isinstance(byte_range, str):  # "unsatisfiable"
             raise XnatHTTPError(416, "Requested Range Not Satisfiable",
                                 {"Content-Range": f"bytes */{size}"})
         if byte_range is not None:
@@ -999,7 +1019,8 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     return start, min(end, size - 1)
 
 
-def zip_entry_name(session_label: str, scan: sqlite3.Row | None, resource_label: str,
+def zip_entry_name(session_label: str, scan: sqlite3.Row | Mapping[str, str] | None,
+                   resource_label: str,
                    relpath: str, structure: str = "default") -> str:
     """XNAT's archive layout (``RestFileUtils.buildRelativePath``)."""
     if scan is not None:
@@ -1059,7 +1080,7 @@ def _write_archive(sink: _QueueWriter, entries: list[tuple[str, Path, float]], f
     import time as _time
 
     if fmt == "zip":
-        with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED,  # type: ignore[arg-type]
+        with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED,  # type: ignore[call-overload]
                              allowZip64=True) as zf:
             for name, blob, mtime in entries:
                 info = zipfile.ZipInfo(name, date_time=_time.localtime(mtime)[:6])
@@ -1071,11 +1092,11 @@ def _write_archive(sink: _QueueWriter, entries: list[tuple[str, Path, float]], f
         mode = "w|gz" if fmt == "tar.gz" else "w|"
         with tarfile.open(fileobj=sink, mode=mode) as tf:  # type: ignore[call-overload]
             for name, blob, mtime in entries:
-                info = tarfile.TarInfo(name)
-                info.size = blob.stat().st_size
-                info.mtime = int(mtime)
+                entry = tarfile.TarInfo(name)
+                entry.size = blob.stat().st_size
+                entry.mtime = int(mtime)
                 with open(blob, "rb") as src:
-                    tf.addfile(info, src)
+                    tf.addfile(entry, src)
     sink.flush()
 
 
@@ -1158,8 +1179,8 @@ async def spool_body(request: web.Request, tmp_dir: Path, knobs: Knobs) -> Spool
             if ctype.startswith("multipart/"):
                 reader = await request.multipart()
                 async for part in reader:
-                    if part.filename is None:  # a plain form field
-                        continue
+                    if not isinstance(part, BodyPartReader) or part.filename is None:
+                        continue  # a plain form field (or a nested multipart)
                     name = part.filename
                     ctype = part.headers.get("Content-Type", "application/octet-stream")
                     while chunk := await part.read_chunk(1 << 20):
@@ -1200,10 +1221,10 @@ def _extract_members(archive: Path, name: str, tmp_dir: Path) -> list[tuple[str,
                 if not member.isfile() or not _safe_relpath(member.name):
                     continue
                 dest = tmp_dir / f"extract-{uuid.uuid4().hex}"
-                src = tf.extractfile(member)
-                assert src is not None
-                with src, open(dest, "wb") as dst:
-                    while chunk := src.read(1 << 20):
+                data = tf.extractfile(member)
+                assert data is not None  # a regular file
+                with data, open(dest, "wb") as dst:
+                    while chunk := data.read(1 << 20):
                         dst.write(chunk)
                 out.append((member.name, dest))
     except tarfile.TarError:

@@ -77,16 +77,16 @@ import numpy as np
 import pydicom
 import pydicom.data
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 from xnatfs.testing.store import Store
 
 # ----------------------------------------------------------------------- UIDs
 
 
-def make_uid(*parts: object) -> str:
+def make_uid(*parts: object) -> UID:
     """A UID that depends only on ``parts``, so rebuilding gives the same UIDs."""
-    return str(generate_uid(prefix=PYDICOM_ROOT_UID, entropy_srcs=[str(p) for p in parts]))
+    return generate_uid(prefix=PYDICOM_ROOT_UID, entropy_srcs=[str(p) for p in parts])
 
 
 # Fixed rather than pydicom's, so files do not change with the pydicom version.
@@ -224,7 +224,7 @@ class DicomSeries:
     def slice_thickness(self) -> float:
         return round(_HEAD_HEIGHT_MM / self.slices, 3)
 
-    def sop_uid(self, instance: int) -> str:
+    def sop_uid(self, instance: int) -> UID:
         return make_uid(self.series_uid, "instance", instance)
 
     def file_name(self, instance: int) -> str:
@@ -267,7 +267,7 @@ class DicomSeries:
 
     def _header(self) -> Dataset:
         """Attributes shared by every instance of the series."""
-        sop_class = _SOP_CLASSES[self.modality]
+        sop_class = UID(_SOP_CLASSES[self.modality])
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = sop_class
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -448,11 +448,11 @@ def write_dicom_archive(path: Path, series: Iterable[DicomSeries]) -> list[str]:
             if compressed else raw
         with tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT) as archive:
             for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                info.mtime = _ARCHIVE_MTIME
-                info.mode = 0o644
-                archive.addfile(info, io.BytesIO(data))
+                entry = tarfile.TarInfo(name)
+                entry.size = len(data)
+                entry.mtime = _ARCHIVE_MTIME
+                entry.mode = 0o644
+                archive.addfile(entry, io.BytesIO(data))
                 names.append(name)
         if compressed:
             stream.close()
@@ -832,7 +832,9 @@ def _add_session_files(store: Store, experiment_id: str, project: _Project,
 def _add_big_nifti(store: Store, project: _Project, spec: DatasetSpec) -> None:
     """A resting-state run kept only as NIfTI, big enough to test streaming."""
     session = project.subjects[0].sessions[0]
-    experiment_id = store.experiment(project.id, session.label)["id"]
+    experiment = store.experiment(project.id, session.label)
+    assert experiment is not None
+    experiment_id = experiment["id"]
     volume_bytes = math.prod(spec.big_nifti_volume) * 2
     shape = (*spec.big_nifti_volume, -(-spec.big_nifti_bytes // volume_bytes))
     scan_pk = store.add_scan(
@@ -927,14 +929,16 @@ def _json(value: Any) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _add_bytes(store: Store, resource_id: int, relpath: str, data: bytes, **kind: str) -> None:
+def _add_bytes(store: Store, resource_id: int, relpath: str, data: bytes, *,
+               format: str = "", content: str = "") -> None:
     blob, size, digest = store.store_blob_bytes(data)
-    store.add_file(resource_id, relpath, blob, size, digest, **kind)
+    store.add_file(resource_id, relpath, blob, size, digest, format=format, content=content)
 
 
-def _add_path(store: Store, resource_id: int, relpath: str, source: Path, **kind: str) -> None:
+def _add_path(store: Store, resource_id: int, relpath: str, source: Path, *,
+              format: str = "", content: str = "") -> None:
     blob, size, digest = store.store_blob_from_path(source)
-    store.add_file(resource_id, relpath, blob, size, digest, **kind)
+    store.add_file(resource_id, relpath, blob, size, digest, format=format, content=content)
 
 
 __all__ = [

@@ -46,7 +46,7 @@ import re
 import tarfile
 import tempfile
 import zlib
-from typing import BinaryIO
+from typing import IO, BinaryIO
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -335,7 +335,7 @@ def _tar_entries(stream: BinaryIO, work_dir: Path) -> Iterator[tuple[str, Path]]
             while (member := archive.next()) is not None:
                 # tarfile remembers every member it has read; forget them so an
                 # archive of 100k files does not grow memory without bound.
-                archive.members = []
+                archive.members = []  # type: ignore[attr-defined]  # not in typeshed
                 if member.isdir():
                     continue
                 _check_entry_name(member.name)
@@ -347,7 +347,7 @@ def _tar_entries(stream: BinaryIO, work_dir: Path) -> Iterator[tuple[str, Path]]
         raise StoreError(400, "unable to read data from file") from exc
 
 
-def _file_chunks(source: BinaryIO | None) -> Iterator[bytes]:
+def _file_chunks(source: IO[bytes] | None) -> Iterator[bytes]:
     while source is not None and (data := source.read(COPY_CHUNK)):
         yield data
 

@@ -350,13 +350,12 @@ class Prearchive:
             code = project_row["prearchive_code"] if project_row else 0
             autoarchive = _AUTOARCHIVE_BY_CODE.get(code, "Manual")
         subject = clean_label(request.subject) if request.subject else instance.subject_label
-        cur = self.store.execute(
+        session_id = self.store.insert(
             "INSERT INTO prearc_sessions (project, timestamp, folder, name, subject, tag, status,"
             " uploaded, lastmod, scan_date, scan_time, autoarchive, modality)"
             " VALUES (?, ?, ?, ?, ?, ?, 'RECEIVING', ?, ?, ?, ?, ?, ?)",
             (project, timestamp, folder, folder, subject, instance.study_uid, now, now,
              instance.scan_date, instance.scan_time, autoarchive, instance.modality))
-        session_id = int(cur.lastrowid)
         self.store.execute(
             "INSERT INTO prearc_session_details (session_id, session_type, scanner_manufacturer,"
             " scanner_model, field_strength, uploader) VALUES (?, ?, ?, ?, ?, ?)",
@@ -655,6 +654,7 @@ class Prearchive:
             experiment_label = clean_label(label or row["name"])
             existing = self.store.experiment(project, experiment_label)
             subject_row = self.store.subject(project, subject)
+            plan: list[tuple[PrearchiveScan, str, sqlite3.Row | None]]
             if existing is None:
                 plan = [(scan, scan.id, None) for scan in scans]
             else:
@@ -719,7 +719,7 @@ class Prearchive:
         return row
 
     def _details(self, session_id: int) -> sqlite3.Row:
-        return self.store.query_one(
+        return self.store.aggregate(  # every session has its one row of details
             "SELECT * FROM prearc_session_details WHERE session_id = ?", (session_id,))
 
     def _set_status_by_id(self, session_id: int, status: str) -> None:
@@ -759,7 +759,7 @@ def _merge_plan(scans: list[PrearchiveScan], archived: list[sqlite3.Row],
     by_id = {r["scan_id"]: r for r in archived}
     by_uid = {r["uid"]: r for r in archived if r["uid"]}
     used = set(by_id)
-    plan = []
+    plan: list[tuple[PrearchiveScan, str, sqlite3.Row | None]] = []
     for scan in scans:
         same_uid = by_uid.get(scan.series_uid)
         if same_uid is not None:

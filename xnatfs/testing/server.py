@@ -409,8 +409,8 @@ async def serve(ctx: ServerContext, host: str, port: int,
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=512)
     await site.start()
     server = site._server  # aiohttp exposes the bound sockets only here
-    if port == 0 and server is not None and server.sockets:  # type: ignore[union-attr]
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    if port == 0 and server is not None and server.sockets:  # type: ignore[attr-defined]
+        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
     log.info("XNAT test server listening on http://%s:%d", host, port)
     print(json.dumps({"listening": f"http://{host}:{port}"}), flush=True)
     if ready is not None:

@@ -187,9 +187,21 @@ class Store:
         with self._lock:
             return self._db.execute(sql, args).fetchone()
 
+    def aggregate(self, sql: str, args: tuple | list = ()) -> sqlite3.Row:
+        """The row of an aggregate query (COUNT, MAX...), which always has one."""
+        row = self.query_one(sql, args)
+        assert row is not None, sql
+        return row
+
     def execute(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
         with self._lock:
             return self._db.execute(sql, args)
+
+    def insert(self, sql: str, args: tuple | list = ()) -> int:
+        """Run an INSERT; the new row's id."""
+        rowid = self.execute(sql, args).lastrowid
+        assert rowid is not None, sql
+        return rowid
 
     def get_setting(self, key: str) -> str | None:
         row = self.query_one("SELECT value FROM site WHERE key = ?", (key,))
@@ -215,7 +227,7 @@ class Store:
                 self.execute("UPDATE users SET password = ?, is_admin = ? WHERE login = ?",
                              (password, int(admin), login))
                 return
-            n = self.query_one("SELECT IFNULL(MAX(xdat_user_id), 0) + 1 AS n FROM users")["n"]
+            n = self.aggregate("SELECT IFNULL(MAX(xdat_user_id), 0) + 1 AS n FROM users")["n"]
             self.execute(
                 "INSERT INTO users (login, password, is_admin, firstname, lastname, xdat_user_id)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -237,7 +249,7 @@ class Store:
         alias = str(uuid.uuid4())
         secret = secrets.token_urlsafe(48).replace("-", "A").replace("_", "b")[:64]
         with self.transaction():
-            n = self.query_one("SELECT IFNULL(MAX(id), 0) + 1 AS n FROM tokens")["n"]
+            n = self.aggregate("SELECT IFNULL(MAX(id), 0) + 1 AS n FROM tokens")["n"]
             self.execute(
                 "INSERT INTO tokens (alias, secret, login, id, created, expires)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -390,11 +402,10 @@ class Store:
             if self.scan(experiment_id, scan_id):
                 raise StoreError(409, "Specified scan already exists.")
             cols = ["experiment_id", "scan_id", "xsi_type", *fields]
-            cur = self.execute(
+            return self.insert(
                 f"INSERT INTO scans ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                 [experiment_id, scan_id, xsi_type, *fields.values()],
             )
-        return int(cur.lastrowid)
 
     def scan(self, experiment_id: str, scan_id: str) -> sqlite3.Row | None:
         return self.query_one("SELECT * FROM scans WHERE experiment_id = ? AND scan_id = ?",
@@ -411,12 +422,11 @@ class Store:
         with self.transaction():
             if self.resource(experiment_id, scan_pk, label):
                 raise StoreError(409, "Specified resource already exists.")
-            cur = self.execute(
+            return self.insert(
                 "INSERT INTO resources (experiment_id, scan_pk, label, format, content, tags)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (experiment_id, scan_pk, label, format, content, tags),
             )
-        return int(cur.lastrowid)
 
     def resource(self, experiment_id: str, scan_pk: int | None,
                  label_or_id: str) -> sqlite3.Row | None:
@@ -434,7 +444,7 @@ class Store:
             (experiment_id, scan_pk))
 
     def resource_totals(self, resource_id: int) -> tuple[int, int]:
-        row = self.query_one(
+        row = self.aggregate(
             "SELECT COUNT(*) AS n, IFNULL(SUM(size), 0) AS s FROM files WHERE resource_id = ?",
             (resource_id,))
         return int(row["n"]), int(row["s"])
