@@ -158,7 +158,8 @@ def _run_with_client(args: argparse.Namespace, work):  # noqa: ANN001, ANN202
 # ----------------------------------------------------------- uploads, prearchive
 def uploads_command(args: argparse.Namespace) -> int:
     """Uploads the mount kept because the server failed or refused them."""
-    from .uploads import HEAD_BYTES, import_local_copy, kept_uploads, record_retried, write_record
+    from .uploads import (HEAD_BYTES, import_local_copy, kept_uploads, record_retried,
+                          site_url, write_record)
 
     spool_root = args.cache_dir / "uploads"
     everything = kept_uploads(spool_root)
@@ -170,6 +171,7 @@ def uploads_command(args: argparse.Namespace) -> int:
     if args.action == "list":
         for rec, path in kept:
             print(f"{rec.id}  {rec.state:7} {rec.project}/{rec.relpath}  {rec.size} bytes"
+                  + (f"  on {rec.site}" if rec.site else "")
                   + (f"  ({rec.message})" if rec.message else ""))
         return 0
     if args.action == "discard":
@@ -180,13 +182,24 @@ def uploads_command(args: argparse.Namespace) -> int:
             print(f"discarded {rec.project}/{rec.relpath}")
         return 0
 
+    sites = {site_url(rec.site) for rec, _ in kept if rec.site}
+    if args.url is None and len(sites) == 1:
+        args.url = sites.pop()  # where they were dropped: each record names its XNAT
+
     async def retry(client):  # noqa: ANN001, ANN202
         from .errors import XnatError
 
         failures = 0
+        here = site_url(client.credentials.url)
         for rec, path in kept:
             if rec.kind not in ("archive", "dicom"):
                 print(f"skipped {rec.project}/{rec.relpath}: {rec.kind} files are not uploaded")
+                continue
+            if rec.site and site_url(rec.site) != here:
+                # Patient data goes only to the XNAT it was dropped into.
+                failures += 1
+                print(f"skipped {rec.project}/{rec.relpath}: it was dropped into {rec.site}, "
+                      f"not {here} (retry it with --url {rec.site})", file=sys.stderr)
                 continue
             data = path / "data"
             with open(data, "rb") as f:

@@ -185,6 +185,7 @@ class UploadRecord:
     created: float = field(default_factory=time.time)
     finished: float | None = None
     direct_archive: bool = False  # the mount's --direct-archive, for a later retry
+    site: str = ""                # site_url of its XNAT ("" in records of older versions)
     mtime_ns: int | None = None   # set by the writer (cp -a, rsync), else None
 
     @property
@@ -253,9 +254,10 @@ class UploadManager:
     """The upload area's files: spooling, streaming, importing, and their status."""
 
     def __init__(self, importer: Importer, spool_root: Path, nursery: trio.Nursery, *,
-                 direct_archive: bool = False, write_behind: bool = False,
+                 site: str = "", direct_archive: bool = False, write_behind: bool = False,
                  max_parallel: int = 8) -> None:
         self.importer = importer
+        self.site = site  # recorded with each upload: a retry must go to the same XNAT
         self.spool_root = spool_root
         spool_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(spool_root, 0o700)
@@ -278,7 +280,7 @@ class UploadManager:
             upload_id = uuid.uuid4().hex
             spool_dir = self.spool_root / upload_id
             spool_dir.mkdir(mode=0o700)
-            upload = Upload(UploadRecord(upload_id, project, relpath,
+            upload = Upload(UploadRecord(upload_id, project, relpath, site=self.site,
                                          direct_archive=self.direct_archive), spool_dir)
             if is_litter(upload.record.name):
                 upload.record.kind = Kind.LITTER.value
@@ -719,6 +721,11 @@ def write_record(spool_dir: Path, record: UploadRecord) -> None:
     tmp = spool_dir / f"meta.{threading.get_ident()}.tmp"
     tmp.write_text(json.dumps(asdict(record)))
     os.replace(tmp, meta)
+
+
+def site_url(url: str) -> str:
+    """A site's URL as upload records name it, so that two spellings compare equal."""
+    return url.strip().rstrip("/")
 
 
 def read_record(spool_dir: Path) -> UploadRecord:

@@ -309,13 +309,23 @@ def test_server_error_fails_cp_then_retry_succeeds(mount: Mount, tmp_path: Path)
                           text=True, check=True).stdout
     line = next(line for line in kept.splitlines() if "retry.zip" in line)
     upload_id = line.split()[0]
+    assert f"on {mount.server.url}" in line  # the XNAT it was dropped into
     for action in ("retry", "discard"):  # a mistyped id fails and leaves the rest alone
         typo = subprocess.run([*cli, action, upload_id, upload_id[:-1] + "x", *common],
                               env=mount.env, capture_output=True, text=True)
         assert typo.returncode != 0 and "no kept upload" in typo.stderr
         assert upload_id[:-1] + "x" in typo.stderr and upload_id not in typo.stderr
-    done = subprocess.run([*cli, "retry", upload_id, *common], env=mount.env,
-                          capture_output=True, text=True)
+    # Never sent to another XNAT (here, the same server under another name).
+    elsewhere = mount.server.url.replace("127.0.0.1", "localhost")
+    assert elsewhere != mount.server.url
+    refused = subprocess.run([*cli, "retry", upload_id, "--cache-dir", str(mount.cache_dir),
+                              "--url", elsewhere], env=mount.env, capture_output=True, text=True)
+    assert refused.returncode != 0 and f"dropped into {mount.server.url}" in refused.stderr
+    assert "uploaded" not in refused.stdout
+    # Without --url, the upload goes to its own XNAT (the environment names none).
+    assert "XNAT_URL" not in mount.env
+    done = subprocess.run([*cli, "retry", upload_id, "--cache-dir", str(mount.cache_dir)],
+                          env=mount.env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "/data/prearchive/projects/NEURO_PUB/" in done.stdout
     kept = subprocess.run([*cli, "list", *common], env=mount.env, capture_output=True,
