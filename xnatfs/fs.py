@@ -121,6 +121,10 @@ class Operations(pyfuse3.Operations):
         attr.generation = 0
         attr.entry_timeout = self.tree.metadata_ttl
         attr.attr_timeout = self.tree.metadata_ttl
+        if node.kind in (Kind.STATUS_FILE, Kind.INFO_FILE):
+            # Generated here and changing at any time: a size the kernel kept
+            # would cut `tail` and `wc -c` short (they go by st_size).
+            attr.attr_timeout = 0
         # Directories where file operations mean something: uploads, archiving
         # into a (new) subject, moving and removing prearchive sessions.
         writable = node.writable or bool(node.prearchive_uri) or node.kind in (

@@ -235,12 +235,19 @@ def test_refused_upload_fails_cp_and_keeps_the_bytes(mount: Mount, tmp_path: Pat
     result = subprocess.run(["cp", str(not_dicom), str(mount.path / "uploads/NEURO_PUB/")],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "Invalid argument" in result.stderr
+    status_file = mount.path / "uploads/NEURO_PUB/UPLOAD_STATUS.txt"
+    os.stat(status_file)  # the kernel now holds its attributes
     bad_dicom = tmp_path / "bad.dcm"
     bad_dicom.write_bytes(b"\0" * 128 + b"DICM" + b"garbage" * 50)
     result = subprocess.run(["cp", str(bad_dicom), str(mount.path / "uploads/NEURO_PUB/")],
                             capture_output=True, text=True)
     assert result.returncode != 0
-    status = (mount.path / "uploads/NEURO_PUB/UPLOAD_STATUS.txt").read_text()
+    # tail and wc -c go by the size stat gives: it is the new text's, not the old one's.
+    tail = subprocess.run(["tail", "-n", "1", str(status_file)], capture_output=True,
+                          text=True, check=True).stdout
+    assert "NEURO_PUB/bad.dcm" in tail
+    status = status_file.read_text()
+    assert os.stat(status_file).st_size == len(status.encode())
     line = next(line for line in status.splitlines() if "NEURO_PUB/bad.dcm" in line)
     assert line.startswith("failed") and "400" in line  # the server's refusal, verbatim
     kept = subprocess.run([sys.executable, "-m", "xnatfs.cli", "uploads", "list",
