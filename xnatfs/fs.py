@@ -571,18 +571,26 @@ class Operations(pyfuse3.Operations):
     # ---------------------------------------------------------------- xattrs
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self.tree.node(inode)
-        if node.upload is not None and node.upload.state is UploadState.FAILED:
-            await self.uploads.notice_outside_changes()  # retried from the command line?
-            self.tree.refresh_upload_node(node)
-        value = node.xattrs.get(os.fsdecode(name))
+        value = (await self._current_xattrs(inode)).get(os.fsdecode(name))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value.encode()
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [name.encode() for name in self.tree.node(inode).xattrs]
+        return [name.encode() for name in await self._current_xattrs(inode)]
+
+    async def _current_xattrs(self, inode: int) -> dict[str, str]:
+        """A node's attributes as they are now, for those that change while listed:
+        an upload's outcome, a prearchive session's status (scripts poll them)."""
+        node = self.tree.node(inode)
+        if node.upload is not None:
+            if node.upload.state is UploadState.FAILED:
+                await self.uploads.notice_outside_changes()  # retried from the command line?
+            self.tree.refresh_upload_node(node)
+        elif node.kind in (Kind.PREARCHIVE_SESSION, Kind.INFO_FILE):
+            await self.tree.refresh_prearchive_node(node)
+        return node.xattrs
 
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

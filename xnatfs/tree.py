@@ -39,7 +39,7 @@ import trio
 from cachetools import TTLCache
 
 from . import client as xc
-from .errors import NotFound
+from .errors import NotFound, XnatError
 from .naming import label_from_name, require_label, safe_name, scan_folder_name
 from .uploads import Upload, UploadManager, relocated
 
@@ -669,10 +669,7 @@ class Tree:
                 node, Kind.PREARCHIVE_SESSION, safe_name(s.folder_name), ("pre-session", s.uri),
                 project=s.project, prearchive_uri=s.uri,
                 mtime_ns=_time_ns(s.lastmod, self.mount_time_ns),
-                xattrs=_xattrs(uri=s.uri, status=s.status, label=s.name, subject=s.subject,
-                               uploaded=s.uploaded, lastmod=s.lastmod, scan_date=s.scan_date,
-                               tag=s.tag, autoarchive=s.autoarchive, project=s.project,
-                               timestamp=s.timestamp))
+                xattrs=_prearchive_xattrs(s))
             if child.inode not in self.hidden:
                 out.append(child)
         return out
@@ -685,6 +682,20 @@ class Tree:
                self._child(node, Kind.INFO_FILE, INFO_NAME, ("pre-info", node.prearchive_uri),
                            xattrs=node.xattrs, text=await self.info_text(node), **common)]
         return [n for n in out if n.inode not in self.hidden]
+
+    async def refresh_prearchive_node(self, node: Node) -> None:
+        """Bring a prearchive session's (or its info file's) attributes up to date
+        with the prearchive listing, which lives ``prearchive_ttl`` only; a
+        session gone from it keeps what it last had."""
+        try:
+            sessions = await self.prearchive_sessions()
+        except XnatError as exc:  # the server is down: what it said last
+            log.debug("prearchive attributes of %s not refreshed: %s", node.prearchive_uri, exc)
+            return
+        session = next((s for s in sessions if s.uri == node.prearchive_uri), None)
+        if session is not None:
+            node.xattrs = _prearchive_xattrs(session)
+            node.mtime_ns = _time_ns(session.lastmod, node.mtime_ns)
 
     async def prearchive_scans(self, uri: str) -> list[xc.Scan]:
         return await self.cached(("pre-scans", uri),
@@ -774,6 +785,12 @@ def _prearchive_time(timestamp: str) -> str:
     except ValueError:
         return ""
     return parsed.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _prearchive_xattrs(s: xc.PrearchiveSession) -> dict[str, str]:
+    return _xattrs(uri=s.uri, status=s.status, label=s.name, subject=s.subject,
+                   uploaded=s.uploaded, lastmod=s.lastmod, scan_date=s.scan_date, tag=s.tag,
+                   autoarchive=s.autoarchive, project=s.project, timestamp=s.timestamp)
 
 
 def _xattrs(**values: str | None) -> dict[str, str]:

@@ -21,6 +21,7 @@ import pytest
 
 from xnatfs.testing.datasets import synthetic_study, write_dicom_archive, write_dicom_series
 from xnatfs.testing.harness import TestServer
+from xnatfs.testing.store import Store
 
 from .conftest import Mount, daemon_pid, drop_kernel_entries, unmount_and_wait
 
@@ -334,14 +335,15 @@ def test_server_error_fails_cp_then_retry_succeeds(mount: Mount, tmp_path: Path)
     done = subprocess.run([*cli, "retry", upload_id, "--cache-dir", str(mount.cache_dir)],
                           env=mount.env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    # The running mount shows what the command did (it kept showing "failed"),
+    # in the status file and then in the attributes too.
+    status = (mount.path / "uploads/NEURO_PUB/UPLOAD_STATUS.txt").read_text()
     assert "/data/prearchive/projects/NEURO_PUB/" in done.stdout
     kept = subprocess.run([*cli, "list", *common], env=mount.env, capture_output=True,
                           text=True, check=True).stdout
     assert "retry.zip" not in kept
-    # The running mount shows what the command did (it kept showing "failed").
     [uri] = upload_result(mount.path / "uploads/NEURO_PUB/retry.zip")
     assert uri in done.stdout
-    status = (mount.path / "uploads/NEURO_PUB/UPLOAD_STATUS.txt").read_text()
     assert f"done      NEURO_PUB/retry.zip  {uri}" in status
 
 
@@ -806,6 +808,22 @@ def test_outside_uploads_appear_within_the_prearchive_lifetime(mount: Mount,
     while not target.exists():
         assert time.monotonic() < deadline, "the outside upload never appeared"
         time.sleep(0.2)
+    # Its status, as scripts poll it, follows the server's (no listing in between:
+    # the attributes are read through an open folder).
+    folder = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert os.getxattr(folder, "user.xnat.status") == b"READY"
+        store = Store(mount.server.data_dir)
+        try:
+            store.execute("UPDATE prearc_sessions SET status = 'ERROR' WHERE name = 'OUTSIDE1'")
+        finally:
+            store.close()
+        deadline = time.monotonic() + 15
+        while os.getxattr(folder, "user.xnat.status") != b"ERROR":
+            assert time.monotonic() < deadline, "the status attribute never changed"
+            time.sleep(0.2)
+    finally:
+        os.close(folder)
 
 
 @pytest.mark.parametrize("how", ["option", "config"])
