@@ -220,6 +220,14 @@ def uploads_command(args: argparse.Namespace) -> int:
 
 
 def prearchive_command(args: argparse.Namespace) -> int:
+    from .naming import label_problem
+
+    if args.action == "archive":  # refused as the mount refuses them (XNAT would change them)
+        for label, what in ((args.subject, "subject"), (args.label, "session")):
+            problem = label_problem(label, what) if label is not None else None
+            if problem is not None:
+                raise UserError(f"xnatfs: {problem}")
+
     async def work(client):  # noqa: ANN001, ANN202
         if args.action == "list":
             for s in await client.list_prearchive(args.project):

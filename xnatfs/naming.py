@@ -70,10 +70,17 @@ def require_label(label: str, what: str) -> str:
     Raises:
         BadRequest: (EINVAL) the label is not one XNAT keeps; the log says why.
     """
-    if not label or _NOT_IN_LABEL.search(label):
-        cleaned = _NOT_IN_LABEL.sub("_", label)
-        message = (f"{what} label {label!r}: XNAT labels are ASCII letters, digits, "
-                   f"'_' and '-' only (XNAT would make it {cleaned!r})")
+    message = label_problem(label, what)
+    if message is not None:
         log.warning("refused: %s", message)
         raise BadRequest(message)
     return label
+
+
+def label_problem(label: str, what: str) -> str | None:
+    """Why XNAT would not keep ``label`` as given (see :func:`require_label`), or None."""
+    if label and not _NOT_IN_LABEL.search(label):
+        return None
+    cleaned = _NOT_IN_LABEL.sub("_", label)
+    return (f"{what} label {label!r}: XNAT labels are ASCII letters, digits, "
+            f"'_' and '-' only (XNAT would make it {cleaned!r})")

@@ -885,6 +885,12 @@ def test_prearchive_cli_commands(mount: Mount, tmp_path: Path) -> None:
     listed = subprocess.run([*cli, "list", *site], env=mount.env, capture_output=True,
                             text=True, check=True).stdout
     assert uri in listed
+    for labels in (["--subject", "CLI SUBJ"], ["--label", "CLI MR"]):  # XNAT would change them
+        refused = subprocess.run([*cli, "archive", uri, *labels, *site], env=mount.env,
+                                 capture_output=True, text=True)
+        assert refused.returncode != 0 and "XNAT labels are ASCII letters" in refused.stderr
+    assert uri in subprocess.run([*cli, "list", *site], env=mount.env, capture_output=True,
+                                 text=True, check=True).stdout  # still there
     archived = subprocess.run([*cli, "archive", uri, "--subject", "CLISUBJ", "--label", "CLI_MR",
                                *site], env=mount.env, capture_output=True, text=True, check=True)
     assert archived.stdout.strip().endswith("/subjects/CLISUBJ/experiments/CLI_MR")
