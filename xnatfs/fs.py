@@ -427,6 +427,8 @@ class Operations(pyfuse3.Operations):
         if fields.update_mtime and node.upload is not None:
             await self.uploads.set_mtime(node.upload, attr.st_mtime_ns)
             self.tree.refresh_upload_node(node)
+        elif fields.update_mtime and node.kind is Kind.UPLOAD_DIR:
+            self.tree.set_upload_folder_mtime(node, attr.st_mtime_ns)
         return self.attributes(node)
 
     # --------------------------------------------------- removing, renaming
@@ -447,6 +449,7 @@ class Operations(pyfuse3.Operations):
         node = await self.tree.lookup(parent_inode, os.fsdecode(name))
         if node.kind is Kind.PREARCHIVE_SESSION:
             await self.tree.client.delete_prearchive(node.prearchive_uri)
+            self.tree.show_hidden(node.prearchive_uri)  # nothing left to hide
             timestamp = self.tree.node(parent_inode)
             self.tree.emptied_timestamps.add((timestamp.project, timestamp.folder))
             self.tree.invalidate_prearchive()
@@ -531,8 +534,16 @@ class Operations(pyfuse3.Operations):
         await self.uploads.save(moved)
 
     async def _rename_prearchive(self, node: Node, new_parent: Node, name_new: bytes) -> None:
-        """``mv`` out of the prearchive: into a subject archives, into another project moves."""
+        """``mv`` out of the prearchive: into a subject archives, into another project moves.
+        Refused (EPERM) when ``rm`` removed part of the session: XNAT would archive
+        or move all of it, the removed part too."""
         client = self.tree.client
+        if self.tree.show_hidden(node.prearchive_uri):
+            log.warning("refused to archive or move %s: files or folders of it were removed "
+                        "with rm, but XNAT removes only whole prearchive sessions, so they "
+                        "are still there (shown again now); archive it with them, or remove "
+                        "the whole session", node.prearchive_uri)
+            raise pyfuse3.FUSEError(errno.EPERM)
         if new_parent.kind in (Kind.SUBJECT, Kind.PENDING_SUBJECT):
             subject = new_parent.xattrs.get("user.xnat.label") or label_from_name(new_parent.name)
             new_name = os.fsdecode(name_new)
@@ -549,7 +560,12 @@ class Operations(pyfuse3.Operations):
         elif new_parent.kind is Kind.PREARCHIVE_PROJECT:
             await client.move_prearchive(node.prearchive_uri, new_parent.project)
         else:
-            raise pyfuse3.FUSEError(errno.EXDEV)
+            # Not EXDEV: mv would copy the session file by file instead, making
+            # folders where it cannot put the files.
+            log.warning("refused to move %s to %s: a prearchive session is archived into "
+                        "a subject folder (mkdir PROJECT/SUBJECT first) or moved into "
+                        "prearchive/PROJECT", node.prearchive_uri, new_parent.name)
+            raise pyfuse3.FUSEError(errno.EPERM)
         self.tree.invalidate_prearchive()
 
     async def _existing_child(self, parent_inode: int, name: bytes) -> Node | None:

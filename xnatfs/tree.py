@@ -136,8 +136,14 @@ class Tree:
         self.uploads = uploads
         # Upload folders made with mkdir, by (project, relpath); local until files arrive.
         self.upload_folders: set[tuple[str, str]] = set()
+        # Times set on upload folders (rsync -a, cp -a), by (project, relpath): kept,
+        # or a second rsync would find every folder changed.
+        self.upload_folder_mtimes: dict[tuple[str, str], int] = {}
         self.pending_subjects: set[tuple[str, str]] = set()
-        self.hidden: set[int] = set()  # prearchive entries removed by `rm -r` before rmdir
+        # Entries of prearchive sessions that `rm` removed from view (XNAT removes
+        # whole sessions only: the rmdir ending `rm -r SESSION` deletes it), with
+        # the URI of their session.
+        self.hidden: dict[int, str] = {}
         # Prearchive timestamp folders whose last session the mount deleted: XNAT
         # has no such folder any more, but `rm -r` still removes it, so it stays
         # (empty) until then, as a folder would.
@@ -530,7 +536,8 @@ class Tree:
     async def _children_of_uploads(self, node: Node) -> list[Node]:
         projects = await self.cached(("upload-projects",), self.client.list_upload_projects)
         out = [self._child(node, Kind.UPLOAD_DIR, safe_name(p), ("upload-dir", p, ""),
-                           project=p, relpath="", mtime_ns=self.mount_time_ns)
+                           project=p, relpath="",
+                           mtime_ns=self.upload_folder_mtimes.get((p, ""), self.mount_time_ns))
                for p in projects]
         out.append(self._status_node(node, None))
         return out
@@ -568,8 +575,12 @@ class Tree:
 
     def upload_dir_node(self, parent: Node, name: str) -> Node:
         relpath = f"{parent.relpath}/{name}" if parent.relpath else name
+        mtime_ns = self.upload_folder_mtimes.get((parent.project, relpath), self.mount_time_ns)
         return self._child(parent, Kind.UPLOAD_DIR, name, ("upload-dir", parent.project, relpath),
-                           project=parent.project, relpath=relpath, mtime_ns=parent.mtime_ns)
+                           project=parent.project, relpath=relpath, mtime_ns=mtime_ns)
+
+    def set_upload_folder_mtime(self, node: Node, mtime_ns: int) -> None:
+        self.upload_folder_mtimes[(node.project, node.relpath)] = node.mtime_ns = mtime_ns
 
     def upload_file_node(self, parent: Node, upload: Upload) -> Node:
         rec = upload.record
@@ -590,6 +601,10 @@ class Tree:
             if project == node.project and (target := moved(relpath)) is not None:
                 self.upload_folders.discard((project, relpath))
                 self.upload_folders.add((project, target))
+        for project, relpath in list(self.upload_folder_mtimes):
+            if project == node.project and (target := moved(relpath)) is not None:
+                self.upload_folder_mtimes[(project, target)] = self.upload_folder_mtimes.pop(
+                    (project, relpath))
         for live in list(self._nodes.values()):
             if live.project != node.project:
                 continue
@@ -728,7 +743,14 @@ class Tree:
         self._negative.clear()
 
     def hide(self, node: Node) -> None:
-        self.hidden.add(node.inode)
+        self.hidden[node.inode] = node.prearchive_uri
+
+    def show_hidden(self, session_uri: str) -> int:
+        """Show again what `rm` hid in a prearchive session; how many entries."""
+        inodes = [inode for inode, uri in self.hidden.items() if uri == session_uri]
+        for inode in inodes:
+            del self.hidden[inode]
+        return len(inodes)
 
     # ---------------------------------------------------------- pending subjects
     async def _children_of_pending_subject(self, node: Node) -> list[Node]:

@@ -497,6 +497,8 @@ def test_a_second_rsync_sends_nothing_again(mount: Mount, tmp_path: Path) -> Non
     write_dicom_series(source, patient_name="Ag^Ain", patient_id="AGAIN3",
                        study_uid="1.2.826.0.1.3680043.8.498.781", series_number=1,
                        series_description="again", slices=3, rows=8, cols=8, seed=11)
+    folder_time = 1_600_000_000 * 10**9  # unlike the new folder's, so rsync sets it
+    os.utime(source, ns=(folder_time, folder_time))
     target = mount.path / "uploads" / "NEURO_PUB" / "subject=AGSUBJ" / "session=AGAIN_MR"
     target.mkdir(parents=True)
     mark = mount.server.log_mark()
@@ -505,6 +507,7 @@ def test_a_second_rsync_sends_nothing_again(mount: Mount, tmp_path: Path) -> Non
     assert len(first) == 3
     for path in source.iterdir():
         assert (target / path.name).stat().st_mtime_ns == path.stat().st_mtime_ns
+    assert target.stat().st_mtime_ns == folder_time  # kept, or rsync would set it again
     mark = mount.server.log_mark()
     again = subprocess.run(["rsync", "-a", "--itemize-changes", f"{source}/", f"{target}/"],
                            check=True, capture_output=True, text=True)
@@ -689,6 +692,35 @@ def test_archive_move_and_delete_by_file_operations(mount: Mount, tmp_path: Path
     with httpx.Client(base_url=mount.server.url, auth=ADMIN) as c:
         assert c.get(uris[2] + "?format=json").status_code == 404
     assert not dirs[2].exists()
+
+
+def test_part_of_a_prearchive_session_removed_with_rm_is_not_archived(mount: Mount,
+                                                                     tmp_path: Path) -> None:
+    """XNAT removes whole prearchive sessions only. ``rm`` of a file in one is
+    what ``rm -r SESSION`` does before its last rmdir (which deletes the session),
+    so it cannot fail; but the session is then not archived as if the file were
+    gone: the mv fails (EPERM) and shows the file again, and the next one
+    archives all of it."""
+    _, uri = drop_archive(mount, tmp_path, "part.zip", ("Pa^Rt", "PART1"), slices=2, seed=35)
+    session = mounted_prearchive(mount, uri)
+    scan = sorted(os.listdir(session / "scans"))[0]
+    files = session / "scans" / scan / "resources" / "DICOM" / "files"
+    names = sorted(os.listdir(files))
+    subprocess.run(["rm", str(files / names[0])], check=True)
+    subprocess.run(["rm", "-r", str(session / "scans")], check=True)
+    assert "scans" not in os.listdir(session)
+    subject = mount.path / "NEURO_PUB" / "PARTSUBJ"
+    subject.mkdir()
+    with pytest.raises(OSError) as refused:
+        os.rename(session, subject / "PART1")
+    assert refused.value.errno == errno.EPERM
+    assert sorted(os.listdir(files)) == names  # still there, and shown again
+    with pytest.raises(OSError) as refused:  # not a subject: no file-by-file copy either
+        os.rename(session, mount.path / "NEURO_PUB" / "PART1")
+    assert refused.value.errno == errno.EPERM
+    os.rename(session, subject / "PART1")
+    archived = subject / "PART1" / "scans" / scan / "resources" / "DICOM" / "files"
+    assert sorted(os.listdir(archived)) == names
 
 
 def test_rm_r_of_a_prearchive_timestamp_folder(mount: Mount, tmp_path: Path) -> None:
