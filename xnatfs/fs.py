@@ -20,7 +20,7 @@ import pyfuse3
 import trio
 
 from .blockcache import BlockCache, FileIdentity
-from .errors import NotFound, Stale, XnatError, errno_for
+from .errors import BadRequest, NotFound, Stale, XnatError, errno_for
 from .naming import NAME_MAX, label_from_name, require_label
 from .tree import Kind, Node, Tree
 from .uploads import State as UploadState
@@ -481,6 +481,16 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         node = await self.tree.lookup(parent_inode_old, os.fsdecode(name_old))
         new_parent = self.tree.node(parent_inode_new)
+        try:
+            await self._rename(node, parent_inode_new, new_parent, name_new)
+        except BadRequest as exc:
+            # mv reads rename(2)'s EINVAL as "cannot move a directory to a
+            # subdirectory of itself" and says only that.
+            log.info("rename of %s refused: %s", node.name, exc)
+            raise pyfuse3.FUSEError(errno.EPERM) from None
+
+    async def _rename(self, node: Node, parent_inode_new: int, new_parent: Node,
+                      name_new: bytes) -> None:
         # The kernel moves its entry from the old name to the new one itself.
         if node.kind is Kind.UPLOAD_FILE:
             await self._rename_upload(node, new_parent, name_new)
@@ -552,6 +562,7 @@ class Operations(pyfuse3.Operations):
                 require_label(session, "session")
             await client.archive_prearchive(node.prearchive_uri, project=new_parent.project,
                                             subject=subject, session=session)
+            self.tree.archived_as[node.prearchive_uri] = (new_parent.project, subject, session)
             self.tree.invalidate_project(new_parent.project)
             if new_parent.kind is Kind.PENDING_SUBJECT:
                 # The subject now exists on the server, as a different node.
@@ -580,7 +591,7 @@ class Operations(pyfuse3.Operations):
         ``inode`` is the entry's inode when it was deleted, else 0.
         """
         try:
-            pyfuse3.invalidate_entry_async(parent_inode, name, deleted=inode)
+            pyfuse3.invalidate_entry_async(parent_inode, name, deleted=inode, ignore_enoent=True)
         except Exception:  # noqa: BLE001 - best effort; the entry timeout catches up
             log.debug("could not invalidate %r", name, exc_info=True)
 

@@ -148,6 +148,11 @@ class Tree:
         # has no such folder any more, but `rm -r` still removes it, so it stays
         # (empty) until then, as a folder would.
         self.emptied_timestamps: set[tuple[str, str]] = set()
+        # Prearchive sessions archived with mv, by URI: (project, subject label,
+        # session label). The kernel points the new name at the old folder until
+        # its entry is renewed (asynchronously): meanwhile that folder shows what
+        # was archived.
+        self.archived_as: dict[str, tuple[str, str, str]] = {}
         self.prearchive_ttl = max(prearchive_ttl if prearchive_ttl is not None else 5.0, 0.5)
         self.metadata_ttl = max(metadata_ttl, 1.0)
         # Every live node; the kernel's (and the root) are also held in _held.
@@ -690,6 +695,8 @@ class Tree:
         return out
 
     async def _children_of_prearchive_session(self, node: Node) -> list[Node]:
+        if node.prearchive_uri in self.archived_as:
+            return await self._children_of_archived(node, *self.archived_as[node.prearchive_uri])
         common = dict(project=node.project, prearchive_uri=node.prearchive_uri,
                       mtime_ns=node.mtime_ns)
         out = [self._child(node, Kind.SCANS, "scans", ("pre-scans", node.prearchive_uri),
@@ -711,6 +718,20 @@ class Tree:
         if session is not None:
             node.xattrs = _prearchive_xattrs(session)
             node.mtime_ns = _time_ns(session.lastmod, node.mtime_ns)
+
+    async def _children_of_archived(self, node: Node, project: str, subject_label: str,
+                                    session_label: str) -> list[Node]:
+        subjects = await self.cached(("subjects", project),
+                                     lambda: self.client.list_subjects(project))
+        subject = next((s for s in subjects if s.label == subject_label), None)
+        if subject is None:
+            return []
+        experiments = await self.subject_experiments(project, subject.id)
+        session = next((e for e in experiments if e.label == session_label), None)
+        if session is None:
+            return []
+        node.project, node.subject_id, node.experiment_id = project, subject.id, session.id
+        return await self._children_of_session(node)
 
     async def prearchive_scans(self, uri: str) -> list[xc.Scan]:
         return await self.cached(("pre-scans", uri),
@@ -754,7 +775,20 @@ class Tree:
 
     # ---------------------------------------------------------- pending subjects
     async def _children_of_pending_subject(self, node: Node) -> list[Node]:
-        return []
+        """Nothing, until a session is archived into it: the kernel may still hold
+        this folder for a moment after (its entry is renewed asynchronously), and
+        it must then show what the subject now has."""
+        assert isinstance(node.key, tuple)
+        label = node.key[2]  # ("pending-subject", project, label)
+        if (node.project, label) in self.pending_subjects:
+            return []
+        subjects = await self.cached(("subjects", node.project),
+                                     lambda: self.client.list_subjects(node.project))
+        made = next((s for s in subjects if s.label == label), None)
+        if made is None:
+            return []
+        node.subject_id = made.id
+        return await self._children_of_subject(node)
 
     def add_pending_subject(self, parent: Node, name: str) -> Node:
         """``mkdir`` of a subject to archive into (refused unless XNAT would keep its label)."""
