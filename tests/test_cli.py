@@ -56,3 +56,23 @@ def test_fstab_options_become_mount_switches() -> None:
     for unknown in ("debug", "fore", "ready=3", "us=bob", "bogus"):  # no abbreviations
         with pytest.raises(SystemExit):
             build_parser().parse_args(fstab_arguments(["/mnt/x", "-o", unknown]))
+
+
+@pytest.mark.parametrize("argv", [["uploads", "retry", "--url", "https://x.org", "a1", "b2"],
+                                  ["uploads", "retry", "a1", "b2", "--url", "https://x.org"]])
+def test_upload_ids_and_options_in_any_order(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    assert (args.action, args.ids, args.url) == ("retry", ["a1", "b2"], "https://x.org")
+
+
+def test_prearchive_actions_take_their_own_options() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["prearchive", "archive", "--subject", "S1",
+                              "/data/prearchive/projects/P/T/N", "--label", "S1_MR"])
+    assert (args.session, args.subject, args.label) == ("/data/prearchive/projects/P/T/N",
+                                                        "S1", "S1_MR")
+    with pytest.raises(SystemExit):  # a move needs the project it moves to
+        parser.parse_args(["prearchive", "move", "/data/prearchive/projects/P/T/N"])
+    with pytest.raises(SystemExit):  # a delete has no labels to give
+        parser.parse_args(["prearchive", "delete", "/data/prearchive/projects/P/T/N",
+                           "--subject", "S1"])

@@ -92,20 +92,34 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--credentials-on-stdin", action="store_true", help=argparse.SUPPRESS)
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
+    # Each action is a parser of its own, so that options may come before or after
+    # the ids ("retry --url URL ID" as well as "retry ID --url URL").
     uploads = commands.add_parser("uploads", help="list, retry or discard kept uploads")
-    uploads.add_argument("action", choices=("list", "retry", "discard"))
-    uploads.add_argument("ids", nargs="*", help="upload ids (default: all kept uploads)")
-    _add_site_options(uploads)
+    upload_actions = uploads.add_subparsers(dest="action", required=True)
+    for action, text in (("list", "list kept uploads"), ("retry", "send kept uploads again"),
+                         ("discard", "delete kept uploads")):
+        parser_ = upload_actions.add_parser(action, help=text)
+        parser_.add_argument("ids", nargs="*", help="upload ids (default: all kept uploads)")
+        _add_site_options(parser_)
 
     prearchive = commands.add_parser("prearchive", help="list, archive, move or delete "
                                                         "prearchive sessions")
-    prearchive.add_argument("action", choices=("list", "archive", "move", "delete"))
-    prearchive.add_argument("session", nargs="?",
-                            help="/data/prearchive/projects/P/TIMESTAMP/NAME")
-    prearchive.add_argument("--project", help="archive into / move to this project")
-    prearchive.add_argument("--subject", help="subject label to archive into")
-    prearchive.add_argument("--label", help="session label to archive as")
-    _add_site_options(prearchive)
+    prearchive_actions = prearchive.add_subparsers(dest="action", required=True)
+    listing = prearchive_actions.add_parser("list", help="list prearchive sessions")
+    listing.add_argument("--project", help="only this project's")
+    _add_site_options(listing)
+    for action, text in (("archive", "archive a session"),
+                         ("move", "move a session to another project's prearchive"),
+                         ("delete", "delete a session")):
+        parser_ = prearchive_actions.add_parser(action, help=text)
+        parser_.add_argument("session", help="/data/prearchive/projects/P/TIMESTAMP/NAME")
+        if action != "delete":
+            parser_.add_argument("--project", required=action == "move",
+                                 help="archive into / move to this project")
+        if action == "archive":
+            parser_.add_argument("--subject", help="subject label to archive into")
+            parser_.add_argument("--label", help="session label to archive as")
+        _add_site_options(parser_)
 
     umount = commands.add_parser("umount", help="unmount")
     umount.add_argument("mountpoint", type=Path)
@@ -233,14 +247,10 @@ def prearchive_command(args: argparse.Namespace) -> int:
             for s in await client.list_prearchive(args.project):
                 print(f"{s.uri}  {s.status}  subject={s.subject or ''}  uploaded={s.uploaded}")
             return 0
-        if not args.session:
-            raise UserError("xnatfs: name the prearchive session (its /data/prearchive/... URI)")
         if args.action == "archive":
             print(await client.archive_prearchive(args.session, project=args.project,
                                                   subject=args.subject, session=args.label))
         elif args.action == "move":
-            if not args.project:
-                raise UserError("xnatfs: --project is required to move a session")
             print(await client.move_prearchive(args.session, args.project))
         else:
             await client.delete_prearchive(args.session)
