@@ -358,6 +358,14 @@ def mount(args: argparse.Namespace) -> int:
     url, mountpoint = _mount_target(args)
     if not mountpoint.is_dir():
         raise UserError(f"mount point {mountpoint} is not a directory")
+    from .mount import mounted_type
+
+    already = mounted_type(mountpoint.resolve())
+    if already is not None and already.startswith("fuse"):
+        # A second FUSE mount would hide the first, which then cannot be unmounted
+        # until this one is.
+        raise UserError(f"xnatfs: {mountpoint} is already mounted ({already}); unmount it "
+                        f"first: xnatfs umount {mountpoint}")
     credentials = _resolve_credentials(args, url)
     if not args.credentials_on_stdin:  # the parent already applied the config file
         _apply_config_switches(args, credentials.url)

@@ -115,15 +115,34 @@ def mount_device(mountpoint: Path) -> tuple[int, int] | None:
     ``os.stat`` on the mount point would ask our own FUSE loop, which is not
     serving yet when this runs: the process would wait on itself forever.
     """
+    fields = _mountinfo_line(mountpoint)
+    if fields is None:
+        return None
+    major, _, minor = fields[2].partition(":")
+    return int(major), int(minor)
+
+
+def mounted_type(mountpoint: Path) -> str | None:
+    """The type of the filesystem mounted on ``mountpoint`` (``fuse.xnatfs``...), if any."""
+    fields = _mountinfo_line(mountpoint)
+    if fields is None or "-" not in fields[6:]:
+        return None
+    rest = fields[fields.index("-", 6) + 1:]
+    return rest[0] if rest else None
+
+
+def _mountinfo_line(mountpoint: Path) -> list[str] | None:
+    """The fields of the newest mount on ``mountpoint`` in /proc/self/mountinfo."""
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
         return None
+    # mountinfo writes a space in a path as \040 (and tab, newline, backslash likewise).
+    escaped = str(mountpoint).translate({ord(c): f"\\{ord(c):03o}" for c in " \t\n\\"})
     for line in reversed(lines):  # the newest mount on a path wins
         fields = line.split()
-        if len(fields) > 4 and fields[4] == str(mountpoint):
-            major, _, minor = fields[2].partition(":")
-            return int(major), int(minor)
+        if len(fields) > 4 and fields[4] == escaped:
+            return fields
     return None
 
 

@@ -120,6 +120,16 @@ def test_second_mount_reuses_the_cached_session(demo_server: TestServer,
     assert jsession == [("GET", 200)], jsession  # the check that it is alive, nothing else
 
 
+def test_mounting_over_a_mount_is_refused(demo_mount: Mount) -> None:
+    """A second mount on the same folder would hide the first one."""
+    result = subprocess.run([sys.executable, "-m", "xnatfs.cli", "mount",
+                             demo_mount.server.url, str(demo_mount.path)], env=demo_mount.env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "already mounted (fuse.xnatfs)" in result.stderr
+    mounts = Path("/proc/self/mountinfo").read_text().split("\n")
+    assert sum(f" {demo_mount.path} " in line for line in mounts) == 1
+
+
 def test_bad_password_fails_clearly_and_leaves_no_mount(demo_server: TestServer,
                                                        tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
