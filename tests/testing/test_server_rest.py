@@ -384,3 +384,48 @@ def test_shared_subjects_and_experiments_appear_under_their_label_there(
         store.execute("DELETE FROM roles WHERE project = 'PROTP' AND login = 'alice'")
     finally:
         store.close()
+
+
+def test_assessors_as_xnat_lists_nests_and_serves_them(admin: httpx.Client) -> None:
+    """Image assessors (QC, FreeSurfer...): their own accession ID and flat URI,
+    nested in the session item with their output resources (``out/file``), those
+    resources' files listed with ``/out/`` and IDs whatever the request named,
+    and included in the session's ``files?all=true`` (without ``/data``)."""
+    base = "/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1"
+    made = admin.put(f"{base}/assessors/SESS1_QC?xsiType=xnat:qcAssessmentData")
+    assert made.status_code == 201
+    assessor_id = made.text
+    assert admin.put(f"{base}/assessors/SESS1_QC?xsiType=xnat:qcAssessmentData").text == \
+        assessor_id  # exists: 200 with its ID
+    assert admin.put(f"{base}/assessors/SESS1_QC/out/resources/QC/files/r/report.json",
+                     content=b"{}").status_code == 200
+    session_id = admin.get(f"{base}?format=json").json()["items"][0]["data_fields"]["ID"]
+    [row] = admin.get(f"/data/experiments/{session_id}/assessors").json()["ResultSet"]["Result"]
+    assert (row["ID"], row["label"], row["URI"]) == (assessor_id, "SESS1_QC",
+                                                     f"/data/experiments/{assessor_id}")
+    assert row["xnat:imageassessordata/id"] == assessor_id
+    assert row["session_ID"] == session_id and row["xsiType"] == "xnat:qcAssessmentData"
+    children = admin.get(f"{base}?format=json").json()["items"][0]["children"]
+    [assessors] = [c["items"] for c in children if c["field"] == "assessors/assessor"]
+    assert assessors[0]["data_fields"]["imageSession_ID"] == session_id
+    [outputs] = [c["items"] for c in assessors[0]["children"] if c["field"] == "out/file"]
+    assert outputs[0]["data_fields"]["label"] == "QC"
+    by_label = f"/data/experiments/{session_id}/assessors/SESS1_QC"
+    [resource] = admin.get(f"{by_label}/resources").json()["ResultSet"]["Result"]
+    assert (resource["category"], resource["cat_id"]) == ("assessors", assessor_id)
+    assert admin.get(f"{by_label}/in/resources").json()["ResultSet"]["Result"] == []
+    rid = resource["xnat_abstractresource_id"]
+    [f] = admin.get(f"{by_label}/resources/QC/files").json()["ResultSet"]["Result"]
+    uri = f"/data/experiments/{session_id}/assessors/{assessor_id}/out/resources/{rid}/files/"
+    assert f["URI"] == uri + "r/report.json"
+    assert admin.get(f["URI"]).content == b"{}"
+    every = admin.get(f"/data/experiments/{session_id}/files?all=true").json()
+    assert uri[len("/data"):] + "r/report.json" in {r["URI"] for r in every["ResultSet"]["Result"]}
+    # The item: by ID at the top level, by label only under a project.
+    assert admin.get(f"{by_label}?format=json").status_code == 404
+    item = admin.get(f"{base}/assessors/SESS1_QC?format=json").json()["items"][0]
+    assert item["meta"]["xsi:type"] == "xnat:qcAssessmentData"
+    assert admin.delete(f"{base}/assessors/SESS1_QC").status_code == 200
+    assert admin.get(f"/data/experiments/{session_id}/assessors").json()["ResultSet"][
+        "Result"] == []
+    assert admin.get(f["URI"]).status_code == 404

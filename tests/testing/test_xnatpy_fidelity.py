@@ -161,3 +161,19 @@ def test_shared_subjects_and_sessions_through_xnatpy(tmp_path: Path) -> None:
             [sharing] = [c for c in item.fulldata["children"] if c["field"] == "sharing/share"]
             assert [(i["meta"]["xsi:type"], i["data_fields"]) for i in sharing["items"]] == [
                 ("xnat:projectParticipant", {"label": "SHARED_SUBJ", "project": "ALICE_LAB"})]
+
+
+def test_assessor_resources_through_xnatpy(session: xnat.session.XNATSession,
+                                           demo_server: TestServer, tmp_path: Path) -> None:
+    experiment = session.projects["NEURO_PUB"].subjects["NP001"].experiments["NP001_MR2"]
+    [assessor] = experiment.assessors.values()
+    assert assessor.label == "NP001_MR2_QC" and assessor.image_session_id == experiment.id
+    resource = assessor.resources["QC_REPORT"]
+    assert sorted(resource.files.keys()) == ["ratings/motion.txt", "report.json"]
+    target = tmp_path / "report.json"
+    resource.files["report.json"].download(str(target))  # checked against the listed digest
+    with httpx.Client(base_url=demo_server.url, auth=("admin", "admin")) as c:
+        rows = c.get(f"/data/experiments/{experiment.id}/files?all=true").json()
+    [listed] = [r for r in rows["ResultSet"]["Result"] if r["Name"] == "report.json"
+                and "/assessors/" in r["URI"]]
+    assert hashlib.md5(target.read_bytes()).hexdigest() == listed["digest"]

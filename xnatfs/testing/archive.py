@@ -44,10 +44,12 @@ LEVEL_KEYS = {
     "subject": {"experiments", "resources", "files"},
     "experiment": {"scans", "resources", "files", "assessors", "reconstructions"},
     "scan": {"resources", "files"},
+    # An assessor's resources may be named with their kind: out (the default) or in.
+    "assessor": {"resources", "files", "out", "in"},
     "resource": {"files"},
 }
 CHILD_LEVEL = {"projects": "project", "subjects": "subject", "experiments": "experiment",
-               "scans": "scan", "resources": "resource"}
+               "scans": "scan", "assessors": "assessor", "resources": "resource"}
 
 # Content types XNAT's buildMediaType knows; everything else is octet-stream.
 _KNOWN_TYPES = {".txt": "text/plain", ".xml": "text/xml", ".jpg": "image/jpeg",
@@ -76,6 +78,7 @@ class ArchivePath:
     collection: str | None = None
     file_path: str | None = None
     via_project: bool = False
+    assessor_kind: str = "out"  # .../assessors/A/{out|in}/resources (out when not said)
 
     @property
     def level(self) -> str:
@@ -99,11 +102,18 @@ def parse_archive_path(segments: list[str]) -> ArchivePath:
             path.collection = "prearchive_code"
             path.file_path = "/".join(segments[i + 1:]) or None
             return path
-        if key in ("assessors", "reconstructions"):
+        if key == "reconstructions":
             path.collection = key
             if i + 1 < len(segments):
                 raise XnatHTTPError(404, "The requested resource was not found.")
             return path
+        if key in ("out", "in"):
+            if path.order[-1] != "assessor" or i + 1 == len(segments) or segments[i + 1] in (
+                    "out", "in"):
+                raise XnatHTTPError(404, "The requested resource was not found.")
+            path.assessor_kind = key
+            i += 1
+            continue
         if i + 1 == len(segments):
             path.collection = key
             return path
@@ -129,6 +139,8 @@ class Resolved:
     scan_multi: bool = False
     resources: list[sqlite3.Row] | None = None
     resource_multi: bool = False
+    assessor: sqlite3.Row | None = None
+    assessor_kind: str = "out"  # this server models output resources only
 
     # For handlers whose path names the level (resolve raised 404 otherwise).
     @property
@@ -243,6 +255,11 @@ class ArchiveRoutes:
         if out.project is not None and (out.subject is not None or path.collection not in (None,)):
             if not access.readable(out.project) and path.level != "project":
                 raise XnatHTTPError(403, f"Unable to read data for Project: {out.project['id']}")
+        if "assessor" in ids:
+            out.assessor = store.assessor(out.the_experiment["id"], ids["assessor"])
+            if out.assessor is None:
+                raise XnatHTTPError(404, "Unable to find the specified experiment.")
+            out.assessor_kind = path.assessor_kind
         if "scan" in ids:
             out.scans, out.scan_multi = self._select_scans(out.the_experiment, ids["scan"])
             if not out.scans and not out.scan_multi:
@@ -272,12 +289,24 @@ class ArchiveRoutes:
             return [], "," in spec
         wanted = spec.split(",")
         chosen: list[sqlite3.Row] = []
+        if out.assessor is not None:
+            chosen = [r for r in self._assessor_resources(out) if r["label"] in wanted
+                      or str(r["id"]) in wanted]
+            return chosen, len(wanted) > 1 or len(chosen) > 1
         for scan_pk in self._scan_pks(out):
             for name in wanted:
                 row = self.store.resource(out.experiment["id"], scan_pk, name)
                 if row is not None and row not in chosen:
                     chosen.append(row)
         return chosen, len(wanted) > 1 or len(chosen) > 1
+
+    def _assessor_resources(self, out: Resolved) -> list[sqlite3.Row]:
+        """An assessor's output resources (``in`` ones are not modelled: none)."""
+        assert out.assessor is not None
+        if out.assessor_kind == "in":
+            return []
+        return self.store.resources(out.assessor["experiment_id"], None,
+                                    assessor_id=out.assessor["id"])
 
     @staticmethod
     def _scan_pks(out: Resolved) -> list[int | None]:
@@ -308,12 +337,7 @@ class ArchiveRoutes:
             return self._list_resources(request, res)
         if collection == "assessors":
             request["route"] = "assessors.list"
-            spec = ListingSpec(("ID", "project", "label", "date", "xsiType", "insert_date",
-                                "session_ID", "session_label"),
-                               {a: a for a in ("ID", "project", "label", "date", "xsiType",
-                                               "insert_date", "session_ID", "session_label")},
-                               title="Project Subject Experiment Assessors")
-            return listings.render(request, spec, [])
+            return self._list_assessors(request, res)
         if collection == "reconstructions":
             request["route"] = "reconstructions.list"
             return table_response(request, [], ["ID", "type", "baseScanType", "URI"],
@@ -494,27 +518,64 @@ class ArchiveRoutes:
     def _resource_row(self, r: sqlite3.Row, scan: sqlite3.Row | None,
                       experiment: sqlite3.Row) -> dict[str, Any]:
         count, size = self.store.resource_totals(r["id"])
+        if scan is not None:
+            category, cat_id, cat_desc = "scans", scan["scan_id"], scan["type"]
+        elif r["assessor_id"] is not None:
+            assessor = self.store.assessor(experiment["id"], r["assessor_id"])
+            assert assessor is not None
+            category, cat_id, cat_desc = "assessors", assessor["id"], assessor["xsi_type"]
+        else:
+            category, cat_id, cat_desc = "resources", experiment["id"], " "
         return {"xnat_abstractresource_id": r["id"], "label": r["label"],
-                "element_name": "xnat:resourceCatalog",
-                "category": "scans" if scan is not None else "resources",
-                "cat_id": scan["scan_id"] if scan is not None else experiment["id"],
-                "cat_desc": scan["type"] if scan is not None else " ",
+                "element_name": "xnat:resourceCatalog", "category": category,
+                "cat_id": cat_id, "cat_desc": cat_desc,
                 "file_count": count, "file_size": size, "tags": r["tags"],
                 "content": r["content"], "format": r["format"]}
 
     def _list_resources(self, request: web.Request, res: Resolved) -> web.Response:
         rows: list[dict[str, Any]] = []
-        if res.experiment is not None:
+        if res.assessor is not None:
+            rows = [self._resource_row(r, None, res.the_experiment)
+                    for r in self._assessor_resources(res)]
+        elif res.experiment is not None:
             eid = res.experiment["id"]
             scans: list[sqlite3.Row | None] = [*res.scans] if res.scans is not None else [None]
-            if res.scans is None and request.query.get("all") == "true":
+            every = res.scans is None and request.query.get("all") == "true"
+            if every:
                 scans = [None, *self.store.scans(eid)]
             for scan in scans:
                 pk = scan["pk"] if scan is not None else None
                 rows += [self._resource_row(r, scan, res.experiment)
                          for r in self.store.resources(eid, pk)]
+            if every:  # XNAT adds the assessors' output resources
+                rows += [self._resource_row(r, None, res.experiment)
+                         for a in self.store.assessors(eid)
+                         for r in self.store.resources(eid, None, assessor_id=a["id"])]
         return table_response(request, rows, self.RESOURCE_COLUMNS,
                               envelope={"title": "Resources", "totalRecords": str(len(rows))})
+
+    # Assessors -------------------------------------------------------------
+    ASSESSOR_SPEC = ListingSpec(
+        defaults=("ID", "project", "label", "date", "xsiType", "insert_date", "session_ID",
+                  "session_label"),
+        aliases={a: a for a in ("ID", "project", "label", "date", "xsiType", "insert_date",
+                                "session_ID", "session_label", "URI")},
+        pk_column="xnat:imageassessordata/id",
+        title="Project Subject Experiment Assessors",
+    )
+
+    def _list_assessors(self, request: web.Request, res: Resolved) -> web.Response:
+        """``ProjSubExptAsstList``: an assessor's URI is its own, flat
+        ``/data/experiments/{ID}``, not one below the session."""
+        if res.experiment is None or res.assessor is not None:
+            raise XnatHTTPError(404, "The requested resource was not found.")
+        e = res.experiment
+        rows = [{"ID": a["id"], "project": e["project"], "label": a["label"], "date": a["date"],
+                 "xsiType": a["xsi_type"], "insert_date": a["insert_date"],
+                 "session_ID": e["id"], "session_label": e["label"],
+                 "xnat:imageassessordata/id": a["id"], "URI": f"/data/experiments/{a['id']}"}
+                for a in self.store.assessors(e["id"])]
+        return listings.render(request, self.ASSESSOR_SPEC, rows)
 
     # Items -----------------------------------------------------------------
     def _get_item(self, request: web.Request, access: Access, path: ArchivePath,
@@ -527,6 +588,12 @@ class ArchiveRoutes:
             item = self._subject_item(res.the_subject)
         elif level == "experiment":
             item = self._experiment_item(res.the_experiment)
+        elif level == "assessor":
+            assert res.assessor is not None
+            # ExptAssessmentResource: by ID, or by label under a project.
+            if not path.via_project and path.ids["assessor"] != res.assessor["id"]:
+                raise XnatHTTPError(404, "Unable to find the specified experiment.")
+            item = self._assessor_item(res.assessor, res.the_experiment)
         elif level == "scan":
             if res.scan_multi or not res.scans:
                 raise XnatHTTPError(404, "Unable to find the specified scan.")
@@ -580,6 +647,9 @@ class ArchiveRoutes:
             children.append(child_field("scans/scan", scan_items))
         if resource_items:
             children.append(child_field("resources/resource", resource_items))
+        assessor_items = [self._assessor_item(a, e) for a in self.store.assessors(e["id"])]
+        if assessor_items:
+            children.append(child_field("assessors/assessor", assessor_items))
         children += self._sharing("experiment", e["id"], "xnat:experimentData_share")
         fields = {"ID": e["id"], "id": e["id"], "project": e["project"],
                   "subject_ID": e["subject_id"], "label": e["label"], "date": e["date"],
@@ -591,6 +661,16 @@ class ArchiveRoutes:
         if e["xsi_type"] == "xnat:mrSessionData" and e["field_strength"]:
             fields["fieldStrength"] = e["field_strength"]
         return item_json(e["xsi_type"], {k: v for k, v in fields.items() if v != ""}, children)
+
+    def _assessor_item(self, a: sqlite3.Row, e: sqlite3.Row) -> dict[str, Any]:
+        """An assessor with its output resources (``out/file``), as XNAT nests it."""
+        resource_items = [self._resource_item(r) for r in
+                          self.store.resources(e["id"], None, assessor_id=a["id"])]
+        children = [child_field("out/file", resource_items)] if resource_items else []
+        fields = {"ID": a["id"], "id": a["id"], "label": a["label"], "project": e["project"],
+                  "imageSession_ID": e["id"], "date": a["date"],
+                  "insert_date": a["insert_date"], "insert_user": a["insert_user"]}
+        return item_json(a["xsi_type"], {k: v for k, v in fields.items() if v != ""}, children)
 
     def _scan_item(self, s: sqlite3.Row, e: sqlite3.Row) -> dict[str, Any]:
         resource_items = [self._resource_item(r) for r in self.store.resources(e["id"], s["pk"])]
@@ -615,16 +695,21 @@ class ArchiveRoutes:
     def _file_sources(self, res: Resolved, request: web.Request | None = None
                       ) -> list[tuple[sqlite3.Row | None, sqlite3.Row]]:
         """(scan, resource) pairs a ``files`` URL covers. ``all=true`` on a
-        session's own ``files`` adds every scan's resources, as XNAT's
-        ``XNATTemplate.loadCatalogs`` does (it adds reconstructions and
-        assessors too, which this server does not model)."""
+        session's own ``files`` adds every scan's resources and every assessor's
+        output resources, as XNAT's ``XNATTemplate.loadCatalogs`` does (it adds
+        reconstructions too, which this server does not model)."""
         if res.experiment is None:
             return []
         eid = res.experiment["id"]
+        if res.assessor is not None:
+            resources = res.resources if res.resources is not None else \
+                self._assessor_resources(res)
+            return [(None, r) for r in resources]
         pairs: list[tuple[sqlite3.Row | None, sqlite3.Row]] = []
         scans: list[sqlite3.Row | None] = [*res.scans] if res.scans is not None else [None]
-        if (res.scans is None and res.resources is None and request is not None
-                and request.query.get("all", "").lower() == "true"):
+        every = (res.scans is None and res.resources is None and request is not None
+                 and request.query.get("all", "").lower() == "true")
+        if every:
             scans = [None, *self.store.scans(eid)]
         scan_by_pk = {s["pk"]: s for s in (res.scans or [])}
         if res.resources is not None:
@@ -632,6 +717,9 @@ class ArchiveRoutes:
         for scan in scans:
             pk = scan["pk"] if scan is not None else None
             pairs += [(scan, r) for r in self.store.resources(eid, pk)]
+        if every:
+            pairs += [(None, r) for a in self.store.assessors(eid)
+                      for r in self.store.resources(eid, None, assessor_id=a["id"])]
         return pairs
 
     def _is_multi(self, res: Resolved) -> bool:
@@ -642,6 +730,9 @@ class ArchiveRoutes:
         tail = f"resources/{resource['id']}/files/{f.path}"
         if scan is not None:
             tail = f"scans/{scan['scan_id']}/{tail}"
+        elif resource["assessor_id"] is not None:
+            # With its kind always, and by ID always, however the request named it.
+            tail = f"assessors/{resource['assessor_id']}/out/{tail}"
         eid = res.the_experiment["id"]
         if self._is_multi(res):
             # Built from SQL resource_path, which lacks /data (reference, section 2).
@@ -695,8 +786,14 @@ class ArchiveRoutes:
         entries: list[tuple[str, Path, float]] = []
         for scan, resource in self._file_sources(res, request):
             for f in self.store.files(resource["id"]):
-                entries.append((zip_entry_name(label, scan, resource["label"], f.path, structure),
-                                self.store.blob_path(f.blob), f.mtime))
+                if resource["assessor_id"] is not None:
+                    # The layout of a session's zip (RestFileUtils.buildRelativePath); XNAT
+                    # names an assessor's own zip differently (its label first).
+                    name = (f"{label}/assessors/{resource['assessor_id']}/out/resources/"
+                            f"{resource['label']}/files/{f.path}")
+                else:
+                    name = zip_entry_name(label, scan, resource["label"], f.path, structure)
+                entries.append((name, self.store.blob_path(f.blob), f.mtime))
         if not entries:
             raise XnatHTTPError(404, "No matching files found.")
         return await archive_response(request, entries, fmt, label, self.knobs)
@@ -742,6 +839,18 @@ class ArchiveRoutes:
             eid = self.store.add_experiment(res.project["id"], res.subject["id"], new_label,
                                             xsi_type, user=access.caller.login, **extra)
             return text_response(eid, 201)
+        if path.level == "assessor":  # xnatpy's create_assessor
+            experiment = res.the_experiment
+            existing = self.store.assessor(experiment["id"], label)
+            if existing:
+                return text_response(existing["id"], 200)
+            xsi_type = query.get("xsiType", "")
+            if not xsi_type.endswith("AssessmentData") and not xsi_type.endswith("AssessorData"):
+                raise XnatHTTPError(400, f"Unknown or missing assessor type: {xsi_type!r}")
+            new_label = query.get(f"{xsi_type}/label") or query.get("label") or label
+            return text_response(self.store.add_assessor(
+                experiment["id"], new_label, xsi_type, date=query.get("date", ""),
+                user=access.caller.login), 201)
         if path.level == "scan":
             scan_id = label.replace("[SLASH]", "/")
             existing = self.store.scan(res.the_experiment["id"], scan_id)
@@ -782,12 +891,21 @@ class ArchiveRoutes:
             raise XnatHTTPError(409, "Specified resource already exists.")
         if res.experiment is None or res.scan_multi:
             raise XnatHTTPError(400, "Resources can only be created on a session or scan.")
-        scan_pk = res.scans[0]["pk"] if res.scans else None
         q = request.query
-        self.store.add_resource(res.experiment["id"], scan_pk, path.ids["resource"],
-                                format=q.get("format", ""), content=q.get("content", ""),
-                                tags=q.get("tags", ""))
+        self._new_resource(res, path, format=q.get("format", ""), content=q.get("content", ""),
+                           tags=q.get("tags", ""))
         return text_response("", 200)
+
+    def _new_resource(self, res: Resolved, path: ArchivePath, **fields: str) -> int:
+        """The resource a PUT names, made on its session, scan or assessor."""
+        if res.assessor is not None and res.assessor_kind == "in":
+            raise XnatHTTPError(400, "This server keeps assessor output resources only.")
+        scan_pk = res.scans[0]["pk"] if res.scans else None
+        return self.store.add_resource(
+            res.the_experiment["id"], scan_pk, path.ids["resource"],
+            assessor_id=res.assessor["id"] if res.assessor is not None else None,
+            format=fields.get("format", ""), content=fields.get("content", ""),
+            tags=fields.get("tags", ""))
 
     @staticmethod
     def _shared_here(res: Resolved) -> sqlite3.Row | None:
@@ -831,9 +949,7 @@ class ArchiveRoutes:
             if res.resources:
                 resource = res.resources[0]
             else:
-                scan_pk = res.scans[0]["pk"] if res.scans else None
-                rid = self.store.add_resource(res.experiment["id"], scan_pk,
-                                              path.ids["resource"])
+                rid = self._new_resource(res, path)
                 resource = self.store.aggregate("SELECT * FROM resources WHERE id = ?", (rid,))
             overwrite = q.get("overwrite") == "true"
             opts = {"format": q.get("format", ""), "content": q.get("content", ""),
@@ -890,6 +1006,12 @@ class ArchiveRoutes:
                 for r in self.store.resources(res.the_experiment["id"], s["pk"]):
                     self.store.delete_resource(r["id"])
                 self.store.execute("DELETE FROM scans WHERE pk = ?", (s["pk"],))
+        elif level == "assessor":
+            assert res.assessor is not None
+            for r in self.store.resources(res.the_experiment["id"], None,
+                                          assessor_id=res.assessor["id"]):
+                self.store.delete_resource(r["id"])
+            self.store.execute("DELETE FROM assessors WHERE id = ?", (res.assessor["id"],))
         elif unshare is not None:
             # Deleted through a project it is only shared into: XNAT removes the share.
             self.store.execute("DELETE FROM shares WHERE kind = ? AND id = ? AND project = ?",

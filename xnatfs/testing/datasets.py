@@ -620,6 +620,7 @@ class _Session:
     model: str
     field_strength: str = ""
     notes: tuple[str, ...] = ()  # file names in a NOTES resource
+    qc_assessor: bool = False    # a manual QC assessor, with its report as an output resource
 
 
 @dataclass(frozen=True)
@@ -651,7 +652,8 @@ _DEMO_PROJECTS = (
         _Subject("NP001", "male", "1961", (
             _Session("NP001_MR1", "MR", "2023-03-14", "09:12:33", "SIEMENS", "Prisma_fit", "3",
                      notes=("notes.txt", "scan notes.txt")),
-            _Session("NP001_MR2", "MR", "2023-09-19", "14:05:10", "SIEMENS", "Prisma_fit", "3"),
+            _Session("NP001_MR2", "MR", "2023-09-19", "14:05:10", "SIEMENS", "Prisma_fit", "3",
+                     qc_assessor=True),
         )),
         _Subject("NP002", "female", "1975", (
             _Session("NP002_MR1", "MR", "2023-04-02", "11:30:00", "GE MEDICAL SYSTEMS",
@@ -822,6 +824,15 @@ def _add_session_files(store: Store, experiment_id: str, project: _Project,
     _add_bytes(store, qc, "qc.json", _json({"session": session.label, "overall": verdict}),
                format="JSON")
     _add_bytes(store, qc, f"reports/{session.date[:4]}/qc.json", _json(report), format="JSON")
+    if session.qc_assessor:
+        assessor_id = store.add_assessor(experiment_id, f"{session.label}_QC",
+                                         "xnat:qcAssessmentData", date=session.date)
+        out = store.add_resource(experiment_id, None, "QC_REPORT", format="JSON",
+                                 content="QC", assessor_id=assessor_id)
+        _add_bytes(store, out, "report.json", _json(report), format="JSON")
+        _add_bytes(store, out, "ratings/motion.txt",
+                   f"{session.label}: motion 0.21 mm (mean FD), rating 1 of 4\n".encode(),
+                   format="TXT")
     if session.notes:
         notes = store.add_resource(experiment_id, None, "NOTES", format="TXT", content="NOTES")
         for name in session.notes:

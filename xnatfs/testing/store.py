@@ -71,8 +71,12 @@ CREATE TABLE IF NOT EXISTS resources (
     scan_pk INTEGER REFERENCES scans(pk) ON DELETE CASCADE,
     label TEXT NOT NULL, format TEXT NOT NULL DEFAULT '', content TEXT NOT NULL DEFAULT '',
     tags TEXT NOT NULL DEFAULT '');
-CREATE UNIQUE INDEX IF NOT EXISTS resources_label
-    ON resources (experiment_id, IFNULL(scan_pk, -1), label);
+CREATE TABLE IF NOT EXISTS assessors (
+    id TEXT PRIMARY KEY,
+    experiment_id TEXT NOT NULL REFERENCES experiments(id) ON DELETE CASCADE,
+    label TEXT NOT NULL, xsi_type TEXT NOT NULL, date TEXT NOT NULL DEFAULT '',
+    insert_date TEXT NOT NULL, insert_user TEXT NOT NULL,
+    UNIQUE (experiment_id, label));
 CREATE TABLE IF NOT EXISTS files (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     resource_id INTEGER NOT NULL REFERENCES resources(id) ON DELETE CASCADE,
@@ -155,9 +159,20 @@ class Store:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.executescript(SCHEMA)
+        self._migrate()
         if self.get_setting("site_id") is None:
             self.set_setting("site_id", site_id)
         self.site_id = self.get_setting("site_id") or site_id
+
+    def _migrate(self) -> None:
+        """Data sets made before assessors: their resources gain an owner column."""
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(resources)")}
+        if "assessor_id" not in columns:
+            self._db.execute("ALTER TABLE resources ADD COLUMN assessor_id TEXT"
+                             " REFERENCES assessors(id) ON DELETE CASCADE")
+        self._db.execute("DROP INDEX IF EXISTS resources_label")
+        self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS resources_owner_label ON resources"
+                         " (experiment_id, IFNULL(scan_pk, -1), IFNULL(assessor_id, ''), label)")
 
     # ------------------------------------------------------------------ basics
     def close(self) -> None:
@@ -418,30 +433,58 @@ class Store:
 
     # --------------------------------------------------------------- resources
     def add_resource(self, experiment_id: str, scan_pk: int | None, label: str, *,
-                     format: str = "", content: str = "", tags: str = "") -> int:
+                     format: str = "", content: str = "", tags: str = "",
+                     assessor_id: str | None = None) -> int:
+        """A resource of a session (``scan_pk`` and ``assessor_id`` None), of one of
+        its scans, or an output resource of one of its assessors."""
         with self.transaction():
-            if self.resource(experiment_id, scan_pk, label):
+            if self.resource(experiment_id, scan_pk, label, assessor_id=assessor_id):
                 raise StoreError(409, "Specified resource already exists.")
             return self.insert(
-                "INSERT INTO resources (experiment_id, scan_pk, label, format, content, tags)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (experiment_id, scan_pk, label, format, content, tags),
+                "INSERT INTO resources (experiment_id, scan_pk, assessor_id, label, format,"
+                " content, tags) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (experiment_id, scan_pk, assessor_id, label, format, content, tags),
             )
 
-    def resource(self, experiment_id: str, scan_pk: int | None,
-                 label_or_id: str) -> sqlite3.Row | None:
+    def resource(self, experiment_id: str, scan_pk: int | None, label_or_id: str, *,
+                 assessor_id: str | None = None) -> sqlite3.Row | None:
         """A resource by label, or by its numeric id, at one level."""
         rows = self.query(
             "SELECT * FROM resources WHERE experiment_id = ? AND scan_pk IS ?"
-            " AND (label = ? OR CAST(id AS TEXT) = ?) ORDER BY label = ? DESC",
-            (experiment_id, scan_pk, label_or_id, label_or_id, label_or_id),
+            " AND assessor_id IS ? AND (label = ? OR CAST(id AS TEXT) = ?)"
+            " ORDER BY label = ? DESC",
+            (experiment_id, scan_pk, assessor_id, label_or_id, label_or_id, label_or_id),
         )
         return rows[0] if rows else None
 
-    def resources(self, experiment_id: str, scan_pk: int | None) -> list[sqlite3.Row]:
+    def resources(self, experiment_id: str, scan_pk: int | None, *,
+                  assessor_id: str | None = None) -> list[sqlite3.Row]:
         return self.query(
-            "SELECT * FROM resources WHERE experiment_id = ? AND scan_pk IS ? ORDER BY id",
-            (experiment_id, scan_pk))
+            "SELECT * FROM resources WHERE experiment_id = ? AND scan_pk IS ?"
+            " AND assessor_id IS ? ORDER BY id", (experiment_id, scan_pk, assessor_id))
+
+    # --------------------------------------------------------------- assessors
+    def add_assessor(self, experiment_id: str, label: str, xsi_type: str, *,
+                     date: str = "", user: str = "admin") -> str:
+        """An image assessor of a session (QC, FreeSurfer...): an experiment of its
+        own in XNAT, numbered as experiments are."""
+        with self.transaction():
+            if self.assessor(experiment_id, label):
+                raise StoreError(409, "Specified assessor already exists.")
+            assessor_id = self._next_accession("E")
+            self.execute("INSERT INTO assessors (id, experiment_id, label, xsi_type, date,"
+                         " insert_date, insert_user) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (assessor_id, experiment_id, label, xsi_type, date, now_stamp(), user))
+        return assessor_id
+
+    def assessor(self, experiment_id: str, id_or_label: str) -> sqlite3.Row | None:
+        return self.query_one(
+            "SELECT * FROM assessors WHERE experiment_id = ? AND (id = ? OR label = ?)"
+            " ORDER BY id = ? DESC LIMIT 1", (experiment_id, *([id_or_label] * 3)))
+
+    def assessors(self, experiment_id: str) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM assessors WHERE experiment_id = ? ORDER BY id",
+                          (experiment_id,))
 
     def resource_totals(self, resource_id: int) -> tuple[int, int]:
         row = self.aggregate(
