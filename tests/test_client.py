@@ -329,6 +329,25 @@ async def test_experiment_files_cover_scans_and_session_in_one_request(
     assert {f.owner_kind for f in everything} == {"scan", "session"}
 
 
+async def test_assessors_come_with_their_session(server: TestServer,
+                                                 client: XnatClient) -> None:
+    """A session's item names its assessors and their output resources, and
+    ``files?all=true`` lists their files: no request of their own."""
+    [experiment] = [e for e in await client.list_experiments("NEURO_PUB")
+                    if e.label == "NP001_MR2"]
+    detail = await client.get_experiment(experiment.id)
+    [assessor] = detail.assessors
+    assert (assessor.label, assessor.xsi_type) == ("NP001_MR2_QC", "xnat:qcAssessmentData")
+    assert [r.label for r in assessor.resources] == ["QC_REPORT"]
+    files = [f for f in await client.list_experiment_files(experiment.id)
+             if f.owner_kind == "assessor"]
+    assert {(f.assessor_id, f.resource_label, f.path) for f in files} == {
+        (assessor.id, "QC_REPORT", "report.json"), (assessor.id, "QC_REPORT", "ratings/motion.txt")}
+    assert all(f.scan_id is None and f.uri.startswith("/data/experiments/") for f in files)
+    report = next(f for f in files if f.path == "report.json")
+    assert len(await full_download(client, report.uri)) == report.size
+
+
 async def test_project_experiments_carry_their_subject(client: XnatClient) -> None:
     subjects = await client.list_subjects("NEURO_PUB")
     whole = await client.list_experiments("NEURO_PUB")

@@ -111,6 +111,7 @@ _FILE_URI = re.compile(r"^(?P<owner>.*?)/resources/(?P<resource>[^/]+)/files/(?P
                        re.DOTALL)  # a file name may hold a newline; safe_name shows it
 _SCAN_OWNER = re.compile(r"/experiments/[^/]+/scans/(?P<scan>[^/]+)$")
 _SESSION_OWNER = re.compile(r"/experiments/[^/]+$")
+_ASSESSOR_OWNER = re.compile(r"/experiments/[^/]+/assessors/(?P<assessor>[^/]+)/out$")
 # RFC 3986 pchar plus "/": everything else in an XNAT path is percent-encoded
 # ("[" and "]" too: Tomcat refuses them raw with 400).
 _PATH_SAFE = "/:@!$&'()*+,;=~"
@@ -207,11 +208,23 @@ class Scan:
 
 
 @dataclass(frozen=True)
+class Assessor:
+    """An image assessor of a session (QC, FreeSurfer...), with its output resources."""
+
+    id: str
+    label: str
+    xsi_type: str
+    resources: tuple[Resource, ...]
+
+
+@dataclass(frozen=True)
 class ExperimentDetail(Experiment):
-    """An experiment with its scans and session-level resources (one item request)."""
+    """An experiment with its scans, session-level resources and assessors (one
+    item request: XNAT nests them all in the session's item)."""
 
     scans: tuple[Scan, ...]
     resources: tuple[Resource, ...]
+    assessors: tuple[Assessor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -225,8 +238,10 @@ class RemoteFile:
         uri: download path, ``/data/...``, unencoded.
         resource_label, resource_id: the resource holding it.
         scan_id: its scan, or None for a session-level resource.
-        owner_kind: what holds the resource: ``scan``, ``session``, or ``other``
-            (a reconstruction, assessor, subject or project).
+        assessor_id: its assessor, for an assessor's output resource.
+        owner_kind: what holds the resource: ``scan``, ``session``, ``assessor``
+            (an output resource), or ``other`` (a reconstruction, an assessor's
+            own resource, a subject or project).
     """
 
     path: str
@@ -237,6 +252,7 @@ class RemoteFile:
     resource_id: str
     scan_id: str | None
     owner_kind: str = "session"
+    assessor_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -659,7 +675,8 @@ class XnatClient:
                 subject_id=_text(fields.get("subject_ID")), xsi_type=item["meta"]["xsi:type"],
                 date=_text(fields.get("date")), insert_date=_text(fields.get("insert_date")),
                 scans=tuple(_scan(scan) for scan in _child_items(item, "scans/scan")),
-                resources=tuple(_resource(r) for r in _child_items(item, "resources/resource")))
+                resources=tuple(_resource(r) for r in _child_items(item, "resources/resource")),
+                assessors=tuple(_assessor(a) for a in _child_items(item, "assessors/assessor")))
         except (KeyError, IndexError, TypeError) as exc:
             raise ServerError(f"an experiment item without {exc}", path=path) from exc
 
@@ -676,8 +693,8 @@ class XnatClient:
     async def list_experiment_files(self, experiment_id: str) -> list[RemoteFile]:
         """Every file of the session's own resources and of its scans' resources,
         in one request: XNAT's ``files?all=true`` (``XNATTemplate.loadCatalogs``),
-        which also covers reconstructions and assessors; those are left out here
-        (their ``scan_id`` would be wrong), so only scan and session files remain."""
+        which also covers reconstructions and assessors. Reconstructions and the
+        assessors' own resources are left out; assessors' output resources stay."""
         path = f"/data/experiments/{experiment_id}/files"
         rows = await self._get_rows(path, kind="files.list", params={"all": "true"})
         files = []
@@ -687,7 +704,7 @@ class XnatClient:
             except ServerError as exc:  # an assessor's file in a shape we do not show
                 log.debug("skipping a row of %s: %s", path, exc)
                 continue
-            if f.owner_kind in ("scan", "session"):
+            if f.owner_kind in ("scan", "session", "assessor"):
                 files.append(f)
         return files
 
@@ -1242,6 +1259,13 @@ def _scan(item: Mapping[str, Any]) -> Scan:
                 resources=tuple(_resource(r) for r in _child_items(item, "file")))
 
 
+def _assessor(item: Mapping[str, Any]) -> Assessor:
+    fields = item["data_fields"]
+    return Assessor(id=str(fields["ID"]), label=str(fields.get("label") or fields["ID"]),
+                    xsi_type=item["meta"]["xsi:type"],
+                    resources=tuple(_resource(r) for r in _child_items(item, "out/file")))
+
+
 def _resource(item: Mapping[str, Any]) -> Resource:
     fields = item["data_fields"]
     return Resource(id=str(fields["xnat_abstractresource_id"]), label=str(fields["label"]),
@@ -1264,7 +1288,9 @@ def _remote_file(row: Mapping[str, Any], listing: str) -> RemoteFile:
         raise ServerError(f"unexpected file URI {uri!r}", path=listing)
     owner = match.group("owner")
     scan = _SCAN_OWNER.search(owner)
-    owner_kind = "scan" if scan else "session" if _SESSION_OWNER.search(owner) else "other"
+    assessor = _ASSESSOR_OWNER.search(owner)
+    owner_kind = ("scan" if scan else "session" if _SESSION_OWNER.search(owner)
+                  else "assessor" if assessor else "other")
     try:
         size = int(row.get("Size") or 0)
     except ValueError:
@@ -1273,4 +1299,5 @@ def _remote_file(row: Mapping[str, Any], listing: str) -> RemoteFile:
                       uri=_data_path(uri),
                       resource_label=row.get("collection") or match.group("resource"),
                       resource_id=row.get("cat_ID") or match.group("resource"),
-                      scan_id=scan.group("scan") if scan else None, owner_kind=owner_kind)
+                      scan_id=scan.group("scan") if scan else None, owner_kind=owner_kind,
+                      assessor_id=assessor.group("assessor") if assessor else None)

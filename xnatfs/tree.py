@@ -57,6 +57,8 @@ class Kind(enum.Enum):
     SESSION = "session"
     SCANS = "scans"
     SCAN = "scan"
+    ASSESSORS = "assessors"            # a session's assessors/, when it has any
+    ASSESSOR = "assessor"
     RESOURCES = "resources"
     RESOURCE = "resource"
     FOLDER = "folder"          # files/ and any directory below it
@@ -87,6 +89,7 @@ class Node:
     subject_id: str = ""
     experiment_id: str = ""
     scan_id: str | None = None
+    assessor_id: str | None = None         # below assessors/<label>/
     resource_label: str = ""
     folder: str = ""                       # path of a FOLDER inside its resource ("" = files/)
     file: xc.RemoteFile | None = None      # for FILE nodes
@@ -121,8 +124,9 @@ STATUS_NAME = "UPLOAD_STATUS.txt"
 INFO_NAME = "prearchive-info.json"
 
 
-FileGroups = dict[tuple[str | None, str], list[xc.RemoteFile]]
-"""Files by (scan ID, or None for the session level, resource label)."""
+FileGroups = dict[tuple[Hashable, str], list[xc.RemoteFile]]
+"""Files by (owner, resource label); the owner is a scan ID, None for the session
+itself, or ``("assessor", ID)`` (see :func:`_owner`)."""
 
 
 class Tree:
@@ -304,6 +308,9 @@ class Tree:
                 scan_files_expected |= resource.file_count != 0
         for resource in detail.resources:
             groups[(None, resource.label)] = []
+        for assessor in detail.assessors:
+            for resource in assessor.resources:
+                groups[(_owner(None, assessor.id), resource.label)] = []
         if not groups:
             return groups
         files = await self.client.list_experiment_files(experiment_id)
@@ -312,7 +319,7 @@ class Tree:
             # files; the scans then take their own listing.
             files += await self.client.list_scan_files(experiment_id)
         for f in files:
-            groups.setdefault((f.scan_id, f.resource_label), []).append(f)
+            groups.setdefault((_owner(f.scan_id, f.assessor_id), f.resource_label), []).append(f)
         return groups
 
     async def session_detail(self, experiment_id: str) -> xc.ExperimentDetail:
@@ -425,10 +432,34 @@ class Tree:
     async def _children_of_session(self, node: Node) -> list[Node]:
         common = dict(project=node.project, subject_id=node.subject_id,
                       experiment_id=node.experiment_id, mtime_ns=node.mtime_ns)
-        return [self._child(node, Kind.SCANS, "scans",
-                            ("scans", node.project, node.experiment_id), **common),
-                self._child(node, Kind.RESOURCES, "resources",
-                            ("resources", node.project, node.experiment_id, None), **common)]
+        out = [self._child(node, Kind.SCANS, "scans",
+                           ("scans", node.project, node.experiment_id), **common),
+               self._child(node, Kind.RESOURCES, "resources",
+                           ("resources", node.project, node.experiment_id, None), **common)]
+        if (await self.session_detail(node.experiment_id)).assessors:
+            out.append(self._child(node, Kind.ASSESSORS, "assessors",
+                                   ("assessors", node.project, node.experiment_id), **common))
+        return out
+
+    async def _children_of_assessors(self, node: Node) -> list[Node]:
+        detail = await self.session_detail(node.experiment_id)
+        return [self._child(node, Kind.ASSESSOR, safe_name(a.label),
+                            ("assessor", node.project, node.experiment_id, a.id),
+                            project=node.project, subject_id=node.subject_id,
+                            experiment_id=node.experiment_id, assessor_id=a.id,
+                            mtime_ns=node.mtime_ns,
+                            xattrs=_xattrs(id=a.id, label=a.label, xsi_type=a.xsi_type,
+                                           uri=f"/data/experiments/{node.experiment_id}"
+                                               f"/assessors/{a.id}"))
+                for a in detail.assessors]
+
+    async def _children_of_assessor(self, node: Node) -> list[Node]:
+        return [self._child(node, Kind.RESOURCES, "resources",
+                            ("resources", node.project, node.experiment_id,
+                             _owner(None, node.assessor_id)),
+                            project=node.project, subject_id=node.subject_id,
+                            experiment_id=node.experiment_id, assessor_id=node.assessor_id,
+                            mtime_ns=node.mtime_ns)]
 
     async def _children_of_scans(self, node: Node) -> list[Node]:
         if node.prearchive_uri:
@@ -470,17 +501,23 @@ class Tree:
                                 resource_label="DICOM", prearchive_uri=node.prearchive_uri,
                                 mtime_ns=node.mtime_ns)]
         detail = await self.session_detail(node.experiment_id)
-        if node.scan_id is None:
+        if node.assessor_id is not None:
+            assessor = next((a for a in detail.assessors if a.id == node.assessor_id), None)
+            resources = assessor.resources if assessor is not None else ()
+            base = f"/data/experiments/{node.experiment_id}/assessors/{node.assessor_id}/out"
+        elif node.scan_id is None:
             resources = detail.resources
             base = f"/data/experiments/{node.experiment_id}"
         else:
             scan = next((s for s in detail.scans if s.id == node.scan_id), None)
             resources = scan.resources if scan is not None else ()
             base = f"/data/experiments/{node.experiment_id}/scans/{node.scan_id}"
+        owner = _owner(node.scan_id, node.assessor_id)
         return [self._child(node, Kind.RESOURCE, safe_name(r.label),
-                            ("resource", node.project, node.experiment_id, node.scan_id, r.label),
+                            ("resource", node.project, node.experiment_id, owner, r.label),
                             project=node.project, subject_id=node.subject_id,
                             experiment_id=node.experiment_id, scan_id=node.scan_id,
+                            assessor_id=node.assessor_id,
                             resource_label=r.label, mtime_ns=node.mtime_ns,
                             xattrs=_xattrs(id=r.id, label=r.label, format=r.format,
                                            uri=f"{base}/resources/{r.id}",
@@ -490,10 +527,11 @@ class Tree:
     async def _children_of_resource(self, node: Node) -> list[Node]:
         return [self._child(node, Kind.FOLDER, "files",
                             ("folder", node.project, node.experiment_id or node.prearchive_uri,
-                             node.scan_id, node.resource_label, ""),
+                             _owner(node.scan_id, node.assessor_id), node.resource_label, ""),
                             prearchive_uri=node.prearchive_uri,
                             project=node.project, subject_id=node.subject_id,
                             experiment_id=node.experiment_id, scan_id=node.scan_id,
+                            assessor_id=node.assessor_id,
                             resource_label=node.resource_label, folder="",
                             mtime_ns=node.mtime_ns)]
 
@@ -503,13 +541,15 @@ class Tree:
             files = await self.prearchive_files(node.prearchive_uri, node.scan_id)
         else:
             groups = await self.session_files(node.experiment_id)
-            files = groups.get((node.scan_id, node.resource_label), [])
+            files = groups.get((_owner(node.scan_id, node.assessor_id), node.resource_label), [])
         if (same := self._entries_made_from(node, (files, node.mtime_ns))) is not None:
             return same
         prefix = f"{node.folder}/" if node.folder else ""
-        owner = node.experiment_id or node.prearchive_uri
+        session = node.experiment_id or node.prearchive_uri
+        owner = _owner(node.scan_id, node.assessor_id)
         common = dict(project=node.project, subject_id=node.subject_id,
                       experiment_id=node.experiment_id, scan_id=node.scan_id,
+                      assessor_id=node.assessor_id,
                       resource_label=node.resource_label, mtime_ns=node.mtime_ns,
                       prearchive_uri=node.prearchive_uri)
         out: list[Node] = []
@@ -524,12 +564,12 @@ class Tree:
                     seen_dirs.add(head)
                     out.append(self._child(
                         node, Kind.FOLDER, safe_name(head),
-                        ("folder", node.project, owner, node.scan_id, node.resource_label,
+                        ("folder", node.project, session, owner, node.resource_label,
                          prefix + head), folder=prefix + head, **common))
                 continue
             out.append(self._child(
                 node, Kind.FILE, safe_name(rest),
-                ("file", node.project, owner, node.scan_id, node.resource_label, f.path),
+                ("file", node.project, session, owner, node.resource_label, f.path),
                 file=f, xattrs=_xattrs(label=f.path.rsplit("/", 1)[-1], uri=f.uri,
                                        digest=f.digest or "", size=str(f.size),
                                        resource=f.resource_label, resource_id=f.resource_id,
@@ -841,6 +881,12 @@ def _prearchive_time(timestamp: str) -> str:
     except ValueError:
         return ""
     return parsed.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _owner(scan_id: str | None, assessor_id: str | None) -> Hashable:
+    """What holds a resource, in file groups and node keys: a scan (by its ID,
+    as before assessors were shown), the session (None), or an assessor."""
+    return ("assessor", assessor_id) if assessor_id is not None else scan_id
 
 
 def _prearchive_xattrs(s: xc.PrearchiveSession) -> dict[str, str]:

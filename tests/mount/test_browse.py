@@ -89,8 +89,8 @@ def test_stat_sizes_match_listings_without_per_file_requests(demo_mount: Mount) 
 
 
 def test_a_whole_session_costs_two_requests(demo_mount: Mount) -> None:
-    """``ls -lR`` of a session's scans, then of its own resources: its item and
-    one ``files?all=true`` listing, whatever its size."""
+    """``ls -lR`` of a session's scans, then of its own resources, then of its
+    assessors: its item and one ``files?all=true`` listing, whatever its size."""
     session = demo_mount.path / "NEURO_PUB" / "NP001" / "NP001_MR2"
     os.stat(session)
     mark = demo_mount.server.log_mark()
@@ -105,7 +105,32 @@ def test_a_whole_session_costs_two_requests(demo_mount: Mount) -> None:
     out = subprocess.run(["ls", "-lR", str(session / "resources")], check=True,
                          capture_output=True, text=True).stdout
     assert "qc.json" in out
+    out = subprocess.run(["ls", "-lR", str(session / "assessors")], check=True,
+                         capture_output=True, text=True).stdout
+    assert "report.json" in out
     assert demo_mount.server.requests_since(mark) == []
+
+
+def test_assessors_are_folders_of_their_sessions(demo_mount: Mount, tmp_path: Path) -> None:
+    """``assessors/<label>/resources/<resource>/files/...``, as XNAT's download
+    page lays them out, with their output resources; only sessions with
+    assessors have the folder."""
+    session = demo_mount.path / "NEURO_PUB" / "NP001" / "NP001_MR2"
+    assert sorted(os.listdir(session)) == ["assessors", "resources", "scans"]
+    assert "assessors" not in os.listdir(demo_mount.path / SESSION)
+    assessor = session / "assessors" / "NP001_MR2_QC"
+    assert os.getxattr(assessor, "user.xnat.xsi_type") == b"xnat:qcAssessmentData"
+    target = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(assessor), str(target)], check=True)
+    with httpx.Client(base_url=demo_mount.server.url, auth=("admin", "admin")) as c:
+        base = os.getxattr(assessor, "user.xnat.uri").decode()
+        rows = c.get(f"{base}/resources/QC_REPORT/files").json()["ResultSet"]["Result"]
+        expected = {r["URI"].split("/files/", 1)[1]: r["digest"] for r in rows}
+    copied = target / "resources" / "QC_REPORT" / "files"
+    assert {str(p.relative_to(copied)) for p in copied.rglob("*") if p.is_file()} == \
+        set(expected) == {"report.json", "ratings/motion.txt"}
+    for rel, digest in expected.items():
+        assert hashlib.md5((copied / rel).read_bytes()).hexdigest() == digest, rel
 
 
 def test_walking_a_project_lists_its_experiments_once(demo_mount: Mount) -> None:
