@@ -338,11 +338,11 @@ async def test_assessors_come_with_their_session(server: TestServer,
     detail = await client.get_experiment(experiment.id)
     [assessor] = detail.assessors
     assert (assessor.label, assessor.xsi_type) == ("NP001_MR2_QC", "xnat:qcAssessmentData")
-    assert [r.label for r in assessor.resources] == ["QC_REPORT"]
+    assert [r.label for r in assessor.resources] == ["QC"]  # as a resource of the session too
     files = [f for f in await client.list_experiment_files(experiment.id)
              if f.owner_kind == "assessor"]
     assert {(f.assessor_id, f.resource_label, f.path) for f in files} == {
-        (assessor.id, "QC_REPORT", "report.json"), (assessor.id, "QC_REPORT", "ratings/motion.txt")}
+        (assessor.id, "QC", "report.json"), (assessor.id, "QC", "ratings/motion.txt")}
     assert all(f.scan_id is None and f.uri.startswith("/data/experiments/") for f in files)
     report = next(f for f in files if f.path == "report.json")
     assert len(await full_download(client, report.uri)) == report.size

@@ -197,8 +197,14 @@ def uploads_command(args: argparse.Namespace) -> int:
         return 0
 
     sites = {site_url(rec.site) for rec, _ in kept if rec.site}
-    if args.url is None and len(sites) == 1:
-        args.url = sites.pop()  # where they were dropped: each record names its XNAT
+    chosen = args.url or args.profile or os.environ.get("XNAT_URL")
+    if not chosen:
+        # Where they were dropped (each record names its XNAT), unless the user
+        # chose a site: then a profile's password never goes to another one.
+        if len(sites) != 1 or any(not rec.site for rec, _ in kept):
+            raise UserError("xnatfs: these uploads are for several sites, or for one that "
+                            "older records do not name: give --url (or --profile)")
+        args.url = sites.pop()
 
     async def retry(client):  # noqa: ANN001, ANN202
         from .errors import XnatError

@@ -676,7 +676,7 @@ class XnatClient:
                 date=_text(fields.get("date")), insert_date=_text(fields.get("insert_date")),
                 scans=tuple(_scan(scan) for scan in _child_items(item, "scans/scan")),
                 resources=tuple(_resource(r) for r in _child_items(item, "resources/resource")),
-                assessors=tuple(_assessor(a) for a in _child_items(item, "assessors/assessor")))
+                assessors=_assessors(_child_items(item, "assessors/assessor"), path))
         except (KeyError, IndexError, TypeError) as exc:
             raise ServerError(f"an experiment item without {exc}", path=path) from exc
 
@@ -1259,11 +1259,20 @@ def _scan(item: Mapping[str, Any]) -> Scan:
                 resources=tuple(_resource(r) for r in _child_items(item, "file")))
 
 
-def _assessor(item: Mapping[str, Any]) -> Assessor:
-    fields = item["data_fields"]
-    return Assessor(id=str(fields["ID"]), label=str(fields.get("label") or fields["ID"]),
-                    xsi_type=item["meta"]["xsi:type"],
-                    resources=tuple(_resource(r) for r in _child_items(item, "out/file")))
+def _assessors(items: list[dict[str, Any]], path: str) -> tuple[Assessor, ...]:
+    """The assessors a session item names; one in a shape we do not know is left
+    out (with a log line), not the session with it."""
+    out = []
+    for item in items:
+        try:
+            fields = item["data_fields"]
+            out.append(Assessor(
+                id=str(fields["ID"]), label=str(fields.get("label") or fields["ID"]),
+                xsi_type=item["meta"]["xsi:type"],
+                resources=tuple(_resource(r) for r in _child_items(item, "out/file"))))
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            log.warning("%s: an assessor without %s; not shown", path, exc)
+    return tuple(out)
 
 
 def _resource(item: Mapping[str, Any]) -> Resource:

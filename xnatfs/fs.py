@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -150,7 +151,13 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
                       ) -> pyfuse3.EntryAttributes:
-        return self.attributes(self.tree.node(inode))
+        node = self.tree.node(inode)
+        if node.kind is Kind.INFO_FILE:  # its size is its text's, which changes
+            try:
+                node.text = await self.tree.info_text(node)
+            except XnatError as exc:
+                log.debug("%s not refreshed: %s", node.name, exc)
+        return self.attributes(node)
 
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes,
@@ -410,6 +417,7 @@ class Operations(pyfuse3.Operations):
             relpath = self._upload_target(parent, name)
             check_folder_name(os.fsdecode(name))
             self.tree.upload_folders.add((parent.project, relpath))
+            self.tree.upload_folder_mtimes[(parent.project, relpath)] = time.time_ns()
             node = self.tree.upload_dir_node(parent, relpath.rsplit("/", 1)[-1])
         self.tree.forget_negative(parent_inode)
         return self._entry(node)
@@ -468,8 +476,11 @@ class Operations(pyfuse3.Operations):
             if await self.tree.children(node.inode):
                 raise pyfuse3.FUSEError(errno.ENOTEMPTY)
             self.tree.upload_folders.discard((node.project, node.relpath))
+            self.tree.upload_folder_mtimes.pop((node.project, node.relpath), None)
             return
         if node.kind is Kind.PENDING_SUBJECT:
+            if await self.tree.children(node.inode):  # a session was archived into it
+                raise pyfuse3.FUSEError(errno.ENOTEMPTY)
             self.tree.pending_subjects.discard((node.project, node.name))
             return
         raise pyfuse3.FUSEError(errno.EROFS)
@@ -598,26 +609,30 @@ class Operations(pyfuse3.Operations):
     # ---------------------------------------------------------------- xattrs
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        value = (await self._current_xattrs(inode)).get(os.fsdecode(name))
+        key = os.fsdecode(name)
+        node = self.tree.node(inode)
+        # Only ours are looked up afresh: ls -l asks every entry for security.*
+        # and system.* attributes, which must not wait for the server.
+        if key.startswith(("user.xnat.", "user.xnatfs.")):
+            await self._refresh_xattrs(node)
+        value = node.xattrs.get(key)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value.encode()
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [name.encode() for name in await self._current_xattrs(inode)]
+        return [name.encode() for name in self.tree.node(inode).xattrs]
 
-    async def _current_xattrs(self, inode: int) -> dict[str, str]:
-        """A node's attributes as they are now, for those that change while listed:
-        an upload's outcome, a prearchive session's status (scripts poll them)."""
-        node = self.tree.node(inode)
+    async def _refresh_xattrs(self, node: Node) -> None:
+        """Attributes that change while listed, as they are now: an upload's
+        outcome, a prearchive session's status (scripts poll them)."""
         if node.upload is not None:
             if node.upload.state is UploadState.FAILED:
                 await self.uploads.notice_outside_changes()  # retried from the command line?
             self.tree.refresh_upload_node(node)
         elif node.kind in (Kind.PREARCHIVE_SESSION, Kind.INFO_FILE):
             await self.tree.refresh_prearchive_node(node)
-        return node.xattrs
 
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

@@ -330,8 +330,12 @@ class Tree:
     async def children(self, inode: int) -> list[Node]:
         """A directory's entries, in a stable order."""
         node = self.node(inode)
+        if node.prearchive_uri in self.archived_as:
+            await self._follow_archived(node)
         loader = getattr(self, f"_children_of_{node.kind.value}")
         entries: list[Node] = await loader(node)
+        if self.hidden:  # removed with rm from a prearchive session, at any depth
+            entries = [e for e in entries if e.inode not in self.hidden]
         self._entries[inode] = entries
         return entries
 
@@ -436,7 +440,12 @@ class Tree:
                            ("scans", node.project, node.experiment_id), **common),
                self._child(node, Kind.RESOURCES, "resources",
                            ("resources", node.project, node.experiment_id, None), **common)]
-        if (await self.session_detail(node.experiment_id)).assessors:
+        try:
+            assessed = bool((await self.session_detail(node.experiment_id)).assessors)
+        except XnatError as exc:  # scans/ and resources/ say so when entered
+            log.debug("assessors of %s unknown: %s", node.experiment_id, exc)
+            assessed = False
+        if assessed:
             out.append(self._child(node, Kind.ASSESSORS, "assessors",
                                    ("assessors", node.project, node.experiment_id), **common))
         return out
@@ -721,29 +730,20 @@ class Tree:
                 for ts in stamps]
 
     async def _children_of_prearchive_timestamp(self, node: Node) -> list[Node]:
-        out = []
-        for s in await self.prearchive_sessions():
-            if s.project != node.project or s.timestamp != node.folder:
-                continue
-            child = self._child(
-                node, Kind.PREARCHIVE_SESSION, safe_name(s.folder_name), ("pre-session", s.uri),
-                project=s.project, prearchive_uri=s.uri,
-                mtime_ns=_time_ns(s.lastmod, self.mount_time_ns),
-                xattrs=_prearchive_xattrs(s))
-            if child.inode not in self.hidden:
-                out.append(child)
-        return out
+        return [self._child(node, Kind.PREARCHIVE_SESSION, safe_name(s.folder_name),
+                            ("pre-session", s.uri), project=s.project, prearchive_uri=s.uri,
+                            mtime_ns=_time_ns(s.lastmod, self.mount_time_ns),
+                            xattrs=_prearchive_xattrs(s))
+                for s in await self.prearchive_sessions()
+                if s.project == node.project and s.timestamp == node.folder]
 
     async def _children_of_prearchive_session(self, node: Node) -> list[Node]:
-        if node.prearchive_uri in self.archived_as:
-            return await self._children_of_archived(node, *self.archived_as[node.prearchive_uri])
         common = dict(project=node.project, prearchive_uri=node.prearchive_uri,
                       mtime_ns=node.mtime_ns)
-        out = [self._child(node, Kind.SCANS, "scans", ("pre-scans", node.prearchive_uri),
-                           **common),
-               self._child(node, Kind.INFO_FILE, INFO_NAME, ("pre-info", node.prearchive_uri),
-                           xattrs=node.xattrs, text=await self.info_text(node), **common)]
-        return [n for n in out if n.inode not in self.hidden]
+        return [self._child(node, Kind.SCANS, "scans", ("pre-scans", node.prearchive_uri),
+                            **common),
+                self._child(node, Kind.INFO_FILE, INFO_NAME, ("pre-info", node.prearchive_uri),
+                            xattrs=node.xattrs, text=await self.info_text(node), **common)]
 
     async def refresh_prearchive_node(self, node: Node) -> None:
         """Bring a prearchive session's (or its info file's) attributes up to date
@@ -759,19 +759,24 @@ class Tree:
             node.xattrs = _prearchive_xattrs(session)
             node.mtime_ns = _time_ns(session.lastmod, node.mtime_ns)
 
-    async def _children_of_archived(self, node: Node, project: str, subject_label: str,
-                                    session_label: str) -> list[Node]:
+    async def _follow_archived(self, node: Node) -> None:
+        """A folder of a prearchive session that mv archived becomes the archived
+        session's own: the kernel renews its entries asynchronously, and until it
+        does, the new name (and whatever it held below) points at these folders."""
+        project, subject_label, session_label = self.archived_as[node.prearchive_uri]
         subjects = await self.cached(("subjects", project),
                                      lambda: self.client.list_subjects(project))
         subject = next((s for s in subjects if s.label == subject_label), None)
         if subject is None:
-            return []
+            return
         experiments = await self.subject_experiments(project, subject.id)
         session = next((e for e in experiments if e.label == session_label), None)
         if session is None:
-            return []
+            return
         node.project, node.subject_id, node.experiment_id = project, subject.id, session.id
-        return await self._children_of_session(node)
+        node.prearchive_uri = ""
+        if node.kind is Kind.PREARCHIVE_SESSION:
+            node.kind = Kind.SESSION
 
     async def prearchive_scans(self, uri: str) -> list[xc.Scan]:
         return await self.cached(("pre-scans", uri),

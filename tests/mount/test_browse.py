@@ -124,9 +124,9 @@ def test_assessors_are_folders_of_their_sessions(demo_mount: Mount, tmp_path: Pa
     subprocess.run(["cp", "-r", str(assessor), str(target)], check=True)
     with httpx.Client(base_url=demo_mount.server.url, auth=("admin", "admin")) as c:
         base = os.getxattr(assessor, "user.xnat.uri").decode()
-        rows = c.get(f"{base}/resources/QC_REPORT/files").json()["ResultSet"]["Result"]
+        rows = c.get(f"{base}/resources/QC/files").json()["ResultSet"]["Result"]
         expected = {r["URI"].split("/files/", 1)[1]: r["digest"] for r in rows}
-    copied = target / "resources" / "QC_REPORT" / "files"
+    copied = target / "resources" / "QC" / "files"
     assert {str(p.relative_to(copied)) for p in copied.rglob("*") if p.is_file()} == \
         set(expected) == {"report.json", "ratings/motion.txt"}
     for rel, digest in expected.items():

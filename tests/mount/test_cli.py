@@ -120,14 +120,17 @@ def test_second_mount_reuses_the_cached_session(demo_server: TestServer,
     assert jsession == [("GET", 200)], jsession  # the check that it is alive, nothing else
 
 
-def test_mounting_over_a_mount_is_refused(demo_mount: Mount) -> None:
-    """A second mount on the same folder would hide the first one."""
+def test_mounting_over_a_mount_is_refused(demo_server: TestServer, mount_factory) -> None:  # noqa: ANN001
+    """A second mount on the same folder would hide the first one (found in
+    mountinfo, which writes the space in this folder's name as \\040)."""
+    mount = mount_factory(demo_server, name="with space")
     result = subprocess.run([sys.executable, "-m", "xnatfs.cli", "mount",
-                             demo_mount.server.url, str(demo_mount.path)], env=demo_mount.env,
+                             demo_server.url, str(mount.path)], env=mount.env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "already mounted (fuse.xnatfs)" in result.stderr
+    escaped = str(mount.path).replace(" ", "\\040")
     mounts = Path("/proc/self/mountinfo").read_text().split("\n")
-    assert sum(f" {demo_mount.path} " in line for line in mounts) == 1
+    assert sum(f" {escaped} " in line for line in mounts) == 1
 
 
 def test_bad_password_fails_clearly_and_leaves_no_mount(demo_server: TestServer,

@@ -715,6 +715,7 @@ def test_part_of_a_prearchive_session_removed_with_rm_is_not_archived(mount: Mou
     files = session / "scans" / scan / "resources" / "DICOM" / "files"
     names = sorted(os.listdir(files))
     subprocess.run(["rm", str(files / names[0])], check=True)
+    assert sorted(os.listdir(files)) == names[1:]
     subprocess.run(["rm", "-r", str(session / "scans")], check=True)
     assert "scans" not in os.listdir(session)
     subject = mount.path / "NEURO_PUB" / "PARTSUBJ"
@@ -729,13 +730,18 @@ def test_part_of_a_prearchive_session_removed_with_rm_is_not_archived(mount: Mou
     held = os.open(session, os.O_RDONLY | os.O_DIRECTORY)  # as the kernel holds it after mv
     try:
         os.rename(session, subject / "PART1")
-        archived = subject / "PART1" / "scans" / scan / "resources" / "DICOM" / "files"
-        assert sorted(os.listdir(archived)) == names
         # Until the kernel renews the new name's entry, it points at the folder
         # that was moved: that folder shows the archived session meanwhile.
-        assert os.listdir(f"/proc/self/fd/{held}/scans") == os.listdir(subject / "PART1/scans")
+        assert sorted(os.listdir(f"/proc/self/fd/{held}/scans")) == \
+            sorted(os.listdir(subject / "PART1/scans"))
     finally:
         os.close(held)
+    with httpx.Client(base_url=mount.server.url, auth=ADMIN) as c:  # all of it was archived
+        base = "/data/projects/NEURO_PUB/subjects/PARTSUBJ/experiments/PART1"
+        [scan_id] = [row["ID"] for row in c.get(f"{base}/scans").json()["ResultSet"]["Result"]
+                     if scan.startswith(f"{row['ID']}-") or scan == row["ID"]]
+        rows = c.get(f"{base}/scans/{scan_id}/resources/DICOM/files").json()
+    assert sorted(r["Name"] for r in rows["ResultSet"]["Result"]) == names
 
 
 def test_rm_r_of_a_prearchive_timestamp_folder(mount: Mount, tmp_path: Path) -> None:
@@ -860,15 +866,20 @@ def test_outside_uploads_appear_within_the_prearchive_lifetime(mount: Mount,
     folder = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
     try:
         assert os.getxattr(folder, "user.xnat.status") == b"READY"
+        info = target / "prearchive-info.json"
+        assert json.loads(info.read_bytes())["status"] == "READY"
         store = Store(mount.server.data_dir)
         try:
-            store.execute("UPDATE prearc_sessions SET status = 'ERROR' WHERE name = 'OUTSIDE1'")
+            store.execute("UPDATE prearc_sessions SET status = 'CONFLICT'"
+                          " WHERE name = 'OUTSIDE1'")
         finally:
             store.close()
         deadline = time.monotonic() + 15
-        while os.getxattr(folder, "user.xnat.status") != b"ERROR":
+        while os.getxattr(folder, "user.xnat.status") != b"CONFLICT":
             assert time.monotonic() < deadline, "the status attribute never changed"
             time.sleep(0.2)
+        assert os.stat(info).st_size == len(info.read_bytes())  # stat first: the new size
+        assert json.loads(info.read_bytes())["status"] == "CONFLICT"
     finally:
         os.close(folder)
 

@@ -421,10 +421,15 @@ def test_assessors_as_xnat_lists_nests_and_serves_them(admin: httpx.Client) -> N
     assert admin.get(f["URI"]).content == b"{}"
     every = admin.get(f"/data/experiments/{session_id}/files?all=true").json()
     assert uri[len("/data"):] + "r/report.json" in {r["URI"] for r in every["ResultSet"]["Result"]}
-    # The item: by ID at the top level, by label only under a project.
+    # The item: by ID at the top level (also at the listing's flat URI), by label
+    # only under a project.
     assert admin.get(f"{by_label}?format=json").status_code == 404
-    item = admin.get(f"{base}/assessors/SESS1_QC?format=json").json()["items"][0]
-    assert item["meta"]["xsi:type"] == "xnat:qcAssessmentData"
+    assert admin.delete(by_label).status_code == 404
+    for url in (f"{base}/assessors/SESS1_QC", row["URI"],
+                f"/data/experiments/{session_id}/assessors/{assessor_id}"):
+        item = admin.get(f"{url}?format=json").json()["items"][0]
+        assert item["meta"]["xsi:type"] == "xnat:qcAssessmentData"
+        assert item["data_fields"]["ID"] == assessor_id
     assert admin.delete(f"{base}/assessors/SESS1_QC").status_code == 200
     assert admin.get(f"/data/experiments/{session_id}/assessors").json()["ResultSet"][
         "Result"] == []

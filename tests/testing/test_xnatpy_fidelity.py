@@ -168,7 +168,7 @@ def test_assessor_resources_through_xnatpy(session: xnat.session.XNATSession,
     experiment = session.projects["NEURO_PUB"].subjects["NP001"].experiments["NP001_MR2"]
     [assessor] = experiment.assessors.values()
     assert assessor.label == "NP001_MR2_QC" and assessor.image_session_id == experiment.id
-    resource = assessor.resources["QC_REPORT"]
+    resource = assessor.resources["QC"]
     assert sorted(resource.files.keys()) == ["ratings/motion.txt", "report.json"]
     target = tmp_path / "report.json"
     resource.files["report.json"].download(str(target))  # checked against the listed digest

@@ -209,7 +209,10 @@ class ArchiveRoutes:
         raise XnatHTTPError(405, "Method Not Allowed")
 
     # --------------------------------------------------------- resolution
-    def resolve(self, access: Access, path: ArchivePath, *, for_write: bool = False) -> Resolved:
+    def resolve(self, access: Access, path: ArchivePath, *, for_write: bool = False,
+                flat_assessor: bool = False) -> Resolved:
+        """The rows ``path`` names, level by level. ``flat_assessor``: a GET of
+        ``/data/experiments/{ID}`` may name an assessor (the URI its listing gives)."""
         store = self.store
         out = Resolved()
         ids = path.ids
@@ -236,6 +239,12 @@ class ArchiveRoutes:
                 experiment = store.experiment(out.project["id"], ids["experiment"])
             else:
                 experiment = store.experiment(None, ids["experiment"])
+                if experiment is None and flat_assessor and path.order == ["experiment"] \
+                        and path.collection is None:
+                    out.assessor = store.query_one("SELECT * FROM assessors WHERE id = ?",
+                                                   (ids["experiment"],))
+                    if out.assessor is not None:
+                        experiment = store.experiment(None, out.assessor["experiment_id"])
             if experiment is None or (
                     out.subject is not None and experiment["subject_id"] != out.subject["id"]):
                 raise XnatHTTPError(404, "Unable to find the specified experiment.")
@@ -257,7 +266,10 @@ class ArchiveRoutes:
                 raise XnatHTTPError(403, f"Unable to read data for Project: {out.project['id']}")
         if "assessor" in ids:
             out.assessor = store.assessor(out.the_experiment["id"], ids["assessor"])
-            if out.assessor is None:
+            # The assessor itself (ExptAssessmentResource) is named by ID, or by
+            # label under a project; its resources and files by either anywhere.
+            if out.assessor is None or (path.collection is None and not path.via_project
+                                        and out.assessor["id"] != ids["assessor"]):
                 raise XnatHTTPError(404, "Unable to find the specified experiment.")
             out.assessor_kind = path.assessor_kind
         if "scan" in ids:
@@ -319,7 +331,7 @@ class ArchiveRoutes:
         if collection == "projects":
             request["route"] = "projects.list"
             return self._list_projects(request, access)
-        res = self.resolve(access, path)
+        res = self.resolve(access, path, flat_assessor=True)
         if collection is None:
             request["route"] = f"{path.level}.get"
             return self._get_item(request, access, path, res)
@@ -586,14 +598,10 @@ class ArchiveRoutes:
             item = self._project_item(res.the_project)
         elif level == "subject":
             item = self._subject_item(res.the_subject)
+        elif res.assessor is not None and level in ("experiment", "assessor"):
+            item = self._assessor_item(res.assessor, res.the_experiment)
         elif level == "experiment":
             item = self._experiment_item(res.the_experiment)
-        elif level == "assessor":
-            assert res.assessor is not None
-            # ExptAssessmentResource: by ID, or by label under a project.
-            if not path.via_project and path.ids["assessor"] != res.assessor["id"]:
-                raise XnatHTTPError(404, "Unable to find the specified experiment.")
-            item = self._assessor_item(res.assessor, res.the_experiment)
         elif level == "scan":
             if res.scan_multi or not res.scans:
                 raise XnatHTTPError(404, "Unable to find the specified scan.")

@@ -827,7 +827,7 @@ def _add_session_files(store: Store, experiment_id: str, project: _Project,
     if session.qc_assessor:
         assessor_id = store.add_assessor(experiment_id, f"{session.label}_QC",
                                          "xnat:qcAssessmentData", date=session.date)
-        out = store.add_resource(experiment_id, None, "QC_REPORT", format="JSON",
+        out = store.add_resource(experiment_id, None, "QC", format="JSON",
                                  content="QC", assessor_id=assessor_id)
         _add_bytes(store, out, "report.json", _json(report), format="JSON")
         _add_bytes(store, out, "ratings/motion.txt",
