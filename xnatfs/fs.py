@@ -36,6 +36,7 @@ P = ParamSpec("P")
 SERIES_READ_AHEAD = 16
 SMALL_FILE = 8 * 1024 * 1024
 RENAME_EXCHANGE = 2  # <linux/fs.h>; RENAME_NOREPLACE (1) the kernel checks itself
+UPLOAD_ENTRY_TTL = 1.0  # seconds the kernel may keep an entry of the upload area
 
 
 def fuse_errors(handler: Callable[Concatenate[Operations, P], Awaitable[T]]
@@ -126,6 +127,10 @@ class Operations(pyfuse3.Operations):
             # Generated here and changing at any time: a size the kernel kept
             # would cut `tail` and `wc -c` short (they go by st_size).
             attr.attr_timeout = 0
+        elif node.kind in (Kind.UPLOAD_FILE, Kind.UPLOAD_DIR):
+            # Local, so cheap to ask again; `xnatfs uploads discard|retry` change
+            # them from outside the mount.
+            attr.entry_timeout = attr.attr_timeout = UPLOAD_ENTRY_TTL
         # Directories where file operations mean something: uploads, archiving
         # into a (new) subject, moving and removing prearchive sessions.
         writable = node.writable or bool(node.prearchive_uri) or node.kind in (
@@ -152,6 +157,11 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
                       ) -> pyfuse3.EntryAttributes:
         node = self.tree.node(inode)
+        if node.upload is not None and node.upload.state is UploadState.FAILED:
+            await self.uploads.notice_outside_changes()  # discarded from the command line?
+            if node.upload.record.id not in self.uploads.uploads:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            self.tree.refresh_upload_node(node)
         if node.kind is Kind.INFO_FILE:  # its size is its text's, which changes
             try:
                 node.text = await self.tree.info_text(node)

@@ -257,9 +257,15 @@ def test_refused_upload_fails_cp_and_keeps_the_bytes(mount: Mount, tmp_path: Pat
     assert "NEURO_PUB/bad.dcm" in kept and "NEURO_PUB/notes.txt" in kept
     # Discarded from the command line: gone from the running mount too.
     [upload_id] = [line.split()[0] for line in kept.splitlines() if "NEURO_PUB/notes.txt" in line]
+    notes = mount.path / "uploads/NEURO_PUB/notes.txt"
+    assert notes.exists()  # the kernel holds its entry now
     subprocess.run([sys.executable, "-m", "xnatfs.cli", "uploads", "discard", upload_id,
                     "--cache-dir", str(mount.cache_dir)], env=mount.env, check=True,
                    capture_output=True)
+    deadline = time.monotonic() + 10  # the kernel keeps upload-area entries for 1 s
+    while notes.exists():
+        assert time.monotonic() < deadline, "a discarded upload is still there"
+        time.sleep(0.2)
     assert "notes.txt" not in os.listdir(mount.path / "uploads/NEURO_PUB")
     assert "notes.txt" not in (mount.path / "uploads/NEURO_PUB/UPLOAD_STATUS.txt").read_text()
 
