@@ -803,15 +803,15 @@ class XnatClient:
             handle=_body_text)).strip()
 
     async def list_upload_projects(self) -> list[str]:
-        """Projects this user may add data to (owner or member), as XNAT lists them."""
-        rows = await self._get_rows("/data/projects", kind="projects.roles",
-                                    params={"accessible": "true"})
-        out = []
-        for row in rows:
-            roles = [v for k, v in row.items() if k.startswith("user_role_")]
-            if any(role in ("Owners", "Members") for role in roles):
-                out.append(str(row.get("id") or row.get("ID")))
-        return out
+        """Projects this user may add subjects and sessions to, as XNAT's own upload
+        pages ask (``ProjectListResource.PermissionsProjectHandler``): owners and
+        members of a project, and data admins everywhere."""
+        path = "/data/projects"
+        rows = await self._get_rows(path, kind="projects.roles",
+                                    params={"permissions": "edit",
+                                            "dataType": "xnat:subjectData"})
+        with _malformed_rows(path):
+            return [str(row.get("id") or row["ID"]) for row in rows]
 
     # -------------------------------------------------------------- prearchive
     async def list_prearchive_scans(self, session_uri: str) -> list[Scan]:

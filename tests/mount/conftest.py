@@ -83,8 +83,9 @@ def drop_kernel_entries() -> None:
         pytest.skip("dropping the kernel's caches needs root")
 
 
-def make_env(home: Path) -> dict[str, str]:
-    env = dict(os.environ, XNAT_USER="admin", XNAT_PASS="admin",
+def make_env(home: Path, user: str = "admin") -> dict[str, str]:
+    """The environment of a mount; the demo users' passwords are their names."""
+    env = dict(os.environ, XNAT_USER=user, XNAT_PASS=user,
                XDG_CACHE_HOME=str(home / "cache"), XDG_CONFIG_HOME=str(home / "config"))
     env.pop("XNAT_URL", None)
     return env
@@ -95,10 +96,11 @@ def mount_factory(tmp_path: Path) -> Iterator:
     """Mount a server with options; everything mounted is unmounted afterwards."""
     mounts: list[Mount] = []
 
-    def factory(server: TestServer, *options: str, name: str = "mnt") -> Mount:
+    def factory(server: TestServer, *options: str, name: str = "mnt",
+                user: str = "admin") -> Mount:
         home = tmp_path / f"home-{name}"
         cache = home / "blocks"
-        mount = Mount(tmp_path / name, server, cache, make_env(home), list(options))
+        mount = Mount(tmp_path / name, server, cache, make_env(home, user), list(options))
         mount_xnatfs(server, mount.path, cache, mount.env, mount.options)
         mounts.append(mount)
         return mount

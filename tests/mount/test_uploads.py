@@ -666,9 +666,16 @@ def test_file_manager_litter_is_not_uploaded(mount: Mount) -> None:
     assert (folder / ".DS_Store").read_bytes() == b"\0" * 300
 
 
-def test_uploads_root_lists_writable_projects_only(mount: Mount) -> None:
+def test_uploads_root_lists_writable_projects_only(mount: Mount, mount_factory) -> None:  # noqa: ANN001
+    """Where XNAT lets the user add sessions: as owner or member, and, for a
+    site admin, every project."""
     names = set(os.listdir(mount.path / "uploads"))
-    assert {"NEURO_PUB", "UPLOAD_STATUS.txt"} <= names and "SECRET" not in names
+    assert names == {"NEURO_PUB", "ONC-PROT", "ALICE_LAB", "SECRET", "SAMPLES",
+                     "UPLOAD_STATUS.txt"}
+    alice = mount_factory(mount.server, name="alice", user="alice")
+    # Member of NEURO_PUB, owner of ALICE_LAB; a collaborator (ONC-PROT) only reads.
+    assert set(os.listdir(alice.path / "uploads")) == {"NEURO_PUB", "ALICE_LAB",
+                                                        "UPLOAD_STATUS.txt"}
     with pytest.raises(OSError) as info:
         (mount.path / "uploads" / "loose.dcm").write_bytes(b"x")
     assert info.value.errno in (errno.EACCES, errno.EROFS)

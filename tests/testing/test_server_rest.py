@@ -434,3 +434,31 @@ def test_assessors_as_xnat_lists_nests_and_serves_them(admin: httpx.Client) -> N
     assert admin.get(f"/data/experiments/{session_id}/assessors").json()["ResultSet"][
         "Result"] == []
     assert admin.get(f["URI"]).status_code == 404
+
+
+def test_projects_by_permission_as_the_upload_pages_ask(admin: httpx.Client, alice: httpx.Client,
+                                                       server: TestServer) -> None:
+    """``?permissions=edit&dataType=xnat:subjectData``: owners and members of a
+    project, and a data admin everywhere; lower-case SQL columns only."""
+    query = "/data/projects?permissions=edit&dataType=xnat:subjectData&format=json"
+    rows = admin.get(query).json()["ResultSet"]["Result"]
+    assert {r["id"] for r in rows} == {"PUBP", "PROTP", "PRIVP"}
+    assert set(rows[0]) == {"id", "secondary_id"}
+    store = Store(server.data_dir)
+    try:
+        store.set_role("PROTP", "alice", "member")
+        store.set_role("PUBP", "alice", "collaborator")
+    finally:
+        store.close()
+    try:
+        assert [r["id"] for r in alice.get(query).json()["ResultSet"]["Result"]] == ["PROTP"]
+        readable = alice.get(query.replace("=edit", "=read")).json()["ResultSet"]["Result"]
+        assert {r["id"] for r in readable} == {"PUBP", "PROTP"}
+    finally:
+        store = Store(server.data_dir)
+        try:
+            store.execute("DELETE FROM roles WHERE login = 'alice' AND project IN "
+                          "('PROTP', 'PUBP')")
+        finally:
+            store.close()
+    assert admin.get(query.replace("=edit", "=bogus")).status_code == 500

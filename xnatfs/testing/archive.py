@@ -375,10 +375,33 @@ class ArchiveRoutes:
 
     def _list_projects(self, request: web.Request, access: Access) -> web.Response:
         projects = [p for p in self.store.projects() if access.listed(p)]
+        if "permissions" in request.query:  # XNAT picks this handler over the others
+            return self._projects_with_permission(request, access)
         if any(k in request.query for k in self._DISPLAY_SEARCH_PARAMS):
             return self._display_search_projects(request, access)
         return listings.render(request, self.PROJECT_SPEC,
                                [self._project_row(p) for p in projects])
+
+    # SecurityManager's actions; any other value is refused (it goes into SQL there).
+    _PERMISSIONS = ("activate", "create", "delete", "edit", "read")
+
+    def _projects_with_permission(self, request: web.Request, access: Access) -> web.Response:
+        """``?permissions=ACTION&dataType=TYPE`` (PermissionsProjectHandler, what
+        XNAT's upload pages ask): the projects where the user may do ACTION to
+        TYPE, every project for a data admin; columns as SQL returns them."""
+        action = request.query.get("permissions", "")
+        if action not in self._PERMISSIONS:
+            raise XnatHTTPError(500, "You must specify one of the following values for the "
+                                     "permissions parameter: " + ", ".join(self._PERMISSIONS))
+        if ":" not in request.query.get("dataType", ""):
+            raise XnatHTTPError(500, "Failed to identify projects")
+        allowed = {"read": ("owner", "member", "collaborator"), "delete": ("owner",)}.get(
+            action, ("owner", "member"))
+        rows = [{"id": p["id"], "secondary_id": p["secondary_id"]}
+                for p in sorted(self.store.projects(), key=lambda p: p["secondary_id"])
+                if access.caller.is_admin or access.role(p["id"]) in allowed
+                or (action == "read" and p["accessibility"] == "public")]
+        return table_response(request, rows, ["id", "secondary_id"])
 
     def _display_search_projects(self, request: web.Request, access: Access) -> web.Response:
         """The DisplaySearch flavour of ``/data/projects``: lower-case keys."""
