@@ -18,6 +18,7 @@ from xnatfs.credentials import (
     SessionCache,
     default_session_cache_path,
     mount_switches,
+    named_site,
     normalise_site_url,
     resolve_credentials,
 )
@@ -279,3 +280,19 @@ def test_damaged_session_cache_is_ignored(tmp_path: Path) -> None:
     assert cache.get(SITE, "alice") is None
     cache.put(SITE, "alice", "NEW")
     assert cache.get(SITE, "alice") == "NEW"
+
+
+def test_the_site_the_user_named(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``xnatfs uploads`` holds kept uploads against: a URL, a profile's URL,
+    XNAT_URL, in that order; nothing named is None (not a default profile)."""
+    write_config(home, 'default_profile = "work"\n'
+                       '[profiles.work]\nurl = "https://work.example.org/"\nuser = "w"\n'
+                       '[profiles.nourl]\nuser = "n"\n')
+    assert named_site(None, None) is None
+    monkeypatch.setenv("XNAT_URL", "https://XNAT.example.org/")
+    assert named_site(None, None) == SITE
+    assert named_site(None, "nourl") == SITE
+    assert named_site(None, "work") == "https://work.example.org"
+    assert named_site("https://given.example.org/", "work") == "https://given.example.org"
+    with pytest.raises(CredentialsError):
+        named_site(None, "missing")

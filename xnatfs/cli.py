@@ -172,8 +172,8 @@ def _run_with_client(args: argparse.Namespace, work):  # noqa: ANN001, ANN202
 # ----------------------------------------------------------- uploads, prearchive
 def uploads_command(args: argparse.Namespace) -> int:
     """Uploads the mount kept because the server failed or refused them."""
-    from .uploads import (HEAD_BYTES, import_local_copy, kept_uploads, record_retried,
-                          site_url, write_record)
+    from .credentials import CredentialsError, named_site, normalise_site_url
+    from .uploads import HEAD_BYTES, import_local_copy, kept_uploads, record_retried, write_record
 
     spool_root = args.cache_dir / "uploads"
     everything = kept_uploads(spool_root)
@@ -182,6 +182,13 @@ def uploads_command(args: argparse.Namespace) -> int:
         raise UserError(f"xnatfs: no kept upload {', '.join(unknown)} in {spool_root} "
                         "(see 'xnatfs uploads list')")
     kept = [(rec, path) for rec, path in everything if not args.ids or rec.id in args.ids]
+    try:
+        site = named_site(args.url, args.profile)
+    except CredentialsError as exc:
+        raise UserError(f"xnatfs: {exc}") from None
+    if site is not None and args.action != "retry":  # a retry says what it skips, and why
+        kept = [(rec, path) for rec, path in kept
+                if not rec.site or normalise_site_url(rec.site) == site]
     if args.action == "list":
         for rec, path in kept:
             print(f"{rec.id}  {rec.state:7} {rec.project}/{rec.relpath}  {rec.size} bytes"
@@ -196,7 +203,9 @@ def uploads_command(args: argparse.Namespace) -> int:
             print(f"discarded {rec.project}/{rec.relpath}")
         return 0
 
-    sites = {site_url(rec.site) for rec, _ in kept if rec.site}
+    if not kept:
+        return 0  # nothing to send
+    sites = {normalise_site_url(rec.site) for rec, _ in kept if rec.site}
     chosen = args.url or args.profile or os.environ.get("XNAT_URL")
     if not chosen:
         # Where they were dropped (each record names its XNAT), unless the user
@@ -210,12 +219,12 @@ def uploads_command(args: argparse.Namespace) -> int:
         from .errors import XnatError
 
         failures = 0
-        here = site_url(client.credentials.url)
+        here = normalise_site_url(client.credentials.url)
         for rec, path in kept:
             if rec.kind not in ("archive", "dicom"):
                 print(f"skipped {rec.project}/{rec.relpath}: {rec.kind} files are not uploaded")
                 continue
-            if rec.site and site_url(rec.site) != here:
+            if rec.site and normalise_site_url(rec.site) != here:
                 # Patient data goes only to the XNAT it was dropped into.
                 failures += 1
                 print(f"skipped {rec.project}/{rec.relpath}: it was dropped into {rec.site}, "

@@ -153,6 +153,24 @@ def resolve_credentials(url: str | None = None, *, user: str | None = None,
         f"~/.netrc or define a profile in {config_file}")
 
 
+def named_site(url: str | None, profile: str | None,
+               config_path: Path | None = None) -> str | None:
+    """The site the user named, if any: ``url``, the profile's ``url``, or
+    ``XNAT_URL`` (normalised); None when they named none."""
+    if url:
+        return normalise_site_url(url)
+    if profile:
+        config_file = config_path or default_config_path()
+        profiles = _load_config(config_file).get("profiles", {})
+        entry = _profile(profiles if isinstance(profiles, Mapping) else {}, profile,
+                         config_file)
+        if entry.get("url"):
+            return normalise_site_url(entry["url"])
+    if os.environ.get("XNAT_URL"):
+        return normalise_site_url(os.environ["XNAT_URL"])
+    return None
+
+
 def _site_url(url: str | None, named: Mapping[str, Any], default_profile: str | None,
               profiles: Mapping[str, Any], config_file: Path) -> str:
     if url:

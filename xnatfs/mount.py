@@ -24,7 +24,7 @@ from .client import ClientSettings, XnatClient
 from .credentials import Credentials, SessionCache
 from .fs import Operations
 from .tree import Tree
-from .uploads import UploadManager, site_url
+from .uploads import UploadManager
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
     try:
         async with trio.open_nursery() as nursery:
             uploads = UploadManager(client, config.cache_dir / "uploads", nursery,
-                                    site=site_url(config.credentials.url),
+                                    site=config.credentials.url,  # normalised
                                     direct_archive=config.direct_archive,
                                     write_behind=config.write_behind)
             tree = Tree(client, metadata_ttl=config.metadata_ttl, uploads=uploads,

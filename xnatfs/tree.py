@@ -334,9 +334,9 @@ class Tree:
             await self._follow_archived(node)
         loader = getattr(self, f"_children_of_{node.kind.value}")
         entries: list[Node] = await loader(node)
+        self._entries[inode] = entries  # all of them: a listing reused must show the hidden again
         if self.hidden:  # removed with rm from a prearchive session, at any depth
-            entries = [e for e in entries if e.inode not in self.hidden]
-        self._entries[inode] = entries
+            return [e for e in entries if e.inode not in self.hidden]
         return entries
 
     async def lookup(self, parent_inode: int, name: str) -> Node:
@@ -816,6 +816,8 @@ class Tree:
         inodes = [inode for inode, uri in self.hidden.items() if uri == session_uri]
         for inode in inodes:
             del self.hidden[inode]
+        if inodes:
+            self._negative.clear()  # their names were looked up in vain meanwhile
         return len(inodes)
 
     # ---------------------------------------------------------- pending subjects

@@ -185,7 +185,7 @@ class UploadRecord:
     created: float = field(default_factory=time.time)
     finished: float | None = None
     direct_archive: bool = False  # the mount's --direct-archive, for a later retry
-    site: str = ""                # site_url of its XNAT ("" in records of older versions)
+    site: str = ""                # its XNAT's normalised URL ("" in older records)
     mtime_ns: int | None = None   # set by the writer (cp -a, rsync), else None
 
     @property
@@ -721,11 +721,6 @@ def write_record(spool_dir: Path, record: UploadRecord) -> None:
     tmp = spool_dir / f"meta.{threading.get_ident()}.tmp"
     tmp.write_text(json.dumps(asdict(record)))
     os.replace(tmp, meta)
-
-
-def site_url(url: str) -> str:
-    """A site's URL as upload records name it, so that two spellings compare equal."""
-    return url.strip().rstrip("/")
 
 
 def read_record(spool_dir: Path) -> UploadRecord:

@@ -336,6 +336,11 @@ def test_server_error_fails_cp_then_retry_succeeds(mount: Mount, tmp_path: Path)
                               "--url", elsewhere], env=mount.env, capture_output=True, text=True)
     assert refused.returncode != 0 and f"dropped into {mount.server.url}" in refused.stderr
     assert "uploaded" not in refused.stdout
+    for action in ("list", "discard"):  # another site's uploads are not its to list or drop
+        other = subprocess.run([*cli, action, "--cache-dir", str(mount.cache_dir),
+                                "--url", elsewhere], env=mount.env, capture_output=True,
+                               text=True, check=True)
+        assert "retry.zip" not in other.stdout
     # Without --url, the upload goes to its own XNAT (the environment names none).
     assert "XNAT_URL" not in mount.env
     done = subprocess.run([*cli, "retry", upload_id, "--cache-dir", str(mount.cache_dir)],
@@ -348,6 +353,9 @@ def test_server_error_fails_cp_then_retry_succeeds(mount: Mount, tmp_path: Path)
     kept = subprocess.run([*cli, "list", *common], env=mount.env, capture_output=True,
                           text=True, check=True).stdout
     assert "retry.zip" not in kept
+    nothing = subprocess.run([*cli, "retry", "--cache-dir", str(mount.cache_dir)],
+                             env=mount.env, capture_output=True, text=True)
+    assert (nothing.returncode, nothing.stdout) == (0, "")  # nothing kept: nothing to do
     [uri] = upload_result(mount.path / "uploads/NEURO_PUB/retry.zip")
     assert uri in done.stdout
     assert f"done      NEURO_PUB/retry.zip  {uri}" in status
@@ -724,19 +732,29 @@ def test_part_of_a_prearchive_session_removed_with_rm_is_not_archived(mount: Mou
     archives all of it."""
     _, uri = drop_archive(mount, tmp_path, "part.zip", ("Pa^Rt", "PART1"), slices=2, seed=35)
     session = mounted_prearchive(mount, uri)
-    scan = sorted(os.listdir(session / "scans"))[0]
+    scans = sorted(os.listdir(session / "scans"))
+    scan = scans[0]
     files = session / "scans" / scan / "resources" / "DICOM" / "files"
     names = sorted(os.listdir(files))
     subprocess.run(["rm", str(files / names[0])], check=True)
     assert sorted(os.listdir(files)) == names[1:]
-    subprocess.run(["rm", "-r", str(session / "scans")], check=True)
-    assert "scans" not in os.listdir(session)
+    subprocess.run(["rm", "-r", str(session / "scans" / scans[1])], check=True)
+    assert sorted(os.listdir(session / "scans")) == [scan, *scans[2:]]
     subject = mount.path / "NEURO_PUB" / "PARTSUBJ"
     subject.mkdir()
     with pytest.raises(OSError) as refused:
         os.rename(session, subject / "PART1")
     assert refused.value.errno == errno.EPERM
-    assert sorted(os.listdir(files)) == names  # still there, and shown again
+    # Still there, and shown again.
+    assert sorted(os.listdir(files)) == names
+    assert (files / names[0]).stat().st_size > 0
+    assert sorted(os.listdir(session / "scans")) == scans
+    subprocess.run(["rm", "-r", str(session / "scans")], check=True)
+    assert "scans" not in os.listdir(session)
+    with pytest.raises(OSError) as refused:  # refused again, and shown again
+        os.rename(session, subject / "PART1")
+    assert refused.value.errno == errno.EPERM
+    assert sorted(os.listdir(files)) == names
     with pytest.raises(OSError) as refused:  # not a subject: no file-by-file copy either
         os.rename(session, mount.path / "NEURO_PUB" / "PART1")
     assert refused.value.errno == errno.EPERM

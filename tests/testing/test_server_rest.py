@@ -430,7 +430,12 @@ def test_assessors_as_xnat_lists_nests_and_serves_them(admin: httpx.Client) -> N
         item = admin.get(f"{url}?format=json").json()["items"][0]
         assert item["meta"]["xsi:type"] == "xnat:qcAssessmentData"
         assert item["data_fields"]["ID"] == assessor_id
-    assert admin.delete(f"{base}/assessors/SESS1_QC").status_code == 200
+    # Deleting one of its resources leaves it; DELETE of its flat URI removes it.
+    assert admin.delete(f"{base}/assessors/SESS1_QC/resources/QC").status_code == 200
+    assert admin.get(f"{base}/assessors/SESS1_QC?format=json").status_code == 200
+    assert admin.get(f"/data/experiments/{session_id}?format=json").status_code == 200
+    assert admin.delete(row["URI"]).status_code == 200
+    assert admin.get(f"/data/experiments/{session_id}?format=json").status_code == 200
     assert admin.get(f"/data/experiments/{session_id}/assessors").json()["ResultSet"][
         "Result"] == []
     assert admin.get(f["URI"]).status_code == 404

@@ -1009,8 +1009,11 @@ class ArchiveRoutes:
 
     def _delete(self, request: web.Request, access: Access,
                 path: ArchivePath) -> web.Response:
-        res = self.resolve(access, path)
-        unshare = (self._shared_here(res) if path.collection is None
+        res = self.resolve(access, path, flat_assessor=True)
+        # /data/experiments/{ID} may name an assessor: then it is what goes.
+        assessor_named = (res.assessor is not None and path.collection is None
+                          and path.level in ("experiment", "assessor"))
+        unshare = (self._shared_here(res) if path.collection is None and not assessor_named
                    and path.level in ("experiment", "subject") else None)
         self._require_edit(access, res, owner_too=unshare is None)
         request["route"] = f"{path.collection or path.level}.delete"
@@ -1029,6 +1032,8 @@ class ArchiveRoutes:
         if path.collection is not None:
             raise XnatHTTPError(405, "Method Not Allowed")
         level = path.level
+        if assessor_named:
+            level = "assessor"
         if level == "resource":
             for r in res.resources or []:
                 self.store.delete_resource(r["id"])
