@@ -32,6 +32,7 @@ import errno
 import fnmatch
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -55,6 +56,7 @@ LITTER_PATTERNS = (".DS_Store", "._*", "Thumbs.db", "ehthumbs.db", "desktop.ini"
 HEAD_BYTES = 264             # enough to recognise zip, gzip, tar (ustar at 257) and DICOM
 STREAM_CHUNKS = 8            # chunks buffered between writer and the streaming request
 UPLOAD_ATTEMPTS = 3          # uploads from the spool after the stream failed
+NOTICE_INTERVAL = 0.5        # s between looks at kept records changed from the command line
 # Not sent again: the server said no, or got all of it and may have imported it.
 NOT_RESENT = (BadRequest, Conflict, Forbidden, NotFound, Unanswered)
 
@@ -273,6 +275,7 @@ class UploadManager:
         self.uploads: dict[str, Upload] = {}     # by id
         self.in_flight = 0
         self.max_in_flight_seen = 0
+        self._noticed_at = -math.inf  # when the records on disk were last looked at
 
     # --------------------------------------------------------------- writing
     async def create(self, project: str, relpath: str) -> Upload:
@@ -495,7 +498,11 @@ class UploadManager:
 
     async def notice_outside_changes(self) -> None:
         """Failed uploads that ``xnatfs uploads retry`` sent or ``discard`` dropped
-        meanwhile (their record on disk says so): show them as they are now."""
+        meanwhile (their record on disk says so): show them as they are now.
+        At most every NOTICE_INTERVAL s: ``ls -l`` asks once per entry."""
+        if trio.current_time() - self._noticed_at < NOTICE_INTERVAL:
+            return
+        self._noticed_at = trio.current_time()
         settled = [u for u in self.uploads.values() if u.state is State.FAILED
                    and not u.open_handles and u.background is None]
 
