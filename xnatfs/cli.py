@@ -206,8 +206,7 @@ def uploads_command(args: argparse.Namespace) -> int:
     if not kept:
         return 0  # nothing to send
     sites = {normalise_site_url(rec.site) for rec, _ in kept if rec.site}
-    chosen = args.url or args.profile or os.environ.get("XNAT_URL")
-    if not chosen:
+    if site is None and args.profile is None:
         # Where they were dropped (each record names its XNAT), unless the user
         # chose a site: then a profile's password never goes to another one.
         if len(sites) != 1 or any(not rec.site for rec, _ in kept):

@@ -157,16 +157,11 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
                       ) -> pyfuse3.EntryAttributes:
         node = self.tree.node(inode)
-        if node.upload is not None and node.upload.state is UploadState.FAILED:
-            await self.uploads.notice_outside_changes()  # discarded from the command line?
-            if node.upload.record.id not in self.uploads.uploads:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            self.tree.refresh_upload_node(node)
+        if (node.upload is not None and node.upload.state is UploadState.FAILED
+                and not await self._current_upload(node)):
+            raise pyfuse3.FUSEError(errno.ENOENT)
         if node.kind is Kind.INFO_FILE:  # its size is its text's, which changes
-            try:
-                node.text = await self.tree.info_text(node)
-            except XnatError as exc:
-                log.debug("%s not refreshed: %s", node.name, exc)
+            await self.tree.refresh_prearchive_node(node)
         return self.attributes(node)
 
     @fuse_errors
@@ -638,11 +633,20 @@ class Operations(pyfuse3.Operations):
         """Attributes that change while listed, as they are now: an upload's
         outcome, a prearchive session's status (scripts poll them)."""
         if node.upload is not None:
-            if node.upload.state is UploadState.FAILED:
-                await self.uploads.notice_outside_changes()  # retried from the command line?
-            self.tree.refresh_upload_node(node)
+            await self._current_upload(node)
         elif node.kind in (Kind.PREARCHIVE_SESSION, Kind.INFO_FILE):
             await self.tree.refresh_prearchive_node(node)
+
+    async def _current_upload(self, node: Node) -> bool:
+        """An upload entry as its record says now, a failed one after noticing what
+        ``xnatfs uploads retry|discard`` did to it; False once it was discarded."""
+        assert node.upload is not None
+        if node.upload.state is UploadState.FAILED:
+            await self.uploads.notice_outside_changes()
+            if node.upload.record.id not in self.uploads.uploads:
+                return False
+        self.tree.refresh_upload_node(node)
+        return True
 
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

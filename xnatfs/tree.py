@@ -746,9 +746,9 @@ class Tree:
                             xattrs=node.xattrs, text=await self.info_text(node), **common)]
 
     async def refresh_prearchive_node(self, node: Node) -> None:
-        """Bring a prearchive session's (or its info file's) attributes up to date
-        with the prearchive listing, which lives ``prearchive_ttl`` only; a
-        session gone from it keeps what it last had."""
+        """Bring a prearchive session's (or its info file's) attributes, and the
+        info file's text, up to date with the prearchive listing, which lives
+        ``prearchive_ttl`` only; a session gone from it keeps what it last had."""
         try:
             sessions = await self.prearchive_sessions()
         except XnatError as exc:  # the server is down: what it said last
@@ -758,6 +758,8 @@ class Tree:
         if session is not None:
             node.xattrs = _prearchive_xattrs(session)
             node.mtime_ns = _time_ns(session.lastmod, node.mtime_ns)
+            if node.kind is Kind.INFO_FILE:
+                node.text = _info_json(session)
 
     async def _follow_archived(self, node: Node) -> None:
         """A folder of a prearchive session that mv archived becomes the archived
@@ -793,7 +795,7 @@ class Tree:
                         if s.uri == node.prearchive_uri), None)
         if session is None:
             raise NotFound(node.prearchive_uri)
-        return (json.dumps(dataclasses.asdict(session), indent=2) + "\n").encode()
+        return _info_json(session)
 
     def forget_negative(self, parent_inode: int) -> None:
         """A name was just created under ``parent_inode``: drop remembered misses there."""
@@ -894,6 +896,11 @@ def _owner(scan_id: str | None, assessor_id: str | None) -> Hashable:
     """What holds a resource, in file groups and node keys: a scan (by its ID,
     as before assessors were shown), the session (None), or an assessor."""
     return ("assessor", assessor_id) if assessor_id is not None else scan_id
+
+
+def _info_json(s: xc.PrearchiveSession) -> bytes:
+    """A prearchive session's ``prearchive-info.json``."""
+    return (json.dumps(dataclasses.asdict(s), indent=2) + "\n").encode()
 
 
 def _prearchive_xattrs(s: xc.PrearchiveSession) -> dict[str, str]:
