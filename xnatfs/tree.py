@@ -384,8 +384,7 @@ class Tree:
         return out
 
     async def _children_of_project(self, node: Node) -> list[Node]:
-        subjects = await self.cached(("subjects", node.project),
-                                     lambda: self.client.list_subjects(node.project))
+        subjects = await self._subjects(node.project)
         pending_labels = tuple(sorted(label for project, label in self.pending_subjects
                                       if project == node.project))
         if (same := self._entries_made_from(node, (subjects, pending_labels))) is not None:
@@ -402,6 +401,13 @@ class Tree:
                                            uri=f"/data/projects/{node.project}/subjects/{s.id}",
                                            xsi_type="xnat:subjectData"))
                 for s in subjects]
+
+    async def _subjects(self, project: str) -> list[xc.Subject]:
+        return await self.cached(("subjects", project),
+                                 lambda: self.client.list_subjects(project))
+
+    async def _subject_labelled(self, project: str, label: str) -> xc.Subject | None:
+        return next((s for s in await self._subjects(project) if s.label == label), None)
 
     async def subject_experiments(self, project: str, subject_id: str) -> list[xc.Experiment]:
         """A subject's experiments. The first subject opened in a project costs its
@@ -766,9 +772,7 @@ class Tree:
         session's own: the kernel renews its entries asynchronously, and until it
         does, the new name (and whatever it held below) points at these folders."""
         project, subject_label, session_label = self.archived_as[node.prearchive_uri]
-        subjects = await self.cached(("subjects", project),
-                                     lambda: self.client.list_subjects(project))
-        subject = next((s for s in subjects if s.label == subject_label), None)
+        subject = await self._subject_labelled(project, subject_label)
         if subject is None:
             return
         experiments = await self.subject_experiments(project, subject.id)
@@ -831,9 +835,7 @@ class Tree:
         label = node.key[2]  # ("pending-subject", project, label)
         if (node.project, label) in self.pending_subjects:
             return []
-        subjects = await self.cached(("subjects", node.project),
-                                     lambda: self.client.list_subjects(node.project))
-        made = next((s for s in subjects if s.label == label), None)
+        made = await self._subject_labelled(node.project, label)
         if made is None:
             return []
         node.subject_id = made.id

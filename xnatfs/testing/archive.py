@@ -584,8 +584,7 @@ class ArchiveRoutes:
                          for r in self.store.resources(eid, pk)]
             if every:  # XNAT adds the assessors' output resources
                 rows += [self._resource_row(r, None, res.experiment)
-                         for a in self.store.assessors(eid)
-                         for r in self.store.resources(eid, None, assessor_id=a["id"])]
+                         for r in self.store.assessor_resources(eid)]
         return table_response(request, rows, self.RESOURCE_COLUMNS,
                               envelope={"title": "Resources", "totalRecords": str(len(rows))})
 
@@ -749,8 +748,7 @@ class ArchiveRoutes:
             pk = scan["pk"] if scan is not None else None
             pairs += [(scan, r) for r in self.store.resources(eid, pk)]
         if every:
-            pairs += [(None, r) for a in self.store.assessors(eid)
-                      for r in self.store.resources(eid, None, assessor_id=a["id"])]
+            pairs += [(None, r) for r in self.store.assessor_resources(eid)]
         return pairs
 
     def _is_multi(self, res: Resolved) -> bool:

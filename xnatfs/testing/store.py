@@ -463,6 +463,12 @@ class Store:
             "SELECT * FROM resources WHERE experiment_id = ? AND scan_pk IS ?"
             " AND assessor_id IS ? ORDER BY id", (experiment_id, scan_pk, assessor_id))
 
+    def assessor_resources(self, experiment_id: str) -> list[sqlite3.Row]:
+        """The output resources of every assessor of a session, assessor by assessor."""
+        return self.query(
+            "SELECT * FROM resources WHERE experiment_id = ? AND assessor_id IS NOT NULL"
+            " ORDER BY assessor_id, id", (experiment_id,))
+
     # --------------------------------------------------------------- assessors
     def add_assessor(self, experiment_id: str, label: str, xsi_type: str, *,
                      date: str = "", user: str = "admin") -> str:
