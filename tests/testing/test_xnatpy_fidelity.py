@@ -15,6 +15,7 @@ import httpx
 import pytest
 import xnat
 
+from xnatfs.testing.datasets import synthetic_study, write_dicom_archive
 from xnatfs.testing.harness import TestServer, share_session
 from xnatfs.testing.store import Store
 
@@ -120,28 +121,30 @@ def test_protected_project_is_unlisted_and_its_data_forbidden(demo_server: TestS
             connection.get_json("/data/projects/SECRET_NOPE/subjects")
 
 
-def test_import_zip_then_archive_through_xnatpy(session: xnat.session.XNATSession,
-                                                tmp_path: Path) -> None:
-    from xnatfs.testing.datasets import synthetic_study, write_dicom_archive
-
-    series = synthetic_study("Import^Test", "IMP001", modality="MR", slices=6, rows=32,
-                             cols=32, seed=7)
-    archive = tmp_path / "study.zip"
-    members = write_dicom_archive(archive, series)
-    prearchived = session.services.import_(str(archive), project="NEURO_PUB",
-                                           import_handler="DICOM-zip")
-    assert isinstance(prearchived, xnat.prearchive.PrearchiveSession)
-    listed = [s for s in session.prearchive.sessions("NEURO_PUB")
-              if s.uri == prearchived.uri]
-    assert len(listed) == 1 and listed[0].status == "READY"
-    n_files = sum(len(scan.files) for scan in listed[0].scans)
-    assert n_files == len(members)
-    experiment = listed[0].archive(subject="IMPSUBJ", experiment="IMP001_MR")
-    assert experiment.label == "IMP001_MR"
-    session.clearcache()  # xnatpy caches listings; earlier tests walked this project
-    scans = session.projects["NEURO_PUB"].subjects["IMPSUBJ"].experiments["IMP001_MR"].scans
-    assert sorted(scans.keys(), key=int) == sorted((str(s.series_number) for s in series), key=int)
-    assert prearchived.uri not in {s.uri for s in session.prearchive.sessions("NEURO_PUB")}
+def test_import_zip_then_archive_through_xnatpy(tmp_path: Path) -> None:
+    """On a server of its own: archiving adds a subject, which the shared demo
+    server's readers (a walk that counts requests, say) must not see."""
+    with TestServer(tmp_path / "data", dataset="demo") as server, \
+            xnat.connect(server.url, user="admin", password="admin",
+                         extension_types=False) as session:
+        series = synthetic_study("Import^Test", "IMP001", modality="MR", slices=6, rows=32,
+                                 cols=32, seed=7)
+        archive = tmp_path / "study.zip"
+        members = write_dicom_archive(archive, series)
+        prearchived = session.services.import_(str(archive), project="NEURO_PUB",
+                                               import_handler="DICOM-zip")
+        assert isinstance(prearchived, xnat.prearchive.PrearchiveSession)
+        listed = [s for s in session.prearchive.sessions("NEURO_PUB")
+                  if s.uri == prearchived.uri]
+        assert len(listed) == 1 and listed[0].status == "READY"
+        n_files = sum(len(scan.files) for scan in listed[0].scans)
+        assert n_files == len(members)
+        experiment = listed[0].archive(subject="IMPSUBJ", experiment="IMP001_MR")
+        assert experiment.label == "IMP001_MR"
+        scans = session.projects["NEURO_PUB"].subjects["IMPSUBJ"].experiments["IMP001_MR"].scans
+        numbers = sorted((str(s.series_number) for s in series), key=int)
+        assert sorted(scans.keys(), key=int) == numbers
+        assert prearchived.uri not in {s.uri for s in session.prearchive.sessions("NEURO_PUB")}
 
 
 def test_shared_subjects_and_sessions_through_xnatpy(tmp_path: Path) -> None:
