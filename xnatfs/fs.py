@@ -460,6 +460,11 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = await self.tree.lookup(parent_inode, os.fsdecode(name))
+        if node.prearchive_uri and await self.tree.children(node.inode):
+            # What rm -r leaves is empty: it removed (hid) everything inside
+            # first. A bare rmdir (or gio remove) of a full session must not
+            # delete it from XNAT.
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
         if node.kind is Kind.PREARCHIVE_SESSION:
             await self.tree.client.delete_prearchive(node.prearchive_uri)
             self.tree.show_hidden(node.prearchive_uri)  # nothing left to hide

@@ -790,6 +790,29 @@ def test_rm_r_of_a_prearchive_timestamp_folder(mount: Mount, tmp_path: Path) -> 
         assert c.get(uri + "?format=json").status_code == 404
 
 
+def test_rmdir_of_a_full_prearchive_session_deletes_nothing(mount: Mount,
+                                                           tmp_path: Path) -> None:
+    """Only ``rm -r`` deletes a session: a bare rmdir (an ``rmdir */*/*`` sweep of
+    empty folders, ``gio remove``) of one that still shows files is ENOTEMPTY,
+    at any depth, and leaves it whole on the server."""
+    _, uri = drop_archive(mount, tmp_path, "full.zip", ("Fu^Ll", "FULL1"), slices=2, seed=36)
+    session = mounted_prearchive(mount, uri)
+    scans = session / "scans"
+    [scan, *_] = sorted(os.listdir(scans))
+    for folder in (session, scans, scans / scan):
+        with pytest.raises(OSError) as refused:
+            os.rmdir(folder)
+        assert refused.value.errno == errno.ENOTEMPTY
+    assert sorted(os.listdir(scans / scan / "resources" / "DICOM" / "files"))
+    gio_like = subprocess.run(["rmdir", str(session)], capture_output=True, text=True)
+    assert gio_like.returncode != 0 and "not empty" in gio_like.stderr
+    with httpx.Client(base_url=mount.server.url, auth=ADMIN) as c:
+        assert c.get(uri + "?format=json").status_code == 200
+    subprocess.run(["rm", "-r", str(session)], check=True)
+    with httpx.Client(base_url=mount.server.url, auth=ADMIN) as c:
+        assert c.get(uri + "?format=json").status_code == 404
+
+
 def test_refused_archive_action_maps_to_errno(mount: Mount, tmp_path: Path) -> None:
     _, uri = drop_archive(mount, tmp_path, "conflict.zip", ("Con^Flict", "CONFL1"), slices=2,
                           seed=31)
