@@ -25,7 +25,7 @@ from .errors import BadRequest, NotFound, Stale, XnatError, errno_for
 from .naming import NAME_MAX, label_from_name, require_label
 from .tree import Kind, Node, Tree
 from .uploads import State as UploadState
-from .uploads import UploadManager, check_folder_name
+from .uploads import UploadManager, check_folder_name, labels_from_path
 
 log = logging.getLogger(__name__)
 
@@ -528,18 +528,32 @@ class Operations(pyfuse3.Operations):
     async def _rename_upload(self, node: Node, new_parent: Node, name_new: bytes) -> None:
         """Write-to-temporary-then-rename: the entry moves; a litter name becoming a real one
         uploads now."""
-        assert node.upload is not None
+        upload = node.upload
+        assert upload is not None
         if new_parent.kind is not Kind.UPLOAD_DIR or new_parent.project != node.project:
             raise pyfuse3.FUSEError(errno.EXDEV)
+        old_parent, old_relpath = node.parent, upload.record.relpath
+        new_relpath = self._upload_target(new_parent, name_new)
+        if upload.busy and labels_from_path(new_relpath) != labels_from_path(old_relpath):
+            # Being written or sent with the labels of its folders: they are fixed.
+            raise pyfuse3.FUSEError(errno.EBUSY)
         replaced = await self._existing_child(new_parent.inode, name_new)
-        if replaced is not None and replaced.upload is not None:
-            await self.uploads.forget(replaced.upload)
-        await self.uploads.rename(node.upload, self._upload_target(new_parent, name_new))
+        await self.uploads.rename(upload, new_relpath)
         self.tree.refresh_upload_node(node)
         node.parent = new_parent.inode
-        if node.upload.dirty and node.upload.writers == 0:
-            # Renamed after close (a temporary made real): finished as a close would be.
-            await self._finish_upload(node, closing=True)
+        if upload.dirty and upload.writers == 0:
+            # Renamed after close (a temporary made real): finished as a close would
+            # be. A refusal fails the rename, which then changes nothing: rsync
+            # says so and goes on, and a second run sends the file again.
+            try:
+                await self._finish_upload(node, closing=True)
+            except XnatError:
+                await self.uploads.rename(upload, old_relpath)
+                self.tree.refresh_upload_node(node)
+                node.parent = old_parent
+                raise
+        if replaced is not None and replaced is not node and replaced.upload is not None:
+            await self.uploads.forget(replaced.upload)
 
     async def _rename_upload_folder(self, node: Node, new_parent: Node, name_new: bytes) -> None:
         """A folder renamed or moved within its project's upload area: "New Folder"

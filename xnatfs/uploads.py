@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 import uuid
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 LITTER_PATTERNS = (".DS_Store", "._*", "Thumbs.db", "ehthumbs.db", "desktop.ini",
                    ".goutputstream-*", ".directory", ".~lock.*#", "*~", ".Trash-*",
                    ".fuse_hidden*", ".nfs*")
+RSYNC_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9]{6}")
 HEAD_BYTES = 264             # enough to recognise zip, gzip, tar (ustar at 257) and DICOM
 STREAM_CHUNKS = 8            # chunks buffered between writer and the streaming request
 UPLOAD_ATTEMPTS = 3          # uploads from the spool after the stream failed
@@ -74,11 +76,18 @@ class State(str, enum.Enum):
     UPLOADING = "uploading"
     DONE = "done"
     FAILED = "failed"
-    KEPT = "kept"             # litter: never uploaded
+    KEPT = "kept"             # not uploaded: litter, empty, not DICOM under a temporary name
 
 
 def is_litter(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in LITTER_PATTERNS)
+
+
+def is_temporary(name: str) -> bool:
+    """rsync's name for a file it is receiving (``.NAME.XXXXXX``), renamed once
+    complete. A close that fails ends rsync's whole run, a rename that fails
+    only that file's: what XNAT would refuse is refused at the rename."""
+    return RSYNC_TEMPORARY.fullmatch(name) is not None
 
 
 def classify(name: str, head: bytes) -> Kind:
@@ -458,14 +467,16 @@ class UploadManager:
         while upload.background is not None and not closing:
             await upload.background.wait()  # fsync: the write-behind upload's answer
         async with upload.lock:
-            if not upload.dirty:
-                upload.raise_if_failed()
-                return
-            if upload.record.size == 0:
-                upload.record.state = State.KEPT.value  # touch: nothing to upload yet
+            if upload.record.size == 0 and upload.state is State.WRITING:
+                # touch, a file manager's "New Document", cp of an empty file: nothing
+                # to upload yet (written to later, it is uploaded then).
+                upload.record.state = State.KEPT.value
                 upload.record.message = "empty"
                 upload.dirty = False
                 await self._save(upload)
+                return
+            if not upload.dirty:
+                upload.raise_if_failed()
                 return
             if upload.kind is Kind.UNKNOWN or len(upload.head) < HEAD_BYTES:
                 upload.head = bytearray(await self._read_spool(upload, 0, HEAD_BYTES))
@@ -473,6 +484,12 @@ class UploadManager:
             kind = upload.kind
             if kind is Kind.LITTER:
                 upload.record.state = State.KEPT.value
+                upload.dirty = False
+                await self._save(upload)
+                return
+            if kind is Kind.REFUSED and is_temporary(upload.record.name):
+                upload.record.state = State.KEPT.value
+                upload.record.message = "not DICOM: refused if renamed to a real name"
                 upload.dirty = False
                 await self._save(upload)
                 return
@@ -640,9 +657,17 @@ class UploadManager:
 
     # ------------------------------------------------------------- namespace
     async def rename(self, upload: Upload, new_relpath: str) -> None:
+        """A file kept under a litter or temporary name is uploaded (by the caller,
+        once its writers closed it) when renamed to a real name."""
         upload.record.relpath = new_relpath
-        if upload.kind is Kind.LITTER and not is_litter(upload.record.name):
-            upload.record.kind = classify(upload.record.name, bytes(upload.head)).value
+        name = upload.record.name
+        set_aside = upload.kind is Kind.LITTER or (upload.state is State.KEPT
+                                                   and upload.record.size > 0)
+        if set_aside and not is_litter(name) and not is_temporary(name):
+            upload.record.kind = classify(name, bytes(upload.head)).value
+            if upload.state is State.KEPT:
+                upload.record.state = State.WRITING.value
+                upload.record.message = ""
             upload.dirty = True
         await self._save(upload)
 

@@ -530,6 +530,95 @@ def test_a_second_rsync_sends_nothing_again(mount: Mount, tmp_path: Path) -> Non
                 if e["route"] == "services.import"]
 
 
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
+def test_rsync_goes_on_past_a_file_xnat_refuses(mount: Mount, tmp_path: Path) -> None:
+    """A failed close ends rsync's whole run ("error in file IO", nothing more
+    sent); a failed rename only that file's. A CD export's README is refused at
+    its rename, the DICOM files still go, and a second run tries the README again."""
+    source = tmp_path / "export"
+    write_dicom_series(source, patient_name="Ex^Port", patient_id="EXPORT1",
+                       study_uid="1.2.826.0.1.3680043.8.498.791", series_number=1,
+                       series_description="export", slices=3, rows=8, cols=8, seed=12)
+    (source / "00README.TXT").write_text("exported by the scanner\n")
+    target = mount.path / "uploads" / "NEURO_PUB" / "export"
+    target.mkdir()
+    for run in (1, 2):
+        mark = mount.server.log_mark()
+        result = subprocess.run(["rsync", "-a", f"{source}/", f"{target}/"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 23, result.stderr  # partial transfer, not code 11
+        assert "rename" in result.stderr and "00README.TXT" in result.stderr
+        sent = [e for e in mount.server.requests_since(mark) if e["route"] == "services.import"]
+        assert len(sent) == (3 if run == 1 else 0)
+        names = sorted(os.listdir(target))
+        assert names == sorted(p.name for p in source.iterdir() if p.suffix == ".dcm")
+    for name in names:
+        assert os.getxattr(target / name, "user.xnatfs.upload.state") == b"done"
+
+
+def test_a_refused_rename_changes_nothing(mount: Mount, tmp_path: Path) -> None:
+    """GNOME writes ``.goutputstream-*`` and renames it to the real name, which is
+    when it is uploaded; refused, the rename fails and the file keeps its name."""
+    folder = mount.path / "uploads" / "NEURO_PUB"
+    temp = folder / ".goutputstream-REFUSE"
+    temp.write_text("not dicom\n")
+    with pytest.raises(OSError) as refused:
+        os.rename(temp, folder / "report.txt")
+    assert refused.value.errno == errno.EPERM
+    assert temp.read_text() == "not dicom\n"  # the bytes are kept
+    assert "report.txt" not in os.listdir(folder)
+    assert os.getxattr(temp, "user.xnatfs.upload.state") == b"failed"
+
+
+def test_empty_files_are_kept_not_left_writing(mount: Mount, tmp_path: Path) -> None:
+    """touch, "New Document", cp of an empty file: nothing to upload, nothing to
+    retry; written to afterwards, the file is uploaded then."""
+    folder = mount.path / "uploads" / "NEURO_PUB" / "empty"
+    folder.mkdir()
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    subprocess.run(["cp", str(tmp_path / "empty.dcm"), str(folder)], check=True)
+    subprocess.run(["touch", str(folder / "later.dcm")], check=True)
+    for name in ("empty.dcm", "later.dcm"):
+        assert os.getxattr(folder / name, "user.xnatfs.upload.state") == b"kept"
+    kept = subprocess.run([sys.executable, "-m", "xnatfs.cli", "uploads", "list",
+                           "--cache-dir", str(mount.cache_dir)], env=mount.env,
+                          capture_output=True, text=True, check=True).stdout
+    assert "empty/" not in kept
+    write_dicom_series(tmp_path / "one", patient_name="La^Ter", patient_id="LATER1",
+                       study_uid="1.2.826.0.1.3680043.8.498.792", series_number=1,
+                       series_description="later", slices=1, rows=8, cols=8, seed=13)
+    [dicom] = (tmp_path / "one").iterdir()
+    with open(folder / "later.dcm", "ab") as f:
+        f.write(dicom.read_bytes())
+    assert upload_result(folder / "later.dcm")
+
+
+def test_a_file_being_sent_keeps_its_labels(mount: Mount, tmp_path: Path) -> None:
+    """An archive streams to XNAT while it is written, with the labels of its
+    folders: moving it to another ``subject=`` folder meanwhile is EBUSY (as for
+    its folders), renaming it where it is is not."""
+    archive = tmp_path / "moving.zip"
+    write_dicom_archive(archive, synthetic_study("Mo^Ving", "MOVING1", slices=3, rows=16,
+                                                 cols=16, seed=15))
+    data = archive.read_bytes()
+    project = mount.path / "uploads" / "NEURO_PUB"
+    first, other = project / "subject=MOVSUBJ", project / "subject=OTHERSUBJ"
+    first.mkdir()
+    other.mkdir()
+    with open(first / "moving.zip", "wb") as writer:
+        writer.write(data[:len(data) // 2])
+        writer.flush()
+        with pytest.raises(OSError) as busy:
+            os.rename(first / "moving.zip", other / "moving.zip")
+        assert busy.value.errno == errno.EBUSY
+        os.rename(first / "moving.zip", first / "renamed.zip")
+        writer.write(data[len(data) // 2:])
+    [uri] = upload_result(first / "renamed.zip")
+    with httpx.Client(base_url=mount.server.url, auth=ADMIN) as c:
+        info = c.get(f"{uri}?format=json").json()["ResultSet"]["Result"][0]
+    assert info["subject"] == "MOVSUBJ"
+
+
 def test_a_new_folder_renamed_names_the_subject(mount: Mount, tmp_path: Path) -> None:
     """The file-manager way: make "New Folder", rename it to ``subject=...``,
     drop files in. The folders keep their inodes; what lands below follows the
