@@ -15,7 +15,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -25,7 +25,7 @@ from .errors import BadRequest, NotFound, Stale, XnatError, errno_for
 from .naming import NAME_MAX, label_from_name, require_label
 from .tree import Kind, Node, Tree
 from .uploads import State as UploadState
-from .uploads import UploadManager, check_folder_name, labels_from_path
+from .uploads import Upload, UploadManager, check_folder_name, labels_from_path
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ def _loggable(handler: str, args: tuple[Any, ...]) -> str:
     return f"({', '.join(shown)})"
 
 
-def read_only(*_args: Any, **_kwargs: Any) -> Any:
-    raise pyfuse3.FUSEError(errno.EROFS)
+OWN_XATTRS = ("user.xnat.", "user.xnatfs.")  # what the mount tells; never stored
 
 
 class Operations(pyfuse3.Operations):
@@ -531,7 +530,8 @@ class Operations(pyfuse3.Operations):
         upload = node.upload
         assert upload is not None
         if new_parent.kind is not Kind.UPLOAD_DIR or new_parent.project != node.project:
-            raise pyfuse3.FUSEError(errno.EXDEV)
+            self._refuse_moving_uploaded([upload], new_parent)
+            raise pyfuse3.FUSEError(errno.EXDEV)  # mv copies it, from its local copy
         old_parent, old_relpath = node.parent, upload.record.relpath
         new_relpath = self._upload_target(new_parent, name_new)
         if upload.busy and labels_from_path(new_relpath) != labels_from_path(old_relpath):
@@ -559,7 +559,9 @@ class Operations(pyfuse3.Operations):
         """A folder renamed or moved within its project's upload area: "New Folder"
         named ``subject=S05`` after the file manager made it."""
         if new_parent.kind is not Kind.UPLOAD_DIR or new_parent.project != node.project:
-            raise pyfuse3.FUSEError(errno.EXDEV)
+            self._refuse_moving_uploaded(self.uploads.below(node.project, node.relpath),
+                                         new_parent)
+            raise pyfuse3.FUSEError(errno.EXDEV)  # mv copies them, from their local copies
         new_relpath = self._upload_target(new_parent, name_new)
         check_folder_name(os.fsdecode(name_new))
         replaced = await self._existing_child(new_parent.inode, name_new)
@@ -577,6 +579,18 @@ class Operations(pyfuse3.Operations):
         moved = self.uploads.move_folder(node.project, node.relpath, new_relpath)
         self.tree.move_upload_folder(node, new_parent, new_relpath)
         await self.uploads.save(moved)
+
+    def _refuse_moving_uploaded(self, uploads: list[Upload], new_parent: Node) -> None:
+        """Into another project's upload folder, ``mv`` would copy: impossible for
+        an upload XNAT has (its local copy is gone), which would leave an empty
+        file behind. EPERM at once instead (failed ones, kept, are copied)."""
+        sent = [u for u in uploads if u.state is UploadState.DONE]
+        if sent and new_parent.kind is Kind.UPLOAD_DIR:
+            log.warning("refused to move %s to uploads/%s: XNAT has it already (%s); move "
+                        "the session in prearchive/ or the archive instead",
+                        sent[0].record.relpath, new_parent.project,
+                        ", ".join(sent[0].record.result))
+            raise pyfuse3.FUSEError(errno.EPERM)
 
     async def _rename_prearchive(self, node: Node, new_parent: Node, name_new: bytes) -> None:
         """``mv`` out of the prearchive: into a subject archives, into another project moves.
@@ -637,8 +651,10 @@ class Operations(pyfuse3.Operations):
         node = self.tree.node(inode)
         # Only ours are looked up afresh: ls -l asks every entry for security.*
         # and system.* attributes, which must not wait for the server.
-        if key.startswith(("user.xnat.", "user.xnatfs.")):
+        if key.startswith(OWN_XATTRS):
             await self._refresh_xattrs(node)
+        elif node.upload is not None and key in node.upload.user_xattrs:
+            return node.upload.user_xattrs[key]
         value = node.xattrs.get(key)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -646,7 +662,11 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [name.encode() for name in self.tree.node(inode).xattrs]
+        node = self.tree.node(inode)
+        names = [name.encode() for name in node.xattrs]
+        if node.upload is not None:
+            names += [name.encode() for name in node.upload.user_xattrs]
+        return names
 
     async def _refresh_xattrs(self, node: Node) -> None:
         """Attributes that change while listed, as they are now: an upload's
@@ -683,15 +703,51 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        """Not supported, rather than read-only: ``cp -a``/``cp -p``/``mv`` into
+        """An upload entry keeps ``user.*`` attributes set on it (``rsync -X``,
+        ``cp --preserve=xattr``) for as long as it is listed. Anything else is
+        not supported, rather than read-only: ``cp -a``/``cp -p``/``mv`` into
         ``uploads/`` copy a file's ACL (``system.posix_acl_access``) and treat
         ENOTSUP as "nothing to keep", where EROFS fails them."""
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+        node = self.tree.node(inode)
+        key = os.fsdecode(name)
+        if node.upload is None or not key.startswith("user.") or key.startswith(OWN_XATTRS):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        node.upload.user_xattrs[key] = value
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+        """``rsync -X`` removes from an entry what its source does not have, our
+        upload status too: that is not stored, so removing it does nothing (a
+        refusal would fail every run)."""
+        node = self.tree.node(inode)
+        key = os.fsdecode(name)
+        if node.upload is None:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        if key.startswith(OWN_XATTRS):
+            return
+        if node.upload.user_xattrs.pop(key, None) is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     # ------------------------------------------------- everything else: no
-    mknod = symlink = link = read_only
+    @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._refuse_special(parent_inode)
+
+    @fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._refuse_special(new_parent_inode)
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._refuse_special(parent_inode)
+
+    def _refuse_special(self, parent_inode: int) -> NoReturn:
+        """Links and device files cannot be uploaded (EPERM: "Read-only file
+        system" would send the user looking for a mount option)."""
+        if self.tree.node(parent_inode).kind is Kind.UPLOAD_DIR:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EROFS)
 

@@ -226,6 +226,7 @@ class Upload:
         self.open_handles = 0
         self.writers = 0                         # open handles that may write
         self.failure: type[XnatError] = BadRequest  # what the last failure was (its errno)
+        self.user_xattrs: dict[str, bytes] = {}  # set by rsync -X and the like; not uploaded
 
     def raise_if_failed(self) -> None:
         """Raise what the last upload attempt failed with, as its errno says it."""

@@ -619,6 +619,66 @@ def test_a_file_being_sent_keeps_its_labels(mount: Mount, tmp_path: Path) -> Non
     assert info["subject"] == "MOVSUBJ"
 
 
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
+def test_rsync_keeping_extended_attributes_succeeds(mount: Mount, tmp_path: Path) -> None:
+    """``rsync -aX`` sets the source's user attributes (kept while listed) and
+    removes the entry's others, our upload status among them: that status is
+    not stored, so removing it does nothing, and every run ended with code 23."""
+    source = tmp_path / "xattrs"
+    write_dicom_series(source, patient_name="Xa^Ttr", patient_id="XATTR1",
+                       study_uid="1.2.826.0.1.3680043.8.498.793", series_number=1,
+                       series_description="xattrs", slices=2, rows=8, cols=8, seed=16)
+    for path in source.iterdir():
+        os.setxattr(path, "user.xdg.origin.url", b"https://scanner.example/export")
+    target = mount.path / "uploads" / "NEURO_PUB" / "xattrs"
+    target.mkdir()
+    for _ in range(2):
+        result = subprocess.run(["rsync", "-aX", f"{source}/", f"{target}/"],
+                                capture_output=True, text=True, timeout=120)
+        assert (result.returncode, result.stderr) == (0, "")
+    for path in source.iterdir():
+        entry = target / path.name
+        assert os.getxattr(entry, "user.xdg.origin.url") == b"https://scanner.example/export"
+        assert os.getxattr(entry, "user.xnatfs.upload.state") == b"done"
+        os.removexattr(entry, "user.xdg.origin.url")
+        assert "user.xdg.origin.url" not in os.listxattr(entry)
+        with pytest.raises(OSError) as absent:
+            os.removexattr(entry, "user.xdg.origin.url")
+        assert absent.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as ours:
+        os.setxattr(target / path.name, "user.xnatfs.upload.state", b"done")
+    assert ours.value.errno == errno.ENOTSUP
+
+
+def test_moving_an_upload_to_another_project(mount: Mount, tmp_path: Path) -> None:
+    """mv between projects copies (EXDEV): fine for a kept upload, read from its
+    local copy; one XNAT already has has none, so it is refused at once instead
+    of leaving an empty file in the other project. Links cannot be uploaded."""
+    project, other = mount.path / "uploads" / "NEURO_PUB", mount.path / "uploads" / "ONC-PROT"
+    write_dicom_series(tmp_path / "sent", patient_name="Mo^Ved", patient_id="MOVED1",
+                       study_uid="1.2.826.0.1.3680043.8.498.794", series_number=1,
+                       series_description="moved", slices=1, rows=8, cols=8, seed=17)
+    [dicom] = (tmp_path / "sent").iterdir()
+    (project / "moved").mkdir()
+    subprocess.run(["cp", str(dicom), str(project / "moved")], check=True)
+    assert upload_result(project / "moved" / dicom.name)
+    for path in (project / "moved" / dicom.name, project / "moved"):
+        result = subprocess.run(["mv", str(path), str(other)], capture_output=True, text=True)
+        assert result.returncode != 0 and "Operation not permitted" in result.stderr
+    assert os.listdir(other) == ["UPLOAD_STATUS.txt"]
+    (tmp_path / "notes.txt").write_text("not dicom\n")
+    result = subprocess.run(["cp", str(tmp_path / "notes.txt"), str(project)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0  # refused, and kept
+    result = subprocess.run(["mv", str(project / "notes.txt"), str(other)],
+                            capture_output=True, text=True)
+    assert "Invalid argument" in result.stderr  # copied, so sent again: refused there too
+    assert (other / "notes.txt").read_text() == "not dicom\n"
+    with pytest.raises(OSError) as link:
+        os.symlink(dicom, project / "link.dcm")
+    assert link.value.errno == errno.EPERM
+
+
 def test_a_new_folder_renamed_names_the_subject(mount: Mount, tmp_path: Path) -> None:
     """The file-manager way: make "New Folder", rename it to ``subject=...``,
     drop files in. The folders keep their inodes; what lands below follows the
