@@ -223,6 +223,10 @@ def uploads_command(args: argparse.Namespace) -> int:
             if rec.kind not in ("archive", "dicom"):
                 print(f"skipped {rec.project}/{rec.relpath}: {rec.kind} files are not uploaded")
                 continue
+            if rec.incomplete:  # XNAT would import the cut-off file as if whole
+                print(f"skipped {rec.project}/{rec.relpath}: incomplete (the program writing "
+                      f"it was killed); copy it again, and discard this one")
+                continue
             if rec.site and normalise_site_url(rec.site) != here:
                 # Patient data goes only to the XNAT it was dropped into.
                 failures += 1

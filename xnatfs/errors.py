@@ -108,6 +108,11 @@ class NoSpace(XnatError):
     cannot be kept, so it is refused before XNAT sees a partial file."""
 
 
+class Interrupted(XnatError):
+    """The program writing an upload was killed before it finished: what it wrote
+    is incomplete, so it is not sent."""
+
+
 # One table, so the mapping can be reviewed at a glance (mountpoint-s3's fs/error.rs).
 # Unreachable is EIO rather than ETIMEDOUT: it also covers refused connections,
 # resets and truncated bodies, for which "Connection timed out" would mislead, and
@@ -126,6 +131,7 @@ ERRNO_BY_ERROR: dict[type[XnatError], int] = {
     Stale: errno.ESTALE,
     ReadOnly: errno.EROFS,
     NoSpace: errno.ENOSPC,
+    Interrupted: errno.EINTR,
 }
 
 

@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from .blockcache import BlockCache, FileIdentity
+from .callers import killed_by, signal_name
 from .errors import BadRequest, NotFound, Stale, XnatError, errno_for
 from .naming import NAME_MAX, label_from_name, require_label
 from .tree import Kind, Node, Tree
@@ -100,7 +101,8 @@ class Operations(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._open_files: dict[int, Node] = {}
-        self._upload_writers: set[int] = set()  # handles that may write an upload
+        # Handles that may write an upload, with the process that opened them.
+        self._upload_writers: dict[int, int] = {}
         self._stale_handles: set[int] = set()  # opened on bytes since dropped as wrong
         # Open directories: their inode, and the entries of the pass being read.
         self._open_dirs: dict[int, tuple[int, list[Node]]] = {}
@@ -238,8 +240,8 @@ class Operations(pyfuse3.Operations):
             assert node.upload is not None
             if flags & os.O_TRUNC:
                 await self.uploads.truncate(node.upload, 0)
-            return pyfuse3.FileInfo(fh=self._upload_handle(node, writer=bool(writing)),
-                                    direct_io=True)
+            writer = ctx.pid if writing else None
+            return pyfuse3.FileInfo(fh=self._upload_handle(node, writer=writer), direct_io=True)
         if writing:
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = self._new_handle(node)
@@ -340,10 +342,20 @@ class Operations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         """close() of a handle that wrote an upload returns only once XNAT accepted
         it (or failed). Other handles close at once: a file manager peeking at a
-        file being copied (thumbnails, indexing) must not send it half written."""
+        file being copied (thumbnails, indexing) must not send it half written;
+        nor does the close of a writer killed mid-copy."""
         node = self._open_files.get(fh)
-        if node is not None and node.upload is not None and fh in self._upload_writers:
-            await self._finish_upload(node, closing=True)
+        if node is None or node.upload is None or fh not in self._upload_writers:
+            return
+        signal = killed_by(self._upload_writers[fh])
+        if signal is not None:  # Ctrl-C, kill: cut off, not finished
+            try:
+                await self.uploads.abandon(node.upload, f"the program writing it was "
+                                                        f"killed ({signal_name(signal)})")
+            finally:
+                self.tree.refresh_upload_node(node)
+            return
+        await self._finish_upload(node, closing=True)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -373,16 +385,17 @@ class Operations(pyfuse3.Operations):
         if node is not None and node.upload is not None:
             node.upload.open_handles -= 1
             if fh in self._upload_writers:
-                self._upload_writers.discard(fh)
+                del self._upload_writers[fh]
                 node.upload.writers -= 1
             await self.uploads.release(node.upload)
 
-    def _upload_handle(self, node: Node, *, writer: bool) -> int:
+    def _upload_handle(self, node: Node, *, writer: int | None) -> int:
+        """``writer``: the process opening it to write, if it does."""
         assert node.upload is not None
         fh = self._new_handle(node)
         node.upload.open_handles += 1
-        if writer:
-            self._upload_writers.add(fh)
+        if writer is not None:
+            self._upload_writers[fh] = writer
             node.upload.writers += 1
         return fh
 
@@ -405,7 +418,7 @@ class Operations(pyfuse3.Operations):
         upload = await self.uploads.create(parent.project, relpath)
         node = self.tree.upload_file_node(parent, upload)
         self.tree.forget_negative(parent_inode)
-        return (pyfuse3.FileInfo(fh=self._upload_handle(node, writer=True), direct_io=True),
+        return (pyfuse3.FileInfo(fh=self._upload_handle(node, writer=ctx.pid), direct_io=True),
                 self._entry(node))
 
     @fuse_errors

@@ -45,8 +45,8 @@ from typing import Protocol, TypedDict
 
 import trio
 
-from .errors import (BadRequest, Conflict, Forbidden, NoSpace, NotFound, Stale, Unanswered,
-                     XnatError)
+from .errors import (BadRequest, Conflict, Forbidden, Interrupted, NoSpace, NotFound, Stale,
+                     Unanswered, XnatError)
 from .naming import require_label
 
 log = logging.getLogger(__name__)
@@ -76,18 +76,17 @@ class State(str, enum.Enum):
     UPLOADING = "uploading"
     DONE = "done"
     FAILED = "failed"
-    KEPT = "kept"             # not uploaded: litter, empty, not DICOM under a temporary name
+    KEPT = "kept"             # not uploaded: litter (temporaries too) or empty
 
 
 def is_litter(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in LITTER_PATTERNS)
-
-
-def is_temporary(name: str) -> bool:
-    """rsync's name for a file it is receiving (``.NAME.XXXXXX``), renamed once
-    complete. A close that fails ends rsync's whole run, a rename that fails
-    only that file's: what XNAT would refuse is refused at the rename."""
-    return RSYNC_TEMPORARY.fullmatch(name) is not None
+    """Kept locally, never uploaded unless renamed to another name: file-manager
+    litter, and the temporaries that tools rename once complete (GNOME's
+    ``.goutputstream-*``, rsync's ``.NAME.XXXXXX``). rsync's is uploaded at its
+    rename: a failed close ends rsync's whole run, a failed rename only that
+    file's, and an rsync stopped with Ctrl-C deletes its temporary unsent."""
+    return RSYNC_TEMPORARY.fullmatch(name) is not None or any(
+        fnmatch.fnmatchcase(name, pattern) for pattern in LITTER_PATTERNS)
 
 
 def classify(name: str, head: bytes) -> Kind:
@@ -198,6 +197,7 @@ class UploadRecord:
     direct_archive: bool = False  # the mount's --direct-archive, for a later retry
     site: str = ""                # its XNAT's normalised URL ("" in older records)
     mtime_ns: int | None = None   # set by the writer (cp -a, rsync), else None
+    incomplete: bool = False      # its writer was killed while writing it
 
     @property
     def name(self) -> str:
@@ -310,6 +310,7 @@ class UploadManager:
             upload.record.state = State.WRITING.value
             upload.record.result = []
             upload.record.message = ""
+            upload.record.incomplete = False
         end = offset + len(data)
         if upload.stream_send is not None and offset == upload.next_offset:
             # A sequential write of a streaming archive: the local copy and the
@@ -371,6 +372,7 @@ class UploadManager:
         upload.record.mtime_ns = None  # changed since a time was set
         if upload.state in (State.DONE, State.FAILED):
             upload.record.state = State.WRITING.value
+            upload.record.incomplete = False
 
     async def _read_spool(self, upload: Upload, offset: int, size: int) -> bytes:
         """From the local copy, open or not: the kernel sends a writer's RELEASE
@@ -488,12 +490,6 @@ class UploadManager:
                 upload.dirty = False
                 await self._save(upload)
                 return
-            if kind is Kind.REFUSED and is_temporary(upload.record.name):
-                upload.record.state = State.KEPT.value
-                upload.record.message = "not DICOM: refused if renamed to a real name"
-                upload.dirty = False
-                await self._save(upload)
-                return
             if kind is Kind.REFUSED:
                 await self._fail(upload, "not DICOM and not a zip/tar archive: "
                                          "XNAT cannot import it")
@@ -506,6 +502,21 @@ class UploadManager:
                 self.nursery.start_soon(self._upload_in_background, upload, upload.background)
                 return
             await self._upload_and_record(upload)
+
+    async def abandon(self, upload: Upload, why: str) -> None:
+        """The writer was killed while writing (a flush from a dying process): what
+        it wrote is not sent, since XNAT would import a cut-off file as if whole.
+        Kept and marked incomplete, so ``xnatfs uploads retry`` will not send it
+        either. An archive streamed so far is cut off, unfinished."""
+        async with upload.lock:
+            if not upload.dirty:
+                return
+            streamed = upload.stream_send is not None
+            self._abandon_stream(upload, why)
+            upload.record.incomplete = True
+            await self._fail(upload, f"incomplete, not sent: {why}; copy it again" + (
+                " (XNAT may have kept the part streamed to it so far: look in prearchive/)"
+                if streamed else ""), Interrupted)
 
     async def outcome(self, upload: Upload) -> None:
         """Wait for the upload under way (write-behind) and raise if it failed,
@@ -664,7 +675,7 @@ class UploadManager:
         name = upload.record.name
         set_aside = upload.kind is Kind.LITTER or (upload.state is State.KEPT
                                                    and upload.record.size > 0)
-        if set_aside and not is_litter(name) and not is_temporary(name):
+        if set_aside and not is_litter(name):
             upload.record.kind = classify(name, bytes(upload.head)).value
             if upload.state is State.KEPT:
                 upload.record.state = State.WRITING.value

@@ -270,6 +270,67 @@ def test_refused_upload_fails_cp_and_keeps_the_bytes(mount: Mount, tmp_path: Pat
     assert "notes.txt" not in (mount.path / "uploads/NEURO_PUB/UPLOAD_STATUS.txt").read_text()
 
 
+WRITE_THEN_WAIT = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+data = open(sys.argv[2], "rb").read()
+os.write(fd, data[:int(sys.argv[3])])
+print("written", flush=True)
+if sys.argv[4] == "exit":
+    os._exit(0)  # the kernel closes the file, as at the end of `cat x > file`
+sys.stdin.read()
+"""
+
+
+def write_part_then(target: Path, source: Path, nbytes: int, end: str) -> None:
+    """A writer that writes ``nbytes`` of ``source`` into ``target`` and then exits
+    without closing (``end="exit"``) or is killed by SIGINT (``end="SIGINT"``)."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITE_THEN_WAIT, str(target),
+                               str(source), str(nbytes), end], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None and writer.stdout.readline() == "written\n"
+    if end == "SIGINT":
+        writer.send_signal(2)
+    writer.wait(timeout=60)  # a dying process's files are closed (FLUSH) before it is reaped
+
+
+def test_a_killed_copy_is_not_sent(mount: Mount, tmp_path: Path) -> None:
+    """Ctrl-C or kill of a copy closes the half-written file like a finished one;
+    XNAT would import a cut-off DICOM file as if whole. It is kept, marked
+    incomplete, and not sent, not even by ``xnatfs uploads retry``. A writer
+    exiting without closing (``cat x > file``) still sends its file."""
+    write_dicom_series(tmp_path / "cut", patient_name="Cu^T", patient_id="CUT1",
+                       study_uid="1.2.826.0.1.3680043.8.498.795", series_number=1,
+                       series_description="cut", slices=2, rows=32, cols=32, seed=18)
+    first, second = sorted((tmp_path / "cut").iterdir())
+    folder = mount.path / "uploads" / "NEURO_PUB"
+    mark = mount.server.log_mark()
+    write_part_then(folder / "cut.dcm", first, first.stat().st_size // 2, "SIGINT")
+    assert not [e for e in mount.server.requests_since(mark) if e["route"] == "services.import"]
+    assert os.getxattr(folder / "cut.dcm", "user.xnatfs.upload.state") == b"failed"
+    message = os.getxattr(folder / "cut.dcm", "user.xnatfs.upload.message").decode()
+    assert "killed (SIGINT)" in message
+    retried = subprocess.run([sys.executable, "-m", "xnatfs.cli", "uploads", "retry",
+                              "--cache-dir", str(mount.cache_dir)], env=mount.env,
+                             capture_output=True, text=True, check=True).stdout
+    assert "cut.dcm: incomplete" in retried
+    assert not [e for e in mount.server.requests_since(mark) if e["route"] == "services.import"]
+    # An archive streams while it is written: the request is cut off, unfinished.
+    archive = tmp_path / "cut.zip"
+    write_dicom_archive(archive, synthetic_study("Cu^Tzip", "CUTZIP1", slices=3, rows=16,
+                                                 cols=16, seed=19))
+    write_part_then(folder / "cut.zip", archive, archive.stat().st_size // 2, "SIGINT")
+    assert os.getxattr(folder / "cut.zip", "user.xnatfs.upload.state") == b"failed"
+    assert b"prearchive/" in os.getxattr(folder / "cut.zip", "user.xnatfs.upload.message")
+    assert not [e for e in mount.server.requests_since(mark)
+                if e["route"] == "services.import" and e["status"] == 200]
+    # Copied again over it: sent whole.
+    subprocess.run(["cp", str(first), str(folder / "cut.dcm")], check=True)
+    assert upload_result(folder / "cut.dcm")
+    write_part_then(folder / "whole.dcm", second, second.stat().st_size, "exit")
+    assert upload_result(folder / "whole.dcm")
+
+
 def test_a_full_spool_disk_fails_cp_with_enospc(upload_server: TestServer, mount_factory,  # noqa: ANN001
                                                  tmp_path: Path) -> None:
     """The local copy of an upload has no room: ``cp`` says "No space left on
@@ -716,9 +777,9 @@ def test_a_new_folder_renamed_names_the_subject(mount: Mount, tmp_path: Path) ->
     (project / "empty").mkdir()
     os.rename(project / "done", project / "empty")  # over an empty folder: replaced
     assert "done" not in os.listdir(project)
-    with pytest.raises(OSError) as cross:
+    with pytest.raises(OSError) as cross:  # sent: mv could not copy it there
         os.rename(project / "empty", mount.path / "uploads" / "ONC-PROT" / "empty")
-    assert cross.value.errno == errno.EXDEV
+    assert cross.value.errno == errno.EPERM
 
 
 def test_labels_xnat_would_change_are_refused(mount: Mount) -> None:

@@ -1,0 +1,46 @@
+"""What the processes writing into the mount are doing, read from ``/proc``.
+
+FUSE does not say why a file is closed: ``cp`` finishing and ``cp`` killed by
+Ctrl-C both end in one FLUSH, and sending a half-written DICOM file would
+import it as if whole (XNAT reads the header and stores the rest as it
+comes). A process dying of a signal has flagged itself exiting and recorded
+the signal before its files are closed, so a flush can tell the two apart.
+pyfuse3 gives a flush no caller, so the mount asks about the process that
+opened the file for writing (for ``cp``, ``rsync`` and shells, the one that
+closes it).
+"""
+
+from __future__ import annotations
+
+import signal
+
+PF_EXITING = 0x4  # include/linux/sched.h: set by do_exit() before the files are closed
+_FLAGS = 9 - 3       # /proc/PID/stat fields after "(comm)", counted from field 3
+_EXIT_CODE = 52 - 3  # the status waitpid() will report; 0 until the process exits
+
+
+def killed_by(pid: int | None) -> int | None:
+    """The signal ``pid`` is dying of, if it is exiting because of one (None when
+    it is alive, exits normally, or is gone)."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()  # the name may hold spaces and ")"
+    try:
+        flags, exit_code = int(fields[_FLAGS]), int(fields[_EXIT_CODE])
+    except (IndexError, ValueError):
+        return None
+    if not flags & PF_EXITING:
+        return None
+    return (exit_code & 0x7F) or None
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
