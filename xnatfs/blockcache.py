@@ -58,7 +58,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +66,7 @@ import diskcache
 import trio
 from cachetools import LRUCache
 
-from .client import XnatClient
+from .client import ByteStream, XnatClient
 from .directdisk import BlockValue, DirectDisk
 from .errors import Stale, Unreachable, XnatError
 
@@ -185,6 +185,8 @@ class FileState:
     hash_done: trio.Event = field(default_factory=trio.Event)
     verified: bool | None = None  # digest matched / did not / not known yet
     version: str | None = None  # Last-Modified of its first download: every later one must match
+    received: int = 0           # bytes received by its finished downloads
+    streams: list[ByteStream] = field(default_factory=list)  # its downloads under way
 
 
 @dataclass
@@ -196,6 +198,17 @@ class CacheStatistics:
     fetch_requests: int = 0
     digest_checks: int = 0
     digest_failures: int = 0
+
+
+@contextlib.contextmanager
+def _counted(state: FileState, stream: ByteStream) -> Iterator[None]:
+    """Count what ``stream`` receives among the file's bytes received."""
+    state.streams.append(stream)
+    try:
+        yield
+    finally:
+        state.streams.remove(stream)
+        state.received += stream.received
 
 
 def _want(state: FileState, end: int) -> None:
@@ -337,6 +350,13 @@ class BlockCache:
         if state.dropped:
             raise Stale(f"{ident.uri}: the file's blocks were dropped while it was read")
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def received(self, ident: FileIdentity) -> int:
+        """Bytes of the file downloaded so far: whether a slow read is still moving."""
+        state = self.files.get(ident.key)
+        if state is None or state.ident != ident:
+            return 0
+        return state.received + sum(stream.received for stream in state.streams)
 
     def _block_length(self, ident: FileIdentity, index: int) -> int:
         return min(self.block_size, ident.size - index * self.block_size)
@@ -590,19 +610,20 @@ class BlockCache:
                         return
                     # Read to the end (the stream stops at ``stop``), so that a
                     # complete answer's connection goes back to the pool.
-                    async for chunk in chunks:
-                        position = await self._distribute(state, position, chunk, download)
-                        if state.dropped:
-                            break
-                        if download is not None and (download.halted
-                                                     or self._should_yield(state, position)):
-                            log.info("stopping the download of %s ahead of its readers, at "
-                                     "byte %d: other downloads wait, or nobody read on",
-                                     ident.uri, position)
-                            self._fail_blocks(state, position, stop,
-                                              Unreachable("download paused", path=ident.uri),
-                                              download)
-                            return
+                    with _counted(state, chunks):
+                        async for chunk in chunks:
+                            position = await self._distribute(state, position, chunk, download)
+                            if state.dropped:
+                                break
+                            if download is not None and (download.halted
+                                                         or self._should_yield(state, position)):
+                                log.info("stopping the download of %s ahead of its readers, at "
+                                         "byte %d: other downloads wait, or nobody read on",
+                                         ident.uri, position)
+                                self._fail_blocks(state, position, stop,
+                                                  Unreachable("download paused", path=ident.uri),
+                                                  download)
+                                return
                 if position < stop and not state.dropped:
                     raise Unreachable(f"body ended at byte {position} of {stop}", path=ident.uri)
         except XnatError as exc:

@@ -875,6 +875,8 @@ class ByteStream:
             a resumed download whose answer differs is of another file.
         ranged: after a request with a Range header, whether the server
             honoured it (206) or sent the whole file (200); None before.
+        received: bytes received so far, those resent before ``position`` by a
+            server ignoring Range too (how a reader far ahead sees it move).
     """
 
     def __init__(self, client: XnatClient, uri: str, start: int, end: int | None) -> None:
@@ -886,6 +888,7 @@ class ByteStream:
         self.size: int | None = None
         self.version: str | None = None
         self.ranged: bool | None = None
+        self.received = 0
         self._client = client
         self._response: httpx.Response | None = None
         self._chunks: AsyncGenerator[bytes, None] | None = None
@@ -993,6 +996,7 @@ class ByteStream:
     def _trim(self, chunk: bytes) -> bytes:
         """Drop what lies before :attr:`position` (resent by a server ignoring Range)
         or at and after :attr:`end`."""
+        self.received += len(chunk)
         if self._skip:
             dropped = min(self._skip, len(chunk))
             self._skip -= dropped

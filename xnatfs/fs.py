@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import os
 import stat
 import time
@@ -44,14 +45,18 @@ def fuse_errors(handler: Callable[Concatenate[Operations, P], Awaitable[T]]
                 ) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, T]]:
     """Turn XnatErrors into errnos, bound the time, and log real bugs with their traceback.
 
-    Handlers that wait for an upload get ``upload_timeout``; all others ``op_timeout``.
+    Handlers that wait for an upload get ``upload_timeout``; ``read`` bounds its
+    own waits (``op_timeout`` without progress); all others get ``op_timeout``.
     """
     slow = handler.__name__ in ("write", "flush", "fsync", "rename", "release")
+    bounded_inside = handler.__name__ == "read"
 
     @functools.wraps(handler)
     async def wrapper(self: Operations, *args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            with trio.fail_after(self.upload_timeout if slow else self.op_timeout):
+            limit = math.inf if bounded_inside else (
+                self.upload_timeout if slow else self.op_timeout)
+            with trio.fail_after(limit):
                 return await handler(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
@@ -306,9 +311,21 @@ class Operations(pyfuse3.Operations):
             # Opened before the file changed: its pages would mix with the new version's.
             raise Stale(f"{ident.uri} changed since it was opened")
         try:
-            return await self.blocks.read(ident, off, size)  # type: ignore[return-value]
+            return await self._read_while_moving(ident, off, size)
         except NotFound as exc:  # deleted on the server since it was opened
             raise Stale(exc.message, path=ident.uri) from None
+
+    async def _read_while_moving(self, ident: FileIdentity, off: int, size: int) -> bytes:
+        """A read waits ``op_timeout`` at most while nothing of its file arrives,
+        and as long as it keeps arriving: without Range (real XNAT), a first read
+        far into a big file waits for one download to get there from byte 0,
+        which takes longer than any fixed bound on a slow link."""
+        while True:
+            before = self.blocks.received(ident)
+            with trio.move_on_after(self.op_timeout):
+                return await self.blocks.read(ident, off, size)  # type: ignore[return-value]
+            if self.blocks.received(ident) == before:
+                raise trio.TooSlowError
 
     def _blocks_dropped(self, ident: FileIdentity) -> None:
         """A file failed its digest check or was replaced on the server: the kernel

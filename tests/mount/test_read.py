@@ -252,6 +252,24 @@ def test_header_read_does_not_wait_for_the_whole_file(server: TestServer,
     assert finished == [], "the read waited for the whole download"
 
 
+def test_a_read_far_into_a_file_waits_while_its_download_moves(server: TestServer,
+                                                                 mount_factory) -> None:
+    """Without Range, the tail of a cold file comes after all the bytes before it:
+    the read waits as long as they keep coming, not ``4 × --timeout`` in all;
+    once nothing arrives for that long, it fails."""
+    server.set_knobs(range=False)
+    mount = mount_factory(server, "--timeout", "0.5")  # a read gives up after 2 s still
+    path = mount.path / FILES / "big.bin"
+    os.stat(path)
+    server.set_knobs(bandwidth_mb_s=5.0)  # the stream takes about 4 s to reach the end
+    started = time.monotonic()
+    with open(path, "rb") as f:
+        f.seek(BIG_SIZE - 4096)
+        tail = f.read(4096)
+    assert tail == BIG[-4096:]
+    assert time.monotonic() - started > 2  # longer than any one wait was allowed
+
+
 def test_header_reads_of_many_big_files_do_not_wait_for_each_other(fresh_server: TestServer,
                                                                    mount_factory) -> None:
     """Each header read starts a whole-file download (no Range); more files than
