@@ -148,6 +148,10 @@ class Operations(pyfuse3.Operations):
             attr.st_mode = stat.S_IFDIR | (0o755 if writable else 0o555)
             attr.st_nlink = 2
             attr.st_size = 0
+        elif node.kind is Kind.SCAN_LINK:
+            attr.st_mode = stat.S_IFLNK | 0o777
+            attr.st_nlink = 1
+            attr.st_size = len(node.text)
         else:
             attr.st_mode = stat.S_IFREG | (0o644 if writable else 0o444)
             attr.st_nlink = 1
@@ -757,6 +761,13 @@ class Operations(pyfuse3.Operations):
             return
         if node.upload.user_xattrs.pop(key, None) is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.tree.node(inode)
+        if node.kind is not Kind.SCAN_LINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.text
 
     # ------------------------------------------------- everything else: no
     @fuse_errors

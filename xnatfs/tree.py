@@ -30,6 +30,7 @@ import enum
 import hashlib
 import json
 import logging
+import os
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class Kind(enum.Enum):
     PREARCHIVE_SESSION = "prearchive_session"
     INFO_FILE = "info_file"            # prearchive-info.json, generated
     PENDING_SUBJECT = "pending_subject"  # made by mkdir, to archive into; local only
+    SCAN_LINK = "scan_link"            # scans/<SCAN_ID>, unlisted: a symlink to the scan's folder
 
 
 @dataclass
@@ -97,7 +99,8 @@ class Node:
     prearchive_uri: str = ""               # set on everything below a prearchive session
     upload: Upload | None = None           # for UPLOAD_FILE nodes
     relpath: str = ""                      # below uploads/<PROJECT>/ for upload nodes
-    text: bytes = b""                      # an INFO_FILE's content when last listed
+    text: bytes = b""                      # an INFO_FILE's content when last listed,
+                                           # a SCAN_LINK's target
 
     @property
     def is_dir(self) -> bool:
@@ -119,7 +122,8 @@ class Node:
         return self.kind in (Kind.UPLOAD_DIR, Kind.UPLOAD_FILE)
 
 
-FILE_KINDS = frozenset({Kind.FILE, Kind.UPLOAD_FILE, Kind.STATUS_FILE, Kind.INFO_FILE})
+FILE_KINDS = frozenset({Kind.FILE, Kind.UPLOAD_FILE, Kind.STATUS_FILE, Kind.INFO_FILE,
+                        Kind.SCAN_LINK})
 STATUS_NAME = "UPLOAD_STATUS.txt"
 INFO_NAME = "prearchive-info.json"
 
@@ -358,15 +362,14 @@ class Tree:
             scan_id = label_from_name(name)
             for child in await self.children(parent.inode):
                 if child.scan_id == scan_id:
-                    # An inode of its own: were it the listed folder's, the kernel
-                    # would move that folder's entry (and the working directory of
-                    # a shell in it) to the bare name.
+                    # A symlink: a directory of its own would make every folder
+                    # below it a second name of the listed one's (the kernel then
+                    # moves a shell's working directory to the bare name), and
+                    # the listed folder itself cannot have two names.
                     return self._child(
-                        parent, Kind.SCAN, name, ("bare-scan", child.key),
-                        project=child.project, subject_id=child.subject_id,
-                        experiment_id=child.experiment_id, scan_id=child.scan_id,
-                        prearchive_uri=child.prearchive_uri, mtime_ns=child.mtime_ns,
-                        xattrs=child.xattrs)
+                        parent, Kind.SCAN_LINK, name, ("scan-link", child.key),
+                        scan_id=child.scan_id, mtime_ns=child.mtime_ns,
+                        text=os.fsencode(child.name))
         return None
 
     async def _children_of_root(self, node: Node) -> list[Node]:

@@ -57,17 +57,20 @@ def test_hierarchy_and_scan_folder_names(demo_mount: Mount) -> None:
     assert set(os.listdir(root / SESSION)) == {"scans", "resources"}
     scans = set(os.listdir(root / SESSION / "scans"))
     assert "2-T1_MPRAGE_2" in scans
-    # A bare scan ID resolves although it is not listed, to the same contents...
-    assert "2" not in scans and (root / SESSION / "scans" / "2").is_dir()
-    assert os.listdir(root / SESSION / "scans" / "2" / "resources")
-    assert os.getxattr(root / SESSION / "scans" / "2", "user.xnat.id") == b"2"
-    # ...without moving the listed folder's entry: a shell inside it stays there.
-    full = root / SESSION / "scans" / "2-T1_MPRAGE_2"
+    # A bare scan ID resolves although it is not listed: a link to the scan's folder...
+    bare, full = root / SESSION / "scans" / "2", root / SESSION / "scans" / "2-T1_MPRAGE_2"
+    assert "2" not in scans and bare.is_dir() and os.readlink(bare) == "2-T1_MPRAGE_2"
+    assert os.listdir(bare / "resources")
+    assert os.getxattr(bare, "user.xnat.id") == b"2"
+    # ...so nothing below it is a second name of a folder: a shell inside the
+    # listed folders stays there, whatever is looked up through the bare name.
     here = os.getcwd()
-    os.chdir(full)
+    inner = full / "resources" / "NIFTI"
+    os.chdir(inner)
     try:
-        os.stat(root / SESSION / "scans" / "2")
-        assert os.getcwd() == str(full)
+        os.listdir(bare / "resources" / "NIFTI" / "files")
+        assert os.getcwd() == str(inner)
+        assert (bare / "resources").stat().st_ino == (full / "resources").stat().st_ino
     finally:
         os.chdir(here)
 
