@@ -649,14 +649,19 @@ async def test_malformed_listing_rows_are_the_servers_fault(rows: list[Any]) -> 
             await client.list_prearchive_files("/data/prearchive/projects/P/T/S", "1")
 
 
-@pytest.mark.parametrize("row", [{"URI": 7}, {"URI": "/data/experiments/E/resources/R/files/a",
-                                               "Size": [1]}], ids=["uri-a-number", "size-a-list"])
+@pytest.mark.parametrize("row", [
+    {"URI": 7},
+    {"URI": "/data/experiments/E/resources/R/files/a", "Size": [1]},
+    {"URI": "/data/experiments/E/resources/R/files/a", "Size": "-5"},
+    # A size no file has: the block cache's bookkeeping would take hours.
+    {"URI": "/data/experiments/E/resources/R/files/a", "Size": str(2**62)},
+], ids=["uri-a-number", "size-a-list", "size-negative", "size-absurd"])
 async def test_malformed_file_rows_are_the_servers_fault(row: dict[str, Any]) -> None:
     path = "/data/experiments/E/scans/ALL/files"
     http = mock_xnat({("GET", path): [(200, {"json": {"ResultSet": {"Result": [row]}}})]})
     async with http, XnatClient(Credentials("http://xnat.test", "u", "p"), settings=FAST,
                                 http=http) as client:
-        with pytest.raises(errors.ServerError, match="malformed listing row"):
+        with pytest.raises(errors.ServerError, match="malformed listing row|unexpected size"):
             await client.list_scan_files("E")
 
 

@@ -689,10 +689,8 @@ class BlockCache:
                      download: Download | None) -> None:
         """Fail the pending blocks in ``[position, stop)`` that no other download will fill."""
         first, last = position // self.block_size, -(-stop // self.block_size)
-        for index in range(first, last):
-            pending = state.pending.get(index)
-            if pending is None:
-                continue
+        for index in sorted(i for i in state.pending if first <= i < last):
+            pending = state.pending[index]
             at = index * self.block_size + pending.filled
             if any(d is not download and d.position <= at and d.stop > at
                    for d in state.downloads):

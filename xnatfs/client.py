@@ -94,6 +94,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+MAX_FILE_SIZE = 2**44  # 16 TiB: a listed size beyond it is the server's error, not a file
 USER_AGENT = f"xnatfs/{__version__} python-httpx/{httpx.__version__}"  # not a browser: 401, not 302
 
 # Failures of the connection rather than of the request: worth another attempt.
@@ -829,7 +830,8 @@ class XnatClient:
         rows = await self._get_rows(path, kind="prearchive.files")
         with _malformed_rows(path):
             return [RemoteFile(path=_data_path(r["URI"]).split("/files/", 1)[1],
-                               size=int(r["Size"]), digest=_text(r.get("digest")),
+                               size=_file_size(r["Size"], r["URI"]),
+                               digest=_text(r.get("digest")),
                                uri=_data_path(r["URI"]), resource_label=resource,
                                resource_id=resource, scan_id=scan_id, owner_kind="scan")
                     for r in rows]
@@ -1292,6 +1294,18 @@ def _remote_files(rows: list[dict[str, Any]], listing: str) -> list[RemoteFile]:
         return [_remote_file(row, listing) for row in rows]
 
 
+def _file_size(value: Any, uri: str) -> int:
+    """A listed size, which must be one a file can have (ValueError if not): the
+    block cache sizes its bookkeeping by it."""
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = -1
+    if not 0 <= size <= MAX_FILE_SIZE:
+        raise ValueError(f"unexpected size {value!r} of {uri}")
+    return size
+
+
 def _remote_file(row: Mapping[str, Any], listing: str) -> RemoteFile:
     """A file listing row. Its URI names the scan, resource and path; multi-resource
     listings build it from SQL and leave out ``/data``."""
@@ -1305,9 +1319,9 @@ def _remote_file(row: Mapping[str, Any], listing: str) -> RemoteFile:
     owner_kind = ("scan" if scan else "session" if _SESSION_OWNER.search(owner)
                   else "assessor" if assessor else "other")
     try:
-        size = int(row.get("Size") or 0)
-    except ValueError:
-        raise ServerError(f"unexpected size {row.get('Size')!r} of {uri}", path=listing) from None
+        size = _file_size(row.get("Size") or 0, uri)
+    except ValueError as exc:
+        raise ServerError(str(exc), path=listing) from None
     return RemoteFile(path=match.group("path"), size=size, digest=_text(row.get("digest")),
                       uri=_data_path(uri),
                       resource_label=row.get("collection") or match.group("resource"),
