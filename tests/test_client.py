@@ -40,6 +40,7 @@ from xnatfs.errors import (
 from xnatfs.testing.datasets import synthetic_study, write_dicom_archive
 from xnatfs.testing.harness import TestServer, free_port
 from xnatfs.testing.knobs import Knobs
+from xnatfs.testing.store import Store
 
 CAROL_PASSWORD = "Carol-s3cret-pa55phrase"  # distinctive, so a leak is unmistakable
 
@@ -165,6 +166,31 @@ async def test_bad_password_fails_once_without_retrying(server: TestServer,
     assert "Login attempt failed" in caught.value.message
     # One attempt only: retrying bad credentials would lock the account.
     assert [e["status"] for e in logins(requests_since(server, mark))] == [401]
+
+
+def set_password(server: TestServer, user: str, password: str) -> None:
+    store = Store(server.data_dir)
+    try:
+        store.add_user(user, password)
+    finally:
+        store.close()
+
+
+async def test_a_refused_login_holds_off_the_next_ones(server: TestServer,
+                                                       tmp_path: Path) -> None:
+    """The password changed under a running mount: each call would send a failed
+    login, and XNAT locks an account after a number of them. One refusal holds
+    off the next logins for a while; the calls fail at once meanwhile."""
+    set_password(server, "dave", "old-password")
+    async with new_client(server, tmp_path, "dave", "old-password") as client:
+        await client.list_projects()
+        set_password(server, "dave", "new-password")
+        server.expire_sessions()
+        mark = server.log_mark()
+        for _ in range(5):
+            with pytest.raises(AuthenticationFailed):
+                await client.list_projects()
+        assert [e["status"] for e in logins(requests_since(server, mark))] == [401]
 
 
 async def test_credentials_never_reach_the_log(server: TestServer, tmp_path: Path,

@@ -101,6 +101,11 @@ USER_AGENT = f"xnatfs/{__version__} python-httpx/{httpx.__version__}"  # not a b
 _TRANSPORT_FAILURES = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 _ERROR_BODY_LIMIT = 64 * 1024
 _IDLE_RENEWAL_FRACTION = 0.9  # renew a session idle for 90% of XNAT's timeout
+# After XNAT refuses a login, no other is tried for this long (doubling up to the
+# maximum while it keeps refusing): XNAT locks an account after a number of
+# failed logins, and a mount whose password changed would send one per call.
+LOGIN_HOLD_INITIAL = 60.0
+LOGIN_HOLD_MAX = 900.0
 
 _STATUS_PAGE_MESSAGE = re.compile(r"<h3>(.*?)</h3>", re.DOTALL | re.IGNORECASE)
 _SESSION_EXPIRATION = re.compile(r'SESSION_EXPIRATION_TIME="?(\d+),(\d+)')
@@ -311,6 +316,9 @@ class XnatClient:
             connect=settings.connect_timeout, read=settings.upload_answer_timeout,
             write=settings.read_timeout, pool=settings.deadline)
         self._login_lock = trio.Lock()
+        self._login_refused: AuthenticationFailed | None = None  # the last refusal...
+        self._login_hold_until = -math.inf                       # ...in force until then
+        self._login_hold = LOGIN_HOLD_INITIAL
         self._session_id: str | None = None
         self._last_activity: float | None = None
         self._session_timeout: float | None = None
@@ -396,12 +404,30 @@ class XnatClient:
             self._adopt_session(cached)
             self._session_reused = True
             return
-        session_id = await self._send(
-            "POST", "/data/JSESSION", kind="session.login", use_session=False,
-            headers={"Authorization": self._basic_authorization()}, handle=_session_id_from)
+        if self._login_refused is not None and trio.current_time() < self._login_hold_until:
+            raise self._login_refused
+        try:
+            session_id = await self._send(
+                "POST", "/data/JSESSION", kind="session.login", use_session=False,
+                headers={"Authorization": self._basic_authorization()},
+                handle=_session_id_from)
+        except AuthenticationFailed as exc:
+            self._hold_logins(exc)
+            raise
+        self._login_refused, self._login_hold = None, LOGIN_HOLD_INITIAL
         self._adopt_session(session_id)
         self._session_reused = False
         await self._store_cached_session(session_id)
+
+    def _hold_logins(self, refusal: AuthenticationFailed) -> None:
+        """No login for a while after a refused one (:data:`LOGIN_HOLD_INITIAL`)."""
+        self._login_refused = refusal
+        self._login_hold_until = trio.current_time() + self._login_hold
+        log.warning("%s refused the login of %s (%s): no other attempt for %.0f s, so that "
+                    "the account is not locked; until then every operation fails with "
+                    "'Permission denied' (password changed? remount with the new one)",
+                    self._base_url, self.credentials.user, refusal, self._login_hold)
+        self._login_hold = min(self._login_hold * 2, LOGIN_HOLD_MAX)
 
     async def _session_is_alive(self, session_id: str) -> bool:
         """Whether XNAT still knows ``session_id`` (a guest session does not count)."""
