@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import json
 import logging
 import time
 from base64 import b64encode
@@ -734,3 +735,59 @@ async def test_a_download_resumed_on_a_changed_file_is_stale(resumed: dict) -> N
                 async for chunk in stream:
                     received += chunk
     assert received == b"a" * 50
+
+
+async def test_ids_from_the_server_never_lead_outside_the_api() -> None:
+    """IDs go into request paths: a ``..`` among them would send the session
+    cookie to another application on the host; one with a lone surrogate (valid
+    JSON) has no UTF-8 form, and once raised a bug's traceback, failing its
+    whole folder."""
+    ids = ["..", "\ud800hi", "ok"]
+    sent: list[bytes] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/data/JSESSION":
+            return httpx.Response(200, text="A" * 32,
+                                  headers={"Set-Cookie": f"JSESSIONID={'A' * 32}"})
+        sent.append(request.url.raw_path)
+        if request.url.path == "/data/projects":
+            rows = [{"ID": i, "name": i} for i in ids]
+            return httpx.Response(200, content=json.dumps({"ResultSet": {"Result": rows}}),
+                                  headers={"Content-Type": "application/json"})
+        return httpx.Response(200, json={"ResultSet": {"Result": []}})
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    async with http, XnatClient(Credentials("http://xnat.test", "u", "p"), settings=FAST,
+                                http=http) as client:
+        projects = [p.id for p in await client.list_projects()]
+        assert projects == ids
+        with pytest.raises(ServerError, match="outside the API"):
+            await client.list_subjects("..")
+        assert await client.list_subjects("\ud800hi") == []
+        assert await client.list_subjects("ok") == []
+    assert [p.split(b"?")[0] for p in sent[1:]] == [b"/data/projects/%ED%A0%80hi/subjects",
+                                                    b"/data/projects/ok/subjects"]
+
+
+def test_lone_surrogates_in_labels_become_safe_names() -> None:
+    from xnatfs.naming import safe_name
+
+    assert safe_name("\ud800hi") == "%ED%A0%80hi"
+    assert safe_name("\ud800hi").encode()  # a name the kernel can be given
+
+
+async def test_empty_components_of_file_paths_are_dropped() -> None:
+    """A path ``/abs/x.txt`` would make a folder named like ``files/`` itself,
+    which then contained itself."""
+    path = "/data/experiments/E/scans/ALL/files"
+    rows = [{"URI": "/data/experiments/E/scans/1/resources/R/files//abs//x.txt", "Size": "1"},
+            {"URI": "/data/experiments/E/scans/1/resources/R/files/", "Size": "1"}]
+    http = mock_xnat({("GET", path): [(200, {"json": {"ResultSet": {"Result": rows[:1]}}})]})
+    async with http, XnatClient(Credentials("http://xnat.test", "u", "p"), settings=FAST,
+                                http=http) as client:
+        assert [f.path for f in await client.list_scan_files("E")] == ["abs/x.txt"]
+    http = mock_xnat({("GET", path): [(200, {"json": {"ResultSet": {"Result": rows[1:]}}})]})
+    async with http, XnatClient(Credentials("http://xnat.test", "u", "p"), settings=FAST,
+                                http=http) as client:
+        with pytest.raises(ServerError):
+            await client.list_scan_files("E")

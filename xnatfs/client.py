@@ -484,7 +484,12 @@ class XnatClient:
 
     # ---------------------------------------------------------------- requests
     def _url(self, path: str) -> str:
-        return self._base_url + quote(path, safe=_PATH_SAFE)
+        """The URL of an XNAT path, whose IDs come from the server: a ``.`` or
+        ``..`` among them would send the session cookie outside the API."""
+        if any(part in (".", "..") for part in path.split("/")):
+            raise ServerError("a name from the server would lead outside the API", path=path)
+        # A lone surrogate (JSON allows "\ud800") has no UTF-8 form but its own.
+        return self._base_url + quote(path.encode("utf-8", "surrogatepass"), safe=_PATH_SAFE)
 
     async def _send(self, method: str, path: str, *, kind: str,
                     handle: Callable[[httpx.Response], Awaitable[T]],
@@ -1320,6 +1325,15 @@ def _remote_files(rows: list[dict[str, Any]], listing: str) -> list[RemoteFile]:
         return [_remote_file(row, listing) for row in rows]
 
 
+def _relative_path(path: str, uri: str, listing: str) -> str:
+    """A file's path in its resource, without empty components: a leading ``/``
+    would make a folder named like the resource's ``files/`` itself."""
+    parts = [part for part in path.split("/") if part]
+    if not parts:
+        raise ServerError(f"a file without a name: {uri}", path=listing)
+    return "/".join(parts)
+
+
 def _file_size(value: Any, uri: str) -> int:
     """A listed size, which must be one a file can have (ValueError if not): the
     block cache sizes its bookkeeping by it."""
@@ -1348,7 +1362,8 @@ def _remote_file(row: Mapping[str, Any], listing: str) -> RemoteFile:
         size = _file_size(row.get("Size") or 0, uri)
     except ValueError as exc:
         raise ServerError(str(exc), path=listing) from None
-    return RemoteFile(path=match.group("path"), size=size, digest=_text(row.get("digest")),
+    return RemoteFile(path=_relative_path(match.group("path"), uri, listing), size=size,
+                      digest=_text(row.get("digest")),
                       uri=_data_path(uri),
                       resource_label=row.get("collection") or match.group("resource"),
                       resource_id=row.get("cat_ID") or match.group("resource"),

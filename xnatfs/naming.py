@@ -5,7 +5,8 @@ Names come from the server and are never trusted as paths: a label with
 and forge log lines), or one that is ``.``, ``..`` or empty, is
 percent-encoded into a single safe component. ``%`` itself is encoded too, so
 the mapping is reversible and labels without these characters (nearly all,
-since XNAT's importers produce ``[\\w-]+``) keep their names. A name longer
+since XNAT's importers produce ``[\\w-]+``) keep their names. A lone
+surrogate, which has no UTF-8 form, is percent-encoded too. A name longer
 than the kernel's 255 bytes is cut short and ends in a hash of the whole
 label, so that it can still be listed, opened and copied.
 """
@@ -34,10 +35,21 @@ def safe_name(label: str) -> str:
     """One path component standing for ``label``."""
     if label in _SPECIAL:
         return _SPECIAL[label]
-    name = "".join(_ESCAPES.get(ch, ch) for ch in label)
+    name = "".join(_ESCAPES.get(ch) or (_surrogate(ch) if _is_surrogate(ch) else ch)
+                   for ch in label)
     if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
         name = _shortened(name, label)
     return name
+
+
+def _is_surrogate(ch: str) -> bool:
+    return "\ud800" <= ch <= "\udfff"
+
+
+def _surrogate(ch: str) -> str:
+    """A lone surrogate (JSON allows ``"\\ud800"``) has no UTF-8 form: written as
+    the bytes Java would give it, percent-encoded."""
+    return "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
 
 
 def _shortened(name: str, label: str) -> str:
