@@ -10,6 +10,7 @@ line of type ``fuse.xnatfs``) is ``xnatfs mount`` with the options as switches.
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import json
 import logging
@@ -374,7 +375,15 @@ def _setup_logging(level: str, log_file: Path | None, *, daemon: bool = False) -
 
 def mount(args: argparse.Namespace) -> int:
     url, mountpoint = _mount_target(args)
-    if not mountpoint.is_dir():
+    try:
+        is_dir = mountpoint.is_dir()
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:  # a mount whose process died (kill -9)
+            raise UserError(f"xnatfs: {mountpoint} holds a dead mount (Transport endpoint "
+                            f"is not connected); unmount it first: xnatfs umount "
+                            f"{mountpoint}") from None
+        raise UserError(f"mount point {mountpoint}: {exc.strerror}") from None
+    if not is_dir:
         raise UserError(f"mount point {mountpoint} is not a directory")
     from .mount import mounted_type
 

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import xnatfs
 from xnatfs.testing.harness import TestServer, free_port
 
@@ -131,6 +133,31 @@ def test_mounting_over_a_mount_is_refused(demo_server: TestServer, mount_factory
     escaped = str(mount.path).replace(" ", "\\040")
     mounts = Path("/proc/self/mountinfo").read_text().split("\n")
     assert sum(f" {escaped} " in line for line in mounts) == 1
+
+
+def test_mounting_over_a_dead_mount_says_what_to_do(demo_server: TestServer,
+                                                    tmp_path: Path) -> None:
+    """A FUSE mount whose process is gone (and its helper: kill -9 of both)
+    answers ENOTCONN; mounting there said so with a traceback."""
+    if os.geteuid() != 0:
+        pytest.skip("making a dead FUSE mount by hand needs root")
+    mountpoint = tmp_path / "dead"
+    mountpoint.mkdir()
+    fuse = os.open("/dev/fuse", os.O_RDWR)
+    try:
+        subprocess.run(["mount", "-i", "-t", "fuse.dead", "-o",
+                        f"fd={fuse},rootmode=40000,user_id=0,group_id=0", "dead",
+                        str(mountpoint)], pass_fds=(fuse,), check=True)
+    finally:
+        os.close(fuse)  # nobody answers the mount now
+    try:
+        result = subprocess.run([sys.executable, "-m", "xnatfs.cli", "mount", demo_server.url,
+                                 str(mountpoint)], env=make_env(tmp_path),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert "dead mount" in result.stderr and "xnatfs umount" in result.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
 
 
 def test_bad_password_fails_clearly_and_leaves_no_mount(demo_server: TestServer,
