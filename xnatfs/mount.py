@@ -51,6 +51,19 @@ class MountConfig:
     allow_other: bool = False         # every local user may read (not upload)
     allow_root: bool = False          # root may read too (a Docker daemon, say)
 
+    @property
+    def operation_timeout(self) -> float:
+        return self.op_timeout or 4 * self.request_timeout
+
+    def client_settings(self) -> ClientSettings:
+        """The client gives an operation up (and, the server unanswering, counts
+        it as down, failing fast from then on) before the file operation waiting
+        for it runs out of time, or it would never give up at all."""
+        return ClientSettings(
+            read_timeout=self.request_timeout,
+            deadline=min(max(2 * self.request_timeout, 60.0), 0.9 * self.operation_timeout),
+            verify_tls=self.verify_tls, upload_answer_timeout=self.import_timeout)
+
     def __repr__(self) -> str:  # credentials have their own password-free repr
         return (f"MountConfig(url={self.credentials.url!r}, mountpoint={self.mountpoint!r}, "
                 f"cache_dir={self.cache_dir!r})")
@@ -193,10 +206,7 @@ def tune_kernel(mountpoint: Path) -> None:
 
 async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = None) -> None:
     """Mount, call ``on_ready`` once the mount answers, serve until unmounted or signalled."""
-    settings = ClientSettings(read_timeout=config.request_timeout,
-                              deadline=max(2 * config.request_timeout, 60.0),
-                              verify_tls=config.verify_tls,
-                              upload_answer_timeout=config.import_timeout)
+    settings = config.client_settings()
     config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.cache_dir.chmod(0o700)  # cached data is as private as the mount
     client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache())
@@ -214,7 +224,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
             blocks = BlockCache(client, config.cache_dir / "blocks", size_limit=config.cache_size,
                                 nursery=nursery, range_mode=config.range_mode)
             operations = Operations(tree, blocks, uploads, nursery=nursery,
-                                    op_timeout=config.op_timeout or 4 * config.request_timeout,
+                                    op_timeout=config.operation_timeout,
                                     upload_timeout=max(3600.0, 2 * config.import_timeout))
             try:
                 pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))

@@ -618,6 +618,30 @@ def test_server_down_fails_within_a_bound_and_recovers(fresh_server: TestServer,
     assert read_all(cold_dir / "cold.bin") == payload
 
 
+def test_a_hung_server_fails_fast_after_the_first_failure(fresh_server: TestServer,
+                                                          mount_factory) -> None:
+    """With a short ``--timeout`` too: the client gives up before the file
+    operation waiting for it would, so it learns the server is down and the
+    next operations make one attempt each (each took the whole 4 × timeout)."""
+    put_files(fresh_server, {"a.bin": b"a"})
+    for experiment in ("E2", "E3"):
+        put_files(fresh_server, {"a.bin": b"a"}, experiment=experiment)
+    mount = mount_factory(fresh_server, "--timeout", "1")
+    assert os.listdir(mount.path / "P/S") == ["E", "E2", "E3"]
+    fresh_server.set_knobs(hang=True)
+    try:
+        took = []
+        for experiment in ("E2", "E3"):
+            started = time.monotonic()
+            with pytest.raises(OSError):
+                os.listdir(mount.path / "P/S" / experiment / "resources/R/files")
+            took.append(time.monotonic() - started)
+    finally:
+        fresh_server.set_knobs(hang=False)
+    assert took[1] < took[0] / 2, took
+    assert "seems down" in (mount.cache_dir.parent / "mount.log").read_text()
+
+
 def test_hostile_and_overlong_labels_become_safe_names(fresh_server: TestServer,
                                                       mount_factory, tmp_path: Path) -> None:
     """Labels come from the server: a newline or an escape sequence is shown
