@@ -44,3 +44,41 @@ def signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+# Signals whose default action is not to end the process: one of them pending
+# (and not caught) does not stop a wait.
+_HARMLESS_BY_DEFAULT = {signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH,
+                        signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+
+
+def interrupted(pid: int | None) -> bool:
+    """Whether ``pid`` has a signal pending that should end its wait in the mount:
+    SIGKILL, a signal it handles (it expects EINTR), or one that ends it
+    (Ctrl-C). The kernel holds such a process until the mount answers, and
+    pyfuse3 passes on no FUSE INTERRUPT, so the mount asks instead."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            status = f.read()
+    except OSError:
+        return False
+    masks: dict[bytes, int] = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(b":")
+        if key in (b"SigPnd", b"ShdPnd", b"SigBlk", b"SigIgn", b"SigCgt"):
+            masks[key] = int(value.strip(), 16)
+    pending = (masks.get(b"SigPnd", 0) | masks.get(b"ShdPnd", 0)) & ~masks.get(b"SigIgn", 0)
+    if pending & _bit(signal.SIGKILL):
+        return True
+    pending &= ~masks.get(b"SigBlk", 0)
+    for number in range(1, 65):
+        if pending & _bit(number) and (masks.get(b"SigCgt", 0) & _bit(number)
+                                       or number not in _HARMLESS_BY_DEFAULT):
+            return True
+    return False
+
+
+def _bit(number: int) -> int:
+    return 1 << (number - 1)

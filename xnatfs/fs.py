@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from .blockcache import BlockCache, FileIdentity
-from .callers import killed_by, signal_name
+from .callers import interrupted, killed_by, signal_name
 from .errors import BadRequest, NotFound, Stale, XnatError, errno_for
 from .naming import NAME_MAX, label_from_name, require_label
 from .tree import Kind, Node, Tree
@@ -376,7 +376,8 @@ class Operations(pyfuse3.Operations):
             finally:
                 self.tree.refresh_upload_node(node)
             return
-        await self._finish_upload(node, closing=True)
+        writer = self._upload_writers[fh]
+        await self._finish_upload(node, closing=True, caller_stopped=lambda: interrupted(writer))
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -388,10 +389,12 @@ class Operations(pyfuse3.Operations):
         else:  # XNAT's answer to what the writers sent, without sending anything
             await self.uploads.outcome(node.upload)
 
-    async def _finish_upload(self, node: Node, *, closing: bool) -> None:
+    async def _finish_upload(self, node: Node, *, closing: bool,
+                             caller_stopped: Callable[[], bool] | None = None) -> None:
         assert node.upload is not None
         try:
-            await self.uploads.finish(node.upload, closing=closing)
+            await self.uploads.finish(node.upload, closing=closing,
+                                      caller_stopped=caller_stopped)
         finally:
             self.tree.refresh_upload_node(node)
             if node.upload.record.result:

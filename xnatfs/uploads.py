@@ -59,6 +59,7 @@ HEAD_BYTES = 264             # enough to recognise zip, gzip, tar (ustar at 257)
 STREAM_CHUNKS = 8            # chunks buffered between writer and the streaming request
 UPLOAD_ATTEMPTS = 3          # uploads from the spool after the stream failed
 NOTICE_INTERVAL = 0.5        # s between looks at kept records changed from the command line
+CALLER_POLL_INTERVAL = 0.2   # s between looks whether a close waiting for XNAT was interrupted
 # Not sent again: the server said no, or got all of it and may have imported it.
 NOT_RESENT = (BadRequest, Conflict, Forbidden, NotFound, Unanswered)
 
@@ -463,10 +464,16 @@ class UploadManager:
         self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
 
     # -------------------------------------------------------------- finishing
-    async def finish(self, upload: Upload, *, closing: bool = False) -> None:
+    async def finish(self, upload: Upload, *, closing: bool = False,
+                     caller_stopped: Callable[[], bool] | None = None) -> None:
         """Called at flush (``closing``) and fsync: return once the server has the
         data, raise if refused; with write-behind, a flush of a DICOM file returns
-        once it is queued (it is already on local disk)."""
+        once it is queued (it is already on local disk).
+
+        ``caller_stopped``: whether the process waiting has been told to stop
+        (Ctrl-C): then it is answered at once (:class:`Interrupted`) and the
+        upload, sent or being sent, finishes in the background.
+        """
         while upload.background is not None and not closing:
             await upload.background.wait()  # fsync: the write-behind upload's answer
         async with upload.lock:
@@ -501,7 +508,23 @@ class UploadManager:
                 upload.background = trio.Event()
                 self.nursery.start_soon(self._upload_in_background, upload, upload.background)
                 return
-            await self._upload_and_record(upload)
+            if caller_stopped is None:
+                await self._upload_and_record(upload)
+                return
+            done = upload.background = trio.Event()
+            self.nursery.start_soon(self._upload_in_background, upload, done)
+        # Outside the lock, which the upload takes.
+        while not done.is_set():
+            with trio.move_on_after(CALLER_POLL_INTERVAL):
+                await done.wait()
+            if not done.is_set() and caller_stopped():
+                log.info("%s: the program waiting for its upload was interrupted; the "
+                         "upload goes on", upload.record.relpath)
+                raise Interrupted("interrupted while XNAT had not answered yet; the upload "
+                                  "goes on", path=upload.record.relpath)
+        upload.raise_if_failed()
+        if upload.state is not State.DONE:  # a bug, logged by the background task
+            raise XnatError(f"the upload of {upload.record.relpath} did not finish")
 
     async def abandon(self, upload: Upload, why: str) -> None:
         """The writer was killed while writing (a flush from a dying process): what

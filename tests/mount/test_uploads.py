@@ -331,6 +331,42 @@ def test_a_killed_copy_is_not_sent(mount: Mount, tmp_path: Path) -> None:
     assert upload_result(folder / "whole.dcm")
 
 
+def test_ctrl_c_stops_a_copy_waiting_for_xnat(upload_server: TestServer, mount_factory,  # noqa: ANN001
+                                              tmp_path: Path) -> None:
+    """close() waits for XNAT's answer, and the kernel keeps a process waiting
+    in the mount until it answers, Ctrl-C or not (for up to --import-timeout).
+    The mount answers an interrupted close at once; the upload it had sent goes
+    on and its outcome is recorded."""
+    mount = mount_factory(upload_server)
+    write_dicom_series(tmp_path / "slow", patient_name="Sl^Ow", patient_id="SLOW1",
+                       study_uid="1.2.826.0.1.3680043.8.498.796", series_number=1,
+                       series_description="slow", slices=1, rows=1024, cols=1024, seed=20)
+    [dicom] = (tmp_path / "slow").iterdir()  # 2 MiB: 4 s to send at 0.5 MB/s
+    target = mount.path / "uploads" / "NEURO_PUB" / "slow.dcm"
+    upload_server.set_knobs(bandwidth_mb_s=0.5)
+    try:
+        copy = subprocess.Popen(["cp", str(dicom), str(target)], stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 30
+        while not (target.exists()
+                   and os.getxattr(target, "user.xnatfs.upload.state") == b"uploading"):
+            assert time.monotonic() < deadline, "the upload never started"
+            time.sleep(0.05)
+        copy.send_signal(2)  # Ctrl-C
+        copy.communicate(timeout=30)
+        # cp is gone while the upload still runs...
+        assert os.getxattr(target, "user.xnatfs.upload.state") == b"uploading"
+        # ...which then ends as it would have.
+        deadline = time.monotonic() + 60
+        while os.getxattr(target, "user.xnatfs.upload.state") == b"uploading":
+            assert time.monotonic() < deadline, "the upload never finished"
+            time.sleep(0.2)
+    finally:
+        upload_server.set_knobs(bandwidth_mb_s=0)
+    assert copy.returncode != 0
+    assert upload_result(target)
+
+
 def test_a_full_spool_disk_fails_cp_with_enospc(upload_server: TestServer, mount_factory,  # noqa: ANN001
                                                  tmp_path: Path) -> None:
     """The local copy of an upload has no room: ``cp`` says "No space left on
