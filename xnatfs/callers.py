@@ -22,12 +22,8 @@ _EXIT_CODE = 52 - 3  # the status waitpid() will report; 0 until the process exi
 def killed_by(pid: int | None) -> int | None:
     """The signal ``pid`` is dying of, if it is exiting because of one (None when
     it is alive, exits normally, or is gone)."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
+    stat = _proc_file(pid, "stat")
+    if stat is None:
         return None
     fields = stat[stat.rfind(b")") + 2:].split()  # the name may hold spaces and ")"
     try:
@@ -57,12 +53,8 @@ def interrupted(pid: int | None) -> bool:
     SIGKILL, a signal it handles (it expects EINTR), or one that ends it
     (Ctrl-C). The kernel holds such a process until the mount answers, and
     pyfuse3 passes on no FUSE INTERRUPT, so the mount asks instead."""
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            status = f.read()
-    except OSError:
+    status = _proc_file(pid, "status")
+    if status is None:
         return False
     masks: dict[bytes, int] = {}
     for line in status.splitlines():
@@ -82,3 +74,14 @@ def interrupted(pid: int | None) -> bool:
 
 def _bit(number: int) -> int:
     return 1 << (number - 1)
+
+
+def _proc_file(pid: int | None, name: str) -> bytes | None:
+    """``/proc/PID/NAME``, or None when there is no such process (any more)."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
