@@ -791,3 +791,27 @@ async def test_empty_components_of_file_paths_are_dropped() -> None:
                                 http=http) as client:
         with pytest.raises(ServerError):
             await client.list_scan_files("E")
+
+
+@pytest.mark.parametrize("lost", [
+    (302, {"headers": {"Location": "http://xnat.test/app/template/Login.vm"}}),
+    (200, {"text": "<html><body>Please log in</body></html>",
+           "headers": {"Content-Type": "text/html"}}),
+], ids=["redirect", "login-page"])
+async def test_a_session_lost_behind_a_proxy_is_renewed(lost: Answer) -> None:
+    """Some proxies and single sign-on front ends answer a lost session with a
+    redirect to a login page, or the page itself, never a 401: the session is
+    renewed once, as for a 401 (the mount failed with EIO until remounted)."""
+    projects = (200, {"json": {"ResultSet": {"Result": [{"ID": "P", "name": "P"}]}}})
+    http = mock_xnat({("GET", "/data/projects"): [projects, lost, projects]})
+    async with http, XnatClient(Credentials("http://xnat.test", "u", "p"), settings=FAST,
+                                http=http) as client:
+        assert [p.id for p in await client.list_projects()] == ["P"]
+        assert [p.id for p in await client.list_projects()] == ["P"]
+        assert client.statistics()["relogins"] == 1
+    # Still a page after a new session: a real answer, given as an error.
+    http = mock_xnat({("GET", "/data/projects"): [lost]})
+    async with http, XnatClient(Credentials("http://xnat.test", "u", "p"), settings=FAST,
+                                http=http) as client:
+        with pytest.raises(ServerError):
+            await client.list_projects()

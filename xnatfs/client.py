@@ -68,6 +68,7 @@ from .errors import (
     BadRequest,
     Conflict,
     Forbidden,
+    HtmlAnswer,
     NotFound,
     ServerError,
     Stale,
@@ -120,6 +121,7 @@ _SESSION_OWNER = re.compile(r"/experiments/[^/]+$")
 _ASSESSOR_OWNER = re.compile(r"/experiments/[^/]+/assessors/(?P<assessor>[^/]+)/out$")
 # RFC 3986 pchar plus "/": everything else in an XNAT path is percent-encoded
 # ("[" and "]" too: Tomcat refuses them raw with 400).
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _PATH_SAFE = "/:@!$&'()*+,;=~"
 
 
@@ -556,8 +558,11 @@ class XnatClient:
                             log.info("%s answers again", self._base_url)
                             self._server_down = False
                         self._note_session_timeout(response)
-                        if use_session and status == 401 and not renewed and (
-                                attempts is None or attempts > 1):
+                        may_renew = use_session and not renewed and (
+                            attempts is None or attempts > 1)
+                        # Behind some proxies and single sign-on, a lost session is
+                        # answered with a redirect to a login page, not a 401.
+                        if may_renew and (status == 401 or status in _REDIRECTS):
                             renewed = True
                             attempt -= 1  # a renewal is not a failed attempt
                             assert session_id is not None
@@ -566,7 +571,17 @@ class XnatClient:
                         if use_session:
                             self._last_activity = trio.current_time()
                         if 200 <= status < 300 or status in accept:
-                            result = await handle(response)
+                            try:
+                                result = await handle(response)
+                            except HtmlAnswer:
+                                if not may_renew:
+                                    raise
+                                # ... or with the login page itself.
+                                renewed = True
+                                attempt -= 1
+                                assert session_id is not None
+                                await self._renew_session(rejected=session_id)
+                                continue
                             keep = keep_open
                             return result
                         error = await _error_from_response(response, path)
@@ -1226,7 +1241,7 @@ def _retry_after_seconds(response: httpx.Response) -> float | None:
 
 def _parse_json(body: bytes, path: str) -> Any:
     if body.lstrip()[:1] == b"<":
-        raise ServerError("XNAT answered HTML where JSON was expected", path=path)
+        raise HtmlAnswer("XNAT answered HTML where JSON was expected", path=path)
     try:
         return json.loads(body)
     except ValueError as exc:

@@ -86,6 +86,11 @@ class ServerError(XnatError):
     """The server kept failing (5xx) through every retry, or answered nonsense."""
 
 
+class HtmlAnswer(ServerError):
+    """A web page where JSON was expected: a proxy's error page, or a login page
+    for a session the server lost (the session is renewed once, then this)."""
+
+
 class Unreachable(XnatError):
     """No complete answer: connection refused or reset, timeout, truncated body."""
 
@@ -126,6 +131,7 @@ ERRNO_BY_ERROR: dict[type[XnatError], int] = {
     Conflict: errno.EEXIST,
     BadRequest: errno.EINVAL,
     ServerError: errno.EIO,
+    HtmlAnswer: errno.EIO,
     Unreachable: errno.EIO,
     Unanswered: errno.ETIMEDOUT,
     Stale: errno.ESTALE,
