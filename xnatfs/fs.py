@@ -56,14 +56,20 @@ def fuse_errors(handler: Callable[Concatenate[Operations, P], Awaitable[T]]
         try:
             limit = math.inf if bounded_inside else (
                 self.upload_timeout if slow else self.op_timeout)
-            with trio.fail_after(limit):
-                return await handler(self, *args, **kwargs)
+            with trio.fail_after(limit) as scope:
+                self._running.add(scope)
+                try:
+                    return await handler(self, *args, **kwargs)
+                finally:
+                    self._running.discard(scope)
         except pyfuse3.FUSEError:
             raise
         except XnatError as exc:
             log.debug("%s%s: %s", handler.__name__, _loggable(handler.__name__, args), exc)
             raise pyfuse3.FUSEError(errno_for(exc)) from None
         except trio.TooSlowError:
+            if self.unmounting:
+                raise pyfuse3.FUSEError(errno.EINTR) from None
             log.warning("%s%s ran out of time", handler.__name__, _loggable(handler.__name__, args))
             raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
         except Exception:
@@ -106,6 +112,8 @@ class Operations(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._open_files: dict[int, Node] = {}
+        self._running: set[trio.CancelScope] = set()  # the requests being answered
+        self.unmounting = False
         # Handles that may write an upload, with the process that opened them.
         self._upload_writers: dict[int, int] = {}
         self._stale_handles: set[int] = set()  # opened on bytes since dropped as wrong
@@ -117,6 +125,14 @@ class Operations(pyfuse3.Operations):
         # ...and the kernel may hold pages of one version per inode (see open).
         self._page_identity: dict[int, FileIdentity] = {}
         blocks.add_drop_listener(self._blocks_dropped)
+
+    def cancel_requests(self) -> None:
+        """Unmounting: answer every request still waiting (for a server that does
+        not answer, say) with an error now. The unmount waits for them, and the
+        process with it; an upload a close waits for goes on, and is waited for."""
+        self.unmounting = True
+        for scope in self._running:
+            scope.cancel()
 
     def init(self) -> None:
         """The kernel's INIT arrived; our reply goes out as soon as this returns."""

@@ -237,7 +237,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
             else:
                 try:
                     nursery.start_soon(_tune_after_init, operations, config.mountpoint)
-                    nursery.start_soon(_terminate_on_signal)
+                    nursery.start_soon(_terminate_on_signal, operations)
                     if on_ready is not None:
                         on_ready()
                     log.info("mounted %s on %s", config.credentials.url, config.mountpoint)
@@ -261,9 +261,10 @@ async def _tune_after_init(operations: Operations, mountpoint: Path) -> None:
     await trio.to_thread.run_sync(tune_kernel, mountpoint)
 
 
-async def _terminate_on_signal() -> None:
+async def _terminate_on_signal(operations: Operations) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
+            operations.cancel_requests()
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import select
 import shlex
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 import xnatfs
@@ -70,6 +72,50 @@ def test_a_killed_mount_process_leaves_no_dead_mount(demo_mount: Mount) -> None:
     mount_xnatfs(demo_mount.server, demo_mount.path, demo_mount.cache_dir, demo_mount.env,
                  demo_mount.options)
     assert "NEURO_PUB" in os.listdir(demo_mount.path)
+
+
+READ_SYSCALL = {"x86_64": "0", "aarch64": "63"}.get(platform.machine())
+
+
+def reading_its_file(pid: int) -> bool:
+    """Whether ``cat`` is inside read(2) of the file it opened (fd 3), blocked."""
+    syscall = Path(f"/proc/{pid}/syscall").read_text().split()
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return syscall[:2] == [READ_SYSCALL, "0x3"] and state in ("S", "D")
+
+
+def test_sigterm_unmounts_at_once_while_a_read_waits_for_a_hung_server(
+        fresh_server: TestServer, mount_factory) -> None:  # noqa: ANN001
+    """The unmount waits for the requests being answered; one waiting for a
+    server that does not answer held it (and a system shutdown) for the whole
+    timeout. The waiting read now fails at once."""
+    if READ_SYSCALL is None:
+        pytest.skip(f"read(2)'s number on {platform.machine()} is not known here")
+    with httpx.Client(base_url=fresh_server.url, auth=("admin", "admin")) as c:
+        for path in ("/data/projects/P", "/data/projects/P/subjects/S",
+                     "/data/projects/P/subjects/S/experiments/E?xsiType=xnat:mrSessionData",
+                     "/data/projects/P/subjects/S/experiments/E/resources/R/files/a.bin"):
+            assert c.put(path, content=b"a" if path.endswith(".bin") else None).is_success
+    mount = mount_factory(fresh_server, "--timeout", "20")  # a read gives up after 80 s
+    target = mount.path / "P/S/E/resources/R/files/a.bin"
+    os.stat(target)
+    fresh_server.set_knobs(hang=True)
+    try:
+        reader = subprocess.Popen(["cat", str(target)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not reading_its_file(reader.pid):
+            assert time.monotonic() < deadline, "cat never waited for the mount"
+            time.sleep(0.05)
+        started = time.monotonic()
+        os.kill(daemon_pid(mount.path), signal.SIGTERM)
+        assert wait_for_unmount(mount.path, timeout=60)
+        reader.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        fresh_server.set_knobs(hang=False)
+    assert reader.returncode != 0
+    assert took < 20, f"the unmount waited {took:.0f} s for the hung read"
 
 
 def test_password_never_in_argv_logs_or_world_readable_files(demo_server: TestServer,
