@@ -69,6 +69,28 @@ async def test_a_file_never_cached_costs_no_disk_lookup(server: TestServer,
         blocks.close()
 
 
+async def test_first_bytes_says_whether_the_download_failed(server: TestServer,
+                                                            tmp_path: Path) -> None:
+    """Opening a DICOM file fetches the next ones of its folder once its first bytes
+    are in; when its download failed instead, theirs would fail too (16 warnings
+    per open against a dead server), so they are not asked for."""
+    async with connect(server, tmp_path) as client:
+        good, bad = await two_files(client)
+        async with trio.open_nursery() as nursery:
+            blocks = BlockCache(client, tmp_path / "blocks", size_limit=1 << 30, nursery=nursery)
+            await blocks.indexed.wait()
+            await blocks.prefetch_whole(good, speculative=False)
+            assert await blocks.first_bytes(good)
+            server.set_knobs(fail_rate=1.0)
+            try:
+                await blocks.prefetch_whole(bad, speculative=False)
+                assert not await blocks.first_bytes(bad)
+            finally:
+                server.set_knobs(fail_rate=0.0)
+            nursery.cancel_scope.cancel()
+        blocks.close()
+
+
 BLOCK = 64 * 1024
 BIG = random.Random(7).randbytes(40 * BLOCK + 123)
 

@@ -514,14 +514,18 @@ class BlockCache:
             if not await self._has_block(state, index):
                 await self._fetch(state, index, speculative=speculative)
 
-    async def first_bytes(self, ident: FileIdentity) -> None:
-        """Return once the first byte of a file has arrived, its download failed, or
-        no download of its first block is under way (it is cached, or never asked for)."""
+    async def first_bytes(self, ident: FileIdentity) -> bool:
+        """Return once the first byte of a file has arrived (True), its download
+        failed (False), or no download of its first block is under way (True: it
+        is cached, or was never asked for)."""
         state = self.files.get(ident.key)
         pending = state.pending.get(0) if state is not None and state.ident == ident else None
         if pending is not None:
-            with contextlib.suppress(Exception):  # a failed download reports to its readers
+            try:
                 await pending.wait_for(min(1, pending.length))
+            except Exception:  # a failed download reports to its readers
+                return False
+        return True
 
     # -------------------------------------------------------------- fetching
     def _learned_range(self, supported: bool | None) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import math
 import os
 import stat
 import time
@@ -54,9 +53,9 @@ def fuse_errors(handler: Callable[Concatenate[Operations, P], Awaitable[T]]
     @functools.wraps(handler)
     async def wrapper(self: Operations, *args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            limit = math.inf if bounded_inside else (
-                self.upload_timeout if slow else self.op_timeout)
-            with trio.fail_after(limit) as scope:
+            if bounded_inside:  # one cancel scope per read, the hot path: its own
+                return await handler(self, *args, **kwargs)
+            with trio.fail_after(self.upload_timeout if slow else self.op_timeout) as scope:
                 self._running.add(scope)
                 try:
                     return await handler(self, *args, **kwargs)
@@ -302,7 +301,8 @@ class Operations(pyfuse3.Operations):
         """The opened file first: the next files are asked for once its first bytes
         are in, so that the server does not serve them ahead of it."""
         await self._prefetch_quietly(opened, False)  # returns once the download is on its way
-        await self.blocks.first_bytes(opened)
+        if not await self.blocks.first_bytes(opened):
+            return  # the server is failing: 16 more downloads would only fail too
         for sibling in siblings:
             self.nursery.start_soon(self._prefetch_quietly, sibling, True)
 
@@ -342,9 +342,13 @@ class Operations(pyfuse3.Operations):
         which takes longer than any fixed bound on a slow link."""
         while True:
             before = self.blocks.received(ident)
-            with trio.move_on_after(self.op_timeout):
-                return await self.blocks.read(ident, off, size)  # type: ignore[return-value]
-            if self.blocks.received(ident) == before:
+            with trio.move_on_after(self.op_timeout) as scope:
+                self._running.add(scope)  # cancelled at unmount
+                try:
+                    return await self.blocks.read(ident, off, size)  # type: ignore[return-value]
+                finally:
+                    self._running.discard(scope)
+            if self.unmounting or self.blocks.received(ident) == before:
                 raise trio.TooSlowError
 
     def _blocks_dropped(self, ident: FileIdentity) -> None:
