@@ -562,7 +562,8 @@ class XnatClient:
                             attempts is None or attempts > 1)
                         # Behind some proxies and single sign-on, a lost session is
                         # answered with a redirect to a login page, not a 401.
-                        if may_renew and (status == 401 or status in _REDIRECTS):
+                        if may_renew and status not in accept and (
+                                status == 401 or status in _REDIRECTS):
                             renewed = True
                             attempt -= 1  # a renewal is not a failed attempt
                             assert session_id is not None
