@@ -287,6 +287,21 @@ class UploadManager:
         self.in_flight = 0
         self.max_in_flight_seen = 0
         self._noticed_at = -math.inf  # when the records on disk were last looked at
+        self._adopt_kept()
+
+    def _adopt_kept(self) -> None:
+        """Uploads an earlier mount of this site kept as failed (refused, server
+        errors, cut off) are listed again, so a file manager shows them after a
+        restart too. (At mount time, before any request is served, like the
+        purge before it.) Ones left writing or uploading, by a crash or by
+        another mount sharing the cache, stay for ``xnatfs uploads``."""
+        for record, spool_dir in kept_uploads(self.spool_root):
+            if record.state != State.FAILED.value or not record.site \
+                    or record.site != self.site:
+                continue
+            upload = Upload(record, spool_dir)
+            upload.close_spool()
+            self.uploads[record.id] = upload
 
     # --------------------------------------------------------------- writing
     async def create(self, project: str, relpath: str) -> Upload:

@@ -23,7 +23,7 @@ from xnatfs.testing.datasets import synthetic_study, write_dicom_archive, write_
 from xnatfs.testing.harness import TestServer
 from xnatfs.testing.store import Store
 
-from .conftest import Mount, daemon_pid, drop_kernel_entries, unmount_and_wait
+from .conftest import Mount, daemon_pid, drop_kernel_entries, mount_xnatfs, unmount_and_wait
 
 ADMIN = ("admin", "admin")
 
@@ -365,6 +365,28 @@ def test_ctrl_c_stops_a_copy_waiting_for_xnat(upload_server: TestServer, mount_f
         upload_server.set_knobs(bandwidth_mb_s=0)
     assert copy.returncode != 0
     assert upload_result(target)
+
+
+def test_failed_uploads_are_listed_again_after_a_remount(mount: Mount, tmp_path: Path) -> None:
+    """A file manager user sees what failed after a restart too, not only
+    ``xnatfs uploads list``; rm there discards it, as before the restart."""
+    (tmp_path / "notes.txt").write_text("not dicom\n")
+    folder = mount.path / "uploads" / "NEURO_PUB" / "again"
+    folder.mkdir()
+    result = subprocess.run(["cp", str(tmp_path / "notes.txt"), str(folder)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    unmount_and_wait(mount.path)
+    mount_xnatfs(mount.server, mount.path, mount.cache_dir, mount.env, mount.options)
+    kept = folder / "notes.txt"
+    assert os.getxattr(kept, "user.xnatfs.upload.state") == b"failed"
+    assert kept.read_text() == "not dicom\n"
+    assert "NEURO_PUB/again/notes.txt" in (folder.parent / "UPLOAD_STATUS.txt").read_text()
+    kept.unlink()
+    listed = subprocess.run([sys.executable, "-m", "xnatfs.cli", "uploads", "list",
+                             "--cache-dir", str(mount.cache_dir)], env=mount.env,
+                            capture_output=True, text=True, check=True).stdout
+    assert "again/notes.txt" not in listed
 
 
 def test_a_full_spool_disk_fails_cp_with_enospc(upload_server: TestServer, mount_factory,  # noqa: ANN001
