@@ -41,7 +41,7 @@ from cachetools import TTLCache
 
 from . import client as xc
 from .errors import NotFound, XnatError
-from .naming import label_from_name, require_label, safe_name, scan_folder_name
+from .naming import NAME_MAX, label_from_name, require_label, safe_name, scan_folder_name
 from .uploads import Upload, UploadManager, relocated
 
 log = logging.getLogger(__name__)
@@ -337,7 +337,7 @@ class Tree:
         if node.prearchive_uri in self.archived_as:
             await self._follow_archived(node)
         loader = getattr(self, f"_children_of_{node.kind.value}")
-        entries: list[Node] = await loader(node)
+        entries: list[Node] = _unique_names(await loader(node))
         self._entries[inode] = entries  # all of them: a listing reused must show the hidden again
         if self.hidden:  # removed with rm from a prearchive session, at any depth
             return [e for e in entries if e.inode not in self.hidden]
@@ -872,6 +872,24 @@ def _hashed_inode(key: Hashable) -> int:
     digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
     number = int.from_bytes(digest, "big") & _LAST_INODE
     return number if number >= _FIRST_INODE else number + _FIRST_INODE
+
+
+def _unique_names(entries: list[Node]) -> list[Node]:
+    """Names a server gives twice in one folder (a file ``x`` beside a folder
+    ``x/``, two subjects with one label) would leave all but the first
+    unreachable: the later ones get a suffix made from what they are
+    (``%~`` never comes from a label, whose ``%`` is escaped)."""
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.name in seen:
+            suffix = "%~" + hashlib.sha256(repr(entry.key).encode()).hexdigest()[:8]
+            name = entry.name
+            if len((name + suffix).encode("utf-8", "surrogateescape")) > NAME_MAX:
+                cut = name.encode("utf-8", "surrogateescape")[:NAME_MAX - len(suffix)]
+                name = cut.decode("utf-8", "ignore")
+            entry.name = name + suffix
+        seen.add(entry.name)
+    return entries
 
 
 def _upload_xattrs(upload: Upload) -> dict[str, str]:

@@ -665,6 +665,22 @@ def test_hostile_and_overlong_labels_become_safe_names(fresh_server: TestServer,
     assert sorted(os.listdir(tmp_path / "copy")) == sorted(names)
 
 
+def test_a_name_listed_twice_reaches_both(fresh_server: TestServer, mount_factory) -> None:
+    """A file ``x`` beside a folder ``x/`` (or two subjects with one label): the
+    second gets a suffix, or only the first could ever be opened."""
+    put_files(fresh_server, {"x": b"file", "x/y": b"inside"})
+    mount = mount_factory(fresh_server)
+    files = mount.path / FILES
+    names = sorted(os.listdir(files))
+    assert len(names) == 2 and names[0] == "x" and names[1].startswith("x%~")
+    for _ in range(2):  # the same names every time it is listed
+        assert sorted(os.listdir(files)) == names
+    [folder] = [files / n for n in names if (files / n).is_dir()]
+    [plain] = [files / n for n in names if (files / n).is_file()]
+    assert read_all(plain) == b"file"
+    assert read_all(folder / "y") == b"inside"
+
+
 def test_a_folder_changing_during_a_listing_skips_and_repeats_nothing(
         fresh_server: TestServer, mount_factory) -> None:
     """A big folder is read in several readdir calls, each resuming at an offset.
