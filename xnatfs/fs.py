@@ -8,13 +8,14 @@ the server down.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import pyfuse3
@@ -55,12 +56,9 @@ def fuse_errors(handler: Callable[Concatenate[Operations, P], Awaitable[T]]
         try:
             if bounded_inside:  # one cancel scope per read, the hot path: its own
                 return await handler(self, *args, **kwargs)
-            with trio.fail_after(self.upload_timeout if slow else self.op_timeout) as scope:
-                self._running.add(scope)
-                try:
-                    return await handler(self, *args, **kwargs)
-                finally:
-                    self._running.discard(scope)
+            with trio.fail_after(self.upload_timeout if slow else self.op_timeout) as scope, \
+                    self._cancelled_at_unmount(scope):
+                return await handler(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except XnatError as exc:
@@ -132,6 +130,15 @@ class Operations(pyfuse3.Operations):
         self.unmounting = True
         for scope in self._running:
             scope.cancel()
+
+    @contextlib.contextmanager
+    def _cancelled_at_unmount(self, scope: trio.CancelScope) -> Iterator[None]:
+        """The scope of a request being answered, for :meth:`cancel_requests`."""
+        self._running.add(scope)
+        try:
+            yield
+        finally:
+            self._running.discard(scope)
 
     def init(self) -> None:
         """The kernel's INIT arrived; our reply goes out as soon as this returns."""
@@ -342,12 +349,8 @@ class Operations(pyfuse3.Operations):
         which takes longer than any fixed bound on a slow link."""
         while True:
             before = self.blocks.received(ident)
-            with trio.move_on_after(self.op_timeout) as scope:
-                self._running.add(scope)  # cancelled at unmount
-                try:
-                    return await self.blocks.read(ident, off, size)  # type: ignore[return-value]
-                finally:
-                    self._running.discard(scope)
+            with trio.move_on_after(self.op_timeout) as scope, self._cancelled_at_unmount(scope):
+                return await self.blocks.read(ident, off, size)  # type: ignore[return-value]
             if self.unmounting or self.blocks.received(ident) == before:
                 raise trio.TooSlowError
 
@@ -388,7 +391,8 @@ class Operations(pyfuse3.Operations):
         node = self._open_files.get(fh)
         if node is None or node.upload is None or fh not in self._upload_writers:
             return
-        signal = killed_by(self._upload_writers[fh])
+        writer = self._upload_writers[fh]
+        signal = killed_by(writer)
         if signal is not None:  # Ctrl-C, kill: cut off, not finished
             try:
                 await self.uploads.abandon(node.upload, f"the program writing it was "
@@ -396,7 +400,6 @@ class Operations(pyfuse3.Operations):
             finally:
                 self.tree.refresh_upload_node(node)
             return
-        writer = self._upload_writers[fh]
         await self._finish_upload(node, closing=True, caller_stopped=lambda: interrupted(writer))
 
     @fuse_errors
