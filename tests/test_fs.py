@@ -10,6 +10,7 @@ import pyfuse3
 import pytest
 import trio
 
+from xnatfs.deadlines import Deadlines
 from xnatfs.fs import Operations, fuse_errors
 
 
@@ -28,16 +29,11 @@ class _FailingTree:
         raise RuntimeError("a bug")
 
 
-class _Blocks:
-    def add_drop_listener(self, listener: object) -> None:
-        pass
-
-
 async def test_a_failing_forget_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
     """A forget has no reply to carry an errno: a bug in it is logged, and the
     mount lives on."""
     async with trio.open_nursery() as nursery:
-        ops = Operations(_FailingTree(), _Blocks(), None, nursery=nursery)  # type: ignore[arg-type]
+        ops = Operations(_FailingTree(), Deadlines(), nursery=nursery)  # type: ignore[arg-type]
         with caplog.at_level(logging.ERROR, logger="xnatfs.fs"):
             await ops.forget([(5, 1)])
     assert "bug in forget" in caplog.text
@@ -45,7 +41,7 @@ async def test_a_failing_forget_is_logged_not_raised(caplog: pytest.LogCaptureFi
 
 async def test_a_bug_in_a_handler_becomes_eio(caplog: pytest.LogCaptureFixture) -> None:
     class Broken:
-        op_timeout = upload_timeout = 5.0
+        deadlines = Deadlines(op_timeout=5.0, upload_timeout=5.0)
 
         @fuse_errors
         async def statfs(self, ctx: object) -> None:

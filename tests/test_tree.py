@@ -17,7 +17,18 @@ import pytest
 from xnatfs import client as xc
 from xnatfs import tree as tree_module
 from xnatfs.errors import NotFound
-from xnatfs.tree import ROOT_INODE, Kind, Tree
+from xnatfs.areas.archive import PENDING_SUBJECT, ArchiveArea
+from xnatfs.areas.root import RootArea
+from xnatfs.tree import ROOT_INODE, Tree
+
+
+def archive_tree(server: Any) -> tuple[Tree, ArchiveArea]:
+    """A tree with the archive area only (no kernel to tell of changes)."""
+    tree = Tree(server)
+    archive = ArchiveArea(tree, cast(Any, None))
+    tree.register(RootArea(tree, cast(Any, None), [archive]))
+    tree.register(archive)
+    return tree, archive
 
 
 def remote_file(scan_id: str | None, path: str) -> xc.RemoteFile:
@@ -56,7 +67,7 @@ class SessionOnlyServer:
 
 async def test_a_server_ignoring_all_true_still_shows_scan_files() -> None:
     server: Any = SessionOnlyServer()
-    groups = await Tree(server).session_files("E1")
+    groups = await archive_tree(server)[1].session_files("E1")
     assert [f.path for f in groups[("2", "DICOM")]] == ["1.dcm"]
     assert [f.path for f in groups[(None, "DICOM")]] == ["qc.json"]
     assert server.calls == ["item", "files?all=true", "scans/ALL/files"]
@@ -79,9 +90,9 @@ class NoSubjectColumnServer:
 
 async def test_a_walk_falls_back_to_subject_listings_without_subject_ids() -> None:
     server: Any = NoSubjectColumnServer()
-    tree = Tree(server)
-    assert [e.id for e in await tree.subject_experiments("P", "S1")] == ["E_S1"]
-    assert [e.id for e in await tree.subject_experiments("P", "S2")] == ["E_S2"]
+    _, archive = archive_tree(server)
+    assert [e.id for e in await archive.subject_experiments("P", "S1")] == ["E_S1"]
+    assert [e.id for e in await archive.subject_experiments("P", "S2")] == ["E_S2"]
     assert server.calls == ["experiments of S1", "experiments of the project",
                             "experiments of S2"]
 
@@ -113,7 +124,7 @@ async def walked_project(tree: Tree, *, remember: bool) -> list[Any]:
 
 
 async def test_nodes_go_once_the_kernel_forgets_them_and_keep_their_inode() -> None:
-    tree = Tree(cast(Any, ManySubjectsServer(200)))
+    tree = archive_tree(ManySubjectsServer(200))[0]
     subjects = await walked_project(tree, remember=True)
     refs = [weakref.ref(s) for s in subjects]
     inodes = {s.name: s.inode for s in subjects}
@@ -140,8 +151,8 @@ async def test_nodes_go_once_the_kernel_forgets_them_and_keep_their_inode() -> N
 
 
 async def test_inode_numbers_are_the_same_in_every_mount() -> None:
-    first = await walked_project(Tree(cast(Any, ManySubjectsServer(50))), remember=False)
-    second = await walked_project(Tree(cast(Any, ManySubjectsServer(50))), remember=False)
+    first = await walked_project(archive_tree(ManySubjectsServer(50))[0], remember=False)
+    second = await walked_project(archive_tree(ManySubjectsServer(50))[0], remember=False)
     assert [s.inode for s in first] == [s.inode for s in second]
     assert len({s.inode for s in first}) == 50 and ROOT_INODE not in {s.inode for s in first}
 
@@ -151,7 +162,7 @@ async def test_keys_whose_hashes_collide_get_numbers_of_their_own(
     hashed = tree_module._hashed_inode
     monkeypatch.setattr(tree_module, "_hashed_inode",
                         lambda key: 5 if key[0] == "subject" else hashed(key))
-    tree = Tree(cast(Any, ManySubjectsServer(3)))
+    tree = archive_tree(ManySubjectsServer(3))[0]
     subjects = await walked_project(tree, remember=True)
     assert [s.inode for s in subjects] == [5, 6, 7]
     assert [tree.node(i).name for i in (5, 6, 7)] == ["SUBJ0000", "SUBJ0001", "SUBJ0002"]
@@ -171,7 +182,7 @@ async def test_keys_whose_hashes_collide_get_numbers_of_their_own(
 
 async def test_lookups_reuse_a_big_listing_until_it_changes() -> None:
     server = ManySubjectsServer(2000)
-    tree = Tree(cast(Any, server))
+    tree, archive = archive_tree(server)
     subjects = await walked_project(tree, remember=True)
     project = tree.node(subjects[0].parent)
     # Unchanged: the entries already made serve the lookup (no node made again).
@@ -181,8 +192,8 @@ async def test_lookups_reuse_a_big_listing_until_it_changes() -> None:
     server.subjects = 2001
     tree.invalidate(("subjects", "P"))
     assert (await tree.lookup(project.inode, "SUBJ2000")).subject_id == "S2000"
-    tree.add_pending_subject(project, "NEW")
-    assert (await tree.lookup(project.inode, "NEW")).kind is Kind.PENDING_SUBJECT
+    archive.add_pending_subject(project, "NEW")
+    assert (await tree.lookup(project.inode, "NEW")).kind is PENDING_SUBJECT
     assert (await tree.lookup(project.inode, "SUBJ1999")) is subjects[-1]
 
 
@@ -199,7 +210,7 @@ class SharedSubjectServer:
 
 
 async def test_a_shared_subject_is_a_node_of_its_own_in_each_project() -> None:
-    tree = Tree(cast(Any, SharedSubjectServer()))
+    tree = archive_tree(SharedSubjectServer())[0]
     a, b = (n for n in await tree.children(ROOT_INODE) if n.name in ("A", "B"))
     in_a = await tree.lookup(a.inode, "OWN_LABEL")
     in_b = await tree.lookup(b.inode, "SHARED_LABEL")

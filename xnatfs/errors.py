@@ -14,7 +14,18 @@ them into ``FUSEError(errno_for(exc))``. Anything else (a ``KeyError``, a
     ├── Unreachable           no (complete) answer in time, after the retries
     ├── Stale                 the object changed under us (size or digest differ)
     ├── ReadOnly              a write to archived content, which the mount refuses
-    └── NoSpace               the local disk holding an upload's copy is full
+    ├── NoSpace               the local disk holding an upload's copy is full
+    └── Refused               the mount itself refuses the operation (no request sent)
+        ├── NotPermitted      not done here, and never will be: EPERM
+        ├── CrossDevice       a move that ``mv`` should do as a copy: EXDEV
+        ├── Busy              being written or sent: EBUSY
+        ├── NotEmpty          a folder with entries: ENOTEMPTY
+        ├── Exists            the name is taken: EEXIST
+        ├── IsADirectory, NotADirectory
+        ├── InvalidArgument   EINVAL (not BadRequest, which a rename turns into EPERM)
+        ├── BadHandle         EBADF
+        ├── NoAttribute       ENOATTR
+        └── NotSupported      ENOTSUP
 
 Adding a class means adding it to :data:`ERRNO_BY_ERROR`; a test checks that
 every subclass has an entry.
@@ -30,7 +41,19 @@ __all__ = [
     "BadRequest",
     "Conflict",
     "Forbidden",
+    "BadHandle",
+    "Busy",
+    "CrossDevice",
+    "Exists",
+    "InvalidArgument",
+    "IsADirectory",
+    "NoAttribute",
     "NoSpace",
+    "NotADirectory",
+    "NotEmpty",
+    "NotPermitted",
+    "NotSupported",
+    "Refused",
     "NotFound",
     "ReadOnly",
     "ServerError",
@@ -118,6 +141,55 @@ class Interrupted(XnatError):
     is incomplete, so it is not sent."""
 
 
+class Refused(XnatError):
+    """The mount refuses the operation itself, before any request: what it asks
+    means nothing in this part of the mount (see ``xnatfs/areas``)."""
+
+
+class NotPermitted(Refused):
+    """Never done here (a link in ``uploads/``, a session moved where it cannot go)."""
+
+
+class CrossDevice(Refused):
+    """A move between places the mount cannot join: ``mv`` copies instead."""
+
+
+class Busy(Refused):
+    """In use: an upload being written or sent keeps the labels of its folders."""
+
+
+class NotEmpty(Refused):
+    """A folder that still shows entries."""
+
+
+class Exists(Refused):
+    """The name is taken."""
+
+
+class IsADirectory(Refused):
+    """A file operation on a folder."""
+
+
+class NotADirectory(Refused):
+    """A folder operation on a file."""
+
+
+class InvalidArgument(Refused):
+    """A request that makes no sense (a name with ``/``, an exchange of names)."""
+
+
+class BadHandle(Refused):
+    """A handle that cannot do this (a write to a file opened on the archive)."""
+
+
+class NoAttribute(Refused):
+    """No such extended attribute."""
+
+
+class NotSupported(Refused):
+    """Not supported here (extended attributes outside the upload area)."""
+
+
 # One table, so the mapping can be reviewed at a glance (mountpoint-s3's fs/error.rs).
 # Unreachable is EIO rather than ETIMEDOUT: it also covers refused connections,
 # resets and truncated bodies, for which "Connection timed out" would mislead, and
@@ -138,6 +210,18 @@ ERRNO_BY_ERROR: dict[type[XnatError], int] = {
     ReadOnly: errno.EROFS,
     NoSpace: errno.ENOSPC,
     Interrupted: errno.EINTR,
+    Refused: errno.EPERM,
+    NotPermitted: errno.EPERM,
+    CrossDevice: errno.EXDEV,
+    Busy: errno.EBUSY,
+    NotEmpty: errno.ENOTEMPTY,
+    Exists: errno.EEXIST,
+    IsADirectory: errno.EISDIR,
+    NotADirectory: errno.ENOTDIR,
+    InvalidArgument: errno.EINVAL,
+    BadHandle: errno.EBADF,
+    NoAttribute: errno.ENODATA,  # ENOATTR on Linux
+    NotSupported: errno.ENOTSUP,
 }
 
 

@@ -1,4 +1,4 @@
-"""Wire client, tree, block cache and Operations together, and run the FUSE loop.
+"""Wire client, tree, block cache, the areas and Operations together, and run the FUSE loop.
 
 Everything lives in one trio nursery: background downloads are its tasks,
 SIGINT/SIGTERM end the loop, and leaving the nursery unmounts, closes the
@@ -19,9 +19,11 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from . import areas
 from .blockcache import BlockCache
 from .client import ClientSettings, XnatClient
 from .credentials import Credentials, SessionCache
+from .deadlines import Deadlines
 from .fs import Operations
 from .tree import Tree
 from .uploads import UploadManager
@@ -218,14 +220,15 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                                     site=config.credentials.url,  # normalised
                                     direct_archive=config.direct_archive,
                                     write_behind=config.write_behind)
-            tree = Tree(client, metadata_ttl=config.metadata_ttl, uploads=uploads,
-                        prearchive_ttl=config.prearchive_ttl)
-            uploads.on_finished = tree.upload_finished
+            tree = Tree(client, metadata_ttl=config.metadata_ttl)
             blocks = BlockCache(client, config.cache_dir / "blocks", size_limit=config.cache_size,
                                 nursery=nursery, range_mode=config.range_mode)
-            operations = Operations(tree, blocks, uploads, nursery=nursery,
-                                    op_timeout=config.operation_timeout,
-                                    upload_timeout=max(3600.0, 2 * config.import_timeout))
+            deadlines = Deadlines(op_timeout=config.operation_timeout,
+                                  upload_timeout=max(3600.0, 2 * config.import_timeout))
+            operations = Operations(tree, deadlines, nursery=nursery)
+            operations.areas = areas.install(tree, operations, blocks=blocks, uploads=uploads,
+                                             deadlines=deadlines, nursery=nursery,
+                                             prearchive_ttl=config.prearchive_ttl)
             try:
                 pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
             except RuntimeError as exc:

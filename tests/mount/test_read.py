@@ -29,7 +29,7 @@ import pydicom
 import pytest
 
 from xnatfs.blockcache import DEFAULT_BLOCK_SIZE
-from xnatfs.fs import SERIES_READ_AHEAD
+from xnatfs.areas.remote_files import SERIES_READ_AHEAD
 from xnatfs.testing.harness import TestServer
 from xnatfs.testing.store import Store
 

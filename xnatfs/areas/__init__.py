@@ -1,0 +1,72 @@
+"""The areas of the mount, one module each, and the one place they are put together.
+
+========================  ==================================================
+``archive``               projects down to files; read-only (but mkdir of a subject)
+``uploads``               ``uploads/``: files dropped there are sent to XNAT
+``prearchive``            ``prearchive/``: archive, move and delete sessions
+``generated``             files whose text the mount writes (status, info)
+``root``                  the root folder: each area's top entries
+``remote_files``          not an area: reading listed files, for archive and prearchive
+========================  ==================================================
+
+Adding an area: write its module (kinds, an :class:`~.base.Area` subclass
+with what it allows), make it here, and give it to the root if it has a top
+folder. ``fs.py`` needs no change. See ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import trio
+
+from ..blockcache import BlockCache
+from ..deadlines import Deadlines
+from ..tree import Node, Tree
+from ..uploads import UploadManager
+from .archive import ArchiveArea
+from .base import Area, Kernel
+from .generated import GeneratedArea
+from .prearchive import PREARCHIVE_NAME, PrearchiveArea
+from .remote_files import RemoteFiles
+from .root import RootArea
+from .uploads import UPLOADS_NAME, UploadArea
+
+
+@dataclass
+class Areas:
+    """Every area of one mount, registered with its tree."""
+
+    tree: Tree
+    archive: ArchiveArea
+    uploads: UploadArea
+    prearchive: PrearchiveArea
+    generated: GeneratedArea
+    root: RootArea
+
+    def of(self, node: Node) -> Area:
+        """The area that answers for ``node``."""
+        area: Area = self.tree.area_of(node)
+        return area
+
+    async def local_space(self) -> os.statvfs_result:
+        """The local disk that holds what the mount keeps (``df`` on the mount)."""
+        return await self.uploads.local_space()
+
+
+def install(tree: Tree, kernel: Kernel, *, blocks: BlockCache, uploads: UploadManager,
+            deadlines: Deadlines, nursery: trio.Nursery,
+            prearchive_ttl: float | None = None) -> Areas:
+    """Make the areas of a mount and register them with ``tree``."""
+    files = RemoteFiles(tree, blocks, kernel, deadlines, nursery)
+    archive = ArchiveArea(tree, kernel, files,
+                          reserved_names=frozenset({UPLOADS_NAME, PREARCHIVE_NAME}))
+    prearchive = PrearchiveArea(tree, kernel, archive, files, ttl=prearchive_ttl)
+    upload_area = UploadArea(tree, kernel, uploads, on_imported=prearchive.invalidate)
+    generated = GeneratedArea(tree, kernel)
+    root = RootArea(tree, kernel, [archive, upload_area, prearchive])
+    areas = Areas(tree, archive, upload_area, prearchive, generated, root)
+    for area in (root, archive, upload_area, prearchive, generated):
+        tree.register(area)
+    return areas
