@@ -1,0 +1,43 @@
+"""The bounds every remote operation of the client keeps (timeouts, retries,
+pool size): one place for what :mod:`~xnatfs.mount` and the command line tune."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Bounds on every remote operation, and the connection pool.
+
+    Attributes:
+        connect_timeout: seconds to establish one connection.
+        read_timeout: seconds to wait for any byte of an answer.
+        deadline: seconds for a whole operation, every retry and backoff included.
+        max_attempts: requests per operation before giving up (also the number
+            of times a broken download may be resumed).
+        backoff_initial: first delay between attempts; it doubles each time,
+            with jitter, up to ``backoff_max``.
+        max_connections: size of the HTTP/1.1 connection pool.
+        chunk_size: bytes per piece read from local files for uploads, and
+            per read of a whole-file answer to a range request. Streams
+            (:meth:`XnatClient.open_stream`) hand out bytes as they arrive:
+            a first byte is not held back until a chunk is full, nor copied
+            into one.
+        verify_tls: check the server's certificate (off only for test sites
+            with self-signed certificates).
+        upload_answer_timeout: seconds to wait for the answer to an upload once
+            all of it is sent: XNAT answers an import only when it has imported
+            the whole archive, minutes for a big one.
+    """
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0  # XNAT builds a whole listing before its first byte
+    deadline: float = 60.0
+    max_attempts: int = 4
+    backoff_initial: float = 0.5
+    backoff_max: float = 8.0
+    max_connections: int = 16
+    chunk_size: int = 1 << 20
+    verify_tls: bool = True
+    upload_answer_timeout: float = 900.0
