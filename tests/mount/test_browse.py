@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from xnatfs.testing.harness import TestServer, share_session
+from xnatfs.testing.store import Store
 
 from .conftest import Mount, drop_kernel_entries
 
@@ -49,6 +50,30 @@ def server_files(mount: Mount, experiment_label: str = "NP001_MR1",
 def test_root_lists_projects_and_reserved_folders(demo_mount: Mount) -> None:
     names = set(os.listdir(demo_mount.path))
     assert {"NEURO_PUB", "ONC-PROT", "ALICE_LAB", "SAMPLES", "uploads", "prearchive"} <= names
+
+
+def test_projects_named_like_the_mounts_own_folders_are_reachable(
+        tmp_path: Path, mount_factory) -> None:  # noqa: ANN001
+    """A project whose ID is ``uploads`` or ``prearchive`` was left out of the root;
+    it is listed under the suffixed name of names listed twice, and the area's
+    folder keeps its name."""
+    with TestServer(tmp_path / "data", dataset="demo") as server:
+        store = Store(server.data_dir)
+        try:
+            for project in ("uploads", "prearchive"):
+                store.add_project(project, accessibility="public")
+        finally:
+            store.close()
+        mount = mount_factory(server)
+        names = os.listdir(mount.path)
+        for project in ("uploads", "prearchive"):
+            twins = [n for n in names if n.startswith(project + "%~")]
+            assert len(twins) == 1, names
+            assert os.getxattr(mount.path / twins[0], "user.xnat.id") == project.encode()
+            assert os.listdir(mount.path / twins[0]) == []  # the project, empty
+        assert "UPLOAD_STATUS.txt" in os.listdir(mount.path / "uploads")
+        assert "uploads" in os.listdir(mount.path / "uploads")  # its upload folder
+        assert os.listxattr(mount.path / "prearchive") == []  # the area's folder, no project
 
 
 def test_hierarchy_and_scan_folder_names(demo_mount: Mount) -> None:

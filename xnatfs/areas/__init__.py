@@ -28,10 +28,10 @@ from ..uploads import UploadManager
 from .archive import ArchiveArea
 from .base import Area, Kernel
 from .generated import GeneratedArea
-from .prearchive import PREARCHIVE_NAME, PrearchiveArea
+from .prearchive import PrearchiveArea
 from .remote_files import RemoteFiles
 from .root import RootArea
-from .uploads import UPLOADS_NAME, UploadArea
+from .uploads import UploadArea
 
 
 @dataclass
@@ -60,12 +60,14 @@ def install(tree: Tree, kernel: Kernel, *, blocks: BlockCache, uploads: UploadMa
             prearchive_ttl: float | None = None) -> Areas:
     """Make the areas of a mount and register them with ``tree``."""
     files = RemoteFiles(tree, blocks, kernel, deadlines, nursery)
-    archive = ArchiveArea(tree, kernel, files,
-                          reserved_names=frozenset({UPLOADS_NAME, PREARCHIVE_NAME}))
+    archive = ArchiveArea(tree, kernel, files)
     prearchive = PrearchiveArea(tree, kernel, archive, files, ttl=prearchive_ttl)
     upload_area = UploadArea(tree, kernel, uploads, on_imported=prearchive.invalidate)
     generated = GeneratedArea(tree, kernel)
-    root = RootArea(tree, kernel, [archive, upload_area, prearchive])
+    # The areas' own folders first: a project whose ID is `uploads` or
+    # `prearchive` is listed after them, and so gets the %~ suffix of names
+    # listed twice instead of hiding (or being hidden by) the area.
+    root = RootArea(tree, kernel, [upload_area, prearchive, archive])
     areas = Areas(tree, archive, upload_area, prearchive, generated, root)
     for area in (root, archive, upload_area, prearchive, generated):
         tree.register(area)

@@ -60,10 +60,8 @@ class ArchiveArea(Area):
     kinds = (PROJECT, SUBJECT, PENDING_SUBJECT, SESSION, SCANS, SCAN, SCAN_LINK, ASSESSORS,
              ASSESSOR, RESOURCES, RESOURCE, FOLDER, FILE)
 
-    def __init__(self, tree: Tree, kernel: Kernel, files: RemoteFiles | None = None, *,
-                 reserved_names: frozenset[str] = frozenset()) -> None:
+    def __init__(self, tree: Tree, kernel: Kernel, files: RemoteFiles | None = None) -> None:
         super().__init__(tree, kernel)
-        self.reserved_names = reserved_names  # other areas' folders in the root
         self.client = tree.client
         self.files = files
         self.pending_subjects: set[tuple[str, str]] = set()  # (project, label) made by mkdir
@@ -147,7 +145,7 @@ class ArchiveArea(Area):
                                 xattrs=xnat_xattrs(id=p.id, label=p.id, name=p.name,
                                                    uri=f"/data/projects/{p.id}",
                                                    xsi_type="xnat:projectData"))
-                for p in await self.projects() if p.id not in self.reserved_names]
+                for p in await self.projects()]
 
     async def children(self, node: Node) -> list[Node]:
         lister = {PROJECT: self._project, SUBJECT: self._subject,
