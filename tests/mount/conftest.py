@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import select
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
+from xnatfs.testing.datasets import synthetic_study, write_dicom_archive
 from xnatfs.testing.harness import TestServer, pids_with_cmdline
 
 
@@ -113,3 +117,65 @@ def mount_factory(tmp_path: Path) -> Iterator:
 @pytest.fixture
 def demo_mount(demo_server: TestServer, mount_factory) -> Mount:  # noqa: ANN001
     return mount_factory(demo_server)
+
+
+# ------------------------------------------- uploads, and what they make in the prearchive
+ADMIN = ("admin", "admin")
+
+
+@pytest.fixture(scope="module")
+def upload_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
+    server = TestServer(tmp_path_factory.mktemp("uploads") / "data", dataset="demo",
+                        args=["--prearchive-settle", "1"])
+    with server:
+        yield server
+
+
+@pytest.fixture
+def mount(upload_server: TestServer, mount_factory) -> Mount:  # noqa: ANN001
+    return mount_factory(upload_server, "--prearchive-ttl", "1")
+
+
+def prearchive_session(server: TestServer, uri: str) -> dict[str, bytes]:
+    """Every file of a prearchive session, by name, fetched over HTTP."""
+    out = {}
+    with httpx.Client(base_url=server.url, auth=ADMIN, timeout=60) as c:
+        for scan in c.get(f"{uri}/scans").json()["ResultSet"]["Result"]:
+            files = c.get(f"{uri}/scans/{scan['ID']}/resources/DICOM/files").json()
+            for f in files["ResultSet"]["Result"]:
+                out[f["Name"]] = c.get(f["URI"]).content
+    return out
+
+
+def upload_result(path: Path) -> list[str]:
+    assert os.getxattr(path, "user.xnatfs.upload.state") == b"done"
+    return os.getxattr(path, "user.xnatfs.upload.result").decode().split()
+
+
+def mounted_prearchive(mount: Mount, uri: str) -> Path:
+    """Where ``/data/prearchive/projects/P/TS/SESSION`` appears in the mount."""
+    return mount.path / "prearchive" / Path(*uri.split("/")[4:])
+
+
+def drop_archive(mount: Mount, tmp_path: Path, name: str, patient: tuple[str, str], *,
+                 slices: int, seed: int) -> tuple[Path, str]:
+    """``cp`` a small DICOM zip of one study into ``uploads/NEURO_PUB/``; returns the
+    local zip and the prearchive URI XNAT gave it."""
+    archive = tmp_path / name
+    write_dicom_archive(archive, synthetic_study(*patient, slices=slices, rows=16, cols=16,
+                                                 seed=seed))
+    folder = mount.path / "uploads" / "NEURO_PUB"
+    subprocess.run(["cp", str(archive), str(folder)], check=True)
+    [uri] = upload_result(folder / name)
+    return archive, uri
+
+
+def member_digests(archive: Path) -> dict[str, str]:
+    if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as zf:
+            return {Path(n).name: hashlib.md5(zf.read(n)).hexdigest() for n in zf.namelist()}
+    import tarfile
+
+    with tarfile.open(archive) as tf:
+        return {Path(m.name).name: hashlib.md5(tf.extractfile(m).read()).hexdigest()
+                for m in tf if m.isfile()}

@@ -39,7 +39,7 @@ How the package is laid out, one concern a module:
   what answers mean in :mod:`.answers`, its bounds in :mod:`.settings`.
 * :mod:`.items`: the dataclasses the calls return, and the parsing of XNAT's
   rows and items into them (no requests).
-* :mod:`.listings`, :mod:`.downloads`, :mod:`.imports`: the calls, by concern
+* :mod:`.listings`, :mod:`.downloads`, :mod:`.services`: the calls, by concern
   (browsing the archive; reading files; uploads and the prearchive).
 
 Composition: each concern is a class of calls built on
@@ -57,7 +57,7 @@ from __future__ import annotations
 
 from .connection import SOCKET_READ_BYTES, USER_AGENT, XnatConnection
 from .downloads import ByteStream, DownloadCalls
-from .imports import ImportCalls
+from .services import ImportCalls
 from .items import (
     MAX_FILE_SIZE,
     Assessor,

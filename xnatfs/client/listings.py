@@ -29,7 +29,7 @@ log = logging.getLogger("xnatfs.client")  # one logger for the package, as befor
 
 class ListingCalls(XnatConnection):
     """The ``list_*`` and ``get_*`` calls of the archive (the prearchive's are in
-    :mod:`.imports`), each one request."""
+    :mod:`.services`), each one request."""
 
     async def list_projects(self) -> list[Project]:
         """The projects this user can read."""

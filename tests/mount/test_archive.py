@@ -1,4 +1,4 @@
-"""Browsing a real mount with ordinary tools: ls, stat, find, cp, getfattr."""
+"""The archive area through a real mount, browsed with ls, stat, find, cp, getfattr."""
 
 from __future__ import annotations
 
