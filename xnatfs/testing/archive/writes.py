@@ -19,7 +19,7 @@ from ..store import Store
 from ..xnatformat import XnatHTTPError, text_response
 from .files import delete_file
 from .paths import ArchivePath
-from .resolve import Access, Resolved, require_edit, resolve, shared_here
+from .resolve import Access, require_edit, resolve, shared_here
 
 PROJECT_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
