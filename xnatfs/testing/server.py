@@ -1,9 +1,11 @@
-"""The XNAT 1.8-compatible test server: app assembly, dispatch and auth routes.
+"""The XNAT 1.8-compatible test server: app assembly, middleware and dispatch.
 
 ``xnatfs testserver --data DIR --port N`` runs it. Requests pass through one
 middleware (request log, latency, faults, authentication, error pages) and
 are then dispatched on their path the way XNAT's Restlet router matches
 prefixes: ``/data/archive/X`` is ``/data/X``, and ``/REST`` is ``/data``.
+Each family of endpoints answers from its own module: :mod:`.archive`,
+:mod:`.services` (import and prearchive), :mod:`.logins`, :mod:`.siteinfo`.
 """
 
 from __future__ import annotations
@@ -14,42 +16,19 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from urllib.parse import parse_qs
 
 from aiohttp import web
 
+from . import logins, siteinfo
 from .archive import ArchiveRoutes
-from .auth import (
-    Caller,
-    SessionRegistry,
-    authenticate,
-    login_with_password,
-    session_cookies,
-    unauthorized,
-)
+from .auth import Caller, SessionRegistry, authenticate, session_cookies, unauthorized
 from .knobs import Knobs, RequestLog
 from .services import ServiceRoutes
 from .store import Store, StoreError
-from .xnatformat import (
-    XnatHTTPError,
-    error_response,
-    json_response,
-    table_response,
-    text_response,
-)
+from .xnatformat import XnatHTTPError, error_response, json_response, text_response
 
 log = logging.getLogger("xnatfs.testserver")
-
-XNAT_VERSION = "1.8.10"
-BUILD_INFO = {
-    "version": XNAT_VERSION, "buildNumber": "1651", "buildDate": "Tue Aug 20 18:10:41 CDT 2024",
-    "sha": "5696414138", "isDirty": "false", "commit": "2", "tag": XNAT_VERSION,
-    "shaFull": "56964141386a5f1b4bbcd7e5a0e1f8c3d2b4a6e9", "branch": "master",
-    "timestamp": "1566342641000",
-}
-SCHEMAS = ("xnat", "xdat")
 
 
 @dataclass
@@ -193,14 +172,14 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
     segments = _split(request.path)
     caller: Caller | None = request.get("caller")
     if not segments:
-        return _home_page(caller)
+        return siteinfo.home_page(caller)
     head = segments[0]
     if head == "app":
-        return _home_page(caller)
+        return siteinfo.home_page(caller)
     if head == "_testserver":
         return await _control(ctx, request, segments[1:])
     if head == "xapi":
-        return _xapi(ctx, request, caller, segments[1:])
+        return siteinfo.xapi(request, caller, segments[1:])
     data = normalise_data_path(segments)
     if data is None:
         raise XnatHTTPError(404, "The requested resource was not found.")
@@ -208,9 +187,9 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
         raise XnatHTTPError(404, "The requested resource was not found.")
     first = data[0]
     if first == "JSESSION":
-        return _jsession(ctx, request, caller)
+        return logins.jsession(request, ctx.sessions, caller)
     if first == "services" and len(data) >= 2 and data[1] == "auth":
-        return await _services_auth(ctx, request)
+        return await logins.services_auth(request, ctx.store, ctx.sessions)
     if first == "auth":
         request["route"] = "auth"
         assert caller is not None
@@ -219,7 +198,7 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
         raise XnatHTTPError(404, "The requested resource was not found.")
     if first == "services" and len(data) >= 3 and data[1] == "tokens":
         assert caller is not None
-        return _tokens(ctx, request, caller, data[2:])
+        return logins.tokens(request, ctx.store, caller, data[2:])
     if first in ("services", "prearchive") and ctx.services is not None:
         assert caller is not None
         return await ctx.services.handle(request, caller, data)
@@ -227,141 +206,9 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
         assert caller is not None
         return await ctx.archive.handle(request, caller, data)
     if first == "search" and len(data) >= 2 and data[1] == "elements":
-        return _search_elements(request, data[2:])
+        return siteinfo.search_elements(request, data[2:])
     if first == "user" and len(data) == 1:
         raise XnatHTTPError(404, "The requested resource was not found.")
-    raise XnatHTTPError(404, "The requested resource was not found.")
-
-
-def _home_page(caller: Caller | None) -> web.Response:
-    """XNAT's web UI is out of scope; this page carries the login marker xnatpy reads."""
-    who = (f'<span id="user_info">Logged in as: &nbsp;<a id="username-link" '
-           f'href="/app/template/XDATScreen_UpdateUser.vm">{caller.login}</a></span>'
-           if caller else '<form name="form1" method="post" action="/xnat/login"></form>')
-    return web.Response(text=f"<!DOCTYPE html>\n<html><head><title>XNAT</title></head><body>"
-                             f"{who}</body></html>", content_type="text/html")
-
-
-# Data types the site knows, for xnatpy's mandatory GET /data/search/elements.
-SEARCH_ELEMENTS = {
-    "xnat:projectData": ("Project", ["ID", "NAME", "SECONDARY_ID", "DESCRIPTION"]),
-    "xnat:subjectData": ("Subject", ["SUBJECT_ID", "SUBJECT_LABEL", "PROJECT", "INSERT_DATE"]),
-    "xnat:mrSessionData": ("MR Session", ["SESSION_ID", "SUBJECT_ID", "DATE", "PROJECT"]),
-    "xnat:ctSessionData": ("CT Session", ["SESSION_ID", "SUBJECT_ID", "DATE", "PROJECT"]),
-    "xnat:petSessionData": ("PET Session", ["SESSION_ID", "SUBJECT_ID", "DATE", "PROJECT"]),
-    "xnat:mrScanData": ("MR Scan", ["ID", "TYPE", "SERIES_DESCRIPTION"]),
-    "xnat:ctScanData": ("CT Scan", ["ID", "TYPE", "SERIES_DESCRIPTION"]),
-    "xnat:petScanData": ("PET Scan", ["ID", "TYPE", "SERIES_DESCRIPTION"]),
-}
-
-
-def _search_elements(request: web.Request, rest: list[str]) -> web.Response:
-    request["route"] = "search.elements"
-    if not rest:
-        rows = [{"ELEMENT_NAME": name, "SINGULAR": singular, "PLURAL": singular + "s",
-                 "COUNT": "0", "SECURED": "true"}
-                for name, (singular, _fields) in SEARCH_ELEMENTS.items()]
-        return table_response(request, rows,
-                              ["ELEMENT_NAME", "SINGULAR", "PLURAL", "COUNT", "SECURED"],
-                              envelope={"totalRecords": str(len(rows))})
-    if len(rest) == 1 and rest[0] in SEARCH_ELEMENTS:
-        fields = SEARCH_ELEMENTS[rest[0]][1]
-        rows = [{"FIELD_ID": f, "HEADER": f.title(), "SUMMARY": "", "TYPE": "string",
-                 "REQUIRES_VALUE": "false", "DESC": "", "ELEMENT_NAME": rest[0],
-                 "SRC": "0"} for f in fields]
-        return table_response(request, rows, list(rows[0]),
-                              envelope={"totalRecords": str(len(rows))})
-    raise XnatHTTPError(404, "The requested resource was not found.")
-
-
-# ---------------------------------------------------------------- auth routes
-def _jsession(ctx: ServerContext, request: web.Request, caller: Caller | None) -> web.Response:
-    request["route"] = "jsession"
-    if request.method == "DELETE":
-        if caller is not None and caller.session is not None:
-            ctx.sessions.invalidate(caller.session.id)
-        response = web.Response(status=200, body=b"")
-        response.del_cookie("JSESSIONID", path="/")
-        request["caller"] = None
-        return response
-    if request.method not in ("GET", "POST"):
-        raise XnatHTTPError(405, "Method Not Allowed")
-    if caller is None or caller.session is None:
-        raise unauthorized(request)
-    return text_response(caller.session.id)
-
-
-async def _services_auth(ctx: ServerContext, request: web.Request) -> web.Response:
-    """xnatpy's password login: a form body, answered with a bare session id."""
-    request["route"] = "services.auth"
-    if request.method not in ("PUT", "POST"):
-        raise XnatHTTPError(405, "Method Not Allowed")
-    body = await request.text()
-    form = {k: v[0] for k, v in parse_qs(body).items()}
-    for key, values in parse_qs(request.query_string).items():
-        form.setdefault(key, values[0])
-    user = form.get("username") or form.get("j_username") or ""
-    password = form.get("password") or form.get("j_password") or ""
-    login_name = login_with_password(ctx.store, user, password) if user else None
-    if login_name is None:
-        raise XnatHTTPError(401, "Authentication failed.")
-    session = ctx.sessions.create(login_name)
-    user_row = ctx.store.user(login_name)
-    request["caller"] = Caller(login_name, bool(user_row and user_row["is_admin"]), session, True)
-    return text_response(session.id)
-
-
-def _tokens(ctx: ServerContext, request: web.Request, caller: Caller,
-            rest: list[str]) -> web.Response:
-    """``/data/services/tokens/{issue[/user/U], validate/A/S, invalidate/A}``."""
-    request["route"] = "tokens"
-    store = ctx.store
-    if rest and rest[0] == "issue":
-        target = caller.login
-        if len(rest) >= 3 and rest[1] == "user":
-            target = rest[2]
-            if target != caller.login and not caller.is_admin:
-                raise XnatHTTPError(403, "Only administrators can issue tokens for other users.")
-            if store.user(target) is None:
-                raise XnatHTTPError(404, f"User {target} not found.")
-        row = store.issue_token(target)
-        return json_response({
-            "id": row["id"], "enabled": bool(row["enabled"]), "created": row["created"],
-            "timestamp": row["created"], "disabled": 0, "alias": row["alias"],
-            "secret": row["secret"], "estimatedExpirationTime": row["expires"],
-            "singleUse": False, "xdatUserId": row["login"], "validIPAddresses": [],
-            "expired": False,
-        })
-    if len(rest) == 3 and rest[0] == "validate":
-        login = store.check_token(rest[1], rest[2])
-        return json_response({"valid": login} if login else {})
-    if len(rest) == 2 and rest[0] == "invalidate":
-        token = store.token(rest[1])
-        if token is None:
-            raise XnatHTTPError(404, "Token not found.")
-        if token["login"] != caller.login and not caller.is_admin:
-            raise XnatHTTPError(403, "Forbidden")
-        store.invalidate_token(rest[1])
-        return json_response({"result": "OK"})
-    raise XnatHTTPError(404, "The requested resource was not found.")
-
-
-def _xapi(ctx: ServerContext, request: web.Request, caller: Caller | None,
-          rest: list[str]) -> web.Response:
-    request["route"] = "xapi"
-    assert caller is not None
-    if rest == ["users", "username"]:
-        return text_response(caller.login)
-    if rest[:2] == ["siteConfig", "buildInfo"]:
-        if len(rest) == 2:
-            return json_response(BUILD_INFO)
-        if len(rest) == 3 and rest[2] in BUILD_INFO:
-            return text_response(BUILD_INFO[rest[2]])
-    if rest == ["schemas"]:
-        return json_response(list(SCHEMAS))
-    if len(rest) == 2 and rest[0] == "schemas" and rest[1] in SCHEMAS:
-        xsd = resources.files("xnatfs.testing").joinpath(f"schemas/{rest[1]}.xsd").read_text()
-        return text_response(xsd, content_type="application/xml")
     raise XnatHTTPError(404, "The requested resource was not found.")
 
 

@@ -18,11 +18,13 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from .archive import Access, archive_response, send_blob, spool_body, zip_entry_name
+from .archive.resolve import Access
 from .bodystream import read_in_thread
 from .auth import Caller
+from .downloads import archive_response, send_blob, zip_entry_name
 from .knobs import Knobs
 from .prearchive import UNASSIGNED, Prearchive
+from .spool import spool_body
 from .store import Store, StoreError
 from .xnatformat import XnatHTTPError, table_response, text_response
 

@@ -1,0 +1,165 @@
+"""The archive's items: one project, subject, experiment, assessor, scan or resource.
+
+A GET of an object's own URL answers XNAT's item JSON (``format=json``, the
+default): its fields, with its children nested as XNAT nests them (an
+experiment's scans, resources and assessors, a scan's and an assessor's
+resources, where an object is shared). ``format=xml`` gives a small XML
+rendering, and a resource answers with its catalog.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+from aiohttp import web
+
+from ..store import Store
+from ..xnatformat import XnatHTTPError, child_field, item_json, json_response, text_response
+from .paths import ArchivePath
+from .resolve import Resolved
+
+
+def get_item(request: web.Request, store: Store, path: ArchivePath,
+             res: Resolved) -> web.Response:
+    """The one object a path names, as an item (or a resource's catalog)."""
+    fmt = (request.query.get("format") or "json").lower()
+    level = path.level
+    if level == "project":
+        item = project_item(res.the_project)
+    elif level == "subject":
+        item = subject_item(store, res.the_subject)
+    elif res.assessor is not None and level in ("experiment", "assessor"):
+        item = assessor_item(store, res.assessor, res.the_experiment)
+    elif level == "experiment":
+        item = experiment_item(store, res.the_experiment)
+    elif level == "scan":
+        if res.scan_multi or not res.scans:
+            raise XnatHTTPError(404, "Unable to find the specified scan.")
+        item = scan_item(store, res.scans[0], res.the_experiment)
+    elif level == "resource":
+        if res.resource_multi or not res.resources:
+            raise XnatHTTPError(404, "Unable to find the specified resource.")
+        item = resource_item(store, res.resources[0])
+        if fmt != "json":
+            return text_response(catalog_xml(store, res.resources[0]),
+                                 content_type="text/xml")
+    else:
+        raise XnatHTTPError(404, "The requested resource was not found.")
+    if fmt == "json":
+        return json_response({"items": [item]})
+    if fmt == "xml":
+        return text_response(item_to_xml(item), content_type="text/xml")
+    raise XnatHTTPError(400, f"Unsupported format: {fmt}")
+
+
+def project_item(p: sqlite3.Row) -> dict[str, Any]:
+    return item_json("xnat:projectData", {
+        "ID": p["id"], "secondary_ID": p["secondary_id"], "name": p["name"],
+        "description": p["description"], "active": "true"})
+
+
+def subject_item(store: Store, s: sqlite3.Row) -> dict[str, Any]:
+    demographics = item_json("xnat:demographicData", {
+        "gender": s["gender"], "yob": int(s["yob"]) if s["yob"] else None})
+    demographics["data_fields"] = {k: v for k, v in demographics["data_fields"].items()
+                                   if v not in ("", None)}
+    children = [child_field("demographics", [demographics])] if s["gender"] or s["yob"] \
+        else []
+    children += _sharing(store, "subject", s["id"], "xnat:projectParticipant")
+    return item_json("xnat:subjectData", {
+        "ID": s["id"], "project": s["project"], "label": s["label"],
+        "insert_date": s["insert_date"], "insert_user": s["insert_user"]}, children)
+
+
+def _sharing(store: Store, kind: str, object_id: str, xsi_type: str) -> list[dict[str, Any]]:
+    """The ``sharing/share`` child of an item: the projects it is shared into,
+    with its label in each (where xnatpy reads a subject's label per project)."""
+    shares = [item_json(xsi_type, {"label": row["label"], "project": row["project"]})
+              for row in store.query(
+                  "SELECT project, label FROM shares WHERE kind = ? AND id = ?"
+                  " ORDER BY project", (kind, object_id))]
+    return [child_field("sharing/share", shares)] if shares else []
+
+
+def experiment_item(store: Store, e: sqlite3.Row) -> dict[str, Any]:
+    scan_items = [scan_item(store, s, e) for s in store.scans(e["id"])]
+    resource_items = [resource_item(store, r) for r in store.resources(e["id"], None)]
+    children = []
+    if scan_items:
+        children.append(child_field("scans/scan", scan_items))
+    if resource_items:
+        children.append(child_field("resources/resource", resource_items))
+    assessor_items = [assessor_item(store, a, e) for a in store.assessors(e["id"])]
+    if assessor_items:
+        children.append(child_field("assessors/assessor", assessor_items))
+    children += _sharing(store, "experiment", e["id"], "xnat:experimentData_share")
+    fields = {"ID": e["id"], "id": e["id"], "project": e["project"],
+              "subject_ID": e["subject_id"], "label": e["label"], "date": e["date"],
+              "time": e["time"], "modality": e["modality"], "UID": e["uid"],
+              "session_type": e["session_type"],
+              "scanner/manufacturer": e["scanner_manufacturer"],
+              "scanner/model": e["scanner_model"], "insert_date": e["insert_date"],
+              "insert_user": e["insert_user"]}
+    if e["xsi_type"] == "xnat:mrSessionData" and e["field_strength"]:
+        fields["fieldStrength"] = e["field_strength"]
+    return item_json(e["xsi_type"], {k: v for k, v in fields.items() if v != ""}, children)
+
+
+def assessor_item(store: Store, a: sqlite3.Row, e: sqlite3.Row) -> dict[str, Any]:
+    """An assessor with its output resources (``out/file``), as XNAT nests it."""
+    resource_items = [resource_item(store, r) for r in
+                      store.resources(e["id"], None, assessor_id=a["id"])]
+    children = [child_field("out/file", resource_items)] if resource_items else []
+    fields = {"ID": a["id"], "id": a["id"], "label": a["label"], "project": e["project"],
+              "imageSession_ID": e["id"], "date": a["date"],
+              "insert_date": a["insert_date"], "insert_user": a["insert_user"]}
+    return item_json(a["xsi_type"], {k: v for k, v in fields.items() if v != ""}, children)
+
+
+def scan_item(store: Store, s: sqlite3.Row, e: sqlite3.Row) -> dict[str, Any]:
+    resource_items = [resource_item(store, r) for r in store.resources(e["id"], s["pk"])]
+    children = [child_field("file", resource_items)] if resource_items else []
+    fields = {"ID": s["scan_id"], "type": s["type"], "quality": s["quality"],
+              "note": s["note"], "series_description": s["series_description"],
+              "UID": s["uid"], "frames": int(s["frames"]) if s["frames"] else None,
+              "modality": s["modality"], "xnat_imagescandata_id": s["pk"],
+              "image_session_ID": e["id"], "project": e["project"]}
+    return item_json(s["xsi_type"], {k: v for k, v in fields.items() if v not in ("", None)},
+                     children)
+
+
+def resource_item(store: Store, r: sqlite3.Row) -> dict[str, Any]:
+    count, size = store.resource_totals(r["id"])
+    fields = {"label": r["label"], "format": r["format"], "content": r["content"],
+              "xnat_abstractresource_id": r["id"], "file_count": count, "file_size": size,
+              "URI": f"/archive/resources/{r['id']}"}
+    return item_json("xnat:resourceCatalog",
+                     {k: v for k, v in fields.items() if v != ""})
+
+
+def catalog_xml(store: Store, resource: sqlite3.Row) -> str:
+    """A resource's catalog, as XNAT serves it for a plain GET of the resource."""
+    entries = "".join(
+        f"<cat:entry URI={quoteattr(f.path)} ID={quoteattr(f.path)} name="
+        f"{quoteattr(f.path.rsplit('/', 1)[-1])} digest={quoteattr(f.digest)} "
+        f'xsi:type="cat:entry"/>' for f in store.files(resource["id"]))
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n<cat:Catalog '
+            'xmlns:cat="http://nrg.wustl.edu/catalog" '
+            'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+            f'ID={quoteattr(str(resource["id"]))}><cat:entries>{entries}</cat:entries>'
+            "</cat:Catalog>")
+
+
+def item_to_xml(item: dict[str, Any]) -> str:
+    """A small XML rendering of an item for ``format=xml`` requests."""
+    xsi_type = item["meta"]["xsi:type"]
+    attrs = " ".join(f"{k}={quoteattr(str(v))}" for k, v in item["data_fields"].items()
+                     if k in ("ID", "project", "label"))
+    body = "".join(f"<xnat:{k}>{escape(str(v))}</xnat:{k}>"
+                   for k, v in item["data_fields"].items()
+                   if k not in ("ID", "project", "label", "id") and "/" not in k)
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<{xsi_type} {attrs} '
+            'xmlns:xnat="http://nrg.wustl.edu/xnat" '
+            f'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">{body}</{xsi_type}>')
