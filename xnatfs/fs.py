@@ -26,8 +26,8 @@ from .callers import interrupted, killed_by, signal_name
 from .errors import BadRequest, NotFound, Stale, XnatError, errno_for
 from .naming import NAME_MAX, label_from_name, require_label
 from .tree import Kind, Node, Tree
-from .uploads import State as UploadState
-from .uploads import Upload, UploadManager, check_folder_name, labels_from_path
+from .imports import State as UploadState
+from .imports import Upload, UploadManager, check_folder_name, labels_from_path
 
 log = logging.getLogger(__name__)
 

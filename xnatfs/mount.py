@@ -23,8 +23,8 @@ from .blockcache import BlockCache
 from .client import ClientSettings, XnatClient
 from .credentials import Credentials, SessionCache
 from .fs import Operations
+from .imports import UploadManager
 from .tree import Tree
-from .uploads import UploadManager
 
 log = logging.getLogger(__name__)
 

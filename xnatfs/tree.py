@@ -42,7 +42,7 @@ from cachetools import TTLCache
 from . import client as xc
 from .errors import NotFound, XnatError
 from .naming import NAME_MAX, label_from_name, require_label, safe_name, scan_folder_name
-from .uploads import Upload, UploadManager, relocated
+from .imports import Upload, UploadManager, relocated
 
 log = logging.getLogger(__name__)
 
