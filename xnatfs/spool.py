@@ -136,13 +136,14 @@ class Spool:
 
     # --------------------------------------------------------------- writing
     async def create(self, project: str, relpath: str) -> Upload:
+        destination = self.sender.destination(project, relpath)
+
         def make() -> Upload:
             upload_id = uuid.uuid4().hex
             spool_dir = self.spool_root / upload_id
             spool_dir.mkdir(mode=0o700)
             upload = Upload(UploadRecord(upload_id, project, relpath, site=self.site,
-                                         destination=self.sender.destination(project, relpath)),
-                            spool_dir)
+                                         destination=destination), spool_dir)
             if self.sender.is_litter(upload.record.name):
                 upload.record.kind = LITTER
             save_record(upload)
