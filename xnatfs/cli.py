@@ -174,7 +174,8 @@ def _run_with_client(args: argparse.Namespace, work):  # noqa: ANN001, ANN202
 def uploads_command(args: argparse.Namespace) -> int:
     """Uploads the mount kept because the server failed or refused them."""
     from .credentials import CredentialsError, named_site, normalise_site_url
-    from .uploads import HEAD_BYTES, import_local_copy, kept_uploads, record_retried, write_record
+    from .imports import HEAD_BYTES, import_local_copy
+    from .spoolfiles import kept_uploads, record_retried, write_record
 
     spool_root = args.cache_dir / "uploads"
     everything = kept_uploads(spool_root)

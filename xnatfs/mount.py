@@ -25,8 +25,8 @@ from .client import ClientSettings, XnatClient
 from .credentials import Credentials, SessionCache
 from .deadlines import Deadlines
 from .fs import Operations
+from .imports import UploadManager
 from .tree import Tree
-from .uploads import UploadManager
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from .naming import NAME_MAX
 
 if TYPE_CHECKING:  # node payloads of lower layers, for type checking only
     from .client import RemoteFile
-    from .uploads import Upload
+    from .spoolfiles import Upload
 
 ROOT_INODE = 1
 

@@ -24,7 +24,7 @@ import trio
 from ..blockcache import BlockCache
 from ..deadlines import Deadlines
 from ..tree import Node, Tree
-from ..uploads import UploadManager
+from ..imports import UploadManager
 from .archive import ArchiveArea
 from .base import Area, Kernel
 from .generated import GeneratedArea

@@ -2,9 +2,10 @@
 
 This module is the folder: what ``create``, ``write``, ``close``, ``mkdir``,
 ``rename``, ``rm``, times and extended attributes mean for entries there.
-What an upload is, how it is kept on local disk until XNAT confirms it, and
-how it is sent, is :mod:`xnatfs.uploads`' (the loss-free spool and the import
-queue); the status files are generated (:mod:`xnatfs.areas.generated`).
+What an upload is and how it is sent is :mod:`xnatfs.imports`'; how it is
+kept on local disk until XNAT confirms it, :mod:`xnatfs.spool`'s (the
+loss-free spool and its send queue); the status files are generated
+(:mod:`xnatfs.areas.generated`).
 
 Rules a user meets here (see the README's Upload section):
 
@@ -40,9 +41,10 @@ from ..errors import (
     NotSupported,
     XnatError,
 )
+from ..imports import UploadManager, check_folder_name, labels_from_path, relocated
 from ..naming import safe_name
+from ..spoolfiles import State, Upload
 from ..tree import Kind, Node, Tree
-from ..uploads import State, Upload, UploadManager, check_folder_name, labels_from_path, relocated
 from .base import OWN_XATTRS, Area, Handle, Kernel, Writer
 from .generated import generated_file
 
@@ -58,7 +60,7 @@ UPLOAD_FILE = Kind("upload_file", is_dir=False)
 
 
 class UploadArea(Area):
-    """``uploads/`` over an :class:`~xnatfs.uploads.UploadManager`."""
+    """``uploads/`` over an :class:`~xnatfs.imports.UploadManager`."""
 
     kinds = (UPLOADS, UPLOAD_DIR, UPLOAD_FILE)
 
