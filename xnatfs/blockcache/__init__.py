@@ -12,10 +12,11 @@ How the package is laid out, one concern a module:
 * :mod:`.blocks`: what is kept per file: :class:`FileIdentity`, the pending
   blocks downloads fill and readers wait on, a file's bookkeeping while it is
   read (``FileState``), the statistics. Plain data.
-* :mod:`.disk`: the disk tier: block files (through ``directdisk``), the index
-  of cached files read at mount time, a file's census, the disk read-ahead.
+* :mod:`.disk`: the disk tier: block files (through ``directdisk``; eviction
+  is the disk cache's own, least recently stored), the index of cached files
+  read at mount time, a file's census, the disk read-ahead, the stores.
 * :mod:`.integrity`: the digest check, and dropping a file's blocks when they
-  are wrong (eviction is the disk cache's own, least recently stored).
+  are wrong.
 * :mod:`.downloads`: ranged blocks in parallel, the single streaming download
   when the server ignores Range, its pacing, ``Last-Modified``.
 * :mod:`.cache`: :class:`BlockCache`, the façade (``read``,
