@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from xnatfs import blockcache
+from xnatfs.blockcache import downloads as blockcache  # PAUSED_DOWNLOAD_LIMIT lives there
 from xnatfs.blockcache import BlockCache, FileIdentity
 from xnatfs.client import ClientSettings, XnatClient
 from xnatfs.credentials import Credentials, SessionCache

@@ -1,0 +1,240 @@
+"""The block cache's façade, :class:`BlockCache`, and the read path.
+
+A read looks for each block in memory (a small LRU of hot blocks), then on
+disk (:mod:`.disk`), and only then puts it on its way (:mod:`.downloads`);
+it slices what it returns out of the blocks, and waits for the digest check
+(:mod:`.integrity`) before it returns the end of a file. Sequential readers
+grow a read-ahead window that doubles up to ``max_window`` bytes (Range
+only: without it, the whole-file download runs ahead of every reader
+anyway), and a cached file is read from disk ahead of them.
+
+The read path stays in this one module, on purpose: ``read``, ``_locate``
+and ``_read_ahead`` run for every FUSE read, and each of them reaches the
+other layers only through methods of the same object (the layers are
+classes it inherits), so a read costs no forwarding call and no attribute
+chain more than before the split.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import diskcache
+import trio
+from cachetools import LRUCache
+
+from ..client import XnatClient
+from ..directdisk import DirectDisk
+from ..errors import Stale
+from .blocks import Block, CacheStatistics, FileIdentity, FileState, PendingBlock, want
+from .downloads import Downloads
+
+DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
+# How far a read may land after (or before) where the previous one ended and still
+# count as sequential: skips forward, and the kernel's parallel readahead
+# requests arriving a little out of order.
+SEQUENTIAL_AHEAD = 16 * 1024 * 1024
+SEQUENTIAL_BEHIND = 8 * 1024 * 1024
+
+
+class BlockCache(Downloads):
+    """Blocks of remote files, in memory, on disk and in flight."""
+
+    def __init__(self, client: XnatClient, directory: Path, *, size_limit: int,
+                 nursery: trio.Nursery, block_size: int = DEFAULT_BLOCK_SIZE,
+                 memory_bytes: int = 64 * 1024 * 1024, range_mode: str = "auto",
+                 max_parallel: int = 8, max_window: int = 32 * 1024 * 1024) -> None:
+        self.client = client
+        self.block_size = block_size
+        self.range_mode = range_mode
+        self.max_window = max_window
+        # How far a whole-file stream may run ahead of the furthest byte asked for:
+        # a quarter of the memory, so that the least recently used blocks are
+        # always ones the readers passed (at half, a block just fetched could
+        # push out one fetched earlier and not read yet).
+        self.max_ahead = max(block_size, memory_bytes // 4)
+        self.nursery = nursery
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(directory, 0o700)
+        self.disk = diskcache.Cache(str(directory), size_limit=size_limit,
+                                    eviction_policy="least-recently-stored",
+                                    disk=DirectDisk)
+        self.memory: LRUCache[tuple[str, int], Block] = LRUCache(maxsize=memory_bytes,
+                                                                 getsizeof=len)
+        self.files: LRUCache[str, FileState] = LRUCache(maxsize=4096)
+        self.disk_limiter = trio.CapacityLimiter(4)
+        self.lookup_limiter = trio.CapacityLimiter(2)
+        self.fetch_limiter = trio.CapacityLimiter(max_parallel)
+        # Speculative fetches (the next files of a series) hold at most half of
+        # the slots, so a file just opened never queues behind them.
+        self.background_limiter = trio.CapacityLimiter(max(1, max_parallel // 2))
+        self._store_slots = trio.Semaphore(16)  # blocks downloaded but not yet on disk
+        self.stats = CacheStatistics()
+        self._range_supported: bool | None = None if range_mode == "auto" else (
+            range_mode == "on")
+        # Set while the first download (which learns whether Range works) waits
+        # for its answer; other fetches wait for it.
+        self._range_learning: trio.Event | None = None
+        self._drop_listeners: list[Callable[[FileIdentity], None]] = []
+        self._suspect: set[str] = set()  # keys of files whose last digest check failed
+        # Keys of the files with blocks on disk, read once at start (blocks stored
+        # meanwhile are added as they land), so that a file never cached costs no
+        # disk lookup before its download. Trusted only once the read succeeded.
+        self._files_on_disk: set[str] = set()
+        self._index_complete = False
+        self.indexed = trio.Event()  # set once the index is read (or could not be)
+        nursery.start_soon(self._index_disk)
+
+    def close(self) -> None:
+        self.disk.close()
+
+    def add_drop_listener(self, listener: Callable[[FileIdentity], None]) -> None:
+        """Call ``listener(ident)`` whenever the blocks of a file are dropped as
+        wrong (failed the digest check, or the file was replaced)."""
+        self._drop_listeners.append(listener)
+
+    # ------------------------------------------------------------- reading
+    def _state(self, ident: FileIdentity) -> FileState:
+        state = self.files.get(ident.key)
+        if state is None or state.ident != ident:
+            nblocks = max(1, -(-ident.size // self.block_size))
+            state = FileState(ident, nblocks)
+            self.files[ident.key] = state
+        return state
+
+    async def read(self, ident: FileIdentity, offset: int, size: int) -> Block | memoryview:
+        """``size`` bytes at ``offset`` (fewer only at end of file).
+
+        Raises:
+            Stale: the file's bytes did not match its digest (they are dropped).
+            Unreachable, ServerError...: the download failed.
+        """
+        end = min(offset + size, ident.size)
+        if offset >= end:
+            return b""
+        state = self._state(ident)
+        want(state, end)
+        if end == ident.size:
+            state.end_served = True
+        first, last = offset // self.block_size, (end - 1) // self.block_size
+        # Put every block on its way before waiting for any of them.
+        sources = [await self._locate(state, index) for index in range(first, last + 1)]
+        if ident.key in self._suspect:
+            # This version of the file failed its digest: no byte of it is served
+            # before the whole file has been fetched again and checked.
+            want(state, ident.size)
+            for index in range(state.nblocks):
+                await self._locate(state, index)
+            state.end_served = state.fetched = True  # the check must run
+        await self._read_ahead(state, offset, end)
+        parts: list[Block | memoryview] = []
+        for index, source in zip(range(first, last + 1), sources, strict=True):
+            block_start = index * self.block_size
+            lo = max(offset, block_start) - block_start
+            hi = min(end, block_start + self._block_length(ident, index)) - block_start
+            if isinstance(source, PendingBlock):
+                await source.wait_for(hi)
+                parts.append(source.view(lo, hi))
+            else:
+                parts.append(memoryview(source)[lo:hi])
+        # Once the end of the file has been asked for, any read may be the one that
+        # completes it (the kernel's readahead requests arrive in any order).
+        if state.end_served:
+            await self._verified(state)
+        if ident.key in self._suspect and state.verified is not True:
+            raise Stale(f"{ident.uri}: failed its digest check and could not be checked again")
+        if state.dropped:
+            raise Stale(f"{ident.uri}: the file's blocks were dropped while it was read")
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def received(self, ident: FileIdentity) -> int:
+        """Bytes of the file downloaded so far: whether a slow read is still moving."""
+        state = self.files.get(ident.key)
+        if state is None or state.ident != ident:
+            return 0
+        return state.received + sum(stream.received for stream in state.streams)
+
+    async def _locate(self, state: FileState, index: int) -> Block | PendingBlock:
+        """Block ``index`` from memory or disk, or the pending block a download will fill."""
+        key = (state.ident.key, index)
+        while True:
+            if state.dropped:
+                raise Stale(f"{state.ident.uri}: the file's blocks were dropped")
+            data = self.memory.get(key)
+            if data is not None:
+                self.stats.memory_hits += 1
+                return data
+            pending = state.pending.get(index)
+            if pending is not None:
+                return pending
+            loading = state.loading.get(index)
+            if loading is not None:  # another reader is reading it from disk
+                await loading.wait()
+                continue
+            # The census (one worker call per file) says which blocks the disk
+            # has; blocks stored since are added as they land. A block known
+            # to be missing is not looked up again before each read.
+            if not self._never_on_disk(state) and await self._has_block(state, index):
+                if key in self.memory or index in state.pending or index in state.loading:
+                    continue  # it arrived while the census ran
+                data = await self._load_from_disk(state, index)
+                if data is not None:
+                    return data
+            if key not in self.memory and index not in state.pending:
+                await self._fetch(state, index)
+
+    # ---------------------------------------------------------- read-ahead
+    async def _read_ahead(self, state: FileState, offset: int, end: int) -> None:
+        """Grow the read-ahead window of sequential readers (Range only: without it,
+        the whole-file download runs ahead of every reader anyway)."""
+        sequential = (state.next_read >= 0
+                      and -SEQUENTIAL_BEHIND <= offset - state.next_read <= SEQUENTIAL_AHEAD)
+        state.next_read = max(state.next_read, end) if sequential else end
+        if not sequential:
+            state.window = 0
+            state.ahead_until = 0
+            return
+        self._preload_from_disk(state, end)
+        # Unknown means nothing was fetched yet (all came from the cache): no probe for that.
+        if self._range_supported is not True:
+            return
+        state.window = min(max(state.window * 2, self.block_size), self.max_window)
+        first = max(state.ahead_until, end // self.block_size)
+        last = min((end + state.window - 1) // self.block_size, state.nblocks - 1)
+        for index in range(first, last + 1):
+            if not await self._has_block(state, index):
+                await self._fetch(state, index)
+        state.ahead_until = max(state.ahead_until, last + 1)
+
+    async def prefetch_whole(self, ident: FileIdentity, *, speculative: bool = True) -> None:
+        """Fetch a small file completely in the background: a file just opened
+        (``speculative=False``) or one expected to be read next (series read-ahead)."""
+        if ident.size == 0:
+            return
+        state = self._state(ident)
+        want(state, ident.size)
+        for index in range(state.nblocks):
+            if not await self._has_block(state, index):
+                await self._fetch(state, index, speculative=speculative)
+
+    async def first_bytes(self, ident: FileIdentity) -> bool:
+        """Return once the first byte of a file has arrived (True), its download
+        failed (False), or no download of its first block is under way (True: it
+        is cached, or was never asked for)."""
+        state = self.files.get(ident.key)
+        pending = state.pending.get(0) if state is not None and state.ident == ident else None
+        if pending is not None:
+            try:
+                await pending.wait_for(min(1, pending.length))
+            except Exception:  # a failed download reports to its readers
+                return False
+        return True
+
+    async def drop(self, ident: FileIdentity) -> None:
+        """Forget every block of a file, in memory and on disk."""
+        state = self.files.get(ident.key)
+        if state is None:
+            state = FileState(ident, max(1, -(-ident.size // self.block_size)))
+        await self._drop_state(state, bad=False)
