@@ -1568,7 +1568,7 @@ def ensure_upload_zip(directory: Path, series: int, slices: int,
     with locked(directory / f".{path.name}.lock"):
         if path.exists():
             return path
-        from xnatfs.testing.datasets import DicomSeries, make_uid
+        from xnatfs.testing.imaging import DicomSeries, make_uid
 
         say(f"writing the S7 upload zip {path}")
         partial = path.with_suffix(".partial")

@@ -38,7 +38,7 @@ from xnatfs.errors import (
     XnatError,
     errno_for,
 )
-from xnatfs.testing.datasets import synthetic_study, write_dicom_archive
+from xnatfs.testing.imaging import synthetic_study, write_dicom_archive
 from xnatfs.testing.harness import TestServer, free_port
 from xnatfs.testing.knobs import Knobs
 from xnatfs.testing.store import Store

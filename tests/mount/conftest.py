@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from xnatfs.testing.datasets import synthetic_study, write_dicom_archive
+from xnatfs.testing.imaging import synthetic_study, write_dicom_archive
 from xnatfs.testing.harness import TestServer, pids_with_cmdline
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from xnatfs.testing.datasets import synthetic_study, write_dicom_archive, write_dicom_series
+from xnatfs.testing.imaging import synthetic_study, write_dicom_archive, write_dicom_series
 from xnatfs.testing.harness import TestServer
 
 from .conftest import (

@@ -16,12 +16,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from xnatfs.testing.datasets import (
-    PRESETS,
-    DatasetSpec,
-    build_dataset,
+from xnatfs.testing.datasets import PRESETS, DatasetSpec, build_dataset, sample_files
+from xnatfs.testing.imaging import (
     png_bytes,
-    sample_files,
     synthetic_study,
     write_dicom_archive,
     write_dicom_series,

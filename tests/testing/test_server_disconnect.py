@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from xnatfs.testing.datasets import synthetic_study, write_dicom_archive
+from xnatfs.testing.imaging import synthetic_study, write_dicom_archive
 from xnatfs.testing.harness import TestServer
 
 ADMIN = ("admin", "admin")

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import xnat
 
-from xnatfs.testing.datasets import synthetic_study, write_dicom_archive
+from xnatfs.testing.imaging import synthetic_study, write_dicom_archive
 from xnatfs.testing.harness import TestServer, share_session
 from xnatfs.testing.store import Store
 
