@@ -16,6 +16,7 @@ strings that have one (URIs with their IDs taken out, dates, times, numbers).
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -37,7 +38,29 @@ class Recording:
     body: bytes = b""
 
     def json(self) -> Any:
-        return json.loads(self.body)
+        """The body's value: JSON, or the Python literal a test or docstring
+        pasted it as (``... == [{...}]``, ``>>> print(row)`` then the row)."""
+        text = self.body.decode("utf-8")
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+        marker = text.rfind("==")
+        if marker >= 0:  # a test's expectation: the literal after ==
+            start = min(i for i in (text.find("{", marker), text.find("[", marker)) if i >= 0)
+        else:  # a docstring: the first line that opens a literal
+            opening = re.search(r"^\s*[\[{]", text, re.MULTILINE)
+            if opening is None:
+                raise ValueError(f"{self.name}: no JSON or Python literal in the body")
+            start = opening.end() - 1
+        literal = text[start:]
+        while literal:  # cut trailing text until what is left is one literal
+            try:
+                return ast.literal_eval(literal)
+            except (SyntaxError, ValueError):
+                literal = literal[:literal.rstrip().rfind("\n")] if "\n" in literal \
+                    else ""
+        raise ValueError(f"{self.name}: no JSON or Python literal in the body")
 
 
 def load(name: str) -> Recording:

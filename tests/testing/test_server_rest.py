@@ -156,8 +156,11 @@ def test_archive_alias_and_columns(admin: httpx.Client) -> None:
     assert row["xnat:subjectassessordata/id"] == row["ID"]
     assert row["URI"] == f"/data/experiments/{row['ID']}"
     picked = admin.get("/data/projects/PUBP/experiments?columns=ID,label,bogus").json()
-    assert list(picked["ResultSet"]["Result"][0]) == ["ID", "label",
-                                                     "xnat:subjectassessordata/id", "URI"]
+    # The columns in their order (CSV), their keys in a HashMap's order (JSON).
+    assert set(picked["ResultSet"]["Result"][0]) == {"ID", "label",
+                                                     "xnat:subjectassessordata/id", "URI"}
+    picked_csv = admin.get("/data/projects/PUBP/experiments?columns=ID,label,bogus&format=csv")
+    assert picked_csv.text.splitlines()[0] == "ID,label,xnat:subjectassessordata/id,URI"
     filtered = admin.get("/data/projects/PUBP/experiments?label=SES*").json()
     assert len(filtered["ResultSet"]["Result"]) == 1
     none = admin.get("/data/projects/PUBP/experiments?label=nothing*").json()
@@ -201,6 +204,34 @@ def test_scan_resource_and_file_listings(admin: httpx.Client) -> None:
     assert len(by_type) == 2
     session = admin.get(f"{base}/files").json()["ResultSet"]["Result"]
     assert [f["Name"] for f in session] == ["n.txt"]
+
+
+@pytest.mark.parametrize("locator, where", [
+    ("absolutePath", "/data/xnat/archive/PUBP/arc001/SESS1/SCANS/3/DICOM/sub/dir/b.dcm"),
+    ("projectPath", "arc001/SESS1/SCANS/3/DICOM/sub/dir/b.dcm")])
+def test_a_locator_gives_where_files_are_instead_of_uris(admin: httpx.Client, locator: str,
+                                                         where: str) -> None:
+    """``locator=`` (xnat2bids) renames the URI column and fills it with the file's
+    place on the server's disk (FileList, CatalogUtils: docs/xnat-verified.md)."""
+    base = "/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1"
+    for listing in (f"{base}/scans/3/resources/DICOM/files", f"{base}/scans/ALL/files"):
+        answer = admin.get(listing, params={"locator": locator}).json()["ResultSet"]
+        rows = {row["Name"]: row for row in answer["Result"]}
+        assert "URI" not in rows["b.dcm"] and rows["b.dcm"][locator] == where
+        assert answer["Columns"] == [{"key": locator, "serverRoot": ""}]
+    csv_header = admin.get(f"{base}/files", params={"locator": locator, "format": "csv"}).text
+    assert csv_header.splitlines()[0].split(",")[2] == locator
+
+
+def test_listings_are_sent_as_xnat_sends_them(admin: httpx.Client) -> None:
+    """Chunked, without Content-Length (Restlet streams them), compact JSON, and
+    each row's keys in the order org.json's HashMap gives them."""
+    answer = admin.get("/data/projects/PUBP/subjects", params={"format": "json"})
+    assert "content-length" not in answer.headers
+    assert answer.headers.get("transfer-encoding") == "chunked"
+    assert answer.text.startswith('{"ResultSet":{"Result":[{"insert_date":"')
+    assert list(answer.json()["ResultSet"]["Result"][0]) == [
+        "insert_date", "project", "ID", "label", "insert_user", "URI"]
 
 
 def test_downloads_file_and_zip_layout(admin: httpx.Client) -> None:

@@ -3,6 +3,13 @@
 Everything here follows ``shared/reference/xnat-rest-api.md`` section 0: all
 table cells are strings, errors are Restlet's HTML status page, and a 2xx
 never carries HTML.
+
+XNAT builds its JSON with org.json's ``JSONObject``, whose keys live in a
+``java.util.HashMap``: a row's keys come out in the order that map iterates
+them (:func:`java_hash_order`), which is why every real server lists a
+subject's keys as ``insert_date, project, ID, label, insert_user, URI``
+(``docs/xnat-verified.md``). JSON is written compactly, and listings are
+sent chunked, without ``Content-Length``, as Restlet streams them.
 """
 
 from __future__ import annotations
@@ -92,18 +99,27 @@ def table_response(request: web.Request, rows: Sequence[Mapping[str, Any]],
         writer.writerow(columns)
         for row in table:
             writer.writerow([row[c] for c in columns])
-        return web.Response(text=buf.getvalue(), content_type="text/csv", charset="UTF-8")
+        return listing_response(buf.getvalue(), "text/csv")
     if fmt in ("json", "jsonp"):
-        result_set: dict[str, Any] = {}
-        if json_columns_header is not None:
-            result_set["Columns"] = json_columns_header
-        result_set["Result"] = table
-        for key, value in (envelope or {}).items():
-            result_set[key] = cell(value)
-        return json_response({"ResultSet": result_set})
+        return listing_response(_table_json(table, columns, envelope, json_columns_header),
+                                "application/json")
     if fmt in ("xml", "html", "txt"):
         return _xml_table(table, columns) if fmt == "xml" else _text_table(table, columns, fmt)
     raise XnatHTTPError(400, f"Unsupported format: {fmt}")
+
+
+def _table_json(table: list[dict[str, str]], columns: Sequence[str],
+                envelope: Mapping[str, Any] | None,
+                json_columns_header: list[dict[str, str]] | None) -> str:
+    """``JSONTableRepresentation``: rows as compact ``JSONObject``s, the extras
+    after them (``{"ResultSet":{"Result":[...], "totalRecords": "1"}}``)."""
+    order = java_hash_order(list(columns))
+    rows = ",".join(compact_json({key: row[key] for key in order}) for row in table)
+    head = (f'"Columns":{compact_json(json_columns_header)},'
+            if json_columns_header is not None else "")
+    extras = "".join(f", {json.dumps(key)}: {json.dumps(cell(value))}"
+                     for key, value in (envelope or {}).items())
+    return f'{{"ResultSet":{{{head}"Result":[{rows}]{extras}}}}}'
 
 
 def _xml_table(table: list[dict[str, str]], columns: Sequence[str]) -> web.Response:
@@ -132,9 +148,45 @@ def _text_table(table: list[dict[str, str]], columns: Sequence[str], fmt: str) -
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="UTF-8")
 
 
+def java_hash_order(keys: Sequence[str]) -> list[str]:
+    """``keys`` (in the order they were put) in the order a ``java.util.HashMap``
+    iterates them: by bucket, the bucket being the spread ``String.hashCode``
+    masked by the table's size (16, doubled whenever the map is over 3/4
+    full); keys of one bucket in the order they were put."""
+    capacity = 16
+    while len(keys) > capacity * 3 // 4:
+        capacity *= 2
+    put_order = {key: index for index, key in enumerate(keys)}
+    return sorted(keys, key=lambda key: (_bucket(key, capacity), put_order[key]))
+
+
+def _bucket(key: str, capacity: int) -> int:
+    units = key.encode("utf-16-be")
+    code = 0
+    for i in range(0, len(units), 2):  # String.hashCode: over UTF-16 code units
+        code = (31 * code + int.from_bytes(units[i:i + 2], "big")) & 0xFFFFFFFF
+    return (code ^ (code >> 16)) & (capacity - 1)
+
+
+def java_object(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` as a ``JSONObject`` would write them: keys in HashMap order."""
+    return {key: fields[key] for key in java_hash_order(list(fields))}
+
+
+def compact_json(payload: Any) -> str:
+    return json.dumps(payload, separators=(",", ":"))
+
+
 def json_response(payload: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(payload),
+    return web.Response(status=status, text=compact_json(payload),
                         content_type="application/json", charset="UTF-8")
+
+
+def listing_response(text: str, content_type: str) -> web.Response:
+    """A listing as Restlet sends it: chunked, no ``Content-Length``."""
+    response = web.Response(text=text, content_type=content_type, charset="UTF-8")
+    response.enable_chunked_encoding()
+    return response
 
 
 def text_response(text: str, status: int = 200, content_type: str = "text/plain") -> web.Response:
@@ -147,7 +199,7 @@ def item_json(xsi_type: str, data_fields: Mapping[str, Any],
     """One ``ItemJSONBuilder`` item; ``data_fields`` keep their Java types."""
     meta: dict[str, Any] = {"create_event_id": 1, "xsi:type": xsi_type, "isHistory": False}
     meta.update(meta_extra or {})
-    return {"children": list(children), "meta": meta, "data_fields": dict(data_fields)}
+    return {"children": list(children), "meta": meta, "data_fields": java_object(data_fields)}
 
 
 def child_field(field: str, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -81,19 +81,50 @@ FILE_COLUMNS = ["Name", "Size", "URI", "collection", "file_tags", "file_format",
                 "file_content", "cat_ID", "digest"]
 
 
+# Where XNAT keeps a project's files (its default archive root), for ``locator=``.
+ARCHIVE_ROOT = "/data/xnat/archive"
+LOCATORS = ("absolutePath", "projectPath")
+
+
 def _list_files(request: web.Request, store: Store, path: ArchivePath,
                 res: Resolved) -> web.Response:
+    """The file table. ``locator=absolutePath|projectPath`` (xnat2bids asks for
+    it) renames the ``URI`` column and gives the file's place on the server's
+    disk instead (``FileList``/``CatalogUtils``, docs/xnat-verified.md)."""
     request["route"] = "files.list"
+    locator = request.query.get("locator")
+    uri_column = locator if locator in LOCATORS else "URI"
     rows = []
     for scan, resource in file_sources(store, res, request):
         for f in store.files(resource["id"]):
+            where = (_disk_path(store, res, scan, resource, f, project_relative=(
+                         uri_column == "projectPath"))
+                     if uri_column != "URI" else _file_uri(res, path, scan, resource, f))
             rows.append({"Name": f.path.rsplit("/", 1)[-1], "Size": f.size,
-                         "URI": _file_uri(res, path, scan, resource, f),
+                         uri_column: where,
                          "collection": resource["label"], "file_tags": f.tags,
                          "file_format": f.format, "file_content": f.content,
                          "cat_ID": resource["id"], "digest": f.digest})
-    return table_response(request, rows, FILE_COLUMNS, envelope={"title": "Files"},
-                          json_columns_header=[{"key": "URI", "serverRoot": ""}])
+    columns = [uri_column if c == "URI" else c for c in FILE_COLUMNS]
+    return table_response(request, rows, columns, envelope={"title": "Files"},
+                          json_columns_header=[{"key": uri_column, "serverRoot": ""}])
+
+
+def _disk_path(store: Store, res: Resolved, scan: sqlite3.Row | None, resource: sqlite3.Row,
+               f: FileRow, *, project_relative: bool) -> str:
+    """Where XNAT's layout puts a file: ``<root>/<PROJECT>/arc001/<SESSION>/SCANS/
+    <scan>/<resource>/<path>`` (``RESOURCES/...`` for the session's own,
+    ``ASSESSORS/<assessor>/...`` for an assessor's)."""
+    experiment = res.the_experiment
+    if scan is not None:
+        owner = f"SCANS/{scan['scan_id']}"
+    elif resource["assessor_id"] is not None:
+        assessor = store.assessor(experiment["id"], resource["assessor_id"])
+        owner = f"ASSESSORS/{assessor['label'] if assessor else resource['assessor_id']}"
+    else:
+        owner = "RESOURCES"
+    inside = f"arc001/{experiment['label']}/{owner}/{resource['label']}/{f.path}"
+    return inside if project_relative else f"{ARCHIVE_ROOT}/{experiment['project']}/{inside}"
 
 
 async def get_files(request: web.Request, store: Store, knobs: Knobs, path: ArchivePath,

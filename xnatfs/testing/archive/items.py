@@ -69,8 +69,7 @@ def subject_item(store: Store, s: sqlite3.Row) -> dict[str, Any]:
         else []
     children += _sharing(store, "subject", s["id"], "xnat:projectParticipant")
     return item_json("xnat:subjectData", {
-        "ID": s["id"], "project": s["project"], "label": s["label"],
-        "insert_date": s["insert_date"], "insert_user": s["insert_user"]}, children)
+        "ID": s["id"], "project": s["project"], "label": s["label"]}, children)
 
 
 def _sharing(store: Store, kind: str, object_id: str, xsi_type: str) -> list[dict[str, Any]]:
@@ -95,16 +94,24 @@ def experiment_item(store: Store, e: sqlite3.Row) -> dict[str, Any]:
     if assessor_items:
         children.append(child_field("assessors/assessor", assessor_items))
     children += _sharing(store, "experiment", e["id"], "xnat:experimentData_share")
-    fields = {"ID": e["id"], "id": e["id"], "project": e["project"],
-              "subject_ID": e["subject_id"], "label": e["label"], "date": e["date"],
-              "time": e["time"], "modality": e["modality"], "UID": e["uid"],
-              "session_type": e["session_type"],
-              "scanner/manufacturer": e["scanner_manufacturer"],
-              "scanner/model": e["scanner_model"], "insert_date": e["insert_date"],
-              "insert_user": e["insert_user"]}
+    # Put in this order, as XNAT puts them (keys sharing a HashMap bucket come
+    # out in this order: docs/xnat-verified.md); no insert_date/insert_user.
+    fields = {"subject_ID": e["subject_id"], "scanner/model": e["scanner_model"],
+              "scanner/manufacturer": e["scanner_manufacturer"], "date": e["date"],
+              "time": e["time"], "modality": e["modality"], "project": e["project"],
+              "label": e["label"], "UID": e["uid"]}
     if e["xsi_type"] == "xnat:mrSessionData" and e["field_strength"]:
-        fields["fieldStrength"] = e["field_strength"]
+        fields["fieldStrength"] = _java_double(e["field_strength"])
+    fields.update({"id": e["id"], "ID": e["id"], "session_type": e["session_type"]})
     return item_json(e["xsi_type"], {k: v for k, v in fields.items() if v != ""}, children)
+
+
+def _java_double(value: str) -> str:
+    """A number as XNAT stores a DICOM decimal: Java's ``Double.toString`` (``3.0``)."""
+    try:
+        return repr(float(value))
+    except ValueError:
+        return value
 
 
 def assessor_item(store: Store, a: sqlite3.Row, e: sqlite3.Row) -> dict[str, Any]:
