@@ -68,7 +68,8 @@ def test_read_dicom_extracts_header_fields(tmp_path: Path,
     assert instance.scan_xsi_type == "xnat:mrScanData"
     assert instance.session_label == "PID_1"
     assert instance.subject_label == "Doe_Jane"
-    assert (instance.scan_date, instance.scan_time) == ("2023-02-19", "08:30:00")
+    # HH:mm:ss.SSS, as real prearchive listings show scan_time (issue 20, point 8).
+    assert (instance.scan_date, instance.scan_time) == ("2023-02-19", "08:30:00.000")
     assert (instance.manufacturer, instance.field_strength) == ("ACME", "3")
 
 

@@ -91,7 +91,8 @@ def test_zip_import_lands_ready_in_the_prearchive(
     assert row["uploaded"] == "2024-06-19 10:11:28.997"
     assert row["subject"] == "Doe_Jane"
     assert row["url"] == uri.removeprefix("/data")
-    assert (row["scan_date"], row["scan_time"]) == ("2023-02-19", "08:30:00")
+    # HH:mm:ss.SSS, as real prearchive listings show scan_time (issue 20, point 8).
+    assert (row["scan_date"], row["scan_time"]) == ("2023-02-19", "08:30:00.000")
     assert row["autoarchive"] == "Manual"
     assert prearchive.sessions(["P"]) == [row]
 

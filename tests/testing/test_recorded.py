@@ -9,13 +9,17 @@ must explain every recording before our answers are held to it.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from xnatfs.testing.harness import TestServer
+from xnatfs.testing.imaging import synthetic_study, write_dicom_archive
+from xnatfs.testing.store import java_timestamp
 from xnatfs.testing.xnatformat import _bucket, java_hash_order
 
 from .recorded import load, recordings, shape, string_form
@@ -117,3 +121,34 @@ def test_an_experiment_item_has_the_recorded_fields_and_forms(server: TestServer
         by_bucket = [k for k in theirs if k in ours]
         assert sorted(by_bucket, key=lambda k: (_bucket(k, capacity), list(ours).index(k))) \
             == [k for k in ours if k in theirs]
+
+
+def test_timestamps_are_printed_as_java_prints_them() -> None:
+    """``java.sql.Timestamp.toString``: no trailing zeros, ``.0`` on a whole second
+    (the recorded prearchive row's ``lastmod`` is ``2022-01-18 16:41:25.0``)."""
+    moment = dt.datetime(2023, 9, 27, 17, 31, 21, 352000)
+    assert java_timestamp(moment) == "2023-09-27 17:31:21.352"
+    assert java_timestamp(moment.replace(microsecond=350000)) == "2023-09-27 17:31:21.35"
+    assert java_timestamp(moment.replace(microsecond=0)) == "2023-09-27 17:31:21.0"
+    recorded = recorded_row("prearchive-projects__xnatpy-ais-mock.http")
+    assert string_form(recorded["lastmod"]) == string_form(java_timestamp(moment.replace(
+        microsecond=0)))
+
+
+def test_prearchive_rows_have_the_recorded_forms(tmp_path: Path) -> None:
+    """The forms of a prearchive row's times (the recording is a mock, but its
+    forms were copied from a real answer): ``scan_time`` as ``HH:mm:ss.SSS``."""
+    recorded = recorded_row("prearchive-projects__xnatpy-ais-mock.http")
+    with TestServer(tmp_path / "data", dataset="none") as server:
+        archive = tmp_path / "study.zip"
+        write_dicom_archive(archive, synthetic_study("Re^Corded", "REC1", slices=1, rows=8,
+                                                     cols=8, seed=3))
+        with httpx.Client(base_url=server.url, auth=("admin", "admin"), timeout=60) as c:
+            assert c.put("/data/projects/RECP").status_code == 201
+            c.post("/data/services/import?import-handler=DICOM-zip&project=RECP",
+                   content=archive.read_bytes(),
+                   headers={"Content-Type": "application/zip"}).raise_for_status()
+            ours = c.get("/data/prearchive/projects/RECP?format=json").json()[
+                "ResultSet"]["Result"][0]
+    for key in ("scan_time", "scan_date", "uploaded", "lastmod", "timestamp"):
+        assert string_form(ours[key]) == string_form(recorded[key]), (key, ours[key])

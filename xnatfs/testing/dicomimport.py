@@ -139,12 +139,14 @@ class DicomInstance:
 
     @property
     def scan_time(self) -> str:
-        """StudyTime as XNAT shows it, ``08:52:11``."""
-        t = self.study_time.split(".")[0].replace(":", "")
+        """StudyTime as the prearchive lists it, ``HH:mm:ss.SSS`` (``08:52:11.146``)."""
+        whole, _, fraction = self.study_time.partition(".")
+        t = whole.replace(":", "")
         if len(t) < 2 or not t.isdigit():
             return ""
         t = t.ljust(6, "0")[:6]
-        return f"{t[:2]}:{t[2:4]}:{t[4:6]}"
+        millis = (fraction if fraction.isdigit() else "").ljust(3, "0")[:3]
+        return f"{t[:2]}:{t[2:4]}:{t[4:6]}.{millis}"
 
 
 def clean_label(value: str) -> str:

@@ -114,7 +114,15 @@ CREATE TABLE IF NOT EXISTS prearc_files (
 
 def now_stamp() -> str:
     """XNAT's timestamp format for insert dates: ``2023-09-27 17:31:21.352``."""
-    return dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return java_timestamp(dt.datetime.now())
+
+
+def java_timestamp(moment: dt.datetime) -> str:
+    """``moment`` as ``java.sql.Timestamp.toString`` prints a database time, which
+    is how XNAT's tables show it: milliseconds without trailing zeros, at
+    least one digit (``...:21.352``, ``...:21.35``, ``...:25.0``)."""
+    fraction = f"{moment.microsecond // 1000:03d}".rstrip("0") or "0"
+    return f"{moment:%Y-%m-%d %H:%M:%S}.{fraction}"
 
 
 class StoreError(Exception):

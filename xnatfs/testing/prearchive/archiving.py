@@ -211,7 +211,7 @@ class PrearchiveArchiver(PrearchiveSessions):
                 details = self._details(session_id)
                 experiment_id = self.store.add_experiment(
                     project, subject_id, experiment_label, xsi_type, user=user,
-                    date=row["scan_date"], time=row["scan_time"],
+                    date=row["scan_date"], time=row["scan_time"].split(".")[0],
                     modality=lead_modality(s.modality for s in scans), uid=row["tag"],
                     session_type=details["session_type"],
                     scanner_manufacturer=details["scanner_manufacturer"],

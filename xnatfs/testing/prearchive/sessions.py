@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xnatfs.testing.dicomimport import lead_modality
-from xnatfs.testing.store import Store, StoreError
+from xnatfs.testing.store import Store, StoreError, java_timestamp
 
 UNASSIGNED = "Unassigned"
 DICOM_RESOURCE = "DICOM"
@@ -269,10 +269,10 @@ class PrearchiveSessions:
                            (status, self._stamp(), session_id))
 
     def _stamp(self, moment: dt.datetime | None = None) -> str:
-        """``lastmod``/``uploaded`` format: ``2021-12-29 10:11:28.996``; the folder
-        timestamp is the same moment as ``yyyyMMdd_HHmmssSSS``."""
-        moment = moment or self._clock()
-        return f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d}"
+        """``lastmod``/``uploaded`` format: ``2021-12-29 10:11:28.996`` (a Java
+        timestamp: ``...:25.0`` on a whole second); the folder timestamp is the
+        same moment as ``yyyyMMdd_HHmmssSSS``."""
+        return java_timestamp(moment or self._clock())
 
 
 def _listing_row(row: sqlite3.Row) -> dict[str, str]:
