@@ -294,5 +294,6 @@ def document(store: Store, level: str, res: Resolved, site_url: str) -> str:
     elif level == "experiment":
         node = experiment_node(store, res.the_experiment)
     else:
+        assert res.scans, "get_item checks the scan exists"
         node = scan_node(store, res.scans[0], res.the_experiment)
     return serialize(node, site_url)
