@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import sqlite3
 from typing import Any
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax.saxutils import quoteattr
 
 from aiohttp import web
 
 from ..store import Store
 from ..xnatformat import XnatHTTPError, child_field, item_json, json_response, text_response
+from . import itemxml
 from .paths import ArchivePath
 from .resolve import Resolved
 
@@ -50,7 +51,9 @@ def get_item(request: web.Request, store: Store, path: ArchivePath,
     if fmt == "json":
         return json_response({"items": [item]})
     if fmt == "xml":
-        return text_response(item_to_xml(item), content_type="text/xml")
+        site_url = f"{request.scheme}://{request.host}"
+        return text_response(itemxml.document(store, level, res, site_url),
+                             content_type="text/xml")
     raise XnatHTTPError(400, f"Unsupported format: {fmt}")
 
 
@@ -158,15 +161,3 @@ def catalog_xml(store: Store, resource: sqlite3.Row) -> str:
             f'ID={quoteattr(str(resource["id"]))}><cat:entries>{entries}</cat:entries>'
             "</cat:Catalog>")
 
-
-def item_to_xml(item: dict[str, Any]) -> str:
-    """A small XML rendering of an item for ``format=xml`` requests."""
-    xsi_type = item["meta"]["xsi:type"]
-    attrs = " ".join(f"{k}={quoteattr(str(v))}" for k, v in item["data_fields"].items()
-                     if k in ("ID", "project", "label"))
-    body = "".join(f"<xnat:{k}>{escape(str(v))}</xnat:{k}>"
-                   for k, v in item["data_fields"].items()
-                   if k not in ("ID", "project", "label", "id") and "/" not in k)
-    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<{xsi_type} {attrs} '
-            'xmlns:xnat="http://nrg.wustl.edu/xnat" '
-            f'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">{body}</{xsi_type}>')
