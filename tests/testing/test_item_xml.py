@@ -160,7 +160,7 @@ def test_sharing_is_listed(tmp_path: Path) -> None:
 
 
 def test_documents_validate_against_the_served_schema(http: httpx.Client) -> None:
-    xmlschema = pytest.importorskip("xmlschema")
+    import xmlschema  # a test dependency (pyproject.toml)
     schema = xmlschema.XMLSchema(str(SCHEMA), validation="lax")
     paths = [f"/data/experiments/{e}" for e in experiment_ids(http).values()]
     paths += ["/data/projects/NEURO_PUB", "/data/projects/NEURO_PUB/subjects/NP001",
@@ -171,7 +171,7 @@ def test_documents_validate_against_the_served_schema(http: httpx.Client) -> Non
 
 
 def test_pyxnat_xpath_on_a_session(demo_server: TestServer) -> None:
-    pyxnat = pytest.importorskip("pyxnat")
+    import pyxnat  # a test dependency (pyproject.toml)
     interface = pyxnat.Interface(server=demo_server.url, user="admin", password="admin")
     try:
         session = interface.select.project("NEURO_PUB").subject("NP001").experiment("NP001_MR2")
