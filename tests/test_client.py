@@ -838,3 +838,19 @@ async def test_multi_resource_rows_in_either_real_form(prefix: str) -> None:
     assert (remote.path, remote.size, remote.scan_id) == ("a/b.dcm", 12, "2")
     assert (remote.resource_label, remote.resource_id) == ("DICOM", "1234")
     assert remote.uri == "/data/experiments/E/scans/2/resources/1234/files/a/b.dcm"
+
+
+def test_a_resource_item_without_label_or_with_only_the_camel_case_key() -> None:
+    """XNAT leaves null fields out (``FlattenedItemA.putValue``): a resource made
+    by an upload without a label has no ``label``; its number may come only as
+    abstractResource's own key. The session is still read."""
+    from xnatfs.client.items import experiment_detail
+
+    resource = {"meta": {"xsi:type": "xnat:resourceCatalog", "isHistory": False},
+                "data_fields": {"xnat_abstractResource_id": 7, "file_count": 1},
+                "children": []}
+    payload = {"items": [{"meta": {"xsi:type": "xnat:mrSessionData", "isHistory": False},
+                          "data_fields": {"ID": "E1", "label": "L", "project": "P"},
+                          "children": [{"items": [resource], "field": "resources/resource"}]}]}
+    detail = experiment_detail(payload, "/data/experiments/E1")
+    assert [(r.id, r.label) for r in detail.resources] == [("7", "7")]

@@ -157,10 +157,13 @@ def test_archive_alias_and_columns(admin: httpx.Client) -> None:
     assert row["URI"] == f"/data/experiments/{row['ID']}"
     picked = admin.get("/data/projects/PUBP/experiments?columns=ID,label,bogus").json()
     # The columns in their order (CSV), their keys in a HashMap's order (JSON).
-    assert set(picked["ResultSet"]["Result"][0]) == {"ID", "label",
+    # XNAT adds xsiType and project whatever was asked, the root element
+    # xnat:subjectAssessorData not being a secured one (ProjSubExptList.java:325-328).
+    assert set(picked["ResultSet"]["Result"][0]) == {"ID", "label", "xsiType", "project",
                                                      "xnat:subjectassessordata/id", "URI"}
     picked_csv = admin.get("/data/projects/PUBP/experiments?columns=ID,label,bogus&format=csv")
-    assert picked_csv.text.splitlines()[0] == "ID,label,xnat:subjectassessordata/id,URI"
+    assert picked_csv.text.splitlines()[0] == \
+        "ID,label,xsiType,project,xnat:subjectassessordata/id,URI"
     filtered = admin.get("/data/projects/PUBP/experiments?label=SES*").json()
     assert len(filtered["ResultSet"]["Result"]) == 1
     none = admin.get("/data/projects/PUBP/experiments?label=nothing*").json()
@@ -395,8 +398,11 @@ def test_shared_subjects_and_experiments_appear_under_their_label_there(
     children = admin.get(f"/data/experiments/{session['ID']}?format=json").json()[
         "items"][0]["children"]
     [sharing] = [c["items"] for c in children if c["field"] == "sharing/share"]
-    assert [(i["meta"]["xsi:type"], i["data_fields"]) for i in sharing] == [
-        ("xnat:experimentData_share", {"label": "SHARED_SESS", "project": "PROTP"})]
+    # A share row also carries its own key, xnat_experimentData_share_id (XFT's
+    # default key, GenericWrapperElement.getDefaultKey; FlattenedItem adds every PK).
+    assert [(i["meta"]["xsi:type"], i["data_fields"]["label"], i["data_fields"]["project"],
+             type(i["data_fields"]["xnat_experimentData_share_id"])) for i in sharing] == [
+        ("xnat:experimentData_share", "SHARED_SESS", "PROTP", int)]
     # Shared data is read-only in the sharing project; deleting it there removes
     # the share, not the data.
     shared_session = "/data/projects/PROTP/subjects/SHARED_SUBJ/experiments/SHARED_SESS"

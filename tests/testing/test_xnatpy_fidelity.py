@@ -162,8 +162,12 @@ def test_shared_subjects_and_sessions_through_xnatpy(tmp_path: Path) -> None:
             # The item lists where it is shared, in the shape xnatpy reads labels from.
             item = connection.create_object(f"/data/subjects/{subject_id}")
             [sharing] = [c for c in item.fulldata["children"] if c["field"] == "sharing/share"]
-            assert [(i["meta"]["xsi:type"], i["data_fields"]) for i in sharing["items"]] == [
-                ("xnat:projectParticipant", {"label": "SHARED_SUBJ", "project": "ALICE_LAB"})]
+            # The row also has subject_ID and its key xnat_projectParticipant_id (an
+            # attribute of projectParticipant; XFT's default key, which FlattenedItem adds).
+            assert [(i["meta"]["xsi:type"], i["data_fields"]["label"],
+                     i["data_fields"]["project"], i["data_fields"]["subject_ID"])
+                    for i in sharing["items"]] == [
+                ("xnat:projectParticipant", "SHARED_SUBJ", "ALICE_LAB", subject_id)]
 
 
 def test_assessor_resources_through_xnatpy(session: xnat.session.XNATSession,

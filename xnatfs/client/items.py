@@ -229,8 +229,14 @@ def _assessors(items: list[dict[str, Any]], path: str) -> tuple[Assessor, ...]:
 
 
 def _resource(item: Mapping[str, Any]) -> Resource:
+    """A resource child. XNAT leaves out null fields, so a resource created by an
+    upload without a label has none (it is then named by its number), and the
+    number may come under abstractResource's own key ``xnat_abstractResource_id``."""
     fields = item["data_fields"]
-    return Resource(id=str(fields["xnat_abstractresource_id"]), label=str(fields["label"]),
+    number = fields.get("xnat_abstractresource_id", fields.get("xnat_abstractResource_id"))
+    if number is None:
+        raise KeyError("xnat_abstractresource_id")
+    return Resource(id=str(number), label=str(fields.get("label") or number),
                     format=as_text(fields.get("format")), content=as_text(fields.get("content")),
                     file_count=_count(fields.get("file_count")),
                     file_size=_count(fields.get("file_size")))

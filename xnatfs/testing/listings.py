@@ -39,6 +39,10 @@ class ListingSpec:
     aliases: Mapping[str, str]
     pk_column: str | None = None
     title: str | None = None
+    # Aliases the resource adds after the requested columns whatever they are
+    # (ExperimentListResource/ProjSubExptList add xsiType and project when the
+    # root element is not a secured one: ``xnat:subjectAssessorData``).
+    always: Sequence[str] = ()
 
 
 def choose_columns(request: web.Request, spec: ListingSpec) -> list[tuple[str, str]]:
@@ -76,6 +80,10 @@ def choose_columns(request: web.Request, spec: ListingSpec) -> list[tuple[str, s
         if pair[0] not in seen:
             seen.add(pair[0])
             columns.append(pair)
+    for name in spec.always:
+        if name not in seen:
+            seen.add(name)
+            columns.append((name, spec.aliases[name]))
     if spec.pk_column and spec.pk_column not in seen:
         columns.append((spec.pk_column, spec.aliases.get(spec.pk_column, "ID")))
         seen.add(spec.pk_column)

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS projects (
     description TEXT NOT NULL DEFAULT '', pi_firstname TEXT NOT NULL DEFAULT '',
     pi_lastname TEXT NOT NULL DEFAULT '', accessibility TEXT NOT NULL DEFAULT 'private',
     prearchive_code INTEGER NOT NULL DEFAULT 0,
-    insert_date TEXT NOT NULL, insert_user TEXT NOT NULL);
+    insert_date TEXT NOT NULL, insert_user TEXT NOT NULL,
+    last_modified TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS roles (
     project TEXT NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
     login TEXT NOT NULL REFERENCES users(login) ON DELETE CASCADE,
@@ -48,7 +49,7 @@ CREATE TABLE IF NOT EXISTS subjects (
     id TEXT PRIMARY KEY, project TEXT NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
     label TEXT NOT NULL, insert_date TEXT NOT NULL, insert_user TEXT NOT NULL,
     gender TEXT NOT NULL DEFAULT '', yob TEXT NOT NULL DEFAULT '',
-    UNIQUE (project, label));
+    last_modified TEXT NOT NULL DEFAULT '', UNIQUE (project, label));
 CREATE TABLE IF NOT EXISTS experiments (
     id TEXT PRIMARY KEY, project TEXT NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
     subject_id TEXT NOT NULL REFERENCES subjects(id) ON DELETE CASCADE,
@@ -57,26 +58,27 @@ CREATE TABLE IF NOT EXISTS experiments (
     session_type TEXT NOT NULL DEFAULT '', scanner_manufacturer TEXT NOT NULL DEFAULT '',
     scanner_model TEXT NOT NULL DEFAULT '', field_strength TEXT NOT NULL DEFAULT '',
     insert_date TEXT NOT NULL, insert_user TEXT NOT NULL,
-    UNIQUE (project, label));
+    last_modified TEXT NOT NULL DEFAULT '', UNIQUE (project, label));
 CREATE TABLE IF NOT EXISTS scans (
     pk INTEGER PRIMARY KEY AUTOINCREMENT,
     experiment_id TEXT NOT NULL REFERENCES experiments(id) ON DELETE CASCADE,
     scan_id TEXT NOT NULL, type TEXT NOT NULL DEFAULT '', quality TEXT NOT NULL DEFAULT 'usable',
     xsi_type TEXT NOT NULL, note TEXT NOT NULL DEFAULT '', series_description TEXT NOT NULL DEFAULT '',
     uid TEXT NOT NULL DEFAULT '', frames TEXT NOT NULL DEFAULT '', modality TEXT NOT NULL DEFAULT '',
-    UNIQUE (experiment_id, scan_id));
+    insert_date TEXT NOT NULL DEFAULT '', insert_user TEXT NOT NULL DEFAULT '',
+    last_modified TEXT NOT NULL DEFAULT '', UNIQUE (experiment_id, scan_id));
 CREATE TABLE IF NOT EXISTS resources (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     experiment_id TEXT NOT NULL REFERENCES experiments(id) ON DELETE CASCADE,
     scan_pk INTEGER REFERENCES scans(pk) ON DELETE CASCADE,
     label TEXT NOT NULL, format TEXT NOT NULL DEFAULT '', content TEXT NOT NULL DEFAULT '',
-    tags TEXT NOT NULL DEFAULT '');
+    tags TEXT NOT NULL DEFAULT '', last_modified TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS assessors (
     id TEXT PRIMARY KEY,
     experiment_id TEXT NOT NULL REFERENCES experiments(id) ON DELETE CASCADE,
     label TEXT NOT NULL, xsi_type TEXT NOT NULL, date TEXT NOT NULL DEFAULT '',
     insert_date TEXT NOT NULL, insert_user TEXT NOT NULL,
-    UNIQUE (experiment_id, label));
+    last_modified TEXT NOT NULL DEFAULT '', UNIQUE (experiment_id, label));
 CREATE TABLE IF NOT EXISTS files (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     resource_id INTEGER NOT NULL REFERENCES resources(id) ON DELETE CASCADE,
@@ -123,6 +125,17 @@ def java_timestamp(moment: dt.datetime) -> str:
     least one digit (``...:21.352``, ``...:21.35``, ``...:25.0``)."""
     fraction = f"{moment.microsecond // 1000:03d}".rstrip("0") or "0"
     return f"{moment:%Y-%m-%d %H:%M:%S}.{fraction}"
+
+
+def modified_stamp() -> str:
+    """A ``last_modified``: a PostgreSQL timestamp as ``java.sql.Timestamp``
+    prints it, microseconds with trailing zeros dropped (``...21.35212``)."""
+    when = dt.datetime.now()
+    return when.strftime("%Y-%m-%d %H:%M:%S.") + (f"{when.microsecond:06d}".rstrip("0") or "0")
+
+
+# Tables whose rows are XNAT items with a modification time (``meta/last_modified``).
+_MODIFIED_TABLES = ("projects", "subjects", "experiments", "scans", "resources", "assessors")
 
 
 class StoreError(Exception):
@@ -173,11 +186,32 @@ class Store:
         self.site_id = self.get_setting("site_id") or site_id
 
     def _migrate(self) -> None:
-        """Data sets made before assessors: their resources gain an owner column."""
+        """Data sets made before assessors: their resources gain an owner column.
+        Data sets made before modification times: every item row gains
+        ``last_modified`` (its insert date, or its session's), scans their
+        session's ``insert_date``/``insert_user``."""
         columns = {row["name"] for row in self._db.execute("PRAGMA table_info(resources)")}
         if "assessor_id" not in columns:
             self._db.execute("ALTER TABLE resources ADD COLUMN assessor_id TEXT"
                              " REFERENCES assessors(id) ON DELETE CASCADE")
+        scan_columns = {row["name"] for row in self._db.execute("PRAGMA table_info(scans)")}
+        for column in ("insert_date", "insert_user"):
+            if column not in scan_columns:
+                self._db.execute(f"ALTER TABLE scans ADD COLUMN {column} TEXT NOT NULL"
+                                 " DEFAULT ''")
+                self._db.execute(f"UPDATE scans SET {column} = (SELECT e.{column} FROM"
+                                 " experiments e WHERE e.id = scans.experiment_id)")
+        for table in _MODIFIED_TABLES:
+            names = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if "last_modified" not in names:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN last_modified TEXT"
+                                 " NOT NULL DEFAULT ''")
+        for table in ("projects", "subjects", "experiments", "scans", "assessors"):
+            self._db.execute(f"UPDATE {table} SET last_modified = insert_date"
+                             " WHERE last_modified = ''")
+        self._db.execute("UPDATE resources SET last_modified = (SELECT e.insert_date FROM"
+                         " experiments e WHERE e.id = resources.experiment_id)"
+                         " WHERE last_modified = ''")
         self._db.execute("DROP INDEX IF EXISTS resources_label")
         self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS resources_owner_label ON resources"
                          " (experiment_id, IFNULL(scan_pk, -1), IFNULL(assessor_id, ''), label)")
@@ -308,10 +342,10 @@ class Store:
                 raise StoreError(409, "Project already exists.")
             self.execute(
                 "INSERT INTO projects (id, secondary_id, name, description, pi_firstname,"
-                " pi_lastname, accessibility, insert_date, insert_user)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " pi_lastname, accessibility, insert_date, insert_user, last_modified)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (project_id, secondary_id or project_id, name or project_id, description,
-                 pi[0], pi[1], accessibility, now_stamp(), owner),
+                 pi[0], pi[1], accessibility, now_stamp(), owner, modified_stamp()),
             )
             self.set_role(project_id, owner, "owner")
 
@@ -345,9 +379,9 @@ class Store:
                 raise StoreError(409, "Subject already exists.")
             sid = self._next_accession("S")
             self.execute(
-                "INSERT INTO subjects (id, project, label, insert_date, insert_user, gender, yob)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (sid, project_id, label, now_stamp(), user, gender, yob),
+                "INSERT INTO subjects (id, project, label, insert_date, insert_user, gender, yob,"
+                " last_modified) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (sid, project_id, label, now_stamp(), user, gender, yob, modified_stamp()),
             )
         return sid
 
@@ -380,6 +414,7 @@ class Store:
                 raise StoreError(409, f"Label {label} is already used in {project_id}.")
             self.execute("INSERT OR REPLACE INTO shares (kind, id, project, label)"
                          " VALUES (?, ?, ?, ?)", (kind, object_id, project_id, label))
+            self.touch(table, object_id)
 
     # ------------------------------------------------------------- experiments
     def add_experiment(self, project_id: str, subject_id: str, label: str, xsi_type: str, *,
@@ -394,9 +429,9 @@ class Store:
                 raise StoreError(409, "Specified experiment already exists.")
             eid = self._next_accession("E")
             cols = ["id", "project", "subject_id", "label", "xsi_type", "insert_date",
-                    "insert_user", *fields]
+                    "insert_user", "last_modified", *fields]
             vals = [eid, project_id, subject_id, label, xsi_type, now_stamp(), user,
-                    *fields.values()]
+                    modified_stamp(), *fields.values()]
             self.execute(
                 f"INSERT INTO experiments ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                 vals,
@@ -416,7 +451,8 @@ class Store:
         )
 
     # ------------------------------------------------------------------- scans
-    def add_scan(self, experiment_id: str, scan_id: str, xsi_type: str, **fields: str) -> int:
+    def add_scan(self, experiment_id: str, scan_id: str, xsi_type: str, *, user: str = "admin",
+                 **fields: str) -> int:
         allowed = {"type", "quality", "note", "series_description", "uid", "frames", "modality"}
         unknown = set(fields) - allowed
         if unknown:
@@ -424,10 +460,12 @@ class Store:
         with self.transaction():
             if self.scan(experiment_id, scan_id):
                 raise StoreError(409, "Specified scan already exists.")
-            cols = ["experiment_id", "scan_id", "xsi_type", *fields]
+            cols = ["experiment_id", "scan_id", "xsi_type", "insert_date", "insert_user",
+                    "last_modified", *fields]
             return self.insert(
                 f"INSERT INTO scans ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                [experiment_id, scan_id, xsi_type, *fields.values()],
+                [experiment_id, scan_id, xsi_type, now_stamp(), user, modified_stamp(),
+                 *fields.values()],
             )
 
     def scan(self, experiment_id: str, scan_id: str) -> sqlite3.Row | None:
@@ -450,8 +488,9 @@ class Store:
                 raise StoreError(409, "Specified resource already exists.")
             return self.insert(
                 "INSERT INTO resources (experiment_id, scan_pk, assessor_id, label, format,"
-                " content, tags) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (experiment_id, scan_pk, assessor_id, label, format, content, tags),
+                " content, tags, last_modified) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (experiment_id, scan_pk, assessor_id, label, format, content, tags,
+                 modified_stamp()),
             )
 
     def resource(self, experiment_id: str, scan_pk: int | None, label_or_id: str, *,
@@ -487,8 +526,10 @@ class Store:
                 raise StoreError(409, "Specified assessor already exists.")
             assessor_id = self._next_accession("E")
             self.execute("INSERT INTO assessors (id, experiment_id, label, xsi_type, date,"
-                         " insert_date, insert_user) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (assessor_id, experiment_id, label, xsi_type, date, now_stamp(), user))
+                         " insert_date, insert_user, last_modified)"
+                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (assessor_id, experiment_id, label, xsi_type, date, now_stamp(), user,
+                          modified_stamp()))
         return assessor_id
 
     def assessor(self, experiment_id: str, id_or_label: str) -> sqlite3.Row | None:
@@ -567,13 +608,24 @@ class Store:
                 " content, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (resource_id, path, size, digest, mtime, blob, format, content, tags),
             )
+            self.touch("resources", resource_id)  # its file_count and file_size change
         if old:
             self._drop_blob(old.blob)
         return True
 
     def delete_file(self, file: FileRow) -> None:
-        self.execute("DELETE FROM files WHERE id = ?", (file.id,))
+        with self.transaction():
+            self.execute("DELETE FROM files WHERE id = ?", (file.id,))
+            self.touch("resources", file.resource_id)
         self._drop_blob(file.blob)
+
+    def touch(self, table: str, key: str | int) -> None:
+        """Record that an item row changed now (its ``meta/last_modified``)."""
+        if table not in _MODIFIED_TABLES:
+            raise ValueError(table)
+        column = {"scans": "pk"}.get(table, "id")
+        self.execute(f"UPDATE {table} SET last_modified = ? WHERE {column} = ?",
+                     (modified_stamp(), key))
 
     def _drop_blob(self, blob: str) -> None:
         # Blobs may be shared after a prearchive session is archived by reference.

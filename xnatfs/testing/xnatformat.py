@@ -15,6 +15,7 @@ sent chunked, without ``Content-Length``, as Restlet streams them.
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 from collections.abc import Mapping, Sequence
@@ -160,17 +161,77 @@ def java_hash_order(keys: Sequence[str]) -> list[str]:
     return sorted(keys, key=lambda key: (_bucket(key, capacity), put_order[key]))
 
 
-def _bucket(key: str, capacity: int) -> int:
+def _string_hash(key: str) -> int:
     units = key.encode("utf-16-be")
     code = 0
     for i in range(0, len(units), 2):  # String.hashCode: over UTF-16 code units
         code = (31 * code + int.from_bytes(units[i:i + 2], "big")) & 0xFFFFFFFF
+    return code
+
+
+def _bucket(key: str, capacity: int) -> int:
+    code = _string_hash(key)
     return (code ^ (code >> 16)) & (capacity - 1)
+
+
+def java_hashtable_order(keys: Sequence[str]) -> list[str]:
+    """``keys`` (in the order they were put) in the order a ``java.util.Hashtable``
+    iterates them: 11 buckets (``hash & 0x7FFFFFFF`` modulo the size), grown to
+    ``2n+1`` when a put finds it holding ``0.75 n`` keys, re-chained from the
+    last bucket down; read from the last bucket down, each chain newest first.
+    XFT keeps an item's fields and child collections in ``Hashtable``s
+    (``FlattenedItemA``), which ``ItemJSONBuilder`` then copies out in this order."""
+    capacity, count = 11, 0
+    table: list[list[str]] = [[] for _ in range(capacity)]
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            continue
+        seen.add(key)
+        if count >= int(capacity * 0.75):
+            old, capacity = table, capacity * 2 + 1
+            table = [[] for _ in range(capacity)]
+            for chain in reversed(old):
+                for moved in chain:
+                    table[(_string_hash(moved) & 0x7FFFFFFF) % capacity].insert(0, moved)
+        table[(_string_hash(key) & 0x7FFFFFFF) % capacity].insert(0, key)
+        count += 1
+    return [key for chain in reversed(table) for key in chain]
 
 
 def java_object(fields: Mapping[str, Any]) -> dict[str, Any]:
     """``fields`` as a ``JSONObject`` would write them: keys in HashMap order."""
     return {key: fields[key] for key in java_hash_order(list(fields))}
+
+
+def xft_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """An item's ``data_fields`` as ``ItemJSONBuilder`` writes them: XFT's
+    ``Hashtable`` of fields copied, in its order, into a ``JSONObject``. This
+    model gives both recorded experiment items' key order exactly, whatever
+    order the fields were put in (``tests/testing/test_recorded.py``)."""
+    present = [key for key in fields if fields[key] is not None]  # putValue skips nulls
+    return {key: _json_number(fields[key])
+            for key in java_hash_order(java_hashtable_order(present))}
+
+
+def _json_number(value: Any) -> Any:
+    """A ``Double`` as org.json writes it: ``numberToString`` shaves trailing
+    zeros and the point (``80.0`` → ``80``, ``83.91`` stays). Fields typed as
+    strings in the schema keep their text (``fieldStrength`` ``"3.0"``)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def java_date(stamp: str) -> str:
+    """A stored ``2023-09-27 17:31:21.352`` as ``java.util.Date.toString()``
+    prints it (``Wed Sep 27 17:31:21 CDT 2023``, the server's zone): how a
+    ``JSONObject`` writes a date it holds (``meta.start_date``)."""
+    if not stamp:
+        return ""
+    when = dt.datetime.fromisoformat(stamp).astimezone()
+    return when.strftime("%a %b %d %H:%M:%S ") + (when.tzname() or "UTC") \
+        + when.strftime(" %Y")
 
 
 def compact_json(payload: Any) -> str:
@@ -195,12 +256,27 @@ def text_response(text: str, status: int = 200, content_type: str = "text/plain"
 
 def item_json(xsi_type: str, data_fields: Mapping[str, Any],
               children: Sequence[Mapping[str, Any]] = (),
-              meta_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One ``ItemJSONBuilder`` item; ``data_fields`` keep their Java types."""
-    meta: dict[str, Any] = {"create_event_id": 1, "xsi:type": xsi_type, "isHistory": False}
+              meta_extra: Mapping[str, Any] | None = None, *,
+              last_modified: str = "") -> dict[str, Any]:
+    """One ``ItemJSONBuilder`` item; ``data_fields`` keep their Java types.
+
+    ``meta`` holds ``isHistory``, ``create_event_id``, ``xsi:type`` and, when
+    the row has a modification time, ``start_date`` as a ``Date`` prints
+    (``FlattenedItemA.getStartDate`` is the row's ``last_modified``). The item,
+    its ``meta`` and each child are ``JSONObject``s (HashMap order); children
+    come in the order of XFT's ``Hashtable`` of collections, ``children`` being
+    given in schema order (the order ``renderChildren`` puts them)."""
+    meta: dict[str, Any] = {"isHistory": False, "create_event_id": 1}
+    if last_modified:
+        meta["start_date"] = java_date(last_modified)
+    meta["xsi:type"] = xsi_type
     meta.update(meta_extra or {})
-    return {"children": list(children), "meta": meta, "data_fields": java_object(data_fields)}
+    by_field = {child["field"]: child for child in children}
+    ordered = [by_field[name] for name in java_hashtable_order(list(by_field))]
+    return java_object({"meta": java_object(meta), "data_fields": xft_fields(data_fields),
+                        "children": ordered})
 
 
 def child_field(field: str, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    return {"field": field, "items": list(items)}
+    """One child collection: ``convert`` of its items, then ``field`` put in."""
+    return java_object({"items": list(items), "field": field})

@@ -116,6 +116,13 @@ def _disk_path(store: Store, res: Resolved, scan: sqlite3.Row | None, resource: 
     <scan>/<resource>/<path>`` (``RESOURCES/...`` for the session's own,
     ``ASSESSORS/<assessor>/...`` for an assessor's)."""
     experiment = res.the_experiment
+    inside = f"{_resource_dir(store, experiment, scan, resource)}/{f.path}"
+    return inside if project_relative else f"{ARCHIVE_ROOT}/{experiment['project']}/{inside}"
+
+
+def _resource_dir(store: Store, experiment: sqlite3.Row, scan: sqlite3.Row | None,
+                  resource: sqlite3.Row) -> str:
+    """A resource's folder below its project's archive root."""
     if scan is not None:
         owner = f"SCANS/{scan['scan_id']}"
     elif resource["assessor_id"] is not None:
@@ -123,8 +130,17 @@ def _disk_path(store: Store, res: Resolved, scan: sqlite3.Row | None, resource: 
         owner = f"ASSESSORS/{assessor['label'] if assessor else resource['assessor_id']}"
     else:
         owner = "RESOURCES"
-    inside = f"arc001/{experiment['label']}/{owner}/{resource['label']}/{f.path}"
-    return inside if project_relative else f"{ARCHIVE_ROOT}/{experiment['project']}/{inside}"
+    return f"arc001/{experiment['label']}/{owner}/{resource['label']}"
+
+
+def catalog_path(store: Store, experiment: sqlite3.Row, scan: sqlite3.Row | None,
+                 resource: sqlite3.Row) -> str:
+    """The catalog file of a resource on the server's disk: a resource item's
+    ``URI`` in XNAT 1.8. ``DefaultCatalogService`` names it after the scan ID
+    for a scan's resource, after the label otherwise (xnat-write-api.md 2.4)."""
+    name = scan["scan_id"] if scan is not None else resource["label"]
+    return (f"{ARCHIVE_ROOT}/{experiment['project']}/"
+            f"{_resource_dir(store, experiment, scan, resource)}/{name}_catalog.xml")
 
 
 async def get_files(request: web.Request, store: Store, knobs: Knobs, path: ArchivePath,

@@ -18,6 +18,7 @@ from aiohttp import web
 from ..store import Store
 from ..xnatformat import XnatHTTPError, child_field, item_json, json_response, text_response
 from . import itemxml
+from .files import catalog_path
 from .paths import ArchivePath
 from .resolve import Resolved
 
@@ -42,7 +43,7 @@ def get_item(request: web.Request, store: Store, path: ArchivePath,
     elif level == "resource":
         if res.resource_multi or not res.resources:
             raise XnatHTTPError(404, "Unable to find the specified resource.")
-        item = resource_item(store, res.resources[0])
+        item = resource_item(store, res.resources[0], res.the_experiment)
         if fmt != "json":
             return text_response(catalog_xml(store, res.resources[0]),
                                  content_type="text/xml")
@@ -60,45 +61,69 @@ def get_item(request: web.Request, store: Store, path: ArchivePath,
 def project_item(p: sqlite3.Row) -> dict[str, Any]:
     return item_json("xnat:projectData", {
         "ID": p["id"], "secondary_ID": p["secondary_id"], "name": p["name"],
-        "description": p["description"], "active": "true"})
+        "description": p["description"], "active": "true"},
+        last_modified=p["last_modified"])
 
 
 def subject_item(store: Store, s: sqlite3.Row) -> dict[str, Any]:
-    demographics = item_json("xnat:demographicData", {
-        "gender": s["gender"], "yob": int(s["yob"]) if s["yob"] else None})
-    demographics["data_fields"] = {k: v for k, v in demographics["data_fields"].items()
-                                   if v not in ("", None)}
-    children = [child_field("demographics", [demographics])] if s["gender"] or s["yob"] \
-        else []
-    children += _sharing(store, "subject", s["id"], "xnat:projectParticipant")
+    """A subject with its whole tree, as ``FlattenedItem.renderChildren`` loads
+    every exposed reference of ``xnat:subjectData`` from the database:
+    ``sharing/share``, ``demographics`` and ``experiments/experiment``, each
+    experiment with its own scans (and their ``file``s), resources and
+    assessors. (Subject-level resources are not modelled by this store.)"""
+    children = _sharing(store, "subject", s["id"], "xnat:projectParticipant",
+                        "xnat_projectParticipant_id", {"subject_ID": s["id"]})
+    if s["gender"] or s["yob"]:
+        number = _rowid(store, "subjects", s["id"])
+        demographics = item_json("xnat:demographicData", {
+            "gender": s["gender"] or None, "yob": int(s["yob"]) if s["yob"] else None,
+            "xnat_abstractdemographicdata_id": number,
+            "xnat_abstractDemographicData_id": number}, last_modified=s["last_modified"])
+        demographics["data_fields"] = {k: v for k, v in demographics["data_fields"].items()
+                                       if v not in ("", None)}
+        children.append(child_field("demographics", [demographics]))
+    experiments = [experiment_item(store, e) for e in store.query(
+        "SELECT * FROM experiments WHERE subject_id = ? ORDER BY id", (s["id"],))]
+    if experiments:
+        children.append(child_field("experiments/experiment", experiments))
     return item_json("xnat:subjectData", {
-        "ID": s["id"], "project": s["project"], "label": s["label"]}, children)
+        "ID": s["id"], "project": s["project"], "label": s["label"]}, children,
+        last_modified=s["last_modified"])
 
 
-def _sharing(store: Store, kind: str, object_id: str, xsi_type: str) -> list[dict[str, Any]]:
+def _rowid(store: Store, table: str, key: str) -> int:
+    row = store.query_one(f"SELECT rowid FROM {table} WHERE id = ?", (key,))
+    return int(row[0]) if row else 0
+
+
+def _sharing(store: Store, kind: str, object_id: str, xsi_type: str, pk: str,
+             extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The ``sharing/share`` child of an item: the projects it is shared into,
-    with its label in each (where xnatpy reads a subject's label per project)."""
-    shares = [item_json(xsi_type, {"label": row["label"], "project": row["project"]})
+    with its label in each (where xnatpy reads a subject's label per project),
+    each row with its own numeric key (``xnat_projectParticipant_id``,
+    ``xnat_experimentData_share_id``: XFT's default key, ``getSQLName() +
+    "_id"``, for elements without a stated one)."""
+    shares = [item_json(xsi_type, {"label": row["label"], "project": row["project"],
+                                   pk: int(row["rowid"]), **(extra or {})})
               for row in store.query(
-                  "SELECT project, label FROM shares WHERE kind = ? AND id = ?"
+                  "SELECT rowid, project, label FROM shares WHERE kind = ? AND id = ?"
                   " ORDER BY project", (kind, object_id))]
     return [child_field("sharing/share", shares)] if shares else []
 
 
 def experiment_item(store: Store, e: sqlite3.Row) -> dict[str, Any]:
-    scan_items = [scan_item(store, s, e) for s in store.scans(e["id"])]
-    resource_items = [resource_item(store, r) for r in store.resources(e["id"], None)]
-    children = []
-    if scan_items:
-        children.append(child_field("scans/scan", scan_items))
+    children = _sharing(store, "experiment", e["id"], "xnat:experimentData_share",
+                        "xnat_experimentData_share_id")
+    resource_items = [resource_item(store, r, e) for r in store.resources(e["id"], None)]
     if resource_items:
         children.append(child_field("resources/resource", resource_items))
+    scan_items = [scan_item(store, s, e) for s in store.scans(e["id"])]
+    if scan_items:
+        children.append(child_field("scans/scan", scan_items))
     assessor_items = [assessor_item(store, a, e) for a in store.assessors(e["id"])]
     if assessor_items:
         children.append(child_field("assessors/assessor", assessor_items))
-    children += _sharing(store, "experiment", e["id"], "xnat:experimentData_share")
-    # Put in this order, as XNAT puts them (keys sharing a HashMap bucket come
-    # out in this order: docs/xnat-verified.md); no insert_date/insert_user.
+    # No insert_date/insert_user: they are meta, not fields of the item.
     fields = {"subject_ID": e["subject_id"], "scanner/model": e["scanner_model"],
               "scanner/manufacturer": e["scanner_manufacturer"], "date": e["date"],
               "time": e["time"], "modality": e["modality"], "project": e["project"],
@@ -106,7 +131,8 @@ def experiment_item(store: Store, e: sqlite3.Row) -> dict[str, Any]:
     if e["xsi_type"] == "xnat:mrSessionData" and e["field_strength"]:
         fields["fieldStrength"] = _java_double(e["field_strength"])
     fields.update({"id": e["id"], "ID": e["id"], "session_type": e["session_type"]})
-    return item_json(e["xsi_type"], {k: v for k, v in fields.items() if v != ""}, children)
+    return item_json(e["xsi_type"], {k: v for k, v in fields.items() if v != ""}, children,
+                     last_modified=e["last_modified"])
 
 
 def _java_double(value: str) -> str:
@@ -119,34 +145,58 @@ def _java_double(value: str) -> str:
 
 def assessor_item(store: Store, a: sqlite3.Row, e: sqlite3.Row) -> dict[str, Any]:
     """An assessor with its output resources (``out/file``), as XNAT nests it."""
-    resource_items = [resource_item(store, r) for r in
+    resource_items = [resource_item(store, r, e) for r in
                       store.resources(e["id"], None, assessor_id=a["id"])]
     children = [child_field("out/file", resource_items)] if resource_items else []
     fields = {"ID": a["id"], "id": a["id"], "label": a["label"], "project": e["project"],
-              "imageSession_ID": e["id"], "date": a["date"],
-              "insert_date": a["insert_date"], "insert_user": a["insert_user"]}
-    return item_json(a["xsi_type"], {k: v for k, v in fields.items() if v != ""}, children)
+              "imageSession_ID": e["id"], "date": a["date"]}
+    return item_json(a["xsi_type"], {k: v for k, v in fields.items() if v != ""}, children,
+                     last_modified=a["last_modified"])
 
 
 def scan_item(store: Store, s: sqlite3.Row, e: sqlite3.Row) -> dict[str, Any]:
-    resource_items = [resource_item(store, r) for r in store.resources(e["id"], s["pk"])]
+    """A scan: ``xnat_imagescandata_id`` is the key of its own table (mrScanData
+    extends imageScanData), ``xnat_imageScanData_id`` the default key of
+    imageScanData (``getSQLName() + "_id"``, its case kept): the same number."""
+    resource_items = [resource_item(store, r, e, s) for r in store.resources(e["id"], s["pk"])]
     children = [child_field("file", resource_items)] if resource_items else []
     fields = {"ID": s["scan_id"], "type": s["type"], "quality": s["quality"],
               "note": s["note"], "series_description": s["series_description"],
               "UID": s["uid"], "frames": int(s["frames"]) if s["frames"] else None,
               "modality": s["modality"], "xnat_imagescandata_id": s["pk"],
+              "xnat_imageScanData_id": s["pk"],
               "image_session_ID": e["id"], "project": e["project"]}
     return item_json(s["xsi_type"], {k: v for k, v in fields.items() if v not in ("", None)},
-                     children)
+                     children, last_modified=s["last_modified"])
 
 
-def resource_item(store: Store, r: sqlite3.Row) -> dict[str, Any]:
+def resource_item(store: Store, r: sqlite3.Row, e: sqlite3.Row | None = None,
+                  scan: sqlite3.Row | None = None) -> dict[str, Any]:
+    """A resource catalog: ``URI`` is its catalog file on the server's disk;
+    ``xnat_abstractresource_id`` (its table's key) and ``xnat_abstractResource_id``
+    (abstractResource's default key) the same number; its tags as
+    ``tags/tag`` children (``name=value`` tags with a ``name``)."""
+    if e is None:
+        e = store.experiment(None, r["experiment_id"])
+        assert e is not None
+    if scan is None and r["scan_pk"] is not None:
+        scan = store.query_one("SELECT * FROM scans WHERE pk = ?", (r["scan_pk"],))
     count, size = store.resource_totals(r["id"])
+    tags = []
+    for index, tag in enumerate(t.strip() for t in r["tags"].split(",") if t.strip()):
+        name, _, value = tag.partition("=") if "=" in tag else ("", "", tag)
+        tags.append(item_json("xnat:abstractResource_tag", {
+            "tag": value, "name": name or None,
+            "xnat_abstractResource_tag_id": r["id"] * 1000 + index + 1},
+            last_modified=r["last_modified"]))
+    children = [child_field("tags/tag", tags)] if tags else []
     fields = {"label": r["label"], "format": r["format"], "content": r["content"],
-              "xnat_abstractresource_id": r["id"], "file_count": count, "file_size": size,
-              "URI": f"/archive/resources/{r['id']}"}
+              "xnat_abstractresource_id": r["id"], "xnat_abstractResource_id": r["id"],
+              "file_count": count, "file_size": size,
+              "URI": catalog_path(store, e, scan, r)}
     return item_json("xnat:resourceCatalog",
-                     {k: v for k, v in fields.items() if v != ""})
+                     {k: v for k, v in fields.items() if v not in ("", None)}, children,
+                     last_modified=r["last_modified"])
 
 
 def catalog_xml(store: Store, resource: sqlite3.Row) -> str:

@@ -113,6 +113,7 @@ SUBJECT_SPEC = ListingSpec(
     defaults=("ID", "project", "label", "insert_date", "insert_user"),
     aliases={"ID": "ID", "project": "project", "label": "label",
              "insert_date": "insert_date", "insert_user": "insert_user",
+             "last_modified": "last_modified",
              "gender": "gender", "yob": "yob", "URI": "URI"},
 )
 
@@ -127,7 +128,7 @@ def list_subjects(request: web.Request, store: Store, access: Access,
     # Its own subjects and those shared into it, under their label here.
     rows = [{"ID": s["id"], "project": s["project"], "label": s["here_label"],
              "insert_date": s["insert_date"], "insert_user": s["insert_user"],
-             "gender": s["gender"], "yob": s["yob"], "URI": f"/data/subjects/{s['id']}"}
+             "last_modified": s["last_modified"], "gender": s["gender"], "yob": s["yob"], "URI": f"/data/subjects/{s['id']}"}
             for s in store.query(
                 "SELECT s.*, COALESCE(h.label, s.label) AS here_label FROM subjects s"
                 " LEFT JOIN shares h ON h.kind = 'subject' AND h.id = s.id AND h.project = ?"
@@ -139,7 +140,8 @@ def list_subjects(request: web.Request, store: Store, access: Access,
 # Experiments -----------------------------------------------------------
 EXPERIMENT_ALIASES = {
     "ID": "ID", "project": "project", "date": "date", "xsiType": "xsiType",
-    "label": "label", "insert_date": "insert_date", "subject_ID": "subject_ID",
+    "label": "label", "insert_date": "insert_date", "insert_user": "insert_user",
+    "last_modified": "last_modified", "subject_ID": "subject_ID",
     "subject_label": "subject_label", "time": "time", "modality": "modality",
     "UID": "UID", "session_type": "session_type", "URI": "URI",
     "xnat:subjectassessordata/id": "ID",
@@ -184,8 +186,8 @@ def list_experiments(request: web.Request, store: Store, access: Access, path: A
         rows.append({
             "ID": e["id"], "project": e["project"], "date": e["date"],
             "xsiType": e["xsi_type"], "label": e["here_label"],
-            "insert_date": e["insert_date"],
-            "subject_ID": e["subject_id"], "subject_label": e["subject_label"],
+            "insert_date": e["insert_date"], "insert_user": e["insert_user"],
+            "last_modified": e["last_modified"], "subject_ID": e["subject_id"], "subject_label": e["subject_label"],
             "time": e["time"], "modality": e["modality"], "UID": e["uid"],
             "session_type": e["session_type"], "URI": f"/data/experiments/{e['id']}",
         })
@@ -195,7 +197,11 @@ def list_experiments(request: web.Request, store: Store, access: Access, path: A
     pk = f"{(xsi_type or 'xnat:subjectAssessorData').lower()}/id"
     aliases = dict(EXPERIMENT_ALIASES)
     aliases[pk] = "ID"
-    spec = ListingSpec(defaults=defaults, aliases=aliases, pk_column=pk)
+    # XNAT adds extension_item/element_name and project unless the root element
+    # (xsiType=) is a secured one (ProjSubExptList.java:325-328,
+    # ExperimentListResource.java:210-213).
+    always = () if xsi_type else ("xsiType", "project")
+    spec = ListingSpec(defaults=defaults, aliases=aliases, pk_column=pk, always=always)
     return listings.render(request, spec, rows)
 
 
@@ -206,7 +212,8 @@ SCAN_SPEC = ListingSpec(
     aliases={"xnat_imagescandata_id": "xnat_imagescandata_id", "ID": "ID", "type": "type",
              "quality": "quality", "xsiType": "xsiType", "note": "note",
              "series_description": "series_description", "frames": "frames",
-             "UID": "UID", "modality": "modality", "URI": "URI"},
+             "UID": "UID", "modality": "modality", "insert_date": "insert_date",
+             "insert_user": "insert_user", "last_modified": "last_modified", "URI": "URI"},
 )
 
 
@@ -217,7 +224,8 @@ def list_scans(request: web.Request, store: Store, res: Resolved) -> web.Respons
     rows = [{"xnat_imagescandata_id": s["pk"], "ID": s["scan_id"], "type": s["type"],
              "quality": s["quality"], "xsiType": s["xsi_type"], "note": s["note"],
              "series_description": s["series_description"], "frames": s["frames"],
-             "UID": s["uid"], "modality": s["modality"],
+             "UID": s["uid"], "modality": s["modality"], "insert_date": s["insert_date"],
+             "insert_user": s["insert_user"], "last_modified": s["last_modified"],
              "URI": f"/data/experiments/{eid}/scans/{s['scan_id']}"}
             for s in store.scans(eid)]
     return listings.render(request, SCAN_SPEC, rows)

@@ -78,7 +78,7 @@ def put_object(request: web.Request, store: Store, access: Access,
         xsi_type = query.get("xsiType", "xnat:mrScanData")
         fields = _prefixed_fields(query, xsi_type,
                                   {"type", "quality", "note", "series_description"})
-        store.add_scan(res.the_experiment["id"], scan_id, xsi_type,
+        store.add_scan(res.the_experiment["id"], scan_id, xsi_type, user=access.caller.login,
                        **{k: v for k, v in fields.items()
                           if k in ("type", "quality", "note", "series_description")})
         return text_response(scan_id, 201)
