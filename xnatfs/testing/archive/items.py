@@ -10,6 +10,7 @@ rendering, and a resource answers with its catalog.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
@@ -27,35 +28,42 @@ def get_item(request: web.Request, store: Store, path: ArchivePath,
              res: Resolved) -> web.Response:
     """The one object a path names, as an item (or a resource's catalog)."""
     fmt = (request.query.get("format") or "json").lower()
-    level = path.level
-    if level == "project":
-        item = project_item(res.the_project)
-    elif level == "subject":
-        item = subject_item(store, res.the_subject)
-    elif res.assessor is not None and level in ("experiment", "assessor"):
-        item = assessor_item(store, res.assessor, res.the_experiment)
-    elif level == "experiment":
-        item = experiment_item(store, res.the_experiment)
-    elif level == "scan":
-        if res.scan_multi or not res.scans:
-            raise XnatHTTPError(404, "Unable to find the specified scan.")
-        item = scan_item(store, res.scans[0], res.the_experiment)
-    elif level == "resource":
-        if res.resource_multi or not res.resources:
-            raise XnatHTTPError(404, "Unable to find the specified resource.")
-        item = resource_item(store, res.resources[0], res.the_experiment)
-        if fmt != "json":
-            return text_response(catalog_xml(store, res.resources[0]),
-                                 content_type="text/xml")
-    else:
-        raise XnatHTTPError(404, "The requested resource was not found.")
+    kind = object_named(path, res)
+    if kind == "resource" and fmt != "json":
+        return text_response(catalog_xml(store, res.the_resource), content_type="text/xml")
     if fmt == "json":
-        return json_response({"items": [item]})
+        return json_response({"items": [_ITEM_JSON[kind](store, res)]})
     if fmt == "xml":
         site_url = f"{request.scheme}://{request.host}"
-        return text_response(itemxml.document(store, level, res, site_url),
+        return text_response(itemxml.document(store, kind, res, site_url),
                              content_type="text/xml")
     raise XnatHTTPError(400, f"Unsupported format: {fmt}")
+
+
+def object_named(path: ArchivePath, res: Resolved) -> str:
+    """Which object a resolved path names: project, subject, experiment,
+    assessor, scan or resource (404 when it names none, or several)."""
+    level = path.level
+    if res.assessor is not None and level in ("experiment", "assessor"):
+        return "assessor"
+    if level == "scan" and (res.scan_multi or not res.scans):
+        raise XnatHTTPError(404, "Unable to find the specified scan.")
+    if level == "resource" and (res.resource_multi or not res.resources):
+        raise XnatHTTPError(404, "Unable to find the specified resource.")
+    if level not in ("project", "subject", "experiment", "scan", "resource"):
+        raise XnatHTTPError(404, "The requested resource was not found.")
+    return level
+
+
+_ITEM_JSON: dict[str, Callable[[Store, Resolved], dict[str, Any]]] = {
+    "project": lambda store, res: project_item(res.the_project),
+    "subject": lambda store, res: subject_item(store, res.the_subject),
+    "experiment": lambda store, res: experiment_item(store, res.the_experiment),
+    "assessor": lambda store, res: assessor_item(store, res.the_assessor, res.the_experiment),
+    "scan": lambda store, res: scan_item(store, res.the_scan, res.the_experiment),
+    "resource": lambda store, res: resource_item(store, res.the_resource,
+                                                 res.the_experiment),
+}
 
 
 def project_item(p: sqlite3.Row) -> dict[str, Any]:

@@ -23,6 +23,7 @@ Hidden numeric keys come from the store's row ids. No ``insert_date`` or
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..store import Store
@@ -281,19 +282,17 @@ def resource_node(store: Store, r: sqlite3.Row, e: sqlite3.Row, name: str, *,
     return node
 
 
-def document(store: Store, level: str, res: Resolved, site_url: str) -> str:
-    """``format=xml`` for the object a resolved path names (project, subject,
-    experiment, assessor or scan); the caller has already checked it exists."""
-    node: Node
-    if level == "project":
-        node = project_node(store, res.the_project)
-    elif level == "subject":
-        node = subject_node(store, res.the_subject)
-    elif res.assessor is not None and level in ("experiment", "assessor"):
-        node = assessor_node(store, res.assessor, res.the_experiment)
-    elif level == "experiment":
-        node = experiment_node(store, res.the_experiment)
-    else:
-        assert res.scans, "get_item checks the scan exists"
-        node = scan_node(store, res.scans[0], res.the_experiment)
+def document(store: Store, kind: str, res: Resolved, site_url: str) -> str:
+    """``format=xml`` for the object a resolved path names (its ``kind``:
+    project, subject, experiment, assessor or scan)."""
+    node = _NODES[kind](store, res)
     return serialize(node, site_url)
+
+
+_NODES: dict[str, Callable[[Store, Resolved], Node]] = {
+    "project": lambda store, res: project_node(store, res.the_project),
+    "subject": lambda store, res: subject_node(store, res.the_subject),
+    "experiment": lambda store, res: experiment_node(store, res.the_experiment),
+    "assessor": lambda store, res: assessor_node(store, res.the_assessor, res.the_experiment),
+    "scan": lambda store, res: scan_node(store, res.the_scan, res.the_experiment),
+}

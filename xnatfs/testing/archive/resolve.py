@@ -48,6 +48,23 @@ class Resolved:
         assert self.experiment is not None
         return self.experiment
 
+    @property
+    def the_assessor(self) -> sqlite3.Row:
+        assert self.assessor is not None
+        return self.assessor
+
+    @property
+    def the_scan(self) -> sqlite3.Row:
+        """The one scan the path names (callers check it names exactly one)."""
+        assert self.scans
+        return self.scans[0]
+
+    @property
+    def the_resource(self) -> sqlite3.Row:
+        """The one resource the path names (callers check it names exactly one)."""
+        assert self.resources
+        return self.resources[0]
+
 
 class Access:
     """XNAT's project permissions for one caller."""
