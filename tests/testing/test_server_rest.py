@@ -184,6 +184,21 @@ def test_labels_resolve_under_projects_but_not_at_top_level(admin: httpx.Client)
     assert item["data_fields"]["ID"] == eid and item["data_fields"]["date"] == "2020-02-03"
 
 
+def test_projects_of_a_subject_or_experiment(admin: httpx.Client) -> None:
+    """``.../projects`` after a subject or experiment: its project with its label
+    there (then its shares), XNAT's four columns and no ``totalRecords``."""
+    eid = admin.get("/data/projects/PUBP/experiments").json()["ResultSet"]["Result"][0]["ID"]
+    for path in (f"/data/experiments/{eid}/projects",
+                 "/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1/projects"):
+        body = admin.get(f"{path}?format=json").json()
+        assert body == {"ResultSet": {"Result": [
+            {"label": "SESS1", "ID": "PUBP", "Secondary_ID": "PUBP", "Name": "PUBP"}]}}
+    csv = admin.get("/data/projects/PUBP/subjects/SUBJ1/projects?format=csv").text
+    assert csv == "label,ID,Secondary_ID,Name\nSUBJ1,PUBP,PUBP,PUBP\n"
+    # XNAT matches the remaining part with startsWith("projects"): the same table.
+    assert admin.get(f"/data/experiments/{eid}/projects/PRIVP?format=json").json() == body
+
+
 def test_scan_resource_and_file_listings(admin: httpx.Client) -> None:
     base = "/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1"
     scans = admin.get(f"{base}/scans").json()["ResultSet"]["Result"]

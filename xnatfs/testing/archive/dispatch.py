@@ -45,7 +45,7 @@ class ArchiveRoutes:
 
     async def _get(self, request: web.Request, access: Access,
                    path: ArchivePath) -> web.StreamResponse:
-        if path.collection == "projects":
+        if path.collection == "projects" and path.level == "root":
             request["route"] = "projects.list"
             return tables.list_projects(request, self.store, access)
         res = resolve(self.store, access, path, flat_assessor=True)
@@ -54,6 +54,11 @@ class ArchiveRoutes:
             return items.get_item(request, self.store, path, res)
         if path.collection == "files":
             return await files.get_files(request, self.store, self.knobs, path, res)
+        if path.collection == "projects":
+            # Whatever follows (a project, for a share) is ignored: XNAT tests
+            # the remaining part with startsWith("projects").
+            request["route"] = f"{path.level}.projects"
+            return tables.list_projects_of(request, self.store, path, res)
         request["route"] = f"{path.collection}.list"
         return tables.list_children(request, self.store, access, path, res)
 

@@ -15,8 +15,8 @@ from ..xnatformat import XnatHTTPError
 LEVEL_KEYS = {
     "root": {"projects", "subjects", "experiments"},
     "project": {"subjects", "experiments", "resources", "files", "prearchive_code"},
-    "subject": {"experiments", "resources", "files"},
-    "experiment": {"scans", "resources", "files", "assessors", "reconstructions"},
+    "subject": {"experiments", "resources", "files", "projects"},
+    "experiment": {"scans", "resources", "files", "assessors", "reconstructions", "projects"},
     "scan": {"resources", "files"},
     # An assessor's resources may be named with their kind: out (the default) or in.
     "assessor": {"resources", "files", "out", "in"},
@@ -59,6 +59,13 @@ def parse_archive_path(segments: list[str]) -> ArchivePath:
             path.collection = "files"
             rest = segments[i + 1:]
             path.file_path = "/".join(rest) if rest else None
+            return path
+        if key == "projects" and path.level in ("subject", "experiment"):
+            # The projects the object is in (its own first, then its shares), a
+            # "remaining part" of SubjectResource and ExperimentResource; a
+            # project after it names a share (PUT/DELETE).
+            path.collection = "projects"
+            path.file_path = "/".join(segments[i + 1:]) or None
             return path
         if key == "prearchive_code":
             path.collection = "prearchive_code"

@@ -320,3 +320,34 @@ def list_children(request: web.Request, store: Store, access: Access, path: Arch
         return table_response(request, [], ["ID", "type", "baseScanType", "URI"],
                               envelope={"totalRecords": "0"})
     raise XnatHTTPError(404, "The requested resource was not found.")
+
+
+# The projects a subject or experiment is in --------------------------
+PROJECTS_OF_COLUMNS = ["label", "ID", "Secondary_ID", "Name"]
+
+
+def list_projects_of(request: web.Request, store: Store, path: ArchivePath,
+                     res: Resolved) -> web.Response:
+    """``.../subjects/S/projects`` and ``.../experiments/E/projects``
+    (``SecureResource.representProjectsForArchivableItem``): its primary project
+    with its label there, then each project it is shared into with its label
+    in that one; no ``totalRecords`` (the table is rendered without params)."""
+    if path.level == "subject":
+        kind, item = "subject", res.the_subject
+    else:
+        kind, item = "experiment", res.the_experiment
+    rows = []
+    primary = store.project(item["project"])
+    assert primary is not None
+    rows.append(_projects_of_row(item["label"], primary))
+    for share in store.query("SELECT project, label FROM shares WHERE kind = ? AND id = ?"
+                             " ORDER BY project", (kind, item["id"])):
+        project = store.project(share["project"])
+        if project is not None:
+            rows.append(_projects_of_row(share["label"], project))
+    return table_response(request, rows, PROJECTS_OF_COLUMNS)
+
+
+def _projects_of_row(label: str, project: sqlite3.Row) -> dict[str, Any]:
+    return {"label": label, "ID": project["id"], "Secondary_ID": project["secondary_id"],
+            "Name": project["name"]}
