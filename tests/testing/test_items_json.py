@@ -232,3 +232,24 @@ def test_last_modified_is_set_on_change_and_migrated_in_place(tmp_path: Path) ->
     resource = store.resource(eid, pk, "DICOM")
     assert resource is not None and resource["last_modified"] == experiment["insert_date"]
     store.close()
+
+
+def test_an_item_without_format_is_the_html_page_unless_xml_is_asked_for(
+        tmp_path: Path) -> None:
+    """XNAT's item resources offer HTML, then XML, and Restlet keeps the first
+    on a tie: no ``format`` and ``Accept: */*`` gives the report page, never
+    JSON (docs/xnat-verified.md, "Item GET without format"). Listings answer
+    JSON without ``format``."""
+    with TestServer(tmp_path / "data", dataset="demo") as server, \
+            httpx.Client(base_url=server.url, auth=("admin", "admin"), timeout=30) as c:
+        item = "/data/projects/NEURO_PUB/subjects/NP001/experiments/NP001_MR1"
+        for accept in (None, "*/*", "text/html"):
+            answer = c.get(item, headers={"Accept": accept} if accept else {})
+            assert answer.headers["content-type"].startswith("text/html"), accept
+            assert answer.text.lstrip().lower().startswith(("<!doctype html", "<html"))
+        for accept in ("text/xml", "application/xml", "text/html;q=0.5, text/xml"):
+            answer = c.get(item, headers={"Accept": accept})
+            assert answer.headers["content-type"].startswith("text/xml"), accept
+            assert "<xnat:MRSession" in answer.text
+        assert c.get(item, params={"format": "json"}).json()["items"]
+        assert c.get("/data/projects/NEURO_PUB/subjects").json()["ResultSet"]["Result"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from typing import Any
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape, quoteattr
 
 from aiohttp import web
 
@@ -27,7 +27,7 @@ from .resolve import Resolved
 def get_item(request: web.Request, store: Store, path: ArchivePath,
              res: Resolved) -> web.Response:
     """The one object a path names, as an item (or a resource's catalog)."""
-    fmt = (request.query.get("format") or "json").lower()
+    fmt = (request.query.get("format") or _negotiated(request)).lower()
     kind = object_named(path, res)
     if kind == "resource" and fmt != "json":
         return text_response(catalog_xml(store, res.the_resource), content_type="text/xml")
@@ -37,7 +37,38 @@ def get_item(request: web.Request, store: Store, path: ArchivePath,
         site_url = f"{request.scheme}://{request.host}"
         return text_response(itemxml.document(store, kind, res, site_url),
                              content_type="text/xml")
+    if fmt == "html":
+        return text_response(_report_page(kind, res), content_type="text/html")
     raise XnatHTTPError(400, f"Unsupported format: {fmt}")
+
+
+def _negotiated(request: web.Request) -> str:
+    """Without ``format``, XNAT's item resources offer HTML, then XML, and
+    Restlet keeps the first on a tie: ``Accept: */*`` (curl, requests, no
+    Accept at all) gets the HTML report page; XML only when asked for by
+    name (docs/xnat-verified.md, "Item GET without format")."""
+    quality = {"html": 0.0, "xml": 0.0}
+    for part in request.headers.get("Accept", "*/*").split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = next((float(p[2:]) for p in params if p.startswith("q=")
+                  and p[2:].replace(".", "", 1).isdigit()), 1.0)
+        for name, types in (("html", ("text/html", "text/*", "*/*")),
+                            ("xml", ("text/xml", "application/xml", "text/*", "*/*"))):
+            if media in types:
+                quality[name] = max(quality[name], q)
+    return "xml" if quality["xml"] > quality["html"] else "html"
+
+
+def _report_page(kind: str, res: Resolved) -> str:
+    """XNAT's report page for an object (``ItemHTMLRepresentation``), reduced to
+    what names the object: a client that forgot ``format=json`` gets HTML, as
+    from a real server, and fails the same way."""
+    row = {"project": res.project, "subject": res.subject, "experiment": res.experiment,
+           "assessor": res.assessor, "scan": res.scans[0] if res.scans else None}.get(kind)
+    name = escape(str(row["label"] if row is not None and "label" in row.keys()
+                      else row["id"] if row is not None else kind))
+    return (f"<!DOCTYPE html>\n<html>\n<head><title>XNAT</title></head>\n"
+            f"<body><h1>{escape(kind)} {name}</h1></body>\n</html>\n")
 
 
 def object_named(path: ArchivePath, res: Resolved) -> str:
