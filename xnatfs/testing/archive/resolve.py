@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..auth import Caller
 from ..store import Store
 from ..xnatformat import XnatHTTPError
 from .paths import ArchivePath
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -35,35 +38,35 @@ class Resolved:
     # For handlers whose path names the level (resolve raised 404 otherwise).
     @property
     def the_project(self) -> sqlite3.Row:
-        assert self.project is not None
-        return self.project
+        return _named(self.project)
 
     @property
     def the_subject(self) -> sqlite3.Row:
-        assert self.subject is not None
-        return self.subject
+        return _named(self.subject)
 
     @property
     def the_experiment(self) -> sqlite3.Row:
-        assert self.experiment is not None
-        return self.experiment
+        return _named(self.experiment)
 
     @property
     def the_assessor(self) -> sqlite3.Row:
-        assert self.assessor is not None
-        return self.assessor
+        return _named(self.assessor)
 
     @property
     def the_scan(self) -> sqlite3.Row:
         """The one scan the path names (callers check it names exactly one)."""
-        assert self.scans
-        return self.scans[0]
+        return _named(self.scans)[0]
 
     @property
     def the_resource(self) -> sqlite3.Row:
         """The one resource the path names (callers check it names exactly one)."""
-        assert self.resources
-        return self.resources[0]
+        return _named(self.resources)[0]
+
+
+def _named(value: T | None) -> T:
+    """A level the path names: resolve made it (None would be a bug)."""
+    assert value, "resolved without this level"
+    return value
 
 
 class Access:
