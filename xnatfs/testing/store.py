@@ -69,10 +69,13 @@ CREATE TABLE IF NOT EXISTS scans (
     last_modified TEXT NOT NULL DEFAULT '', UNIQUE (experiment_id, scan_id));
 CREATE TABLE IF NOT EXISTS resources (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    experiment_id TEXT NOT NULL REFERENCES experiments(id) ON DELETE CASCADE,
+    experiment_id TEXT REFERENCES experiments(id) ON DELETE CASCADE,
     scan_pk INTEGER REFERENCES scans(pk) ON DELETE CASCADE,
     label TEXT NOT NULL, format TEXT NOT NULL DEFAULT '', content TEXT NOT NULL DEFAULT '',
-    tags TEXT NOT NULL DEFAULT '', last_modified TEXT NOT NULL DEFAULT '');
+    tags TEXT NOT NULL DEFAULT '', last_modified TEXT NOT NULL DEFAULT '',
+    assessor_id TEXT REFERENCES assessors(id) ON DELETE CASCADE,
+    project_id TEXT REFERENCES projects(id) ON DELETE CASCADE,
+    subject_id TEXT REFERENCES subjects(id) ON DELETE CASCADE);
 CREATE TABLE IF NOT EXISTS assessors (
     id TEXT PRIMARY KEY,
     experiment_id TEXT NOT NULL REFERENCES experiments(id) ON DELETE CASCADE,
@@ -85,6 +88,9 @@ CREATE TABLE IF NOT EXISTS files (
     path TEXT NOT NULL, size INTEGER NOT NULL, digest TEXT NOT NULL, mtime REAL NOT NULL,
     blob TEXT NOT NULL, format TEXT NOT NULL DEFAULT '', content TEXT NOT NULL DEFAULT '',
     tags TEXT NOT NULL DEFAULT '', UNIQUE (resource_id, path));
+CREATE TABLE IF NOT EXISTS strays (
+    resource_id INTEGER NOT NULL REFERENCES resources(id) ON DELETE CASCADE,
+    path TEXT NOT NULL, blob TEXT NOT NULL, PRIMARY KEY (resource_id, path));
 CREATE TABLE IF NOT EXISTS shares (
     kind TEXT NOT NULL CHECK (kind IN ('subject', 'experiment')), id TEXT NOT NULL,
     project TEXT NOT NULL REFERENCES projects(id) ON DELETE CASCADE, label TEXT NOT NULL,
@@ -172,6 +178,7 @@ class Store:
         self.tmp_dir = self.root / "tmp"
         self.tmp_dir.mkdir(exist_ok=True)
         self._lock = threading.RLock()
+        self._catalog_versions: dict[int, int] = {}
         self._db = sqlite3.connect(
             self.root / "xnat.sqlite", check_same_thread=False, isolation_level=None
         )
@@ -194,6 +201,7 @@ class Store:
         if "assessor_id" not in columns:
             self._db.execute("ALTER TABLE resources ADD COLUMN assessor_id TEXT"
                              " REFERENCES assessors(id) ON DELETE CASCADE")
+        self._migrate_resource_owners()
         scan_columns = {row["name"] for row in self._db.execute("PRAGMA table_info(scans)")}
         for column in ("insert_date", "insert_user"):
             if column not in scan_columns:
@@ -213,8 +221,36 @@ class Store:
                          " experiments e WHERE e.id = resources.experiment_id)"
                          " WHERE last_modified = ''")
         self._db.execute("DROP INDEX IF EXISTS resources_label")
-        self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS resources_owner_label ON resources"
-                         " (experiment_id, IFNULL(scan_pk, -1), IFNULL(assessor_id, ''), label)")
+        self._db.execute("DROP INDEX IF EXISTS resources_owner_label")
+        self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS resources_owner_label2 ON resources"
+                         " (IFNULL(project_id, ''), IFNULL(subject_id, ''),"
+                         " IFNULL(experiment_id, ''), IFNULL(scan_pk, -1),"
+                         " IFNULL(assessor_id, ''), label)")
+
+    def _migrate_resource_owners(self) -> None:
+        """Data sets made before project and subject resources: ``resources`` is
+        rebuilt in place with a nullable ``experiment_id`` and the owner columns
+        ``project_id`` and ``subject_id`` (SQLite cannot drop NOT NULL)."""
+        info = {row["name"]: row for row in self._db.execute("PRAGMA table_info(resources)")}
+        if "project_id" in info and not info["experiment_id"]["notnull"]:
+            return
+        old = ", ".join(name for name in info if name not in ("project_id", "subject_id"))
+        self._db.execute("PRAGMA foreign_keys = OFF")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DROP TABLE IF EXISTS resources_new")
+            create = SCHEMA.split("CREATE TABLE IF NOT EXISTS resources (", 1)[1]
+            create = "CREATE TABLE resources_new (" + create.split(";", 1)[0]
+            self._db.execute(create)
+            self._db.execute(f"INSERT INTO resources_new ({old}) SELECT {old} FROM resources")
+            self._db.execute("DROP TABLE resources")
+            self._db.execute("ALTER TABLE resources_new RENAME TO resources")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        finally:
+            self._db.execute("PRAGMA foreign_keys = ON")
 
     # ------------------------------------------------------------------ basics
     def close(self) -> None:
@@ -510,6 +546,63 @@ class Store:
             "SELECT * FROM resources WHERE experiment_id = ? AND scan_pk IS ?"
             " AND assessor_id IS ? ORDER BY id", (experiment_id, scan_pk, assessor_id))
 
+    # A project's or a subject's own resources (``owner`` "project" or "subject").
+    def add_owned_resource(self, owner: str, owner_id: str, label: str, *, format: str = "",
+                           content: str = "", tags: str = "") -> int:
+        column = _owner_column(owner)
+        with self.transaction():
+            if self.owned_resource(owner, owner_id, label):
+                raise StoreError(409, "Specified resource already exists.")
+            return self.insert(
+                f"INSERT INTO resources ({column}, label, format, content, tags,"
+                " last_modified) VALUES (?, ?, ?, ?, ?, ?)",
+                (owner_id, label, format, content, tags, modified_stamp()))
+
+    def owned_resource(self, owner: str, owner_id: str, label_or_id: str) -> sqlite3.Row | None:
+        rows = self.query(
+            f"SELECT * FROM resources WHERE {_owner_column(owner)} = ?"
+            " AND (label = ? OR CAST(id AS TEXT) = ?) ORDER BY label = ? DESC",
+            (owner_id, label_or_id, label_or_id, label_or_id))
+        return rows[0] if rows else None
+
+    def owned_resources(self, owner: str, owner_id: str) -> list[sqlite3.Row]:
+        return self.query(f"SELECT * FROM resources WHERE {_owner_column(owner)} = ?"
+                          " ORDER BY id", (owner_id,))
+
+    def catalog_version(self, resource_id: int) -> int:
+        """How many times a resource's catalog has been written since the server
+        started: what XNAT's catalog checksum tells a writer (see ``filewrites``)."""
+        return self._catalog_versions.get(resource_id, 0)
+
+    def _catalog_written(self, resource_id: int) -> None:
+        self._catalog_versions[resource_id] = self.catalog_version(resource_id) + 1
+
+    # A file on the resource's disk that its catalog does not list (an upload
+    # whose catalog write failed): XNAT still sees it as a duplicate.
+    def add_stray(self, resource_id: int, path: str, blob: str) -> None:
+        old = self.stray(resource_id, path)
+        self.execute("INSERT OR REPLACE INTO strays (resource_id, path, blob) VALUES (?, ?, ?)",
+                     (resource_id, path, blob))
+        if old is not None:
+            self._drop_blob(old)
+
+    def stray(self, resource_id: int, path: str) -> str | None:
+        row = self.query_one("SELECT blob FROM strays WHERE resource_id = ? AND path = ?",
+                             (resource_id, path))
+        return row["blob"] if row else None
+
+    def drop_stray(self, resource_id: int, path: str) -> None:
+        blob = self.stray(resource_id, path)
+        if blob is not None:
+            self.execute("DELETE FROM strays WHERE resource_id = ? AND path = ?",
+                         (resource_id, path))
+            self._drop_blob(blob)
+
+    def on_disk(self, resource_id: int, path: str) -> bool:
+        """Whether ``path`` exists in the resource's folder, catalogued or not."""
+        return self.file(resource_id, path) is not None or self.stray(resource_id, path) \
+            is not None
+
     def assessor_resources(self, experiment_id: str) -> list[sqlite3.Row]:
         """The output resources of every assessor of a session, assessor by assessor."""
         return self.query(
@@ -549,7 +642,9 @@ class Store:
 
     def delete_resource(self, resource_id: int) -> None:
         blobs = [r["blob"] for r in self.query(
-            "SELECT blob FROM files WHERE resource_id = ?", (resource_id,))]
+            "SELECT blob FROM files WHERE resource_id = ?"
+            " UNION ALL SELECT blob FROM strays WHERE resource_id = ?",
+            (resource_id, resource_id))]
         self.execute("DELETE FROM resources WHERE id = ?", (resource_id,))
         for blob in blobs:
             self._drop_blob(blob)
@@ -609,6 +704,7 @@ class Store:
                 (resource_id, path, size, digest, mtime, blob, format, content, tags),
             )
             self.touch("resources", resource_id)  # its file_count and file_size change
+            self._catalog_written(resource_id)
         if old:
             self._drop_blob(old.blob)
         return True
@@ -617,6 +713,7 @@ class Store:
         with self.transaction():
             self.execute("DELETE FROM files WHERE id = ?", (file.id,))
             self.touch("resources", file.resource_id)
+            self._catalog_written(file.resource_id)
         self._drop_blob(file.blob)
 
     def touch(self, table: str, key: str | int) -> None:
@@ -630,11 +727,15 @@ class Store:
     def _drop_blob(self, blob: str) -> None:
         # Blobs may be shared after a prearchive session is archived by reference.
         still_used = self.query_one(
-            "SELECT 1 FROM files WHERE blob = ? UNION SELECT 1 FROM prearc_files WHERE blob = ?",
-            (blob, blob))
+            "SELECT 1 FROM files WHERE blob = ? UNION SELECT 1 FROM prearc_files WHERE blob = ?"
+            " UNION SELECT 1 FROM strays WHERE blob = ?", (blob, blob, blob))
         if not still_used:
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(blob).unlink()
+
+
+def _owner_column(owner: str) -> str:
+    return {"project": "project_id", "subject": "subject_id"}[owner]
 
 
 def md5_file(path: Path, chunk: int = 1 << 20) -> str:
