@@ -1,16 +1,13 @@
-"""The archive's files: listings, downloads, zips, uploads, and the resources they live in.
+"""The archive's files, read: listings, downloads and zips.
 
-Everything below a ``files`` segment (reference sections 3 and 4): the file
-table (whose URIs depend on how the request named its resources), one file's
-download, ``format=zip|tar.gz|tar`` of many, a file PUT (raw, multipart, or
-an archive unpacked with ``extract=true``), a file DELETE, and creating the
-resource a PUT names.
+Everything a GET below a ``files`` segment answers (reference sections 3 and
+4): the file table (whose URIs depend on how the request named its
+resources), one file's download, ``format=zip|tar.gz|tar`` of many. Writes
+(file PUT/POST/DELETE, resources) are :mod:`.filewrites`'.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import sqlite3
 from pathlib import Path
 
@@ -18,9 +15,9 @@ from aiohttp import web
 
 from ..downloads import archive_response, send_blob, zip_entry_name
 from ..knobs import Knobs
-from ..spool import extract_members, safe_relpath, spool_body
-from ..store import FileRow, Store
-from ..xnatformat import XnatHTTPError, table_response, text_response
+from ..store import Store
+from ..storefiles import FileRow
+from ..xnatformat import XnatHTTPError, table_response
 from .paths import ArchivePath
 from .resolve import Resolved, assessor_resources, resource_owner
 
