@@ -24,7 +24,8 @@ from xnatfs.testing.imaging import (
     write_dicom_series,
     write_nifti,
 )
-from xnatfs.testing.store import Store, md5_file
+from xnatfs.testing.store import Store
+from xnatfs.testing.storefiles import md5_file
 
 TINY = DatasetSpec(matrix=16, slices=4, bench_subjects=1, bench_sessions=1, bench_matrix=16,
                    bench_slices=6, big_nifti_bytes=100_000, big_nifti_volume=(16, 16, 8))

@@ -19,7 +19,7 @@ import pytest
 
 from xnatfs.testing.harness import TestServer
 from xnatfs.testing.imaging import synthetic_study, write_dicom_archive
-from xnatfs.testing.store import java_timestamp
+from xnatfs.testing.storedb import java_timestamp
 from xnatfs.testing.xnatformat import _bucket, java_hash_order
 
 from .recorded import load, recordings, shape, string_form

@@ -299,9 +299,14 @@ def test_private_project_is_invisible_and_protected_is_forbidden(alice: httpx.Cl
 
 
 def test_reader_cannot_write(alice: httpx.Client) -> None:
-    r = alice.put("/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1/resources/X/files/x.txt",
-                  content=b"x")
-    assert r.status_code == 403
+    # Was 403. XNAT's FileList.handlePost wraps the upload in
+    # ``if (Permissions.canEdit(user, security)) {...}`` with no else branch: a
+    # reader's upload is a 200 with an empty body and nothing is written
+    # (xnat-write-api.md 3.1 and 10.17; docs/xnat-verified.md).
+    url = "/data/projects/PUBP/subjects/SUBJ1/experiments/SESS1/resources/X/files/x.txt"
+    r = alice.put(url, content=b"x")
+    assert r.status_code == 200 and r.text == ""
+    assert alice.get(url).status_code == 404
 
 
 def test_duplicate_file_put_is_200_and_keeps_the_file(admin: httpx.Client) -> None:
@@ -422,8 +427,11 @@ def test_shared_subjects_and_experiments_appear_under_their_label_there(
     # the share, not the data.
     shared_session = "/data/projects/PROTP/subjects/SHARED_SUBJ/experiments/SHARED_SESS"
     assert alice.get(f"{shared_session}/scans/3/resources/DICOM/files").status_code == 200
-    assert alice.put(f"{shared_session}/resources/NOTES/files/x.txt",
-                     content=b"x").status_code == 403
+    # Was 403: a file PUT without edit rights is a silent 200 in XNAT (FileList's
+    # canEdit check has no else; xnat-write-api.md 10.17), and nothing is written.
+    r = alice.put(f"{shared_session}/resources/NOTES/files/x.txt", content=b"x")
+    assert r.status_code == 200 and r.text == ""
+    assert alice.get(f"{shared_session}/resources/NOTES/files/x.txt").status_code == 404
     assert alice.delete(shared_session).status_code == 200
     assert admin.get("/data/projects/PROTP/experiments").json()["ResultSet"]["Result"] == []
     assert admin.get(f"/data/experiments/{session['ID']}?format=json").status_code == 200

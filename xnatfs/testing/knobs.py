@@ -40,6 +40,8 @@ class Knobs:
     fault_path: str = ""             # regex: faults apply only to matching paths ("" = all)
     session_timeout_s: float = 900.0  # JSESSION inactivity timeout
     prearchive_settle_s: float = 5.0  # gradual-DICOM RECEIVING -> READY after this idle time
+    catalog_conflicts: bool = True   # two uploads into one resource at once: the later
+                                     # catalog write fails with 500, as XNAT's does
 
     def update(self, changes: dict[str, Any]) -> None:
         fields = {f.name: f for f in dataclasses.fields(self)}

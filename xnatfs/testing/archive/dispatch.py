@@ -16,7 +16,7 @@ from ..auth import Caller
 from ..knobs import Knobs
 from ..store import Store
 from ..xnatformat import XnatHTTPError
-from . import files, items, tables, writes
+from . import filewrites, files, items, tables, writes
 from .paths import ArchivePath, parse_archive_path
 from .resolve import Access, resolve
 
@@ -65,10 +65,10 @@ class ArchiveRoutes:
     async def _put(self, request: web.Request, access: Access,
                    path: ArchivePath) -> web.StreamResponse:
         if path.collection == "files":
-            return await files.put_file(request, self.store, self.knobs, access, path)
+            return await filewrites.put_file(request, self.store, self.knobs, access, path)
         if path.collection is not None:
             raise XnatHTTPError(405, "Method Not Allowed")
         request["route"] = f"{path.level}.put"
         if path.level == "resource":
-            return files.put_resource(request, self.store, access, path)
+            return filewrites.put_resource(request, self.store, access, path)
         return writes.put_object(request, self.store, access, path)

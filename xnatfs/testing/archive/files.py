@@ -1,16 +1,13 @@
-"""The archive's files: listings, downloads, zips, uploads, and the resources they live in.
+"""The archive's files, read: listings, downloads and zips.
 
-Everything below a ``files`` segment (reference sections 3 and 4): the file
-table (whose URIs depend on how the request named its resources), one file's
-download, ``format=zip|tar.gz|tar`` of many, a file PUT (raw, multipart, or
-an archive unpacked with ``extract=true``), a file DELETE, and creating the
-resource a PUT names.
+Everything a GET below a ``files`` segment answers (reference sections 3 and
+4): the file table (whose URIs depend on how the request named its
+resources), one file's download, ``format=zip|tar.gz|tar`` of many. Writes
+(file PUT/POST/DELETE, resources) are :mod:`.filewrites`'.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import sqlite3
 from pathlib import Path
 
@@ -18,11 +15,11 @@ from aiohttp import web
 
 from ..downloads import archive_response, send_blob, zip_entry_name
 from ..knobs import Knobs
-from ..spool import extract_members, safe_relpath, spool_body
-from ..store import FileRow, Store
-from ..xnatformat import XnatHTTPError, table_response, text_response
+from ..store import Store
+from ..storefiles import FileRow
+from ..xnatformat import XnatHTTPError, table_response
 from .paths import ArchivePath
-from .resolve import Access, Resolved, assessor_resources, require_edit, resolve
+from .resolve import Resolved, assessor_resources, resource_owner
 
 
 def file_sources(store: Store, res: Resolved, request: web.Request | None = None
@@ -32,7 +29,12 @@ def file_sources(store: Store, res: Resolved, request: web.Request | None = None
     output resources, as XNAT's ``XNATTemplate.loadCatalogs`` does (it adds
     reconstructions too, which this server does not model)."""
     if res.experiment is None:
-        return []
+        if res.project is None:
+            return []
+        if res.resources is not None:
+            return [(None, r) for r in res.resources]
+        owner, owner_id = resource_owner(res)
+        return [(None, r) for r in store.owned_resources(owner, owner_id)]
     eid = res.experiment["id"]
     if res.assessor is not None:
         resources = res.resources if res.resources is not None else \
@@ -62,6 +64,12 @@ def _is_multi(res: Resolved) -> bool:
 def _file_uri(res: Resolved, path: ArchivePath, scan: sqlite3.Row | None,
               resource: sqlite3.Row, f: FileRow) -> str:
     tail = f"resources/{resource['id']}/files/{f.path}"
+    if resource["experiment_id"] is None:
+        # XNATCatalogTemplate.getBaseURI: /data/projects/P[/subjects/{subject ID}].
+        base = f"/data/projects/{res.the_project['id']}"
+        if resource["subject_id"] is not None:
+            base += f"/subjects/{resource['subject_id']}"
+        return f"{base}/{tail}"
     if scan is not None:
         tail = f"scans/{scan['scan_id']}/{tail}"
     elif resource["assessor_id"] is not None:
@@ -97,7 +105,7 @@ def _list_files(request: web.Request, store: Store, path: ArchivePath,
     rows = []
     for scan, resource in file_sources(store, res, request):
         for f in store.files(resource["id"]):
-            where = (_disk_path(store, res, scan, resource, f, project_relative=(
+            where = (_disk_path(store, scan, resource, f, project_relative=(
                          uri_column == "projectPath"))
                      if uri_column != "URI" else _file_uri(res, path, scan, resource, f))
             rows.append({"Name": f.path.rsplit("/", 1)[-1], "Size": f.size,
@@ -110,19 +118,27 @@ def _list_files(request: web.Request, store: Store, path: ArchivePath,
                           json_columns_header=[{"key": uri_column, "serverRoot": ""}])
 
 
-def _disk_path(store: Store, res: Resolved, scan: sqlite3.Row | None, resource: sqlite3.Row,
-               f: FileRow, *, project_relative: bool) -> str:
+def _disk_path(store: Store, scan: sqlite3.Row | None, resource: sqlite3.Row, f: FileRow, *,
+               project_relative: bool) -> str:
     """Where XNAT's layout puts a file: ``<root>/<PROJECT>/arc001/<SESSION>/SCANS/
     <scan>/<resource>/<path>`` (``RESOURCES/...`` for the session's own,
-    ``ASSESSORS/<assessor>/...`` for an assessor's)."""
-    experiment = res.the_experiment
-    inside = f"{_resource_dir(store, experiment, scan, resource)}/{f.path}"
-    return inside if project_relative else f"{ARCHIVE_ROOT}/{experiment['project']}/{inside}"
+    ``ASSESSORS/<assessor>/...`` for an assessor's, ``<PROJECT>/resources/<R>``
+    and ``<PROJECT>/subjects/<SUBJECT>/<R>`` for a project's and a subject's)."""
+    inside = f"{resource_dir(store, scan, resource)}/{f.path}"
+    return inside.split("/", 1)[1] if project_relative else f"{ARCHIVE_ROOT}/{inside}"
 
 
-def _resource_dir(store: Store, experiment: sqlite3.Row, scan: sqlite3.Row | None,
-                  resource: sqlite3.Row) -> str:
-    """A resource's folder below its project's archive root."""
+def resource_dir(store: Store, scan: sqlite3.Row | None, resource: sqlite3.Row) -> str:
+    """A resource's folder below the archive root, its project first
+    (``DefaultCatalogService.insert*ResourceCatalog``, xnat-write-api.md 2.4)."""
+    if resource["project_id"] is not None:
+        return f"{resource['project_id']}/resources/{resource['label']}"
+    if resource["subject_id"] is not None:
+        subject = store.subject(None, resource["subject_id"])
+        assert subject is not None
+        return f"{subject['project']}/subjects/{subject['label']}/{resource['label']}"
+    experiment = store.experiment(None, resource["experiment_id"])
+    assert experiment is not None
     if scan is not None:
         owner = f"SCANS/{scan['scan_id']}"
     elif resource["assessor_id"] is not None:
@@ -130,17 +146,15 @@ def _resource_dir(store: Store, experiment: sqlite3.Row, scan: sqlite3.Row | Non
         owner = f"ASSESSORS/{assessor['label'] if assessor else resource['assessor_id']}"
     else:
         owner = "RESOURCES"
-    return f"arc001/{experiment['label']}/{owner}/{resource['label']}"
+    return f"{experiment['project']}/arc001/{experiment['label']}/{owner}/{resource['label']}"
 
 
-def catalog_path(store: Store, experiment: sqlite3.Row, scan: sqlite3.Row | None,
-                 resource: sqlite3.Row) -> str:
+def catalog_path(store: Store, scan: sqlite3.Row | None, resource: sqlite3.Row) -> str:
     """The catalog file of a resource on the server's disk: a resource item's
     ``URI`` in XNAT 1.8. ``DefaultCatalogService`` names it after the scan ID
     for a scan's resource, after the label otherwise (xnat-write-api.md 2.4)."""
     name = scan["scan_id"] if scan is not None else resource["label"]
-    return (f"{ARCHIVE_ROOT}/{experiment['project']}/"
-            f"{_resource_dir(store, experiment, scan, resource)}/{name}_catalog.xml")
+    return f"{ARCHIVE_ROOT}/{resource_dir(store, scan, resource)}/{name}_catalog.xml"
 
 
 async def get_files(request: web.Request, store: Store, knobs: Knobs, path: ArchivePath,
@@ -167,7 +181,8 @@ async def _archive_download(request: web.Request, store: Store, knobs: Knobs,
                             res: Resolved, fmt: str) -> web.StreamResponse:
     """``?format=zip|tar.gz|tar`` with XNAT's entry layout, streamed chunked."""
     structure = request.query.get("structure", "default")
-    label = res.experiment["label"] if res.experiment is not None else "download"
+    label = (res.experiment["label"] if res.experiment is not None else
+             res.subject["label"] if res.subject is not None else res.the_project["id"])
     entries: list[tuple[str, Path, float]] = []
     for scan, resource in file_sources(store, res, request):
         for f in store.files(resource["id"]):
@@ -182,98 +197,3 @@ async def _archive_download(request: web.Request, store: Store, knobs: Knobs,
     if not entries:
         raise XnatHTTPError(404, "No matching files found.")
     return await archive_response(request, entries, fmt, label, knobs)
-
-
-def put_resource(request: web.Request, store: Store, access: Access,
-                 path: ArchivePath) -> web.Response:
-    """PUT of a resource's own URL: create it, with its format, content and tags."""
-    res = resolve(store, access, path, for_write=True)
-    require_edit(store, access, res)
-    if res.resources:
-        raise XnatHTTPError(409, "Specified resource already exists.")
-    if res.experiment is None or res.scan_multi:
-        raise XnatHTTPError(400, "Resources can only be created on a session or scan.")
-    q = request.query
-    _new_resource(store, res, path, format=q.get("format", ""), content=q.get("content", ""),
-                  tags=q.get("tags", ""))
-    return text_response("", 200)
-
-
-def _new_resource(store: Store, res: Resolved, path: ArchivePath, **fields: str) -> int:
-    """The resource a PUT names, made on its session, scan or assessor."""
-    if res.assessor is not None and res.assessor_kind == "in":
-        raise XnatHTTPError(400, "This server keeps assessor output resources only.")
-    scan_pk = res.scans[0]["pk"] if res.scans else None
-    return store.add_resource(
-        res.the_experiment["id"], scan_pk, path.ids["resource"],
-        assessor_id=res.assessor["id"] if res.assessor is not None else None,
-        format=fields.get("format", ""), content=fields.get("content", ""),
-        tags=fields.get("tags", ""))
-
-
-async def put_file(request: web.Request, store: Store, knobs: Knobs, access: Access,
-                   path: ArchivePath) -> web.Response:
-    """PUT below ``files``: one file, or an archive's members with ``extract=true``;
-    the resource is made when it does not exist yet."""
-    request["route"] = "files.put"
-    res = resolve(store, access, path, for_write=True)
-    require_edit(store, access, res)
-    if path.file_path is None and request.query.get("extract") != "true":
-        raise XnatHTTPError(400, "You must specify a file name.")
-    if res.experiment is None or res.scan_multi or res.resource_multi:
-        raise XnatHTTPError(400, "Files can only be added to one resource.")
-    if "resource" not in path.ids:
-        raise XnatHTTPError(400, "You must specify a resource.")
-    if path.file_path and not safe_relpath(path.file_path):
-        raise XnatHTTPError(400, f"Invalid file path: {path.file_path}")
-    q = request.query
-    spooled = await spool_body(request, store.tmp_dir, knobs)
-    try:
-        if spooled.size == 0:
-            raise XnatHTTPError(400, "You tried to PUT to this service, but didn't provide "
-                                     "any data (found 0 files). Please provide data and "
-                                     "try again.")
-        if res.resources:
-            resource = res.resources[0]
-        else:
-            rid = _new_resource(store, res, path)
-            resource = store.aggregate("SELECT * FROM resources WHERE id = ?", (rid,))
-        overwrite = q.get("overwrite") == "true"
-        opts = {"format": q.get("format", ""), "content": q.get("content", ""),
-                "tags": q.get("tags", "")}
-        if q.get("extract") == "true":
-            items = await asyncio.to_thread(extract_members, spooled.path, spooled.name,
-                                            store.tmp_dir)
-        else:
-            assert path.file_path is not None  # checked above
-            items = [(path.file_path, spooled.path)]
-        duplicates = []
-        for relpath, local in items:
-            if store.file(resource["id"], relpath) and not overwrite:
-                duplicates.append(relpath)
-                continue
-            blob, size, digest = await asyncio.to_thread(
-                store.store_blob_from_path, local, move=True)
-            store.add_file(resource["id"], relpath, blob, size, digest,
-                           overwrite=overwrite, **opts)
-    finally:
-        spooled.cleanup()
-    if duplicates:
-        return web.Response(status=200, text=json.dumps({"duplicates": duplicates}),
-                            content_type="text/html")
-    return text_response("", 200)
-
-
-def delete_file(store: Store, res: Resolved, path: ArchivePath) -> web.Response:
-    """DELETE below ``files``: the named file, in every resource the path covers."""
-    if path.file_path is None:
-        raise XnatHTTPError(400, "You must specify a file.")
-    matched = False
-    for _scan, resource in file_sources(store, res):
-        f = store.file(resource["id"], path.file_path)
-        if f is not None:
-            store.delete_file(f)
-            matched = True
-    if not matched:
-        raise XnatHTTPError(404, "No matched files")
-    return text_response("", 200)

@@ -87,7 +87,7 @@ def object_named(path: ArchivePath, res: Resolved) -> str:
 
 
 _ITEM_JSON: dict[str, Callable[[Store, Resolved], dict[str, Any]]] = {
-    "project": lambda store, res: project_item(res.the_project),
+    "project": lambda store, res: project_item(res.the_project, store),
     "subject": lambda store, res: subject_item(store, res.the_subject),
     "experiment": lambda store, res: experiment_item(store, res.the_experiment),
     "assessor": lambda store, res: assessor_item(store, res.the_assessor, res.the_experiment),
@@ -97,10 +97,14 @@ _ITEM_JSON: dict[str, Callable[[Store, Resolved], dict[str, Any]]] = {
 }
 
 
-def project_item(p: sqlite3.Row) -> dict[str, Any]:
+def project_item(p: sqlite3.Row, store: Store | None = None) -> dict[str, Any]:
+    """A project, with its own resources (``resources/resource``) when asked for."""
+    resources = [resource_item(store, r) for r in
+                 store.owned_resources("project", p["id"])] if store is not None else []
     return item_json("xnat:projectData", {
         "ID": p["id"], "secondary_ID": p["secondary_id"], "name": p["name"],
         "description": p["description"], "active": "true"},
+        [child_field("resources/resource", resources)] if resources else [],
         last_modified=p["last_modified"])
 
 
@@ -121,6 +125,9 @@ def subject_item(store: Store, s: sqlite3.Row) -> dict[str, Any]:
         demographics["data_fields"] = {k: v for k, v in demographics["data_fields"].items()
                                        if v not in ("", None)}
         children.append(child_field("demographics", [demographics]))
+    resources = [resource_item(store, r) for r in store.owned_resources("subject", s["id"])]
+    if resources:
+        children.append(child_field("resources/resource", resources))
     experiments = [experiment_item(store, e) for e in store.query(
         "SELECT * FROM experiments WHERE subject_id = ? ORDER BY id", (s["id"],))]
     if experiments:
@@ -215,9 +222,6 @@ def resource_item(store: Store, r: sqlite3.Row, e: sqlite3.Row | None = None,
     ``xnat_abstractresource_id`` (its table's key) and ``xnat_abstractResource_id``
     (abstractResource's default key) the same number; its tags as
     ``tags/tag`` children (``name=value`` tags with a ``name``)."""
-    if e is None:
-        e = store.experiment(None, r["experiment_id"])
-        assert e is not None
     if scan is None and r["scan_pk"] is not None:
         scan = store.query_one("SELECT * FROM scans WHERE pk = ?", (r["scan_pk"],))
     count, size = store.resource_totals(r["id"])
@@ -232,7 +236,7 @@ def resource_item(store: Store, r: sqlite3.Row, e: sqlite3.Row | None = None,
     fields = {"label": r["label"], "format": r["format"], "content": r["content"],
               "xnat_abstractresource_id": r["id"], "xnat_abstractResource_id": r["id"],
               "file_count": count, "file_size": size,
-              "URI": catalog_path(store, e, scan, r)}
+              "URI": catalog_path(store, scan, r)}
     return item_json("xnat:resourceCatalog",
                      {k: v for k, v in fields.items() if v not in ("", None)}, children,
                      last_modified=r["last_modified"])

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..store import Store
-from .files import ARCHIVE_ROOT
+from .files import ARCHIVE_ROOT, catalog_path
 from .resolve import Resolved
 
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
@@ -155,6 +155,8 @@ def project_node(store: Store, p: sqlite3.Row) -> Node:
         pi = Node("xnat:PI", children=[_hidden(("xnat_investigatorData_id", rowid))])
         pi.leaf("xnat:firstname", p["pi_firstname"]).leaf("xnat:lastname", p["pi_lastname"])
         node.add(pi)
+    node.group("xnat:resources", [resource_node(store, r, None, "xnat:resource")
+                                  for r in store.owned_resources("project", p["id"])])
     return node
 
 
@@ -168,6 +170,8 @@ def subject_node(store: Store, s: sqlite3.Row, name: str | None = None) -> Node:
                                    " WHERE kind = 'subject' AND id = ? ORDER BY project",
                                    (s["id"],))]
     node.group("xnat:sharing", shares)
+    node.group("xnat:resources", [resource_node(store, r, None, "xnat:resource")
+                                  for r in store.owned_resources("subject", s["id"])])
     if s["gender"] or s["yob"]:
         rowid = store.aggregate("SELECT rowid AS n FROM subjects WHERE id = ?", (s["id"],))["n"]
         demo = Node("xnat:demographics").attr("xsi:type", "xnat:demographicData")
@@ -259,19 +263,22 @@ def assessor_node(store: Store, a: sqlite3.Row, e: sqlite3.Row,
     return node
 
 
-def resource_node(store: Store, r: sqlite3.Row, e: sqlite3.Row, name: str, *,
+def resource_node(store: Store, r: sqlite3.Row, e: sqlite3.Row | None, name: str, *,
                   scan: sqlite3.Row | None = None, assessor: sqlite3.Row | None = None) -> Node:
     """A resource catalog: abstractResource's attributes, then resource's, then
     ``xsi:type``; its URI is the catalog file's place in XNAT's archive layout."""
     count, size = store.resource_totals(r["id"])
-    if scan is not None:
-        owner = f"SCANS/{scan['scan_id']}"
-    elif assessor is not None:
-        owner = f"ASSESSORS/{assessor['label']}"
+    if e is None:  # a project's or subject's own
+        uri = catalog_path(store, None, r)
     else:
-        owner = "RESOURCES"
-    uri = (f"{ARCHIVE_ROOT}/{e['project']}/arc001/{e['label']}/{owner}/{r['label']}/"
-           f"{r['label']}_catalog.xml")
+        if scan is not None:
+            owner = f"SCANS/{scan['scan_id']}"
+        elif assessor is not None:
+            owner = f"ASSESSORS/{assessor['label']}"
+        else:
+            owner = "RESOURCES"
+        uri = (f"{ARCHIVE_ROOT}/{e['project']}/arc001/{e['label']}/{owner}/{r['label']}/"
+               f"{r['label']}_catalog.xml")
     node = Node(name).attr("label", r["label"]).attr("file_count", count).attr(
         "file_size", size)
     node.attr("URI", uri).attr("format", r["format"]).attr("content", r["content"])

@@ -183,11 +183,15 @@ def _select_scans(store: Store, experiment: sqlite3.Row,
 
 def _select_resources(store: Store, out: Resolved,
                       spec: str) -> tuple[list[sqlite3.Row], bool]:
-    if out.experiment is None:
-        # Project and subject resources: our model has none, as a fresh XNAT.
-        return [], "," in spec
     wanted = spec.split(",")
     chosen: list[sqlite3.Row] = []
+    if out.experiment is None:
+        owner, owner_id = resource_owner(out)
+        for name in wanted:
+            row = store.owned_resource(owner, owner_id, name)
+            if row is not None and row not in chosen:
+                chosen.append(row)
+        return chosen, len(wanted) > 1
     if out.assessor is not None:
         chosen = [r for r in assessor_resources(store, out) if r["label"] in wanted
                   or str(r["id"]) in wanted]
@@ -198,6 +202,14 @@ def _select_resources(store: Store, out: Resolved,
             if row is not None and row not in chosen:
                 chosen.append(row)
     return chosen, len(wanted) > 1 or len(chosen) > 1
+
+
+def resource_owner(out: Resolved) -> tuple[str, str]:
+    """Whose own resources a path without a session names: the subject's, else
+    the project's (``/data/projects/P/resources``, ``.../subjects/S/resources``)."""
+    if out.subject is not None:
+        return "subject", out.subject["id"]
+    return "project", out.the_project["id"]
 
 
 def assessor_resources(store: Store, out: Resolved) -> list[sqlite3.Row]:

@@ -20,7 +20,7 @@ from ..listings import ListingSpec
 from ..store import Store
 from ..xnatformat import XnatHTTPError, table_response
 from .paths import ArchivePath
-from .resolve import Access, Resolved, assessor_resources
+from .resolve import Access, Resolved, assessor_resources, resource_owner
 
 
 # Projects ------------------------------------------------------------
@@ -238,9 +238,11 @@ RESOURCE_COLUMNS = ["xnat_abstractresource_id", "label", "element_name", "catego
 
 
 def _resource_row(store: Store, r: sqlite3.Row, scan: sqlite3.Row | None,
-                  experiment: sqlite3.Row) -> dict[str, Any]:
+                  experiment: sqlite3.Row | None) -> dict[str, Any]:
     count, size = store.resource_totals(r["id"])
-    if scan is not None:
+    if experiment is None:  # a project's or subject's own (CatalogUtils.populateTable)
+        category, cat_id, cat_desc = "resources", r["project_id"] or r["subject_id"], " "
+    elif scan is not None:
         category, cat_id, cat_desc = "scans", scan["scan_id"], scan["type"]
     elif r["assessor_id"] is not None:
         assessor = store.assessor(experiment["id"], r["assessor_id"])
@@ -257,7 +259,10 @@ def _resource_row(store: Store, r: sqlite3.Row, scan: sqlite3.Row | None,
 
 def list_resources(request: web.Request, store: Store, res: Resolved) -> web.Response:
     rows: list[dict[str, Any]] = []
-    if res.assessor is not None:
+    if res.experiment is None and res.project is not None:
+        rows = [_resource_row(store, r, None, None)
+                for r in store.owned_resources(*resource_owner(res))]
+    elif res.assessor is not None:
         rows = [_resource_row(store, r, None, res.the_experiment)
                 for r in assessor_resources(store, res)]
     elif res.experiment is not None:

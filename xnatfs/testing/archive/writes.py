@@ -5,7 +5,7 @@ A PUT of an object's URL creates it (201, its ID) or finds it (200, its ID),
 taking fields from the query, plain or ``xsiType/field``-prefixed as
 ``req_format=qs`` sends them. A DELETE takes the object and everything below
 it, except that data deleted through a project it is only shared into loses
-that share instead. Files and resources are written in :mod:`.files`.
+that share instead. Files and resources are written in :mod:`.filewrites`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from aiohttp import web
 
 from ..store import Store
 from ..xnatformat import XnatHTTPError, text_response
-from .files import delete_file
+from .filewrites import delete_file
 from .paths import ArchivePath
 from .resolve import Access, require_edit, resolve, shared_here
 
@@ -121,7 +121,9 @@ def _prefixed_fields(query: Any, xsi_type: str, names: set[str]) -> dict[str, st
 def delete(request: web.Request, store: Store, access: Access,
            path: ArchivePath) -> web.Response:
     """DELETE of an object, of its files, or of its share into the project of the path."""
-    res = resolve(store, access, path, flat_assessor=True)
+    # CatalogResource.handleDelete returns (200, empty) when no resource matches.
+    missing_ok = path.level == "resource" and path.collection is None
+    res = resolve(store, access, path, flat_assessor=True, for_write=missing_ok)
     # /data/experiments/{ID} may name an assessor: then it is what goes.
     assessor_named = (res.assessor is not None and path.collection is None
                       and path.level in ("experiment", "assessor"))
@@ -130,7 +132,7 @@ def delete(request: web.Request, store: Store, access: Access,
     require_edit(store, access, res, owner_too=unshare is None)
     request["route"] = f"{path.collection or path.level}.delete"
     if path.collection == "files":
-        return delete_file(store, res, path)
+        return delete_file(request, store, res, path)
     if path.collection is not None:
         raise XnatHTTPError(405, "Method Not Allowed")
     level = path.level
@@ -164,11 +166,15 @@ def delete(request: web.Request, store: Store, access: Access,
             raise XnatHTTPError(403, "Unable to delete project.")
         for s in store.query("SELECT id FROM subjects WHERE project = ?", (project_id,)):
             _delete_subject(store, s["id"])
+        for r in store.owned_resources("project", project_id):
+            store.delete_resource(r["id"])
         store.execute("DELETE FROM projects WHERE id = ?", (project_id,))
     return text_response("", 200)
 
 
 def _delete_subject(store: Store, subject_id: str) -> None:
+    for r in store.owned_resources("subject", subject_id):
+        store.delete_resource(r["id"])
     for e in store.query("SELECT id FROM experiments WHERE subject_id = ?", (subject_id,)):
         _delete_experiment(store, e["id"])
     store.execute("DELETE FROM shares WHERE kind = 'subject' AND id = ?", (subject_id,))

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xnatfs.testing.dicomimport import lead_modality
-from xnatfs.testing.store import Store, StoreError, java_timestamp
+from xnatfs.testing.store import Store, StoreError
+from xnatfs.testing.storedb import java_timestamp
 
 UNASSIGNED = "Unassigned"
 DICOM_RESOURCE = "DICOM"
