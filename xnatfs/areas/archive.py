@@ -249,10 +249,7 @@ class ArchiveArea(Area):
             for scan in detail.scans]
 
     async def _scan(self, node: Node) -> list[Node]:
-        return [self.tree.child(node, RESOURCES, "resources",
-                                ("resources", node.project, node.experiment_id, node.scan_id,
-                                 node.prearchive_uri), prearchive_uri=node.prearchive_uri,
-                                **_inherited(node), scan_id=node.scan_id)]
+        return [resources_folder(self.tree, node, RESOURCES)]
 
     async def _resources(self, node: Node) -> list[Node]:
         detail = await self.session_detail(node.experiment_id)
@@ -368,6 +365,14 @@ def _inherited(node: Node) -> dict[str, Any]:
     """What a folder's entries take over from it."""
     return dict(project=node.project, subject_id=node.subject_id,
                 experiment_id=node.experiment_id, mtime_ns=node.mtime_ns)
+
+
+def resources_folder(tree: Tree, scan: Node, resources_kind: Kind) -> Node:
+    """A scan's ``resources/`` folder (the archive's and the prearchive's alike)."""
+    return tree.child(scan, resources_kind, "resources",
+                      ("resources", scan.project, scan.experiment_id, scan.scan_id,
+                       scan.prearchive_uri), prearchive_uri=scan.prearchive_uri,
+                      **_inherited(scan), scan_id=scan.scan_id)
 
 
 def files_folder(tree: Tree, resource: Node, folder_kind: Kind) -> Node:

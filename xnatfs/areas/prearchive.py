@@ -28,7 +28,7 @@ from ..errors import NotEmpty, NotFound, NotPermitted, XnatError
 from ..naming import label_from_name, require_label, safe_name, scan_folder_name
 from ..tree import Kind, Node, Tree, time_ns, xnat_xattrs
 from . import archive
-from .archive import ArchiveArea, file_entries, files_folder
+from .archive import ArchiveArea, file_entries, files_folder, resources_folder
 from .base import Area, Handle, Kernel, Writer
 from .generated import generated_file
 from .remote_files import RemoteFiles
@@ -174,12 +174,7 @@ class PrearchiveArea(Area):
                 for scan in await self._scans_of(node.prearchive_uri)]
 
     async def _scan(self, node: Node) -> list[Node]:
-        return [self.tree.child(node, RESOURCES, "resources",
-                                ("resources", node.project, node.experiment_id, node.scan_id,
-                                 node.prearchive_uri), prearchive_uri=node.prearchive_uri,
-                                project=node.project, subject_id=node.subject_id,
-                                experiment_id=node.experiment_id, scan_id=node.scan_id,
-                                mtime_ns=node.mtime_ns)]
+        return [resources_folder(self.tree, node, RESOURCES)]
 
     async def _resources(self, node: Node) -> list[Node]:
         return [self.tree.child(node, RESOURCE, "DICOM",
