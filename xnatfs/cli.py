@@ -71,8 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--direct-archive", action="store_true",
                        help="uploads go straight to the archive (XNAT's Direct-Archive)")
     mount.add_argument("--write-behind", action="store_true",
-                       help="close() of a loose DICOM file returns once it is on local disk; "
-                            "it is uploaded in the background (outcome in UPLOAD_STATUS.txt)")
+                       help="close() of a loose DICOM file or a file written into a resource "
+                            "returns once it is on local disk; it is sent in the background "
+                            "(fsync, 'sync FOLDER' and unmount wait for it)")
+    mount.add_argument("--allow-overwrite", action="store_true",
+                       help="files XNAT has may be replaced (refused otherwise: EPERM)")
+    mount.add_argument("--allow-delete", action="store_true",
+                       help="files and resources XNAT has may be deleted (refused otherwise)")
     mount.add_argument("--prearchive-ttl", type=float, default=5.0,
                        help="seconds the prearchive listing is cached (default 5)")
     mount.add_argument("--insecure", action="store_true",
@@ -417,6 +422,7 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
                          metadata_ttl=args.metadata_ttl, read_only=args.read_only,
                          verify_tls=not args.insecure, range_mode=args.range,
                          direct_archive=args.direct_archive, write_behind=args.write_behind,
+                         allow_overwrite=args.allow_overwrite, allow_delete=args.allow_delete,
                          prearchive_ttl=args.prearchive_ttl,
                          request_timeout=args.timeout, import_timeout=args.import_timeout,
                          debug_fuse=args.debug_fuse,
@@ -469,6 +475,10 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
         argv.append("--direct-archive")
     if args.write_behind:
         argv.append("--write-behind")
+    if args.allow_overwrite:
+        argv.append("--allow-overwrite")
+    if args.allow_delete:
+        argv.append("--allow-delete")
     if args.insecure:
         argv.append("--insecure")
     if args.allow_other:

@@ -193,7 +193,8 @@ def _prompted(site: str, user: str, ask_password: PasswordPrompt | None,
     return Credentials(site, user, ask_password(site, user), source)
 
 
-MOUNT_SWITCHES = ("direct_archive", "write_behind", "allow_other", "allow_root")
+MOUNT_SWITCHES = ("direct_archive", "write_behind", "allow_other", "allow_root",
+                  "allow_overwrite", "allow_delete")
 
 
 def mount_switches(site: str, profile: str | None = None,

@@ -46,7 +46,7 @@ def fuse_errors(handler: Callable[Concatenate[Operations, P], Awaitable[T]]
     Handlers that wait for an upload get ``upload_timeout``; ``read`` bounds its
     own waits (``op_timeout`` without progress); all others get ``op_timeout``.
     """
-    slow = handler.__name__ in ("write", "flush", "fsync", "rename", "release")
+    slow = handler.__name__ in ("write", "flush", "fsync", "fsyncdir", "rename", "release")
     bounded_inside = handler.__name__ == "read"
 
     @functools.wraps(handler)
@@ -244,6 +244,14 @@ class Operations(pyfuse3.Operations):
                                          self.attributes(node), index + 1):
                 return
             self.tree.remember(node)  # readdirplus: each entry sent counts as a lookup
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """``sync FOLDER`` (and fsync of any folder): every file of the mount sent
+        behind its close (--write-behind) is in XNAT, or this fails as it did.
+        (A bare ``sync``/``syncfs`` never reaches a FUSE file system here.)"""
+        assert self.areas is not None
+        await self.areas.sync()
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:

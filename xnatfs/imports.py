@@ -163,6 +163,11 @@ class ImportSender:
         self.importer = importer
         self.direct_archive = direct_archive  # kept in each record, for a later retry
 
+    resend_after_crash = False  # an import cut off may be in the prearchive: the user decides
+
+    def owns(self, record: UploadRecord) -> bool:
+        return "resource" not in record.destination  # see results.ResourceSender
+
     def destination(self, project: str, relpath: str) -> dict[str, Any]:
         # The labels are not kept: they follow the path until the file is sent.
         return {"direct_archive": self.direct_archive}

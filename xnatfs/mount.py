@@ -26,6 +26,7 @@ from .credentials import Credentials, SessionCache
 from .deadlines import Deadlines
 from .fs import Operations
 from .imports import UploadManager
+from .results import ResultWrites
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,9 @@ class MountConfig:
     verify_tls: bool = True
     range_mode: str = "auto"          # auto: the first download tells; on/off: trust the user
     direct_archive: bool = False      # uploads go straight to the archive
-    write_behind: bool = False        # close() of loose DICOM does not wait for XNAT
+    write_behind: bool = False        # close() of loose DICOM and resource files does not wait
+    allow_overwrite: bool = False     # files XNAT has may be replaced
+    allow_delete: bool = False        # files and resources XNAT has may be deleted
     prearchive_ttl: float = 5.0       # seconds the prearchive listing is trusted
     request_timeout: float = 30.0     # an unanswered request fails after this
     op_timeout: float | None = None   # any file operation fails after this; None: 4 requests' worth
@@ -220,6 +223,9 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                                     site=config.credentials.url,  # normalised
                                     direct_archive=config.direct_archive,
                                     write_behind=config.write_behind)
+            results = None if config.read_only else ResultWrites(
+                client, config.cache_dir / "uploads", nursery, site=config.credentials.url,
+                write_behind=config.write_behind)
             tree = Tree(client, metadata_ttl=config.metadata_ttl)
             blocks = BlockCache(client, config.cache_dir / "blocks", size_limit=config.cache_size,
                                 nursery=nursery, range_mode=config.range_mode)
@@ -228,7 +234,10 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
             operations = Operations(tree, deadlines, nursery=nursery)
             operations.areas = areas.install(tree, operations, blocks=blocks, uploads=uploads,
                                              deadlines=deadlines, nursery=nursery,
-                                             prearchive_ttl=config.prearchive_ttl)
+                                             prearchive_ttl=config.prearchive_ttl,
+                                             results=results,
+                                             allow_overwrite=config.allow_overwrite,
+                                             allow_delete=config.allow_delete)
             try:
                 pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
             except RuntimeError as exc:
@@ -246,6 +255,8 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                     log.info("mounted %s on %s", config.credentials.url, config.mountpoint)
                     await pyfuse3.main()
                     await uploads.finish_background_uploads()
+                    if results is not None:
+                        await results.finish_background_uploads()
                 finally:
                     pyfuse3.close(unmount=True)
                     blocks.close()

@@ -64,6 +64,11 @@ class Sender(Protocol):
     advice_sent: str         # a sent file's local copy is gone: where to read it instead
     advice_cut_off: str      # a stream cut off by a killed writer: what may have arrived
 
+    resend_after_crash: bool  # sent after the next mount starts, when a crash left it queued
+
+    def owns(self, record: UploadRecord) -> bool:
+        """Whether a kept record is one of this sender's (spools may share a folder)."""
+
     def destination(self, project: str, relpath: str) -> dict[str, Any]:
         """Where a new file goes, as its record keeps it (JSON-able)."""
 
@@ -122,12 +127,33 @@ class Spool:
         purge before it.) Ones left writing or uploading, by a crash or by
         another mount sharing the cache, stay for ``xnatfs uploads``."""
         for record, spool_dir in kept_uploads(self.spool_root):
-            if record.state != State.FAILED.value or not record.site \
-                    or record.site != self.site:
+            if not record.site or record.site != self.site or not self.sender.owns(record):
                 continue
-            upload = Upload(record, spool_dir)
-            upload.close_spool()
-            self.uploads[record.id] = upload
+            if record.state == State.FAILED.value:
+                upload = Upload(record, spool_dir)
+                upload.close_spool()
+                self.uploads[record.id] = upload
+            elif self.sender.resend_after_crash:
+                self._adopt_after_crash(record, spool_dir)
+
+    def _adopt_after_crash(self, record: UploadRecord, spool_dir: Path) -> None:
+        """A record an earlier mount of this site left unfinished (it crashed or
+        was killed): one closed and queued is sent now (its sender checks
+        whether the server has it already); one still being written is kept as
+        cut off, and never sent."""
+        upload = Upload(record, spool_dir)
+        upload.close_spool()
+        self.uploads[record.id] = upload
+        if record.state == State.UPLOADING.value:
+            log.info("sending %s/%s, queued when an earlier mount stopped", record.project,
+                     record.relpath)
+            upload.background = trio.Event()
+            self.nursery.start_soon(self._upload_in_background, upload, upload.background)
+            return
+        record.state, record.incomplete = State.FAILED.value, True
+        record.message = "incomplete, not sent: the mount stopped while it was written"
+        upload.failure = Interrupted
+        save_record(upload)
 
     def _classify(self, upload: Upload) -> None:
         """Its kind, from its name and the first bytes in ``upload.head``."""
@@ -135,8 +161,11 @@ class Spool:
                               else self.sender.classify(bytes(upload.head)))
 
     # --------------------------------------------------------------- writing
-    async def create(self, project: str, relpath: str) -> Upload:
-        destination = self.sender.destination(project, relpath)
+    async def create(self, project: str, relpath: str,
+                     destination: dict[str, Any] | None = None) -> Upload:
+        """A new file; ``destination``: its details, if not the sender's for the path."""
+        if destination is None:
+            destination = self.sender.destination(project, relpath)
 
         def make() -> Upload:
             upload_id = uuid.uuid4().hex
@@ -373,6 +402,12 @@ class Spool:
         await self._save(upload)
         log.info("uploaded %s/%s → %s", upload.record.project, upload.record.relpath,
                  ", ".join(result))
+
+    async def sync(self) -> None:
+        """Wait for every upload sent behind a close (failures stay recorded)."""
+        for upload in list(self.uploads.values()):
+            while upload.background is not None:
+                await upload.background.wait()
 
     async def finish_background_uploads(self) -> None:
         """At unmount: write-behind uploads still queued or running go on until

@@ -1,7 +1,8 @@
 """The areas of the mount, one module each, and the one place they are put together.
 
 ========================  ==================================================
-``archive``               projects down to files; read-only (but mkdir of a subject)
+``archive``               projects down to scans and assessors (and mkdir of a subject)
+``resources``             resources at every level, read and written (results)
 ``uploads``               ``uploads/``: files dropped there are sent to XNAT
 ``prearchive``            ``prearchive/``: archive, move and delete sessions
 ``generated``             files whose text the mount writes (status, info)
@@ -25,11 +26,13 @@ from ..blockcache import BlockCache
 from ..deadlines import Deadlines
 from ..tree import Node, Tree
 from ..imports import UploadManager
+from ..results import ResultWrites
 from .archive import ArchiveArea
 from .base import Area, Kernel
 from .generated import GeneratedArea
 from .prearchive import PrearchiveArea
 from .remote_files import RemoteFiles
+from .resources import ResourceArea
 from .root import RootArea
 from .uploads import UploadArea
 
@@ -40,6 +43,7 @@ class Areas:
 
     tree: Tree
     archive: ArchiveArea
+    resources: ResourceArea
     uploads: UploadArea
     prearchive: PrearchiveArea
     generated: GeneratedArea
@@ -54,13 +58,21 @@ class Areas:
         """The local disk that holds what the mount keeps (``df`` on the mount)."""
         return await self.uploads.local_space()
 
+    async def sync(self) -> None:
+        """fsync of a folder: every file written behind a close is in XNAT (or failed)."""
+        await self.resources.sync()
+        await self.uploads.manager.sync()
+
 
 def install(tree: Tree, kernel: Kernel, *, blocks: BlockCache, uploads: UploadManager,
             deadlines: Deadlines, nursery: trio.Nursery,
-            prearchive_ttl: float | None = None) -> Areas:
+            prearchive_ttl: float | None = None, results: ResultWrites | None = None,
+            allow_overwrite: bool = False, allow_delete: bool = False) -> Areas:
     """Make the areas of a mount and register them with ``tree``."""
     files = RemoteFiles(tree, blocks, kernel, deadlines, nursery)
     archive = ArchiveArea(tree, kernel, files)
+    resources = ResourceArea(tree, kernel, archive, files, results,
+                             allow_overwrite=allow_overwrite, allow_delete=allow_delete)
     prearchive = PrearchiveArea(tree, kernel, archive, files, ttl=prearchive_ttl)
     upload_area = UploadArea(tree, kernel, uploads, on_imported=prearchive.invalidate)
     generated = GeneratedArea(tree, kernel)
@@ -68,7 +80,7 @@ def install(tree: Tree, kernel: Kernel, *, blocks: BlockCache, uploads: UploadMa
     # `prearchive` is listed after them, and so gets the %~ suffix of names
     # listed twice instead of hiding (or being hidden by) the area.
     root = RootArea(tree, kernel, [upload_area, prearchive, archive])
-    areas = Areas(tree, archive, upload_area, prearchive, generated, root)
-    for area in (root, archive, upload_area, prearchive, generated):
+    areas = Areas(tree, archive, resources, upload_area, prearchive, generated, root)
+    for area in (root, archive, resources, upload_area, prearchive, generated):
         tree.register(area)
     return areas

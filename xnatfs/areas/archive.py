@@ -30,7 +30,7 @@ from .. import client as xc
 from ..errors import NotEmpty, XnatError
 from ..naming import label_from_name, require_label, safe_name, scan_folder_name
 from ..tree import Kind, Node, Tree, time_ns, xnat_xattrs
-from .base import Area, Handle, Kernel, Writer
+from .base import Area, Kernel
 from .remote_files import RemoteFiles
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class ArchiveArea(Area):
     """Projects down to files, from cached listings."""
 
     kinds = (PROJECT, SUBJECT, PENDING_SUBJECT, SESSION, SCANS, SCAN, SCAN_LINK, ASSESSORS,
-             ASSESSOR, RESOURCES, RESOURCE, FOLDER, FILE)
+             ASSESSOR)  # resources/ and below: .resources
 
     def __init__(self, tree: Tree, kernel: Kernel, files: RemoteFiles | None = None) -> None:
         super().__init__(tree, kernel)
@@ -151,8 +151,7 @@ class ArchiveArea(Area):
         lister = {PROJECT: self._project, SUBJECT: self._subject,
                   PENDING_SUBJECT: self._pending_subject, SESSION: self._session,
                   ASSESSORS: self._assessors, ASSESSOR: self._assessor, SCANS: self._scans,
-                  SCAN: self._scan, RESOURCES: self._resources, RESOURCE: self._resource,
-                  FOLDER: self._folder}[node.kind]
+                  SCAN: self._scan}[node.kind]
         return await lister(node)
 
     async def _project(self, node: Node) -> list[Node]:
@@ -164,7 +163,9 @@ class ArchiveArea(Area):
         labels = {s.label for s in subjects}
         pending = [self._pending_subject_node(node, label)
                    for label in pending_labels if label not in labels]
-        return pending + [self.tree.child(
+        own = self.tree.child(node, RESOURCES, "resources", ("resources", node.project),
+                              project=node.project, mtime_ns=node.mtime_ns)
+        return [own] + pending + [self.tree.child(
             node, SUBJECT, safe_name(s.label), ("subject", node.project, s.id),
             project=node.project, subject_id=s.id,
             mtime_ns=time_ns(s.insert_date, self.tree.mount_time_ns),
@@ -180,7 +181,11 @@ class ArchiveArea(Area):
 
     async def _subject(self, node: Node) -> list[Node]:
         experiments = await self.subject_experiments(node.project, node.subject_id)
-        return [self.tree.child(
+        own = self.tree.child(node, RESOURCES, "resources",
+                              ("resources", node.project, node.subject_id),
+                              project=node.project, subject_id=node.subject_id,
+                              mtime_ns=node.mtime_ns)
+        return [own] + [self.tree.child(
             node, SESSION, safe_name(e.label), ("session", node.project, e.id),
             project=node.project, subject_id=node.subject_id, experiment_id=e.id,
             mtime_ns=time_ns(e.insert_date, self.tree.mount_time_ns),
@@ -251,37 +256,6 @@ class ArchiveArea(Area):
     async def _scan(self, node: Node) -> list[Node]:
         return [resources_folder(self.tree, node, RESOURCES)]
 
-    async def _resources(self, node: Node) -> list[Node]:
-        detail = await self.session_detail(node.experiment_id)
-        if node.assessor_id is not None:
-            assessor = next((a for a in detail.assessors if a.id == node.assessor_id), None)
-            resources = assessor.resources if assessor is not None else ()
-            base = f"/data/experiments/{node.experiment_id}/assessors/{node.assessor_id}/out"
-        elif node.scan_id is None:
-            resources = detail.resources
-            base = f"/data/experiments/{node.experiment_id}"
-        else:
-            scan = next((s for s in detail.scans if s.id == node.scan_id), None)
-            resources = scan.resources if scan is not None else ()
-            base = f"/data/experiments/{node.experiment_id}/scans/{node.scan_id}"
-        held_by = owner(node.scan_id, node.assessor_id)
-        return [self.tree.child(
-            node, RESOURCE, safe_name(r.label),
-            ("resource", node.project, node.experiment_id, held_by, r.label),
-            **_inherited(node), scan_id=node.scan_id, assessor_id=node.assessor_id,
-            resource_label=r.label,
-            xattrs=xnat_xattrs(id=r.id, label=r.label, format=r.format,
-                               uri=f"{base}/resources/{r.id}", xsi_type="xnat:resourceCatalog"))
-            for r in resources]
-
-    async def _resource(self, node: Node) -> list[Node]:
-        return [files_folder(self.tree, node, FOLDER)]
-
-    async def _folder(self, node: Node) -> list[Node]:
-        groups = await self.session_files(node.experiment_id)
-        files = groups.get((owner(node.scan_id, node.assessor_id), node.resource_label), [])
-        return file_entries(self.tree, node, files, folder_kind=FOLDER, file_kind=FILE)
-
     async def unlisted_child(self, parent: Node, name: str) -> Node | None:
         """A bare ``scans/<SCAN_ID>`` resolves without being listed."""
         if parent.kind is not SCANS:
@@ -312,11 +286,6 @@ class ArchiveArea(Area):
         if node.kind is SCAN_LINK:
             return node.text
         return super().readlink(node)
-
-    async def open(self, node: Node, *, writing: bool, truncate: bool, writer: Writer) -> Handle:
-        if writing or node.file is None or self.files is None:
-            return await super().open(node, writing=writing, truncate=truncate, writer=writer)
-        return self.files.open(node)
 
     async def mkdir(self, parent: Node, name: str) -> Node:
         """A subject to archive into, local until a session is archived there
@@ -361,6 +330,15 @@ def owner(scan_id: str | None, assessor_id: str | None) -> Hashable:
     return ("assessor", assessor_id) if assessor_id is not None else scan_id
 
 
+def holder(node: Node) -> Hashable:
+    """What holds the resource ``node`` is in or below, in node keys: as
+    :func:`owner` says for sessions (and prearchive sessions), else the subject
+    or the project."""
+    if node.experiment_id or node.prearchive_uri:
+        return owner(node.scan_id, node.assessor_id)
+    return ("subject", node.subject_id) if node.subject_id else ("project",)
+
+
 def _inherited(node: Node) -> dict[str, Any]:
     """What a folder's entries take over from it."""
     return dict(project=node.project, subject_id=node.subject_id,
@@ -380,7 +358,7 @@ def files_folder(tree: Tree, resource: Node, folder_kind: Kind) -> Node:
     return tree.child(resource, folder_kind, "files",
                       ("folder", resource.project,
                        resource.experiment_id or resource.prearchive_uri,
-                       owner(resource.scan_id, resource.assessor_id), resource.resource_label, ""),
+                       holder(resource), resource.resource_label, ""),
                       prearchive_uri=resource.prearchive_uri, **_inherited(resource),
                       scan_id=resource.scan_id, assessor_id=resource.assessor_id,
                       resource_label=resource.resource_label, folder="")
@@ -395,7 +373,7 @@ def file_entries(tree: Tree, node: Node, files: list[xc.RemoteFile], *, folder_k
         return same
     prefix = f"{node.folder}/" if node.folder else ""
     session = node.experiment_id or node.prearchive_uri
-    held_by = owner(node.scan_id, node.assessor_id)
+    held_by = holder(node)
     common = dict(**_inherited(node), scan_id=node.scan_id, assessor_id=node.assessor_id,
                   resource_label=node.resource_label, prearchive_uri=node.prearchive_uri)
     out: list[Node] = []

@@ -39,8 +39,9 @@ How the package is laid out, one concern a module:
   what answers mean in :mod:`.answers`, its bounds in :mod:`.settings`.
 * :mod:`.items`: the dataclasses the calls return, and the parsing of XNAT's
   rows and items into them (no requests).
-* :mod:`.listings`, :mod:`.downloads`, :mod:`.services`: the calls, by concern
-  (browsing the archive; reading files; uploads and the prearchive).
+* :mod:`.listings`, :mod:`.downloads`, :mod:`.services`, :mod:`.writes`: the
+  calls, by concern (browsing the archive; reading files; uploads and the
+  prearchive; writing into resources).
 
 Composition: each concern is a class of calls built on
 :class:`~.connection.XnatConnection` (a mixin that adds methods, never
@@ -58,6 +59,7 @@ from __future__ import annotations
 from .connection import SOCKET_READ_BYTES, USER_AGENT, XnatConnection
 from .downloads import ByteStream, DownloadCalls
 from .services import ImportCalls
+from .writes import ResourceWriteCalls
 from .items import (
     MAX_FILE_SIZE,
     Assessor,
@@ -89,7 +91,7 @@ __all__ = [
 ]
 
 
-class XnatClient(ListingCalls, DownloadCalls, ImportCalls):
+class XnatClient(ListingCalls, DownloadCalls, ImportCalls, ResourceWriteCalls):
     """One user's connection to one XNAT site.
 
     Use as ``async with XnatClient(credentials) as client:``, which logs in on

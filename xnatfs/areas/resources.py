@@ -1,0 +1,551 @@
+"""Resources at every level XNAT has them, read and written: where results go back.
+
+    <PROJECT>/resources/<LABEL>/files/...
+    <PROJECT>/<SUBJECT>/resources/<LABEL>/files/...
+    <PROJECT>/<SUBJECT>/<SESSION>/resources/<LABEL>/files/...
+    .../scans/<ID>-<type>/resources/<LABEL>/files/...
+    .../assessors/<LABEL>/resources/<LABEL>/files/...
+
+What a user meets here (README, "Writing results"):
+
+* ``mkdir resources/LABEL`` creates the resource in XNAT at once; ``mkdir``
+  below ``files/`` makes folders, local until a file is written there (a
+  file's path in the resource is its path below ``files/``);
+* a new file is written to local disk and sent when closed
+  (:mod:`xnatfs.results`: confirmed by XNAT's listing, one writer per
+  resource, small files batched); ``close()`` returns once XNAT lists it,
+  unless ``--write-behind``; until then it is read from its local copy;
+* a temporary renamed into place (rsync, tempfile + ``os.replace``, editors)
+  is sent under its final name only;
+* what XNAT has is protected: replacing a file needs ``--allow-overwrite``,
+  removing files or resources ``--allow-delete`` (EPERM otherwise, with a
+  log line naming the option); moving a file XNAT has is a copy and a
+  delete (EXDEV: ``mv`` does both);
+* the resources of a session, its scans and assessors come from the
+  session's item and one ``files?all=true`` listing (see :mod:`.archive`);
+  a project's or subject's from its resource listing and, if it has any,
+  one listing of their files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable
+
+from .. import client as xc
+from ..callers import interrupted, killed_by, signal_name
+from ..errors import (Busy, CrossDevice, Exists, InvalidArgument, NotEmpty, NotFound,
+                      NotPermitted, XnatError)
+from ..naming import label_from_name, require_label, safe_name
+from ..results import ResultWrites
+from ..spoolfiles import State, Upload
+from ..tree import Node, Tree, xnat_xattrs
+from .archive import (FILE, FOLDER, RESOURCE, RESOURCES, ArchiveArea, _inherited,
+                      file_entries, files_folder, holder)
+from .base import Area, Handle, Kernel, Writer
+from .remote_files import RemoteFiles
+
+log = logging.getLogger(__name__)
+
+WRITING_TTL = 1.0  # s the kernel may keep entries of a resource with local writes
+
+
+class ResourceArea(Area):
+    """Resource folders: listed from the archive's listings, written through
+    :class:`~xnatfs.results.ResultWrites`."""
+
+    kinds = (RESOURCES, RESOURCE, FOLDER, FILE)
+
+    def __init__(self, tree: Tree, kernel: Kernel, archive: ArchiveArea,
+                 files: RemoteFiles | None, writes: ResultWrites | None, *,
+                 allow_overwrite: bool = False, allow_delete: bool = False) -> None:
+        super().__init__(tree, kernel)
+        self.archive = archive
+        self.client = tree.client
+        self.files = files
+        self.writes = writes  # None: a read-only mount
+        self.allow_overwrite = allow_overwrite
+        self.allow_delete = allow_delete
+        self.folders: set[tuple[str, str]] = set()  # (resource URI, path) made by mkdir
+        if writes is not None:
+            writes.on_finished = self._sent
+
+    # ------------------------------------------------------------- listings
+    async def _owned_resources(self, owner_uri: str) -> list[xc.Resource]:
+        return await self.tree.cached(("owned-resources", owner_uri),
+                                      lambda: self.client.list_owned_resources(owner_uri))
+
+    async def _owned_files(self, owner_uri: str) -> list[xc.RemoteFile]:
+        return await self.tree.cached(("owned-files", owner_uri),
+                                      lambda: self.client.list_owned_files(owner_uri))
+
+    async def _remote_files(self, node: Node) -> list[xc.RemoteFile]:
+        """The listed files of ``node``'s resource."""
+        if node.experiment_id:
+            groups = await self.archive.session_files(node.experiment_id)
+            return groups.get((holder(node), node.resource_label), [])
+        resources = await self._owned_resources(owner_uri(node))
+        if all(r.file_count == 0 for r in resources):
+            return []  # none holds a file: no listing of their files needed
+        return [f for f in await self._owned_files(owner_uri(node))
+                if f.resource_label == node.resource_label]
+
+    def _invalidate(self, node_or_upload_owner: str, experiment_id: str) -> None:
+        """A resource changed: its listings are asked again."""
+        if experiment_id:
+            self.tree.invalidate_where(lambda key: key in (("session", experiment_id),
+                                                           ("session-files", experiment_id)))
+        else:
+            self.tree.invalidate_where(lambda key: key in (
+                ("owned-resources", node_or_upload_owner), ("owned-files", node_or_upload_owner)))
+
+    # --------------------------------------------------------------- folders
+    async def children(self, node: Node) -> list[Node]:
+        if node.kind is RESOURCES:
+            return await self._resources(node)
+        if node.kind is RESOURCE:
+            return [files_folder(self.tree, node, FOLDER)]
+        return await self._folder(node)
+
+    async def _resources(self, node: Node) -> list[Node]:
+        base = owner_uri(node)
+        if not node.experiment_id:
+            resources = await self._owned_resources(base)
+        else:
+            detail = await self.archive.session_detail(node.experiment_id)
+            if node.assessor_id is not None:
+                assessor = next((a for a in detail.assessors if a.id == node.assessor_id), None)
+                resources = list(assessor.resources) if assessor is not None else []
+            elif node.scan_id is None:
+                resources = list(detail.resources)
+            else:
+                scan = next((s for s in detail.scans if s.id == node.scan_id), None)
+                resources = list(scan.resources) if scan is not None else []
+        held_by = holder(node)
+        return [self.tree.child(
+            node, RESOURCE, safe_name(r.label),
+            ("resource", node.project, node.experiment_id, held_by, r.label),
+            **_inherited(node), scan_id=node.scan_id, assessor_id=node.assessor_id,
+            resource_label=r.label,
+            xattrs=xnat_xattrs(id=r.id, label=r.label, format=r.format,
+                               uri=f"{base}/resources/{r.id}", xsi_type="xnat:resourceCatalog"))
+            for r in resources]
+
+    async def _folder(self, node: Node) -> list[Node]:
+        files = await self._remote_files(node)
+        remote = file_entries(self.tree, node, files, folder_kind=FOLDER, file_kind=FILE)
+        local = self._local(node)
+        if not local and not self._local_folders(node):
+            for entry in remote:
+                entry.upload = None
+            return remote
+        by_name = {entry.name: entry for entry in remote}
+        for entry in remote:
+            entry.upload = None
+        prefix = f"{node.folder}/" if node.folder else ""
+        for upload in local:
+            rest = upload.record.destination["path"][len(prefix):]
+            head, sep, _ = rest.partition("/")
+            if sep:
+                if head not in by_name:
+                    by_name[head] = self._folder_node(node, head)
+            else:
+                by_name[safe_name(rest)] = self._file_node(node, upload)
+        for name in self._local_folders(node):
+            by_name.setdefault(name, self._folder_node(node, name))
+        return sorted(by_name.values(), key=lambda n: n.name)
+
+    def _local(self, folder: Node) -> list[Upload]:
+        """Files written into ``folder`` or below it that XNAT does not list yet."""
+        if self.writes is None:
+            return []
+        prefix = f"{folder.folder}/" if folder.folder else ""
+        return [u for u in self.writes.in_resource(resource_uri(folder))
+                if u.record.destination["path"].startswith(prefix)]
+
+    def _local_folders(self, folder: Node) -> set[str]:
+        uri, prefix = resource_uri(folder), f"{folder.folder}/" if folder.folder else ""
+        return {path[len(prefix):].split("/", 1)[0] for made_in, path in self.folders
+                if made_in == uri and path.startswith(prefix)}
+
+    def _folder_node(self, parent: Node, name: str) -> Node:
+        path = f"{parent.folder}/{name}" if parent.folder else name
+        return self.tree.child(
+            parent, FOLDER, safe_name(name),
+            ("folder", parent.project, parent.experiment_id or parent.prearchive_uri,
+             holder(parent), parent.resource_label, path),
+            folder=path, **_resource_fields(parent))
+
+    def _file_node(self, parent: Node, upload: Upload) -> Node:
+        path = upload.record.destination["path"]
+        return self.tree.child(
+            parent, FILE, safe_name(path.rsplit("/", 1)[-1]), file_key(parent, path),
+            upload=upload, file=None, folder=parent.folder,
+            **{**_resource_fields(parent), "mtime_ns": _written_mtime_ns(upload)},
+            xattrs=_write_xattrs(upload))
+
+    # ------------------------------------------------------------ attributes
+    def writable(self, node: Node) -> bool:
+        return self.writes is not None
+
+    def timeouts(self, node: Node) -> tuple[float, float]:
+        if node.upload is not None or (node.kind is FOLDER and self.writes is not None
+                                       and self.writes.uploads):
+            return WRITING_TTL, WRITING_TTL
+        return super().timeouts(node)
+
+    async def refresh(self, node: Node) -> None:
+        await self._settle(node)
+
+    async def refresh_xattrs(self, node: Node) -> None:
+        await self._settle(node)
+        if node.upload is not None:
+            node.xattrs = _write_xattrs(node.upload)
+
+    async def _settle(self, node: Node) -> None:
+        """A file XNAT confirmed is XNAT's from now on: listed again, it is read
+        from XNAT (its local copy goes once its handles are closed)."""
+        if node.upload is not None and node.upload.state is State.DONE:
+            await self.tree.children(node.parent)
+
+    async def setattr(self, node: Node, *, size: int | None, mtime_ns: int | None) -> None:
+        """Times are kept on files being written (``cp -a``, rsync); a size only on
+        a file being written, or one replaced under ``--allow-overwrite``."""
+        writes = self._writes()
+        if node.kind is not FILE:
+            return  # folders: times accepted, not kept (XNAT has none to set)
+        if node.upload is None and size is not None:
+            await self._replace(node)
+        if node.upload is None:
+            return  # a time on a file XNAT has: nothing to keep it in
+        if size is not None:
+            await writes.truncate(node.upload, size)
+        if mtime_ns is not None:
+            await writes.set_mtime(node.upload, mtime_ns)
+            node.mtime_ns = mtime_ns
+
+    # ------------------------------------------------------------ open files
+    async def open(self, node: Node, *, writing: bool, truncate: bool, writer: Writer) -> Handle:
+        if node.kind is not FILE:
+            return await super().open(node, writing=writing, truncate=truncate, writer=writer)
+        await self._settle(node)
+        if node.upload is None and not writing:
+            if node.file is None or self.files is None:
+                raise NotFound(node.name)
+            return self.files.open(node)
+        writes = self._writes()
+        if node.upload is None:
+            if not truncate:
+                raise NotPermitted(f"{node.name} is in XNAT: it can be replaced whole "
+                                   "(O_TRUNC), not changed in place")
+            await self._replace(node)
+        assert node.upload is not None
+        if truncate:
+            await writes.truncate(node.upload, 0)
+        return WriteHandle(node, self, node.upload, writer.pid if writing else None)
+
+    async def _replace(self, node: Node) -> None:
+        """``node``, a file XNAT has, is written anew (with --allow-overwrite)."""
+        if not self.allow_overwrite:
+            log.warning("refused to replace %s, which XNAT has: mount with "
+                        "--allow-overwrite to allow it", _shown(node))
+            raise NotPermitted(f"{node.name} is in XNAT; --allow-overwrite allows replacing it")
+        assert node.file is not None
+        node.upload = await self._writes().new_file(
+            node.project, _shown(node), resource_uri(node), node.file.path, overwrite=True)
+        node.file = None
+
+    async def finish(self, node: Node, upload: Upload, *, closing: bool,
+                     caller_stopped: Callable[[], bool] | None = None) -> None:
+        try:
+            await self._writes().finish(upload, closing=closing, caller_stopped=caller_stopped)
+        finally:
+            if node.upload is upload:
+                node.xattrs = _write_xattrs(upload)
+
+    def _sent(self, upload: Upload) -> None:
+        """A file XNAT confirmed (or refused), in the background or not."""
+        if upload.state is State.DONE:
+            self._confirmed(upload)
+
+    def _confirmed(self, upload: Upload) -> None:
+        uri = upload.record.destination["resource"]
+        experiment = experiment_of(uri)
+        self._invalidate(uri.rsplit("/resources/", 1)[0], experiment)
+        self._writes().drop(upload)
+
+    # ----------------------------------------------- names in our folders
+    def _writes(self) -> ResultWrites:
+        if self.writes is None:
+            raise NotPermitted("the mount is read-only")
+        return self.writes
+
+    async def mkdir(self, parent: Node, name: str) -> Node:
+        self._writes()
+        if parent.kind is RESOURCES:
+            return await self._new_resource(parent, name)
+        if parent.kind is not FOLDER:
+            return await super().mkdir(parent, name)
+        _check_name(name)
+        path = f"{parent.folder}/{name}" if parent.folder else name
+        self.folders.add((resource_uri(parent), path))
+        return self._folder_node(parent, name)
+
+    async def _new_resource(self, parent: Node, name: str) -> Node:
+        """A resource made in XNAT at once (others see it)."""
+        label = require_label(label_from_name(name), "resource")
+        uri = f"{owner_uri(parent)}/resources/{label}"
+        if not await self.client.create_resource(uri):
+            raise Exists(name)
+        log.info("created resource %s", uri)
+        self._invalidate(owner_uri(parent), parent.experiment_id)
+        for entry in await self.tree.children(parent.inode):
+            if entry.resource_label == label:
+                return entry
+        raise NotFound(f"XNAT made {uri} but does not list it")
+
+    async def create(self, parent: Node, name: str, writer: Writer) -> tuple[Node, Handle]:
+        if parent.kind is not FOLDER:
+            return await super().create(parent, name, writer)
+        _check_name(name)
+        path = f"{parent.folder}/{name}" if parent.folder else name
+        upload = await self._writes().new_file(
+            parent.project, f"{_shown(parent)}/{name}", resource_uri(parent), path)
+        node = self._file_node(parent, upload)
+        return node, WriteHandle(node, self, upload, writer.pid)
+
+    async def unlink(self, parent: Node, node: Node) -> None:
+        if node.kind is not FILE:
+            return await super().unlink(parent, node)
+        writes = self._writes()
+        if node.upload is not None:
+            if node.upload.busy:
+                raise Busy(f"{node.name} is being written or sent")
+            await writes.forget(node.upload)
+            node.upload = None
+            if node.file is None:
+                return
+        await self._delete_remote(parent, node)
+
+    async def _delete_remote(self, parent: Node, node: Node) -> None:
+        """Delete exactly one file XNAT has (with --allow-delete). XNAT deletes
+        every file whose path *starts with* the one named, so a name that is the
+        beginning of another's (``a`` beside ``a.txt``) is refused."""
+        if not self.allow_delete:
+            log.warning("refused to delete %s, which XNAT has: mount with --allow-delete "
+                        "to allow it", _shown(node))
+            raise NotPermitted(f"{node.name} is in XNAT; --allow-delete allows deleting it")
+        assert node.file is not None
+        uri, path = resource_uri(node), node.file.path
+        listed = await self.client.list_resource_files(uri)
+        caught = sorted(f.path for f in listed if f.path != path and f.path.startswith(path))
+        if caught:
+            log.warning("refused to delete %s: XNAT would delete %s too (its file DELETE "
+                        "takes every path that starts with the one named); delete those first",
+                        _shown(node), ", ".join(caught[:3]))
+            raise Busy(f"deleting {path} in XNAT would delete {caught[0]} too")
+        await self.client.delete_file(uri, path)
+        log.info("deleted %s/files/%s", uri, path)
+        self._invalidate(owner_uri(node), node.experiment_id)
+
+    async def rmdir(self, parent: Node, node: Node) -> None:
+        self._writes()
+        if node.kind is FOLDER:
+            if await self.tree.children(node.inode):
+                raise NotEmpty(node.name)
+            self.folders.discard((resource_uri(node), node.folder))
+            return  # files/ itself comes back: it is the resource's
+        if node.kind is RESOURCE:
+            await self._delete_resource(node)
+            return
+        await super().rmdir(parent, node)
+
+    async def _delete_resource(self, node: Node) -> None:
+        """``rm -r`` of a resource: its files first (one by one), then this."""
+        if not self.allow_delete:
+            log.warning("refused to delete resource %s: mount with --allow-delete to "
+                        "allow it", _shown(node))
+            raise NotPermitted(f"{node.name} is in XNAT; --allow-delete allows deleting it")
+        files = files_folder(self.tree, node, FOLDER)
+        if await self.tree.children(files.inode):
+            raise NotEmpty(node.name)
+        uri = resource_uri(node)
+        await self.client.delete_resource(uri)
+        log.info("deleted resource %s", uri)
+        self._invalidate(owner_uri(node), node.experiment_id)
+
+    async def rename(self, node: Node, new_parent: Node, new_name: str) -> None:
+        """A file not yet confirmed moves within its resource (a temporary renamed
+        into place is sent under its new name); anything else is a copy and a
+        delete (EXDEV: ``mv`` does both, the delete only with --allow-delete)."""
+        upload = node.upload
+        if node.kind is not FILE or upload is None or new_parent.kind is not FOLDER \
+                or resource_uri(new_parent) != resource_uri(node):
+            if node.kind is FILE and upload is None and not self.allow_delete:
+                raise NotPermitted(f"{node.name} is in XNAT: moving it deletes it there, "
+                                   "which needs --allow-delete")
+            raise CrossDevice("mv copies it, then deletes the original")
+        _check_name(new_name)
+        path = f"{new_parent.folder}/{new_name}" if new_parent.folder else new_name
+        if upload.busy and upload.state is not State.WRITING:
+            raise Busy(f"{node.name} is being sent")
+        replaced = await self.tree.existing_child(new_parent.inode, new_name)
+        overwrite = bool(upload.record.destination.get("overwrite"))
+        if replaced is not None and replaced is not node:
+            if replaced.is_dir:
+                raise InvalidArgument(f"{new_name} is a folder")
+            if replaced.upload is None:
+                if not self.allow_overwrite:
+                    log.warning("refused to replace %s, which XNAT has: mount with "
+                                "--allow-overwrite to allow it", _shown(replaced))
+                    raise NotPermitted(f"{new_name} is in XNAT; --allow-overwrite allows "
+                                       "replacing it")
+                overwrite = True
+            elif replaced.upload.busy:
+                raise Busy(f"{new_name} is being written or sent")
+        writes = self._writes()
+        old = (upload.record.relpath, upload.record.destination["path"],
+               upload.record.destination.get("overwrite", False))
+        await writes.move(upload, f"{_shown(new_parent)}/{new_name}", path, overwrite=overwrite)
+        old_parent, old_name = node.parent, node.name
+        self.tree.rekey(node, file_key(new_parent, path))
+        node.parent, node.name, node.folder = new_parent.inode, new_name, new_parent.folder
+        if upload.dirty and upload.writers == 0:
+            try:  # renamed after close: sent as a close would send it
+                await self.finish(node, upload, closing=True)
+            except XnatError:
+                await writes.move(upload, old[0], old[1], overwrite=bool(old[2]))
+                self.tree.rekey(node, file_key(new_parent, old[1]))
+                node.parent, node.name = old_parent, old_name
+                raise
+        if replaced is not None and replaced is not node and replaced.upload is not None:
+            await writes.forget(replaced.upload)
+        self.tree.forget_negative(new_parent.inode)
+
+    def refuse_special(self, parent: Node) -> None:
+        if parent.kind is FOLDER and self.writes is not None:
+            raise NotPermitted("links and device files cannot be stored in XNAT")
+        super().refuse_special(parent)
+
+    async def sync(self) -> None:
+        """Wait for every file sent behind a close (fsync of a folder, unmount)."""
+        if self.writes is None:
+            return
+        waited = [u for u in self.writes.uploads.values()
+                  if u.background is not None or u.lock.locked()]
+        await self.writes.sync()
+        failed = [u for u in waited if u.state is State.FAILED]
+        if failed:
+            raise failed[0].failure(f"{len(failed)} files were not stored in XNAT, first "
+                                    f"{failed[0].record.relpath}: {failed[0].record.message}")
+
+
+class WriteHandle(Handle):
+    """A file being written into a resource (``writer``: the process that opened
+    it to write), or one read back from its local copy."""
+
+    direct_io = True
+
+    def __init__(self, node: Node, area: ResourceArea, upload: Upload,
+                 writer: int | None) -> None:
+        super().__init__(node)
+        self.area = area
+        self.upload = upload
+        self.writes = area._writes()
+        self.writer = writer
+        upload.open_handles += 1
+        if writer is not None:
+            upload.writers += 1
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return await self.writes.read(self.upload, offset, size)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        return await self.writes.write(self.upload, offset, data)
+
+    async def flush(self) -> None:
+        """close() of the writer returns once XNAT lists the file (with
+        --write-behind, once it is queued); a writer killed mid-write sends nothing."""
+        writer = self.writer
+        if writer is None:
+            return
+        signal = killed_by(writer)
+        if signal is not None:
+            await self.writes.abandon(self.upload, f"the program writing it was killed "
+                                                   f"({signal_name(signal)})")
+            return
+        await self.area.finish(self.node, self.upload, closing=True,
+                               caller_stopped=lambda: interrupted(writer))
+
+    async def fsync(self, datasync: bool) -> None:
+        if self.writer is not None:
+            await self.area.finish(self.node, self.upload, closing=False)
+        else:
+            await self.writes.outcome(self.upload)
+
+    async def release(self) -> None:
+        self.upload.open_handles -= 1
+        if self.writer is not None:
+            self.writer = None
+            self.upload.writers -= 1
+        await self.writes.release(self.upload)
+
+
+# ------------------------------------------------------------------ helpers
+def owner_uri(node: Node) -> str:
+    """The URL of what holds ``node``'s resources (project, subject, session, scan,
+    assessor): the part before ``/resources``."""
+    if not node.experiment_id:
+        base = f"/data/projects/{node.project}"
+        return base + (f"/subjects/{node.subject_id}" if node.subject_id else "")
+    if node.assessor_id is not None:
+        return f"/data/experiments/{node.experiment_id}/assessors/{node.assessor_id}/out"
+    if node.scan_id is not None:
+        return f"/data/experiments/{node.experiment_id}/scans/{node.scan_id}"
+    return f"/data/experiments/{node.experiment_id}"
+
+
+def resource_uri(node: Node) -> str:
+    return f"{owner_uri(node)}/resources/{node.resource_label}"
+
+
+def experiment_of(uri: str) -> str:
+    """The experiment a resource URI is below ("" for a project's or subject's)."""
+    parts = uri.split("/")
+    return parts[3] if len(parts) > 3 and parts[2] == "experiments" else ""
+
+
+def file_key(folder: Node, path: str) -> Hashable:
+    """A file's node key, the same for a file being written and the one XNAT lists."""
+    return ("file", folder.project, folder.experiment_id or folder.prearchive_uri,
+            holder(folder), folder.resource_label, path)
+
+
+def _resource_fields(node: Node) -> dict[str, object]:
+    return dict(**_inherited(node), scan_id=node.scan_id, assessor_id=node.assessor_id,
+                resource_label=node.resource_label)
+
+
+def _check_name(name: str) -> None:
+    if "/" in name or name in (".", "..") or not name:
+        raise InvalidArgument(f"{name!r} is no file name")
+
+
+def _shown(node: Node) -> str:
+    """Where a file of a resource is, for records and log lines (IDs, not names:
+    labels may identify patients)."""
+    return resource_uri(node).removeprefix("/data/") + (f"/files/{node.folder}" if node.folder else "/files") + (
+        f"/{node.file.path.rsplit('/', 1)[-1]}" if node.file is not None else "")
+
+
+def _write_xattrs(upload: Upload) -> dict[str, str]:
+    rec = upload.record
+    return {f"user.xnatfs.upload.{k}": v for k, v in (
+        ("state", rec.state), ("message", rec.message),
+        ("result", " ".join(rec.result))) if v}
+
+
+def _written_mtime_ns(upload: Upload) -> int:
+    rec = upload.record
+    return rec.mtime_ns if rec.mtime_ns is not None else int(rec.created * 1e9)
+
