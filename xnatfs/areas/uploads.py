@@ -43,6 +43,7 @@ from ..errors import (
 )
 from ..imports import UploadManager, check_folder_name, labels_from_path, relocated
 from ..naming import safe_name
+from ..spool import Spool
 from ..spoolfiles import State, Upload
 from ..tree import Kind, Node, Tree
 from .base import OWN_XATTRS, Area, Handle, Kernel, Writer
@@ -435,10 +436,12 @@ class UploadHandle(Handle):
 
 
 class StatusFile:
-    """``UPLOAD_STATUS.txt``: what happened to each upload (of a project, in its folder)."""
+    """``UPLOAD_STATUS.txt``: what happened to each upload (of a project, in its
+    folder), and to each file written into a resource (``spools``: every spool
+    of the mount)."""
 
     def __init__(self, manager: UploadManager) -> None:
-        self.manager = manager
+        self.spools: list[Spool] = [manager]
 
     def size(self, node: Node) -> int:
         return len(self._text(node))
@@ -447,11 +450,13 @@ class StatusFile:
         pass
 
     async def content(self, node: Node) -> bytes:
-        await self.manager.notice_outside_changes()
+        for spool in self.spools:
+            await spool.notice_outside_changes()
         return self._text(node)
 
     def _text(self, node: Node) -> bytes:
-        return self.manager.status_text(node.project or None).encode()
+        return "".join(spool.status_text(node.project or None)
+                       for spool in self.spools).encode()
 
 
 def _refuse_moving_uploaded(uploads: list[Upload], new_parent: Node) -> None:
