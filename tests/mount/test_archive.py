@@ -165,10 +165,10 @@ def test_walking_a_project_lists_its_experiments_once(demo_mount: Mount) -> None
     """The first subject opened costs its own listing; from the second on, one
     listing of the project's experiments serves every subject of the walk."""
     project = demo_mount.path / "NEURO_PUB"
-    subjects = sorted(os.listdir(project))
+    subjects = sorted(set(os.listdir(project)) - {"resources"})
     assert len(subjects) == 3
     mark = demo_mount.server.log_mark()
-    seen = {s: set(os.listdir(project / s)) for s in subjects}
+    seen = {s: set(os.listdir(project / s)) - {"resources"} for s in subjects}
     paths = [e["path"] for e in demo_mount.server.requests_since(mark)
              if e["route"] == "experiments.list"]
     assert len(paths) == 2, paths
@@ -268,7 +268,7 @@ def test_a_shared_subject_is_an_entry_of_its_own_in_each_project(tmp_path: Path,
         for _ in range(2):  # listing one project must not rename the other's entry
             assert "SHARED_SUBJ" in os.listdir(mount.path / "ALICE_LAB")
             assert "NP001" in os.listdir(mount.path / "NEURO_PUB")
-            assert os.listdir(shared) == ["SHARED_MR1"]
+            assert os.listdir(shared) == ["resources", "SHARED_MR1"]
             assert "NP001_MR1" in os.listdir(own)
             assert os.getxattr(shared, "user.xnat.project") == b"ALICE_LAB"
             assert os.getxattr(own, "user.xnat.project") == b"NEURO_PUB"
@@ -292,7 +292,9 @@ def test_extended_attributes(demo_mount: Mount) -> None:
     assert os.getxattr(dicom, "user.xnat.uri").decode().startswith("/data/")
 
 
-def test_archive_is_read_only(demo_mount: Mount) -> None:
+def test_archive_structure_is_read_only_and_its_files_protected(demo_mount: Mount) -> None:
+    """Only resources take new files (tests/mount/test_resources.py); what XNAT
+    has is neither replaced nor deleted without the mount's options (EPERM)."""
     files = demo_mount.path / SESSION / "resources"
     with pytest.raises(OSError) as info:
         (files / "new.txt").write_text("x")
@@ -305,9 +307,15 @@ def test_archive_is_read_only(demo_mount: Mount) -> None:
     assert info.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
     dicom = next((demo_mount.path / SESSION / "scans/2-T1_MPRAGE_2/resources/DICOM/files")
                  .iterdir())
+    before = dicom.read_bytes()
+    assert os.stat(dicom).st_mode & 0o777 == 0o444  # XNAT has it: not to be written
     with pytest.raises(OSError) as info:
         dicom.unlink()
-    assert info.value.errno in (errno.EROFS, errno.EACCES)
+    assert info.value.errno == errno.EPERM
+    with pytest.raises(OSError) as info:
+        dicom.write_bytes(b"not the scanner's")
+    assert info.value.errno in (errno.EPERM, errno.EACCES)  # root ignores the mode
+    assert dicom.read_bytes() == before
 
 
 def test_missing_names_are_enoent(demo_mount: Mount) -> None:

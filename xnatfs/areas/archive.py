@@ -1,13 +1,16 @@
-"""The archive: projects, subjects, sessions, scans, assessors, resources, files.
+"""The archive: projects, subjects, sessions, scans and assessors.
 
 Layout (the one XNAT's zip downloads use)::
 
     /<PROJECT>/<SUBJECT>/<SESSION>/scans/<ID>-<type>/resources/<LABEL>/files/<path>
     /<PROJECT>/<SUBJECT>/<SESSION>/resources/<LABEL>/files/<path>
     /<PROJECT>/<SUBJECT>/<SESSION>/assessors/<LABEL>/resources/<LABEL>/files/<path>
+    /<PROJECT>/resources/..., /<PROJECT>/<SUBJECT>/resources/...
 
-Read-only, but for one thing: ``mkdir PROJECT/SUBJECT`` makes a subject to
-archive a prearchive session into (local until a session arrives there).
+The ``resources/`` folders and everything below them are :mod:`.resources`'
+(read and written); this area lists down to them. Here only ``mkdir
+PROJECT/SUBJECT`` changes anything: it makes a subject to archive a
+prearchive session into (local until a session arrives there).
 
 Metadata comes only from listings, never from per-file requests: a session's
 scans, resources and assessors come from one item request, and every file of

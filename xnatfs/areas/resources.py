@@ -186,7 +186,11 @@ class ResourceArea(Area):
 
     # ------------------------------------------------------------ attributes
     def writable(self, node: Node) -> bool:
-        return self.writes is not None
+        """Folders take new files; a file XNAT has shows as writable only where
+        it may be replaced (--allow-overwrite)."""
+        if self.writes is None:
+            return False
+        return node.kind is not FILE or node.upload is not None or self.allow_overwrite
 
     def timeouts(self, node: Node) -> tuple[float, float]:
         if node.upload is not None or (node.kind is FOLDER and self.writes is not None
