@@ -163,6 +163,7 @@ class ImportSender:
         self.importer = importer
         self.direct_archive = direct_archive  # kept in each record, for a later retry
 
+    sends_empty = False         # no importer takes an empty file
     resend_after_crash = False  # an import cut off may be in the prearchive: the user decides
 
     def owns(self, record: UploadRecord) -> bool:

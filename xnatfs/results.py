@@ -171,11 +171,11 @@ class ResourceQueue:
 
     async def _send(self, batch: list[Pending]) -> None:
         client = self.sender.client
-        if len(batch) == 1:
+        if len(batch) == 1 and batch[0].size > 0:
             item = batch[0]
             duplicates = await client.put_file(self.resource_uri, item.path, item.data,
                                                item.size, overwrite=item.overwrite)
-        else:
+        else:  # (XNAT refuses an empty body, 400: an empty file goes in a zip)
             duplicates = await self._send_zip(batch)
         listed = {f.path: f for f in await client.list_resource_files(self.resource_uri)}
         for item in batch:
@@ -184,8 +184,12 @@ class ResourceQueue:
         for item in strays:
             # A file left on disk by a failed catalog write (another writer's
             # 500) is a duplicate of nothing listed: stored again over it.
-            await client.put_file(self.resource_uri, item.path, item.data, item.size,
-                                  overwrite=True)
+            item.overwrite = True
+            if item.size > 0:
+                await client.put_file(self.resource_uri, item.path, item.data, item.size,
+                                      overwrite=True)
+            else:
+                await self._send_zip([item])
         if strays:
             listed = {f.path: f for f in await client.list_resource_files(self.resource_uri)}
             for item in strays:
@@ -203,7 +207,7 @@ class ResourceQueue:
                       self.resource_uri, size)
             return await self.sender.client.put_file(
                 self.resource_uri, zip_path.name, zip_path, size, extract=True,
-                content_type="application/zip")
+                overwrite=batch[0].overwrite, content_type="application/zip")
         finally:
             await trio.to_thread.run_sync(lambda: zip_path.unlink(missing_ok=True))
 
@@ -236,6 +240,7 @@ class ResourceSender:
 
     head_bytes = 0
     resend_after_crash = True
+    sends_empty = True          # an empty output (a "done" marker) is a file too
     advice_unanswered = "look in the resource's folder before 'xnatfs uploads retry'"
     advice_sent = "read it from the archive"
     advice_cut_off = "nothing of it was sent"

@@ -65,6 +65,7 @@ class Sender(Protocol):
     advice_cut_off: str      # a stream cut off by a killed writer: what may have arrived
 
     resend_after_crash: bool  # sent after the next mount starts, when a crash left it queued
+    sends_empty: bool         # an empty file is sent (else kept, until written to)
 
     def owns(self, record: UploadRecord) -> bool:
         """Whether a kept record is one of this sender's (spools may share a folder)."""
@@ -297,7 +298,8 @@ class Spool:
         while upload.background is not None and not closing:
             await upload.background.wait()  # fsync: the write-behind upload's answer
         async with upload.lock:
-            if upload.record.size == 0 and upload.state is State.WRITING:
+            if upload.record.size == 0 and upload.state is State.WRITING \
+                    and not self.sender.sends_empty:
                 # touch, a file manager's "New Document", cp of an empty file: nothing
                 # to upload yet (written to later, it is uploaded then).
                 upload.record.state = State.KEPT.value

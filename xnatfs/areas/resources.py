@@ -67,6 +67,9 @@ class ResourceArea(Area):
         self.allow_overwrite = allow_overwrite
         self.allow_delete = allow_delete
         self.folders: set[tuple[str, str]] = set()  # (resource URI, path) made by mkdir
+        # Times set on files (cp -a, rsync), by (resource URI, path): XNAT keeps
+        # none, and a second rsync would find every file changed and send it again.
+        self.file_mtimes: dict[tuple[str, str], int] = {}
         if writes is not None:
             writes.on_finished = self._sent
 
@@ -136,12 +139,10 @@ class ResourceArea(Area):
         remote = file_entries(self.tree, node, files, folder_kind=FOLDER, file_kind=FILE)
         local = self._local(node)
         if not local and not self._local_folders(node):
-            for entry in remote:
-                entry.upload = None
+            self._settled(remote)
             return remote
         by_name = {entry.name: entry for entry in remote}
-        for entry in remote:
-            entry.upload = None
+        self._settled(remote)
         prefix = f"{node.folder}/" if node.folder else ""
         for upload in local:
             rest = upload.record.destination["path"][len(prefix):]
@@ -154,6 +155,15 @@ class ResourceArea(Area):
         for name in self._local_folders(node):
             by_name.setdefault(name, self._folder_node(node, name))
         return sorted(by_name.values(), key=lambda n: n.name)
+
+    def _settled(self, entries: list[Node]) -> None:
+        """Entries XNAT lists: read from XNAT, with the times set on them here."""
+        for entry in entries:
+            entry.upload = None
+            if entry.file is not None and self.file_mtimes:
+                mtime = self.file_mtimes.get((resource_uri(entry), entry.file.path))
+                if mtime is not None:
+                    entry.mtime_ns = mtime
 
     def _local(self, folder: Node) -> list[Upload]:
         """Files written into ``folder`` or below it that XNAT does not list yet."""
@@ -221,7 +231,10 @@ class ResourceArea(Area):
         if node.upload is None and size is not None:
             await self._replace(node)
         if node.upload is None:
-            return  # a time on a file XNAT has: nothing to keep it in
+            if mtime_ns is not None and node.file is not None:
+                self.file_mtimes[(resource_uri(node), node.file.path)] = mtime_ns
+                node.mtime_ns = mtime_ns
+            return
         if size is not None:
             await writes.truncate(node.upload, size)
         if mtime_ns is not None:
@@ -266,6 +279,8 @@ class ResourceArea(Area):
         finally:
             if node.upload is upload:
                 node.xattrs = _write_xattrs(upload)
+        if upload.state is State.DONE:  # (a write-behind send is seen by _sent)
+            self._confirmed(upload)
 
     def _sent(self, upload: Upload) -> None:
         """A file XNAT confirmed (or refused), in the background or not."""
@@ -274,6 +289,8 @@ class ResourceArea(Area):
 
     def _confirmed(self, upload: Upload) -> None:
         uri = upload.record.destination["resource"]
+        if upload.record.mtime_ns is not None:
+            self.file_mtimes[(uri, upload.record.destination["path"])] = upload.record.mtime_ns
         experiment = experiment_of(uri)
         self._invalidate(uri.rsplit("/resources/", 1)[0], experiment)
         self._writes().drop(upload)
