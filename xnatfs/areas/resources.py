@@ -34,7 +34,7 @@ from collections.abc import Callable, Hashable
 
 from .. import client as xc
 from ..callers import interrupted, killed_by, signal_name
-from ..errors import (Busy, CrossDevice, Exists, InvalidArgument, NotEmpty, NotFound,
+from ..errors import (Busy, CrossDevice, Exists, Forbidden, InvalidArgument, NotEmpty, NotFound,
                       NotPermitted, XnatError)
 from ..naming import label_from_name, require_label, safe_name
 from ..results import ResultWrites
@@ -323,7 +323,8 @@ class ResourceArea(Area):
         for entry in await self.tree.children(parent.inode):
             if entry.resource_label == label:
                 return entry
-        raise NotFound(f"XNAT made {uri} but does not list it")
+        raise Forbidden(f"XNAT answered but does not list {uri}: your account may not "
+                        "write here")
 
     async def create(self, parent: Node, name: str, writer: Writer) -> tuple[Node, Handle]:
         if parent.kind is not FOLDER:
