@@ -340,6 +340,7 @@ class ResourceArea(Area):
         if node.kind is not FILE:
             return await super().unlink(parent, node)
         writes = self._writes()
+        await self._settle(node)  # sent meanwhile: XNAT's to delete, if allowed
         if node.upload is not None:
             if node.upload.busy:
                 raise Busy(f"{node.name} is being written or sent")
@@ -400,6 +401,7 @@ class ResourceArea(Area):
         """A file not yet confirmed moves within its resource (a temporary renamed
         into place is sent under its new name); anything else is a copy and a
         delete (EXDEV: ``mv`` does both, the delete only with --allow-delete)."""
+        await self._settle(node)
         upload = node.upload
         if node.kind is not FILE or upload is None or new_parent.kind is not FOLDER \
                 or resource_uri(new_parent) != resource_uri(node):
