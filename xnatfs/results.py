@@ -104,7 +104,7 @@ class Pending:
     md5: str
     overwrite: bool
     done: trio.Event = field(default_factory=trio.Event)
-    result: list[str] | XnatError | None = None
+    result: list[str] | XnatError | _Stray | None = None
 
 
 class ResourceQueue:
@@ -122,9 +122,9 @@ class ResourceQueue:
             self.running = True
             self.sender.nursery.start_soon(self._drain)
         await item.done.wait()
-        assert item.result is not None
         if isinstance(item.result, XnatError):
             raise item.result
+        assert isinstance(item.result, list)
         return item.result
 
     async def _drain(self) -> None:
@@ -136,11 +136,11 @@ class ResourceQueue:
                         await self._send(batch)
                 except XnatError as exc:
                     for item in batch:
-                        if item.result is None:
+                        if not isinstance(item.result, list):
                             item.result = exc
                 except BaseException:
                     for item in batch:  # cancelled (unmount) or a bug: nobody waits forever
-                        if item.result is None:
+                        if not isinstance(item.result, list):
                             item.result = XnatError("the send was stopped")
                     raise
                 finally:
@@ -177,7 +177,7 @@ class ResourceQueue:
                                                item.size, overwrite=item.overwrite)
         else:  # (XNAT refuses an empty body, 400: an empty file goes in a zip)
             duplicates = await self._send_zip(batch)
-        listed = {f.path: f for f in await client.list_resource_files(self.resource_uri)}
+        listed = await self._listing()
         for item in batch:
             item.result = self._outcome(item, listed.get(item.path), item.path in duplicates)
         strays = [i for i in batch if isinstance(i.result, _Stray)]
@@ -191,12 +191,19 @@ class ResourceQueue:
             else:
                 await self._send_zip([item])
         if strays:
-            listed = {f.path: f for f in await client.list_resource_files(self.resource_uri)}
+            listed = await self._listing()
             for item in strays:
                 item.result = self._outcome(item, listed.get(item.path), False)
                 if isinstance(item.result, _Stray):
                     item.result = XnatError(f"{item.path}: XNAT keeps answering that it has "
                                             "the file, but does not list it")
+
+    async def _listing(self) -> dict[str, RemoteFile]:
+        """The resource's files as XNAT lists them now (kept for the mount's
+        listings, which then need not ask again)."""
+        files = await self.sender.client.list_resource_files(self.resource_uri)
+        self.sender.listings[self.resource_uri] = files
+        return {f.path: f for f in files}
 
     async def _send_zip(self, batch: list[Pending]) -> list[str]:
         zip_path = self.sender.batch_dir / BATCH_NAME.format(uuid.uuid4().hex)
@@ -212,7 +219,7 @@ class ResourceQueue:
             await trio.to_thread.run_sync(lambda: zip_path.unlink(missing_ok=True))
 
     def _outcome(self, item: Pending, listed: RemoteFile | None,
-                 duplicate: bool) -> list[str] | XnatError:
+                 duplicate: bool) -> list[str] | XnatError | _Stray:
         """What the listing says of one file we sent."""
         uri = f"{self.resource_uri}/files/{item.path}"
         if listed is not None and listed.size == item.size and (
@@ -231,8 +238,12 @@ class ResourceQueue:
                          "read this project but not write to it", path=uri)
 
 
-class _Stray(XnatError):
-    """XNAT called the file a duplicate, but does not list it."""
+class _Stray:
+    """XNAT called the file a duplicate, but does not list it (an outcome to act
+    on, not an error)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
 
 
 class ResourceSender:
@@ -253,6 +264,7 @@ class ResourceSender:
         batch_dir.mkdir(mode=0o700, exist_ok=True)
         self.requests = trio.CapacityLimiter(max_requests)  # across resources
         self.queues: dict[str, ResourceQueue] = {}
+        self.listings: dict[str, list[RemoteFile]] = {}  # each resource's, last checked
 
     def owns(self, record: UploadRecord) -> bool:
         return "resource" in record.destination

@@ -289,6 +289,10 @@ class Tree:
     def invalidate(self, key: Hashable) -> None:
         self._listings.pop(key, None)
 
+    def peek(self, key: Hashable) -> Any:
+        """A cached listing, or None; nothing is fetched."""
+        return self._listings.get(key)
+
     def invalidate_where(self, wanted: Callable[[Hashable], bool]) -> None:
         """Forget every cached listing whose key ``wanted`` picks, and every name
         looked up in vain (it may exist now)."""

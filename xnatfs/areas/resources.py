@@ -41,7 +41,7 @@ from ..results import ResultWrites
 from ..spoolfiles import State, Upload
 from ..tree import Node, Tree, xnat_xattrs
 from .archive import (FILE, FOLDER, RESOURCE, RESOURCES, ArchiveArea, _inherited,
-                      file_entries, files_folder, holder)
+                      file_entries, files_folder, holder, owner)
 from .base import Area, Handle, Kernel, Writer
 from .remote_files import RemoteFiles
 
@@ -288,12 +288,32 @@ class ResourceArea(Area):
             self._confirmed(upload)
 
     def _confirmed(self, upload: Upload) -> None:
+        """XNAT lists the file now: the mount's listings show it from XNAT."""
         uri = upload.record.destination["resource"]
         if upload.record.mtime_ns is not None:
             self.file_mtimes[(uri, upload.record.destination["path"])] = upload.record.mtime_ns
-        experiment = experiment_of(uri)
-        self._invalidate(uri.rsplit("/resources/", 1)[0], experiment)
+        if not self._patch_session_files(uri):
+            self._invalidate(uri.rsplit("/resources/", 1)[0], experiment_of(uri))
         self._writes().drop(upload)
+
+    def _patch_session_files(self, uri: str) -> bool:
+        """Put the resource's files as the send just checked them into the cached
+        listing of its session, instead of listing the whole session again
+        (item and ``files?all=true``) for every file a pipeline writes. False
+        if that cannot be done (a project's or subject's resource, a resource
+        the cached listing does not know)."""
+        experiment = experiment_of(uri)
+        listing = self._writes().sender_of_resources.listings.get(uri)
+        if not experiment or listing is None:
+            return False
+        groups = self.tree.peek(("session-files", experiment))
+        if groups is None:
+            return True  # nothing cached: the next listing is fresh anyway
+        key = (group_owner(uri), uri.rsplit("/resources/", 1)[1])
+        if key not in groups:
+            return False
+        groups[key] = list(listing)
+        return True
 
     # ----------------------------------------------- names in our folders
     def _writes(self) -> ResultWrites:
@@ -531,6 +551,16 @@ def owner_uri(node: Node) -> str:
 
 def resource_uri(node: Node) -> str:
     return f"{owner_uri(node)}/resources/{node.resource_label}"
+
+
+def group_owner(uri: str) -> Hashable:
+    """What holds a session's resource given by URI, as :func:`.archive.owner` says."""
+    parts = uri.split("/resources/", 1)[0].split("/")
+    if len(parts) >= 6 and parts[4] == "scans":
+        return owner(parts[5], None)
+    if len(parts) >= 6 and parts[4] == "assessors":
+        return owner(None, parts[5])
+    return owner(None, None)
 
 
 def experiment_of(uri: str) -> str:
