@@ -1665,8 +1665,11 @@ def s9_notes(measure: Measure, files: int, *, by_route: bool = False) -> list[st
     routes = sorted({k for r in runs for k in r.requests})
     parts = ", ".join(f"{k} {statistics.median(r.requests.get(k, 0) for r in runs):g}"
                       for k in routes)
-    notes = [f"{measure.name}: {files} files in {total:g} requests (logins and logouts "
-             f"not counted)" + (f": {parts}" if by_route else "")]
+    notes = [f"{measure.name}: {files} files in {total:g} requests (median; logins and "
+             f"logouts not counted)" + (f": {parts}" if by_route else "")]
+    if len(runs) > 1:  # a write may settle into a fast or a slow pattern: show each run
+        notes.append(f"{measure.name}: runs " + ", ".join(
+            f"{r.value:.3g} s in {r.extra.get('requests_total', '?')} requests" for r in runs))
     if "cp_s" in runs[0].extra:
         def step(key: str) -> str:
             return f"{key[:-2]} {statistics.median(r.extra[key] for r in runs):.3g} s"
