@@ -84,7 +84,7 @@ bottleneck (the bundled server, curl, xnatfs, the shaping).
 ``--quick`` (the smoke test in ``tests/test_bench_smoke.py``): one run of
 each figure, S1 reads 256 MiB, S2 64 MiB, S5 walks one subject (and skips
 the xnatpy walk that HEADs every file), S7 uploads a ~34 MB zip, S9 writes
-40 of the tree's files (~6 MB) and skips the xnatpy ``per_file`` baseline;
+40 of the tree's files (~3 MB) and skips the xnatpy ``per_file`` baseline;
 about two and a half minutes, including the data set build when it is missing.
 
 Reading the output: each row gives the xnatfs median, the baseline median,
