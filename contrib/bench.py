@@ -38,16 +38,40 @@ S7    ``cp`` of a 1 GiB DICOM zip into uploads/      curl POST of the zip to    
                                                      /data/services/import
 S8    peak RSS of the mount process during S1, S4,   -                           <= 250 MB
       S5, S7
+S9    ``mkdir`` of a new session resource, ``cp -r``  xnatpy                      <= 1.0
+      of a 300-file FreeSurfer-like tree (39 MB)     ``create_resource`` +       (aim 0.5)
+      into its ``files/``, then ``fsync`` of the     ``upload_dir`` (one tar.gz  with
+      resource folder: a ``--write-behind`` mount;   PUT, ``extract=true``)      --write-
+      the same on a default mount beside it (close                               behind;
+      waits per file); every run verified by                                     default:
+      XNAT's listing (sizes, MD5s), requests counted                             none
 ====  =============================================  ==========================  ==========
 
 Profiles. ``wan`` adds 20 ms to every request and caps each connection at
 25 MB/s, through the server's knobs; ``loopback`` shapes nothing. S1 is
 always measured unshaped and S2 always shaped (they are the two legs of the
-same read); the profile shapes S3, S4, S5 and S7 (the issue states their
-targets for wan, so with ``--profile loopback`` those ratios are for
+same read); the profile shapes S3, S4, S5, S7 and S9 (the issue states
+their targets for wan, so with ``--profile loopback`` those ratios are for
 information). S0 and S6 make no network requests. Before each S6 run the
 same cached blocks are read cold straight from disk (4 threads): S6 cannot
 beat that, and the output says when the disk alone keeps it below target.
+
+S9 (issue 21, results back into XNAT) writes a FreeSurfer-like output tree
+(``mri/``, ``surf/``, ``label/``, ``stats/``, ``scripts/``, ``touch/``: mostly
+files of a few KB to a few hundred KB, nine of 1-5 MB; made from a seeded RNG,
+so every run writes the same bytes) into a new resource of one session. Each
+run of each variant gets a resource of its own, made inside the timed span
+(``mkdir`` on the mount, ``create_resource`` for xnatpy); the mount's time
+runs until the ``fsync`` of the resource folder returns, i.e. until XNAT has
+every file. After every run the resource's listing is fetched over HTTP and
+must show every file with its size and MD5; a run that fails this check is
+``n/a (verification failed: ...)``, never a time. The resource is deleted
+afterwards (and any ``S9_*`` resource a crashed run left behind, first).
+Baselines: xnatpy's ``resource.upload_dir`` with its default method
+(``tgz_file``: the whole folder as one gzipped tar, level 9, in a spooled
+temporary file, sent as ``upload.tar.gz`` in one PUT with ``extract=true``;
+it does not check what XNAT stored), and, beside the default mount, its
+``method="per_file"`` (one PUT per file, nothing else).
 
 Cold runs use a fresh mount with an empty block cache, and the page cache is
 dropped before each one (``echo 3 > /proc/sys/vm/drop_caches``) where the
@@ -59,8 +83,9 @@ bottleneck (the bundled server, curl, xnatfs, the shaping).
 
 ``--quick`` (the smoke test in ``tests/test_bench_smoke.py``): one run of
 each figure, S1 reads 256 MiB, S2 64 MiB, S5 walks one subject (and skips
-the xnatpy walk that HEADs every file), S7 uploads a ~34 MB zip; about a
-minute and a half, including the data set build when it is missing.
+the xnatpy walk that HEADs every file), S7 uploads a ~34 MB zip, S9 writes
+40 of the tree's files (~3 MB) and skips the xnatpy ``per_file`` baseline;
+about two and a half minutes, including the data set build when it is missing.
 
 Reading the output: each row gives the xnatfs median, the baseline median,
 their ratio and the issue's target (``ok``/``MISS``); rows marked ``[...]``
@@ -72,8 +97,10 @@ limit. The header names the xnatfs commit measured, and warns when the
 kernel tuning of the xnatfs mount differs from zerofs's.
 
 A scenario that fails is reported as ``n/a (reason)``, never a crash; the
-exit status is non-zero only with ``--strict`` (any n/a figure) or when the
-benchmark itself cannot start (no FUSE, no server).
+exit status is non-zero only with ``--strict`` (any n/a figure), when XNAT
+did not hold what an S9 run wrote (``VERIFICATION FAILED``, at the end of the
+output: a wrong result, not a slow one), or when the benchmark itself cannot
+start (no FUSE, no server).
 """
 
 from __future__ import annotations
@@ -85,6 +112,7 @@ import fcntl
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -148,13 +176,17 @@ class Scope:
     upload_series: int       # S7 zip: series of 512x512 CT slices
     upload_slices: int
     head_walk_runs: int      # runs of the (slow) xnatpy walk that HEADs every file
+    s9_files: int | None     # files of the S9 tree written (None: all 300)
+    s9_per_file: bool        # also the xnatpy per_file baseline (one PUT per file)
 
 
 FULL = Scope(runs=3, s1_bytes=None, s2_bytes=None, s5_subjects=SUBJECTS,
-             upload_series=4, upload_slices=512, head_walk_runs=1)
+             upload_series=4, upload_slices=512, head_walk_runs=1, s9_files=None,
+             s9_per_file=True)
 # --quick skips the xnatpy walk that HEADs every file (~900 requests per subject).
 QUICK = Scope(runs=1, s1_bytes=256 * MiB, s2_bytes=64 * MiB, s5_subjects=(SUBJECT,),
-              upload_series=1, upload_slices=64, head_walk_runs=0)
+              upload_series=1, upload_slices=64, head_walk_runs=0, s9_files=40,
+              s9_per_file=False)
 
 
 # ---------------------------------------------------------------- results
@@ -266,6 +298,7 @@ class Figure:
     target_note: str = ""
     checks: dict[str, Any] = field(default_factory=dict)  # extra pass/fail conditions
     variant: str = ""
+    mode: str = ""  # which xnatfs set-up when a scenario has several (S9: mount options)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -302,7 +335,7 @@ class Figure:
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": self.id, "range": self.range, "variant": self.variant or None,
-            "title": self.title, "shaping": self.shaping,
+            "mode": self.mode or None, "title": self.title, "shaping": self.shaping,
             "value": self.measure.shown(), "unit": self.measure.unit,
             "runs": [r.as_json() for r in self.measure.runs],
         }
@@ -523,10 +556,12 @@ def fuse_available() -> bool:
 class XnatfsMount:
     """``python -m xnatfs.cli mount`` of the bench server, as the tests mount it."""
 
-    def __init__(self, bench: Bench, name: str, cache_dir: Path) -> None:
+    def __init__(self, bench: Bench, name: str, cache_dir: Path,
+                 options: tuple[str, ...] = ()) -> None:
         self.bench = bench
         self.path = bench.workdir / "mnt" / name
         self.cache_dir = cache_dir
+        self.options = options  # extra mount options (S9: --write-behind)
         self.pid: int | None = None
         self.mount_seconds = 0.0
         self.log_file = bench.workdir / "logs" / f"mount-{name}.log"
@@ -538,7 +573,7 @@ class XnatfsMount:
             unmount(self.path, None)
         cmd = [sys.executable, "-m", "xnatfs.cli", "mount", self.bench.server.url,
                str(self.path), "--cache-dir", str(self.cache_dir), "--range", "auto",
-               "--log-level", "INFO", "--log-file", str(self.log_file)]
+               "--log-level", "INFO", "--log-file", str(self.log_file), *self.options]
         started = time.perf_counter()
         result = subprocess.run(cmd, env=self.bench.mount_env, capture_output=True, text=True,
                                 timeout=120, check=False)
@@ -685,11 +720,12 @@ class Bench:
             counts[key] += 1
         return dict(sorted(counts.items()))
 
-    def new_mount(self, tag: str, cache_dir: Path | None = None) -> XnatfsMount:
+    def new_mount(self, tag: str, cache_dir: Path | None = None,
+                  options: tuple[str, ...] = ()) -> XnatfsMount:
         self._mount_counter += 1
         name = f"{self._mount_counter:03d}-{tag}"
         cache = cache_dir or self.workdir / "caches" / name
-        return XnatfsMount(self, name, cache)
+        return XnatfsMount(self, name, cache, options)
 
     def nifti_path(self, mount: XnatfsMount) -> Path:
         return mount.path / self.paths["nifti"]
@@ -744,8 +780,9 @@ class Bench:
             os.environ.pop(key, None)
         os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
         ensure_dataset(self.data_dir, self.say)
-        self.upload_zip = ensure_upload_zip(self.data_dir.parent, self.scope.upload_series,
-                                            self.scope.upload_slices, self.say)
+        if self.wanted("S7"):  # 1 GB for a full run: only when it is used
+            self.upload_zip = ensure_upload_zip(self.data_dir.parent, self.scope.upload_series,
+                                                self.scope.upload_slices, self.say)
         home = self.workdir / "home"
         self.mount_env = dict(env_without_proxies(), XNAT_USER=USER, XNAT_PASS=PASSWORD,
                               XDG_CACHE_HOME=str(home / "cache"),
@@ -797,7 +834,7 @@ class Bench:
         steps: list[tuple[str, Callable[[], None]]] = [
             ("S0", self.s0), ("S1", self.s1), ("S6", self.s6), ("S2", self.s2),
             ("S3", self.s3), ("S4", self.s4), ("S5", self.s5), ("S7", self.s7),
-            ("S8", self.s8)]
+            ("S8", self.s8), ("S9", self.s9)]
         for scenario, step in steps:
             if not self.wanted(scenario):
                 continue
@@ -1381,6 +1418,193 @@ class Bench:
             self.add(Figure("S8", rng, "peak RSS of the mount process in S1, S4, S5, S7",
                             measure, target=("<=", 250.0)))
 
+    # S9 ----------------------------------------------------------------
+    @property
+    def s9_session_uri(self) -> str:
+        return f"/data/projects/{PROJECT}/subjects/{SUBJECT}/experiments/{SESSION}"
+
+    def http(self, method: str, path: str, timeout: float = 120) -> bytes:
+        """One request as admin straight to the server (not through a mount)."""
+        import base64
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        request = urllib.request.Request(self.url(path), method=method,
+                                         headers={"Authorization": f"Basic {token}"})
+        with opener.open(request, timeout=timeout) as response:
+            return response.read()
+
+    def s9_label(self, tag: str) -> str:
+        """A resource label no run has used: ``S9_<tag>_<time>_<n>``."""
+        self.s9_count += 1
+        return f"{S9_LABEL_PREFIX}{tag}_{self.s9_stamp}_{self.s9_count:02d}"
+
+    def s9_delete(self, label: str) -> None:
+        """Delete a resource S9 made, with its files (the data set is reused)."""
+        try:
+            self.http("DELETE", f"{self.s9_session_uri}/resources/{label}")
+        except OSError as exc:
+            self.say(f"  could not delete the S9 resource {label}: {exc}")
+
+    def s9_clear_leftovers(self) -> None:
+        rows = json.loads(self.http("GET", f"{self.s9_session_uri}/resources?format=json"))
+        for row in rows["ResultSet"]["Result"]:
+            label = str(row.get("label") or "")
+            if label.startswith(S9_LABEL_PREFIX):
+                self.say(f"  deleting {label}, left behind by an earlier S9 run")
+                self.s9_delete(label)
+
+    def s9_verify(self, label: str) -> dict[str, int]:
+        """XNAT's listing of the resource must show every file of the tree with its
+        size and MD5, and nothing else; otherwise the run fails (no time)."""
+        manifest = self.s9_manifest
+        path = f"{self.s9_session_uri}/resources/{label}/files?format=json"
+        try:
+            rows = json.loads(self.http("GET", path))["ResultSet"]["Result"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise self.s9_failed(label, f"no listing of the resource ({exc})") from None
+        listed: dict[str, tuple[int, str]] = {}
+        for row in rows:
+            uri = urllib.parse.unquote(str(row.get("URI") or ""))
+            _, found, rel = uri.partition(f"/resources/{label}/files/")
+            if not found:
+                _, _, rel = uri.partition("/files/")
+            listed[rel] = (int(row.get("Size") or -1), str(row.get("digest") or "").lower())
+        missing = sorted(set(manifest) - set(listed))
+        extra = sorted(set(listed) - set(manifest))
+        sizes = sorted(p for p in manifest if p in listed and listed[p][0] != manifest[p][0])
+        digests = sorted(p for p in manifest if p in listed and p not in sizes
+                         and listed[p][1] != manifest[p][1])
+        problems = [f"{what}: {len(found)} (first {found[0]})" for what, found in (
+            ("missing", missing), ("not written by the run", extra),
+            ("wrong size", sizes), ("wrong or no MD5", digests)) if found]
+        if problems:
+            raise self.s9_failed(label, f"{len(listed)} of {len(manifest)} files listed; "
+                                        + "; ".join(problems))
+        return {"files": len(listed), "bytes": sum(size for size, _ in listed.values())}
+
+    def s9_failed(self, label: str, message: str) -> BenchError:
+        self.say(f"  S9 VERIFICATION FAILED for resource {label}: {message}")
+        return BenchError(f"verification failed: {message}")
+
+    def xnatpy_upload_tree(self, method: str) -> Run:
+        """xnatpy: a new resource of the session, then ``upload_dir`` of the tree."""
+        label = self.s9_label("xnatpy" if method == "tgz_file" else "xnatpy_per_file")
+        session = self.xnatpy_session()
+        try:
+            self.drop_caches()
+            mark = self.mark()
+            watch = CpuWatch({"server": self.server.process.pid, "xnatpy": os.getpid()})
+            started = time.perf_counter()
+            experiment = session.projects[PROJECT].subjects[SUBJECT].experiments[SESSION]
+            resource = experiment.create_resource(label)
+            # update_func: no progress bar on the bench's stderr.
+            resource.upload_dir(str(self.s9_tree), method=method,
+                                update_func=lambda *_: None)
+            seconds = time.perf_counter() - started
+            cpu = watch.stop()
+            requests = self.requests(mark, 0.1)
+            checked = self.s9_verify(label)
+        finally:
+            with contextlib.suppress(Exception):
+                session.disconnect()
+            self.s9_delete(label)
+        return Run(value=seconds, seconds=seconds, requests=requests, cpu=cpu,
+                   extra={**checked, "requests_total": archive_requests(requests),
+                          "label": label, "verified": True})
+
+    def xnatfs_write_tree(self, mode: str) -> Run:
+        """mkdir of a new resource on a fresh mount, ``cp -r`` of the tree into its
+        ``files/``, ``fsync`` of the resource folder: timed until that returns."""
+        options = ("--write-behind",) if mode == "write-behind" else ()
+        label = self.s9_label("wb" if options else "default")
+        mount = self.new_mount(f"s9-{mode}", options=options)
+        where = f" (mount log {mount.log_file})"
+        try:
+            with mount:
+                folder = mount.path / PROJECT / SUBJECT / SESSION / "resources" / label
+                self.drop_caches()
+                mark = self.mark()
+                watch = CpuWatch({"server": self.server.process.pid, "mount": mount.pid})
+                t0 = time.perf_counter()
+                try:
+                    in_thread(lambda: os.mkdir(folder), 120, mount.kill)
+                except BenchError as exc:
+                    raise BenchError(f"mkdir of the resource failed: {exc}{where}") from None
+                t1 = time.perf_counter()
+                done = run_cmd(["cp", "-r", str(self.s9_tree / S9_SUBJECT),
+                                f"{folder / 'files'}/"],
+                               timeout=1800, on_timeout=mount.kill, stall=3 * STALL_SECONDS)
+                t2 = time.perf_counter()
+                if done.returncode != 0:
+                    raise BenchError(f"cp failed: {failure(done, mount.path)}{where}")
+                try:
+                    in_thread(lambda: fsync_folder(folder), 900, mount.kill)
+                except BenchError as exc:
+                    raise BenchError(f"fsync of the resource folder failed: {exc}{where}") \
+                        from None
+                t3 = time.perf_counter()
+                cpu = watch.stop()
+                cpu["cp"] = round(done.cpu_percent, 1)
+                rss = mount.rss()
+                unmounting = time.perf_counter()
+            unmount_s = time.perf_counter() - unmounting
+            requests = self.requests(mark)
+            checked = self.s9_verify(label)
+        finally:
+            self.s9_delete(label)
+            shutil.rmtree(mount.cache_dir, ignore_errors=True)
+        return Run(value=t3 - t0, seconds=t3 - t0, requests=requests, cpu=cpu, rss_mb=rss,
+                   extra={**checked, "requests_total": archive_requests(requests),
+                          "mkdir_s": round(t1 - t0, 3), "cp_s": round(t2 - t1, 3),
+                          "fsync_s": round(t3 - t2, 3), "unmount_s": round(unmount_s, 3),
+                          "label": label, "verified": True})
+
+    def s9(self) -> None:
+        self.s9_stamp, self.s9_count = time.strftime("%H%M%S"), 0
+        self.s9_tree = self.workdir / "s9-tree"
+        shutil.rmtree(self.s9_tree, ignore_errors=True)
+        self.s9_manifest = write_s9_tree(self.s9_tree, self.scope.s9_files)
+        files = len(self.s9_manifest)
+        nbytes = sum(size for size, _ in self.s9_manifest.values())
+        self.say(f"  tree: {files} files, {nbytes / MB:.1f} MB")
+        self.s9_clear_leftovers()
+        xnatpy = Measure("xnatpy create_resource + upload_dir (tgz_file)", "s")
+        per_file = Measure("xnatpy create_resource + upload_dir(method='per_file')", "s")
+        behind = Measure("xnatfs mkdir + cp -r + fsync, --write-behind", "s")
+        default = Measure("xnatfs mkdir + cp -r + fsync, default mount", "s")
+        self.shape(self.profile)
+        try:
+            for _ in range(self.scope.runs):  # alternated: the machine's noise hits all
+                self.guarded(xnatpy, lambda: self.xnatpy_upload_tree("tgz_file"))
+                if self.scope.s9_per_file:
+                    self.guarded(per_file, lambda: self.xnatpy_upload_tree("per_file"))
+                self.guarded(behind, lambda: self.xnatfs_write_tree("write-behind"))
+                self.guarded(default, lambda: self.xnatfs_write_tree("default"))
+        finally:
+            shutil.rmtree(self.s9_tree, ignore_errors=True)
+            self.shape("loopback")
+        self.baselines["S9 xnatpy"] = xnatpy
+        if per_file.runs:
+            self.baselines["S9 xnatpy per_file"] = per_file
+        title = (f"mkdir + cp -r of a {files}-file FreeSurfer-like tree ({nbytes / MB:.0f} MB) "
+                 f"into a new resource, to the folder's fsync")
+        for measure, mode, target, baseline in (
+                (behind, "--write-behind", ("<=", 1.0), xnatpy),
+                (default, "default mount", None, per_file)):
+            fig = self.add(Figure("S9", None, title, measure, shaping=self.profile,
+                                  baseline=xnatpy, baseline_label="xnatpy upload_dir (tar.gz)",
+                                  higher_is_better=False, target=target,
+                                  target_note="aim <= 0.5" if target else "", mode=mode))
+            fig.notes.extend(s9_notes(measure, files)
+                             + s9_notes(baseline, files, by_route=True))
+            if per_file.runs:
+                self.add(Figure("S9", None, title, measure, shaping=self.profile,
+                                baseline=per_file, baseline_label="xnatpy upload_dir per_file",
+                                higher_is_better=False, mode=mode,
+                                variant="vs xnatpy per_file"))
+
     # ------------------------------------------------------------- output
     def results(self) -> dict[str, Any]:
         scenarios: dict[str, list[dict[str, Any]]] = {}
@@ -1424,6 +1648,34 @@ def failure(done: Done, mountpoint: Path) -> str:
     """The first line a failed command printed, with the mount point written MOUNT."""
     line = done.stderr.splitlines()[0] if done.stderr else f"exit status {done.returncode}"
     return line.replace(str(mountpoint), "MOUNT")
+
+
+def archive_requests(requests: dict[str, int]) -> int:
+    """Requests of a run but for logins and logouts (``SESSION_ROUTES``)."""
+    return sum(n for k, n in requests.items() if k.split()[0] not in SESSION_ROUTES)
+
+
+def s9_notes(measure: Measure, files: int, *, by_route: bool = False) -> list[str]:
+    """How many requests a write of the S9 tree took (by route: for a baseline,
+    whose requests the table does not list), and where its time went."""
+    runs = [r for r in measure.runs if r.value is not None]
+    if not runs:
+        return []
+    total = statistics.median(r.extra.get("requests_total", 0) for r in runs)
+    routes = sorted({k for r in runs for k in r.requests})
+    parts = ", ".join(f"{k} {statistics.median(r.requests.get(k, 0) for r in runs):g}"
+                      for k in routes)
+    notes = [f"{measure.name}: {files} files in {total:g} requests (median; logins and "
+             f"logouts not counted)" + (f": {parts}" if by_route else "")]
+    if len(runs) > 1:  # a write may settle into a fast or a slow pattern: show each run
+        notes.append(f"{measure.name}: runs " + ", ".join(
+            f"{r.value:.3g} s in {r.extra.get('requests_total', '?')} requests" for r in runs))
+    if "cp_s" in runs[0].extra:
+        def step(key: str) -> str:
+            return f"{key[:-2]} {statistics.median(r.extra[key] for r in runs):.3g} s"
+        notes.append(f"{measure.name}: {step('mkdir_s')} + {step('cp_s')} + "
+                     f"{step('fsync_s')}; then {step('unmount_s')} (not timed)")
+    return notes
 
 
 def scan_files(*measures: Measure) -> int | str:
@@ -1586,6 +1838,140 @@ def ensure_upload_zip(directory: Path, series: int, slices: int,
     return path
 
 
+S9_SUBJECT = "bert"     # the tree's top folder, as FreeSurfer names a subject's
+S9_SEED = 9
+S9_LABEL_PREFIX = "S9_"  # every resource S9 makes (deleted after each run)
+KB = 1000
+HEMIS = ("lh", "rh")
+
+
+def s9_tree_spec() -> list[tuple[str, int, int, str]]:
+    """The files of a FreeSurfer-like subject folder: (path, smallest, largest
+    size, kind). ``binary``: incompressible (.mgz and .annot are gzip'ed or
+    packed); ``floats``: half the bytes random (surfaces, curvatures; gzip
+    halves them); ``text``: numbers in lines (labels, stats, logs)."""
+    spec: list[tuple[str, int, int, str]] = []
+
+    def add(path: str, lo: int, hi: int, kind: str) -> None:
+        spec.append((path, lo, hi, kind))
+
+    for name in ("orig/001", "rawavg", "orig", "nu", "T1", "brainmask", "norm", "brain"):
+        add(f"mri/{name}.mgz", 1 * MB, 5 * MB, "binary")
+    for name in ("aseg.presurf", "aseg.auto", "aseg.auto_noCCseg", "aseg", "aparc+aseg",
+                 "aparc.a2009s+aseg", "aparc.DKTatlas+aseg", "wmparc", "wm", "wm.seg",
+                 "wm.asegedit", "filled", "ribbon", "lh.ribbon", "rh.ribbon",
+                 "brain.finalsurfs", "ctrl_pts", "segment"):
+        add(f"mri/{name}.mgz", 60 * KB, 400 * KB, "binary")
+    for name in ("talairach.xfm", "talairach.auto.xfm", "talairach.lta", "talairach_avi.log",
+                 "talairach.xfm.lta", "talsrcimg_to_711-2C_as_mni_average_305_t4_vox2vox.txt"):
+        add(f"mri/transforms/{name}", 1 * KB, 8 * KB, "text")
+    add("mri/transforms/talairach.m3z", 1 * MB, 3 * MB, "binary")
+    for h in HEMIS:
+        for name in ("orig", "orig.nofix", "smoothwm", "smoothwm.nofix", "white",
+                     "white.preaparc", "pial", "inflated", "inflated.nofix", "qsphere.nofix",
+                     "sphere", "sphere.reg"):
+            add(f"surf/{h}.{name}", 150 * KB, 600 * KB, "floats")
+        for name in ("curv", "curv.pial", "area", "area.pial", "area.mid", "thickness", "sulc",
+                     "volume", "jacobian_white", "inflated.H", "inflated.K", "white.H",
+                     "white.K", "defect_labels", "defect_borders", "defect_chull",
+                     "w-g.pct.mgh", "avg_curv"):
+            add(f"surf/{h}.{name}", 30 * KB, 150 * KB, "floats")
+        for name in ("aparc", "aparc.a2009s", "aparc.DKTatlas", "BA_exvivo", "BA_exvivo.thresh"):
+            add(f"label/{h}.{name}.annot", 50 * KB, 250 * KB, "binary")
+        for area in ("BA1", "BA2", "BA3a", "BA3b", "BA4a", "BA4p", "BA6", "BA44", "BA45", "V1",
+                     "V2", "MT", "entorhinal", "perirhinal"):
+            for thresh in ("", ".thresh"):
+                add(f"label/{h}.{area}_exvivo{thresh}.label", 4 * KB, 120 * KB, "text")
+        add(f"label/{h}.cortex.label", 200 * KB, 400 * KB, "text")
+        for measure in ("thickness", "area", "volume", "curv"):
+            for fwhm in (0, 10, 20):
+                add(f"surf/{h}.{measure}.fwhm{fwhm}.fsaverage.mgh", 30 * KB, 150 * KB,
+                    "floats")
+        for name in ("aparc", "aparc.a2009s", "aparc.DKTatlas", "aparc.pial", "BA_exvivo",
+                     "BA_exvivo.thresh", "w-g.pct", "curv"):
+            add(f"stats/{h}.{name}.stats", 2 * KB, 40 * KB, "text")
+    for name in ("aparc.annot", "aparc.annot.a2009s", "aparc.annot.DKTatlas40", "BA_exvivo",
+                 "BA_exvivo.thresh"):
+        add(f"label/{name}.ctab", 1 * KB, 8 * KB, "text")
+    for name in ("aseg.stats", "wmparc.stats", "brainvol.stats"):
+        add(f"stats/{name}", 2 * KB, 30 * KB, "text")
+    for name in ("recon-all.log", "recon-all-status.log", "recon-all.done", "recon-all.env",
+                 "recon-all.cmd", "build-stamp.txt", "recon-config.yaml", "ponscc.cut.log",
+                 "lastcall.build-stamp.txt", "patchdirs.txt", "unknown-args.txt"):
+        add(f"scripts/{name}", 100, 300 * KB, "text")
+    for step in ("motioncor", "talairach", "nu", "normalization", "skull_strip", "em_register",
+                 "ca_normalize", "ca_register", "ca_label", "normalization2", "mask", "fill",
+                 "segstats", "wmparc", "relabelhypos", "aparc2aseg", "apas2aseg", "ca_label2",
+                 "conform", "inorm1", "inorm2", "skull.lta", "wmsegment", "fill2", "asegmerge",
+                 "cc_seg", "ca_register_inv", "rusage.mri_ca_register",
+                 "rusage.mri_em_register", "rusage.mri_ca_label", "balabels", "lhrh.qcache"):
+        # FreeSurfer's touch files are empty; not these: the mount keeps an empty
+        # file local and never sends it (XNAT refuses an empty PUT), so
+        # verification would fail on every run.
+        add(f"touch/{step}.touch", 40, 200, "text")
+    for h in HEMIS:
+        for step in ("tessellate", "smooth1", "inflate1", "qsphere", "fix", "white_surface",
+                     "smooth2", "inflate2", "curvHK", "curvstats", "sphere", "surfreg",
+                     "jacobian_white", "avgcurv", "cortparc", "pial_surface", "surfvolume",
+                     "cortical_ribbon", "parcstats", "cortparc2", "parcstats2", "cortparc3",
+                     "parcstats3", "pctsurfcon"):
+            add(f"touch/{h}.{step}.touch", 40, 200, "text")
+    return spec
+
+
+def s9_file_bytes(rng: random.Random, size: int, kind: str) -> bytes:
+    if kind == "binary":
+        return rng.randbytes(size)
+    if kind == "floats":
+        out = bytearray(size)
+        out[0::2] = rng.randbytes((size + 1) // 2)
+        return bytes(out)
+    lines, total, i = [], 0, 0
+    while total < size:
+        line = (f"{i} {rng.uniform(-90, 90):.3f} {rng.uniform(-120, 90):.3f} "
+                f"{rng.uniform(-70, 90):.3f} {rng.random():.6f}\n")
+        lines.append(line)
+        total += len(line)
+        i += 1
+    return "".join(lines).encode()[:size]
+
+
+def write_s9_tree(root: Path, files: int | None) -> dict[str, tuple[int, str]]:
+    """Write the S9 tree below ``root/bert`` (all of it, or ``files`` of its files
+    with the same share of 1-5 MB ones), the same bytes every time; its manifest:
+    path in the resource (``bert/...``) -> (size, MD5)."""
+    import hashlib
+    import math
+
+    rng = random.Random(S9_SEED)
+    plan = [(path, int(math.exp(rng.uniform(math.log(lo), math.log(hi)))), kind)
+            for path, lo, hi, kind in s9_tree_spec()]
+    if files is not None and files < len(plan):
+        picker = random.Random(S9_SEED + 1)
+        big = [p for p in plan if p[1] >= MB]
+        small = [p for p in plan if p[1] < MB]
+        nbig = max(1, round(files * len(big) / len(plan)))
+        plan = sorted(picker.sample(big, nbig) + picker.sample(small, files - nbig))
+    manifest = {}
+    for path, size, kind in plan:
+        data = s9_file_bytes(random.Random(f"{S9_SEED}:{path}"), size, kind)
+        target = root / S9_SUBJECT / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        manifest[f"{S9_SUBJECT}/{path}"] = (size, hashlib.md5(data).hexdigest())
+    (root / S9_SUBJECT / "tmp").mkdir(exist_ok=True)  # an empty folder, as FreeSurfer leaves
+    return manifest
+
+
+def fsync_folder(path: Path) -> None:
+    """``fsync`` of a folder (``sync FOLDER`` does the same)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------ output
 def fmt_bytes(n: int) -> str:
     if n >= 1 << 30:
@@ -1617,10 +2003,14 @@ def table(results: dict[str, Any]) -> str:
             title = fig["title"] + (f" [{fig['variant']}]" if fig.get("variant") else "")
             if fig.get("shaping"):
                 title += f" ({fig['shaping']})"
+            if fig.get("mode"):
+                title = f"{fig['mode']}: {title}"
             rows.append((fig["id"], fig["range"] or "-", title, shown, base_text,
                          f"{ratio:.2f}" if ratio is not None else "-",
                          fig.get("target") or "-", ok))
             tag = f"{fig['id']} {fig['range'] or ''}".strip()
+            if fig.get("mode"):
+                tag += f" {fig['mode']}"
             if fig.get("variant"):
                 tag += f" [{fig['variant']}]"
             if isinstance(value, str):
@@ -1647,6 +2037,22 @@ def merged_requests(runs: list[dict[str, Any]]) -> str:
     return ", ".join(f"{k} {statistics.median(r.get(k, 0) for r in ok):g}" for k in keys)
 
 
+def verification_failures(results: dict[str, Any]) -> list[str]:
+    """Runs whose writes XNAT did not hold as written (S9), xnatfs's or a baseline's."""
+    found = []
+    for figures in results["scenarios"].values():
+        for fig in figures:
+            if fig.get("variant"):
+                continue  # the same runs as the figure without one
+            name = f"{fig['id']} {fig.get('mode') or fig.get('range') or ''}".strip()
+            found += [f"{name}: {r['error']}" for r in fig["runs"]
+                      if str(r.get("error", "")).startswith("verification failed")]
+    for name, baseline in results["baselines"].items():
+        found += [f"{name}: {r['error']}" for r in baseline["runs"]
+                  if str(r.get("error", "")).startswith("verification failed")]
+    return found
+
+
 def header(bench: Bench) -> str:
     meta = bench.meta
     tuning_x = meta.get("kernel_tuning_xnatfs", {})
@@ -1654,7 +2060,7 @@ def header(bench: Bench) -> str:
     lines = [
         f"xnatfs benchmark: profile {meta['profile']} ({'quick' if meta['quick'] else 'full'}, "
         f"{meta['runs']} run(s) per figure, median shown)",
-        f"  shaping: S1 loopback, S2 wan, S3/S4/S5/S7 {meta['profile']}; "
+        f"  shaping: S1 loopback, S2 wan, S3/S4/S5/S7/S9 {meta['profile']}; "
         f"wan = {SHAPING['wan']['latency_ms']:g} ms/request + "
         f"{SHAPING['wan']['bandwidth_mb_s']:g} MB/s per connection (server knobs)",
         f"  page cache dropped before cold runs: {meta.get('drop_caches')}",
@@ -1685,15 +2091,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="1 run each, smaller reads (smoke test, < 2 minutes)")
     parser.add_argument("--profile", choices=tuple(SHAPING), default="wan",
-                        help="shaping of S3, S4, S5, S7 (default wan; S1 is always loopback "
-                             "and S2 always wan)")
+                        help="shaping of S3, S4, S5, S7, S9 (default wan; S1 is always "
+                             "loopback and S2 always wan)")
     parser.add_argument("--runs", type=int, help="runs per figure (default 3, quick 1)")
     parser.add_argument("--data", default=str(DEFAULT_DATA),
                         help=f"bench data set directory (default {DEFAULT_DATA})")
     parser.add_argument("--json", help="result file (default bench-results/<time>-<profile>.json)")
     parser.add_argument("--range", default="off,on",
                         help="server Range modes to run: off,on (default both)")
-    parser.add_argument("--scenarios", help="only these, e.g. S0,S1,S6 (S8 needs S1/S4/S5/S7)")
+    parser.add_argument("--scenarios",
+                        help="only these, e.g. S0,S1,S6 or S9 (S8 needs S1/S4/S5/S7)")
     parser.add_argument("--workdir", help="mount points, caches, logs (default a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--strict", action="store_true",
@@ -1752,9 +2159,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(results))
     print(f"\nresults: {json_path} ({bench.meta['seconds']:.0f} s)")
+    unverified = verification_failures(results)
+    for failed in unverified:
+        print(f"VERIFICATION FAILED: {failed}")
     if interrupted:
         return 130
-    if "error" in bench.meta:
+    if "error" in bench.meta or unverified:
         return 1
     if args.strict and any(isinstance(f["value"], str)
                            for figs in results["scenarios"].values() for f in figs):
