@@ -72,7 +72,8 @@ def install(tree: Tree, kernel: Kernel, *, blocks: BlockCache, uploads: UploadMa
     files = RemoteFiles(tree, blocks, kernel, deadlines, nursery)
     archive = ArchiveArea(tree, kernel, files)
     resources = ResourceArea(tree, kernel, archive, files, results,
-                             allow_overwrite=allow_overwrite, allow_delete=allow_delete)
+                             allow_overwrite=allow_overwrite, allow_delete=allow_delete,
+                             nursery=nursery)
     prearchive = PrearchiveArea(tree, kernel, archive, files, ttl=prearchive_ttl)
     upload_area = UploadArea(tree, kernel, uploads, on_imported=prearchive.invalidate)
     if results is not None:  # its files are in UPLOAD_STATUS.txt too

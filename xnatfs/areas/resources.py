@@ -32,6 +32,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Hashable
 
+import trio
+from cachetools import TTLCache
+
 from .. import client as xc
 from ..callers import interrupted, killed_by, signal_name
 from ..errors import (Busy, CrossDevice, Exists, Forbidden, InvalidArgument, NotEmpty, NotFound,
@@ -48,6 +51,7 @@ from .remote_files import RemoteFiles
 log = logging.getLogger(__name__)
 
 WRITING_TTL = 1.0  # s the kernel may keep entries of a resource with local writes
+WALK_AHEAD = 4     # subjects' resource listings fetched at once in a walk
 
 
 class ResourceArea(Area):
@@ -58,7 +62,8 @@ class ResourceArea(Area):
 
     def __init__(self, tree: Tree, kernel: Kernel, archive: ArchiveArea,
                  files: RemoteFiles | None, writes: ResultWrites | None, *,
-                 allow_overwrite: bool = False, allow_delete: bool = False) -> None:
+                 allow_overwrite: bool = False, allow_delete: bool = False,
+                 nursery: trio.Nursery | None = None) -> None:
         super().__init__(tree, kernel)
         self.archive = archive
         self.client = tree.client
@@ -72,11 +77,48 @@ class ResourceArea(Area):
         self.file_mtimes: dict[tuple[str, str], int] = {}
         if writes is not None:
             writes.on_finished = self._sent
+        self.nursery = nursery  # for fetching ahead in a walk
+        # The subject whose resources were last listed, by project; a second
+        # one means a walk (find, ls -R), which then gets the others' ahead.
+        self._last_subject_listed: TTLCache[str, str] = TTLCache(
+            maxsize=1000, ttl=tree.metadata_ttl, timer=trio.current_time)
+        self._walked: TTLCache[str, bool] = TTLCache(
+            maxsize=1000, ttl=tree.metadata_ttl, timer=trio.current_time)
 
     # ------------------------------------------------------------- listings
     async def _owned_resources(self, owner_uri: str) -> list[xc.Resource]:
         return await self.tree.cached(("owned-resources", owner_uri),
                                       lambda: self.client.list_owned_resources(owner_uri))
+
+    def _note_walk(self, project: str, subject_id: str) -> None:
+        """A second subject's resources listed in a row: someone walks the
+        project, so every subject's are fetched ahead, a few at a time (the
+        same requests the walk makes, but not one round trip after another)."""
+        walking = self._last_subject_listed.get(project, subject_id) != subject_id
+        self._last_subject_listed[project] = subject_id
+        if walking and self.nursery is not None and project not in self._walked:
+            self._walked[project] = True
+            self.nursery.start_soon(self._fetch_subject_resources_ahead, project)
+
+    async def _fetch_subject_resources_ahead(self, project: str) -> None:
+        limiter = trio.CapacityLimiter(WALK_AHEAD)
+
+        async def fetch(uri: str) -> None:
+            async with limiter:
+                try:
+                    resources = await self._owned_resources(uri)
+                    if any(r.file_count != 0 for r in resources):
+                        await self._owned_files(uri)
+                except XnatError as exc:
+                    log.debug("fetching the resources of %s ahead failed: %s", uri, exc)
+
+        try:
+            subjects = await self.archive.subjects(project)
+        except XnatError:
+            return
+        async with trio.open_nursery() as nursery:
+            for subject in subjects:
+                nursery.start_soon(fetch, f"/data/projects/{project}/subjects/{subject.id}")
 
     async def _owned_files(self, owner_uri: str) -> list[xc.RemoteFile]:
         return await self.tree.cached(("owned-files", owner_uri),
@@ -113,6 +155,8 @@ class ResourceArea(Area):
     async def _resources(self, node: Node) -> list[Node]:
         base = owner_uri(node)
         if not node.experiment_id:
+            if node.subject_id:
+                self._note_walk(node.project, node.subject_id)
             resources = await self._owned_resources(base)
         else:
             detail = await self.archive.session_detail(node.experiment_id)
