@@ -26,6 +26,7 @@ there:
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import hashlib
 import logging
@@ -55,8 +56,9 @@ BATCH_FILES_MAX = 1000
 BATCH_NAME = "xnatfs-batch-{}.zip"  # what XNAT is told the zip is called (never stored)
 # Temporaries that tools rename into place: Python's tempfile (mkstemp),
 # editors' swap and backup files. Sent when renamed to a real name.
-TEMPORARY_PATTERNS = (re.compile(r"tmp[a-z0-9_]{8}"), re.compile(r".*\.(tmp|swp|swx|part)"),
-                      re.compile(r"\.#.*"))
+TEMPORARY_PATTERNS = (re.compile(r"tmp[a-z0-9_]{8}(\.[^.]+)*"),
+                      re.compile(r".*\.(tmp|swp|swx|part)"), re.compile(r"\.#.*"))
+LOCK_NAME = "resource-writes.lock"  # held by the mount that sends what a crash left
 
 
 class ResourceClient(Protocol):
@@ -312,8 +314,18 @@ class ResultWrites(Spool):
 
     def __init__(self, client: ResourceClient, spool_root: Path, nursery: trio.Nursery, *,
                  site: str = "", write_behind: bool = False, max_requests: int = 4) -> None:
+        spool_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.sender_of_resources = ResourceSender(client, nursery, spool_root / "batches",
                                                   max_requests=max_requests)
+        # Files a crashed mount left queued are sent by the next mount, unless
+        # another mount sharing this cache is alive (it may be sending them).
+        self._lock_fd = os.open(spool_root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another mount uses %s: files left queued there are left to it",
+                     spool_root)
+            self.sender_of_resources.resend_after_crash = False
         # The spool's own bound counts files waiting in their queue too: it must
         # not cap a batch (the sender bounds the requests).
         super().__init__(self.sender_of_resources, spool_root, nursery, site=site,
