@@ -18,7 +18,6 @@ import errno
 import hashlib
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -497,6 +496,45 @@ def test_a_server_error_mid_queue_heals_and_each_file_is_sent_once(
     for name in digests(tree):
         assert log.count(f"QUEUED/files/{name} →") == 1, name
     assert "kept in" not in log
+
+
+@pytest.mark.parametrize("allow_overwrite", [False, True], ids=["refused", "allowed"])
+def test_a_file_saved_again_while_its_first_version_is_sent(
+        server: TestServer, mount_factory, allow_overwrite: bool) -> None:  # noqa: ANN001
+    """Write-behind: a program saves a file, and saves it again before XNAT has
+    confirmed the first version (an editor, a pipeline rewriting its report).
+    The second version replaces the first in XNAT under --allow-overwrite; without
+    it, it is refused, and a folder's fsync says so (it said nothing, and the
+    mount no longer showed the file as its own, once the first version was
+    confirmed)."""
+    options = ["--write-behind"] + (["--allow-overwrite"] if allow_overwrite else [])
+    mount = mount_factory(server, *options)
+    resource = mount.path / SESSION / "resources" / "REPORT"
+    resource.mkdir()
+    uri = f"{SESSION_URI}/resources/REPORT"
+    target = resource / "files" / "report.txt"
+    first, second = b"first version\n" * 1000, b"second version\n" * 700
+    server.set_knobs(answer_delay_ms=1500, fault_path="/resources/REPORT/files/")
+    try:
+        target.write_bytes(first)  # returns at once: sent behind the close
+        wait_until(lambda: listed(server, uri), "XNAT to store the first version")
+        target.write_bytes(second)  # XNAT has the first; its answer is not back yet
+        if allow_overwrite:
+            fsync_folder(resource / "files")
+        else:
+            with pytest.raises(OSError) as refused:
+                fsync_folder(resource / "files")
+            assert refused.value.errno == errno.EEXIST
+    finally:
+        server.set_knobs(answer_delay_ms=0, fault_path="")
+    assert fetched(server, uri) == {"report.txt": second if allow_overwrite else first}
+    kept = uploads_cli(mount, "list").stdout
+    if allow_overwrite:
+        assert "REPORT/files/report.txt" not in kept
+        assert target.read_bytes() == second  # XNAT's, read from XNAT
+    else:
+        assert os.getxattr(target, "user.xnatfs.upload.state") == b"failed"
+        assert "REPORT/files/report.txt" in kept and "--allow-overwrite" in kept
 
 
 def test_a_killed_writer_sends_nothing(server: TestServer, mount_factory,  # noqa: ANN001

@@ -265,7 +265,23 @@ class ResourceArea(Area):
 
     def _sent(self, upload: Upload) -> None:
         """A file XNAT confirmed (or refused), in the background or not."""
-        if upload.state is State.DONE:
+        if upload.state is not State.DONE:
+            return
+        if upload.dirty or upload.writers:
+            # Written again (or open to be) while this version was being sent: an
+            # editor saving twice. XNAT has a version now, which the next replaces
+            # only under --allow-overwrite (refused when it is sent, otherwise). It
+            # stays the mount's until its writers are done, so that its sending is
+            # waited for and shown (dropped, a folder's fsync ignored it).
+            upload.record.destination["overwrite"] = self.allow_overwrite
+            return
+        self._confirmed(upload)
+
+    def _released(self, upload: Upload) -> None:
+        """A writer closed the file: one confirmed while it was open is XNAT's now."""
+        if upload.state is State.DONE and not upload.dirty and not upload.writers \
+                and upload.background is None and self.writes is not None \
+                and self.writes.uploads.get(upload.record.id) is upload:
             self._confirmed(upload)
 
     def _confirmed(self, upload: Upload) -> None:
@@ -489,6 +505,7 @@ class WriteHandle(Handle):
             self.writer = None
             self.upload.writers -= 1
         await self.writes.release(self.upload)
+        self.area._released(self.upload)
 
 
 # ------------------------------------------------------------------ helpers
