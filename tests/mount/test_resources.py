@@ -33,7 +33,8 @@ import pytest
 
 from xnatfs.testing.harness import TestServer
 
-from .conftest import ADMIN, Mount, daemon_pid, mount_xnatfs, unmount_and_wait
+from .conftest import (ADMIN, Mount, daemon_pid, drop_kernel_entries, mount_xnatfs,
+                       unmount_and_wait)
 from .test_cli import wait_for_unmount
 
 SESSION = Path("NEURO_PUB/NP001/NP001_MR1")      # the mount's path of the demo session
@@ -624,13 +625,17 @@ def test_overwrite_and_delete_with_the_options(server: TestServer, mount_factory
                                                 tmp_path: Path) -> None:
     mount = mount_factory(server, "--allow-overwrite", "--allow-delete")
     notes = mount.path / SESSION / "resources" / "NOTES" / "files"
-    dicom_before = scanner_dicom(server)
+    before, dicom_before = fetched(server, NOTES_URI), scanner_dicom(server)
     # Overwrite: the new bytes in XNAT, by cp and by a shell redirection.
     (tmp_path / "new.txt").write_bytes(b"rewritten by cp\n")
+    assert (notes / "notes.txt").read_bytes() == before["notes.txt"]  # now in the cache
     subprocess.run(["cp", str(tmp_path / "new.txt"), str(notes / "notes.txt")], check=True)
+    assert (notes / "notes.txt").read_bytes() == b"rewritten by cp\n"  # at once
     assert fetched(server, NOTES_URI)["notes.txt"] == b"rewritten by cp\n"
     subprocess.run(["sh", "-c", f"echo rewritten by echo > '{notes}/notes.txt'"], check=True)
     assert fetched(server, NOTES_URI)["notes.txt"] == b"rewritten by echo\n"
+    drop_kernel_entries()  # read as XNAT has it now, not as the mount cached it
+    assert (notes / "notes.txt").read_bytes() == b"rewritten by echo\n"
     # rm deletes exactly that file.
     os.unlink(notes / "scan notes.txt")
     assert list(fetched(server, NOTES_URI)) == ["notes.txt"]

@@ -267,22 +267,21 @@ class ResourceArea(Area):
         """A file XNAT confirmed (or refused), in the background or not."""
         if upload.state is not State.DONE:
             return
-        if upload.dirty or upload.writers:
-            # Written again (or open to be) while this version was being sent: an
-            # editor saving twice. XNAT has a version now, which the next replaces
-            # only under --allow-overwrite (refused when it is sent, otherwise). It
-            # stays the mount's until its writers are done, so that its sending is
-            # waited for and shown (dropped, a folder's fsync ignored it).
-            upload.record.destination["overwrite"] = self.allow_overwrite
+        if upload.dirty:
+            # Written again while this version was being sent (an editor saving
+            # twice): it stays the mount's, so that its next sending is waited for
+            # and shown (dropped, a folder's fsync ignored it).
+            self._rewritten(upload)
             return
         self._confirmed(upload)
 
-    def _released(self, upload: Upload) -> None:
-        """A writer closed the file: one confirmed while it was open is XNAT's now."""
-        if upload.state is State.DONE and not upload.dirty and not upload.writers \
-                and upload.background is None and self.writes is not None \
-                and self.writes.uploads.get(upload.record.id) is upload:
-            self._confirmed(upload)
+    def _rewritten(self, upload: Upload) -> None:
+        """A file written again after XNAT confirmed a version of it that the
+        mount had not seen confirmed when it was opened: the new version
+        replaces XNAT's under --allow-overwrite, and is refused when sent
+        (EEXIST) otherwise."""
+        upload.record.destination["overwrite"] = self.allow_overwrite
+        self._writes().uploads[upload.record.id] = upload
 
     def _confirmed(self, upload: Upload) -> None:
         uri = upload.record.destination["resource"]
@@ -477,6 +476,9 @@ class WriteHandle(Handle):
         return await self.writes.read(self.upload, offset, size)
 
     async def write(self, offset: int, data: bytes) -> int:
+        if self.upload.state is State.DONE and \
+                self.writes.uploads.get(self.upload.record.id) is not self.upload:
+            self.area._rewritten(self.upload)  # confirmed, and dropped, while open
         return await self.writes.write(self.upload, offset, data)
 
     async def flush(self) -> None:
@@ -505,7 +507,6 @@ class WriteHandle(Handle):
             self.writer = None
             self.upload.writers -= 1
         await self.writes.release(self.upload)
-        self.area._released(self.upload)
 
 
 # ------------------------------------------------------------------ helpers
