@@ -655,10 +655,20 @@ def test_overwrite_and_delete_with_the_options(server: TestServer, mount_factory
     assert fetched(server, traps_uri) == {"a": b"bare a\n"}
     os.unlink(traps / "files" / "a")      # nor with this one, now
     assert listed(server, traps_uri) == {}
-    # rm -r of a resource removes it from XNAT.
-    subprocess.run(["rm", "-r", str(mount.path / SESSION / "resources" / "NOTES")], check=True)
-    assert "NOTES" not in resource_labels(server, SESSION_URI)
-    assert "NOTES" not in os.listdir(mount.path / SESSION / "resources")
+    # rm -r of a resource removes it from XNAT, with folders in it too (a
+    # folder whose last file is deleted stays until rmdir, as on any disk).
+    nested = mount.path / SESSION / "resources" / "NESTED"
+    nested.mkdir()
+    write_tree(nested / "files", {"e.txt": b"e\n", "a/d.txt": b"d\n", "a/b/c.txt": b"c\n"})
+    assert set(listed(server, f"{SESSION_URI}/resources/NESTED")) == {"e.txt", "a/d.txt",
+                                                                      "a/b/c.txt"}
+    mount.remount()  # the folders are XNAT's now, not ones the mount made
+    for label in ("NOTES", "NESTED"):
+        result = subprocess.run(["rm", "-r", str(mount.path / SESSION / "resources" / label)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert label not in resource_labels(server, SESSION_URI)
+        assert label not in os.listdir(mount.path / SESSION / "resources")
     assert scanner_dicom(server) == dicom_before
 
 

@@ -361,6 +361,11 @@ class ResourceArea(Area):
             raise Busy(f"deleting {path} in XNAT would delete {caught[0]} too")
         await self.client.delete_file(uri, path)
         log.info("deleted %s/files/%s", uri, path)
+        # XNAT has no folders, only paths: the folders the file was in would
+        # vanish with their last file, and rm -r's rmdir of them fail (ENOENT).
+        # They stay until removed, as on any disk.
+        folders = path.split("/")[:-1]
+        self.folders.update((uri, "/".join(folders[:n])) for n in range(1, len(folders) + 1))
         self._invalidate(owner_uri(node), node.experiment_id)
 
     async def rmdir(self, parent: Node, node: Node) -> None:
@@ -387,6 +392,7 @@ class ResourceArea(Area):
         uri = resource_uri(node)
         await self.client.delete_resource(uri)
         log.info("deleted resource %s", uri)
+        self.folders = {(made_in, path) for made_in, path in self.folders if made_in != uri}
         self._invalidate(owner_uri(node), node.experiment_id)
 
     async def rename(self, node: Node, new_parent: Node, new_name: str) -> None:
