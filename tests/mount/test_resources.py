@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -83,7 +84,7 @@ def listed(server: TestServer, resource_uri: str) -> dict[str, tuple[str, int]]:
 def fetched(server: TestServer, resource_uri: str) -> dict[str, bytes]:
     """Every file of a resource, downloaded: path → bytes."""
     with http(server) as c:
-        return {path: c.get(f"{resource_uri}/files/{path}").content
+        return {path: c.get(f"{resource_uri}/files/{quote(path)}").content
                 for path in listed(server, resource_uri)}
 
 
@@ -101,7 +102,7 @@ def scanner_dicom(server: TestServer, session_uri: str = SESSION_URI) -> dict[st
             uri = f"{session_uri}/scans/{scan['ID']}/resources/DICOM"
             for path in listed(server, uri):
                 out[f"{scan['ID']}/{path}"] = hashlib.md5(
-                    c.get(f"{uri}/files/{path}").content).hexdigest()
+                    c.get(f"{uri}/files/{quote(path)}").content).hexdigest()
     assert out
     return out
 
@@ -337,6 +338,37 @@ def test_tempfile_replaced_into_place_leaves_only_the_final_name(
     assert not [e for e in server.requests_since(mark) if temporary in e["path"]]
     assert os.listdir(files) == ["volumes.json"]
     assert (files / "volumes.json").read_bytes() == payload
+
+
+def test_file_names_reach_xnat_as_written_and_stay_reachable(
+        server: TestServer, mount_factory) -> None:  # noqa: ANN001
+    """Names with characters URLs treat specially reach XNAT as they are, and the
+    file stays under its name once XNAT has it. ``%`` is how the mount escapes
+    names (``%25`` is a ``%``, ``%2F`` a ``/`` in a label): ``50%25.txt`` is
+    XNAT's ``50%.txt``; a name that is no such escape is refused (it came back
+    from XNAT under another name: the file vanished once sent)."""
+    mount = mount_factory(server)
+    resource = mount.path / SESSION / "resources" / "NAMES"
+    resource.mkdir()
+    files = resource / "files"
+    names = {"sp ace.txt": "sp ace.txt", "a#b.txt": "a#b.txt", "a?b.txt": "a?b.txt",
+             "a+b.txt": "a+b.txt", "amp&er;x.txt": "amp&er;x.txt", "ü.txt": "ü.txt",
+             "50%25.txt": "50%.txt", "dir 100%25/in.txt": "dir 100%/in.txt"}
+    (files / "dir 100%25").mkdir()
+    for name in names:
+        (files / name).write_bytes(name.encode())
+    assert fetched(server, f"{SESSION_URI}/resources/NAMES") == {
+        xnat_name: name.encode() for name, xnat_name in names.items()}
+    for name in names:  # XNAT's now, read from XNAT under the name it was written as
+        assert (files / name).read_bytes() == name.encode(), name
+    for bad in ("50%.txt", "a%2Fb.txt", "tab\tname.txt"):
+        with pytest.raises(OSError) as refused:
+            (files / bad).write_bytes(b"x")
+        assert refused.value.errno == errno.EINVAL, bad
+    with pytest.raises(OSError) as refused:
+        (files / "100%").mkdir()
+    assert refused.value.errno == errno.EINVAL
+    assert len(listed(server, f"{SESSION_URI}/resources/NAMES")) == len(names)
 
 
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")

@@ -147,12 +147,12 @@ class ResourceArea(Area):
             rest = upload.record.destination["path"][len(prefix):]
             head, sep, _ = rest.partition("/")
             if sep:
-                if head not in by_name:
-                    by_name[head] = self._folder_node(node, head)
+                if safe_name(head) not in by_name:
+                    by_name[safe_name(head)] = self._folder_node(node, head)
             else:
                 by_name[safe_name(rest)] = self._file_node(node, upload)
-        for name in self._local_folders(node):
-            by_name.setdefault(name, self._folder_node(node, name))
+        for label in self._local_folders(node):
+            by_name.setdefault(safe_name(label), self._folder_node(node, label))
         return sorted(by_name.values(), key=lambda n: n.name)
 
     def _local(self, folder: Node) -> list[Upload]:
@@ -168,10 +168,11 @@ class ResourceArea(Area):
         return {path[len(prefix):].split("/", 1)[0] for made_in, path in self.folders
                 if made_in == uri and path.startswith(prefix)}
 
-    def _folder_node(self, parent: Node, name: str) -> Node:
-        path = f"{parent.folder}/{name}" if parent.folder else name
+    def _folder_node(self, parent: Node, label: str) -> Node:
+        """A folder ``label`` (its name in XNAT's paths) in ``parent``."""
+        path = f"{parent.folder}/{label}" if parent.folder else label
         return self.tree.child(
-            parent, FOLDER, safe_name(name),
+            parent, FOLDER, safe_name(label),
             ("folder", parent.project, parent.experiment_id or parent.prearchive_uri,
              holder(parent), parent.resource_label, path),
             folder=path, **_resource_fields(parent))
@@ -301,10 +302,10 @@ class ResourceArea(Area):
             return await self._new_resource(parent, name)
         if parent.kind is not FOLDER:
             return await super().mkdir(parent, name)
-        _check_name(name)
-        path = f"{parent.folder}/{name}" if parent.folder else name
+        label = _name_in_xnat(name)
+        path = f"{parent.folder}/{label}" if parent.folder else label
         self.folders.add((resource_uri(parent), path))
-        return self._folder_node(parent, name)
+        return self._folder_node(parent, label)
 
     async def _new_resource(self, parent: Node, name: str) -> Node:
         """A resource made in XNAT at once (others see it)."""
@@ -322,8 +323,8 @@ class ResourceArea(Area):
     async def create(self, parent: Node, name: str, writer: Writer) -> tuple[Node, Handle]:
         if parent.kind is not FOLDER:
             return await super().create(parent, name, writer)
-        _check_name(name)
-        path = f"{parent.folder}/{name}" if parent.folder else name
+        label = _name_in_xnat(name)
+        path = f"{parent.folder}/{label}" if parent.folder else label
         upload = await self._writes().new_file(
             parent.project, f"{_shown(parent)}/{name}", resource_uri(parent), path)
         node = self._file_node(parent, upload)
@@ -406,8 +407,8 @@ class ResourceArea(Area):
                 raise NotPermitted(f"{node.name} is in XNAT: moving it deletes it there, "
                                    "which needs --allow-delete")
             raise CrossDevice("mv copies it, then deletes the original")
-        _check_name(new_name)
-        path = f"{new_parent.folder}/{new_name}" if new_parent.folder else new_name
+        label = _name_in_xnat(new_name)
+        path = f"{new_parent.folder}/{label}" if new_parent.folder else label
         if upload.busy and upload.state is not State.WRITING:
             raise Busy(f"{node.name} is being sent")
         replaced = await self.tree.existing_child(new_parent.inode, new_name)
@@ -550,9 +551,18 @@ def _resource_fields(node: Node) -> dict[str, object]:
                 resource_label=node.resource_label)
 
 
-def _check_name(name: str) -> None:
-    if "/" in name or name in (".", "..") or not name:
-        raise InvalidArgument(f"{name!r} is no file name")
+def _name_in_xnat(name: str) -> str:
+    """What a file or folder written as ``name`` is called in XNAT's paths: the
+    inverse of the names the mount lists (``%25`` is a ``%``). A name that is
+    not such a name is refused: XNAT's listing would show it under another one
+    (``50%.txt`` as ``50%25.txt``), and the file would vanish once sent."""
+    label = label_from_name(name)
+    if "/" in name or not label or label in (".", "..") or "/" in label \
+            or safe_name(label) != name:
+        log.warning("refused the name %r in a resource: XNAT would list it as %r (a %% "
+                    "is written %%25 here)", name, safe_name(label))
+        raise InvalidArgument(f"{name!r} is no name the mount can give a file in XNAT")
+    return label
 
 
 def _shown(node: Node) -> str:
