@@ -248,26 +248,35 @@ def test_dcm2niix_converts_a_mounted_scan_into_a_new_nifti_resource(
 # ------------------------------------------------------------ 2. nibabel
 def test_nibabel_saves_a_derived_volume_read_back_after_a_remount(
         server: TestServer, mount_factory) -> None:  # noqa: ANN001
+    """nibabel saves a mask derived from the session's T1 into a new session
+    resource, through a --write-behind mount unmounted right after: the unmount
+    finishes the sending; a fresh mount reads the same array back."""
+    import gzip
+
     import nibabel as nib
 
-    mount = mount_factory(server)
+    mount = mount_factory(server, "--write-behind")
     source = mount.path / SESSION / "scans" / "2-T1_MPRAGE_2" / "resources" / "NIFTI" / "files"
     [t1_name] = [n for n in os.listdir(source) if n.endswith(".nii.gz")]
     t1 = nib.load(source / t1_name)
     data = np.asarray(t1.dataobj)
     mask = (data > data.mean()).astype(np.uint8)  # a derived volume: a brain mask
-    derived = nib.Nifti1Image(mask, t1.affine)
+    assert 0 < mask.sum() < mask.size
     resource = mount.path / SESSION / "resources" / "DERIVED"
     resource.mkdir()
-    nib.save(derived, resource / "files" / "brainmask.nii.gz")
+    server.set_knobs(answer_delay_ms=1000, fault_path="/resources/DERIVED/files/")
+    try:
+        nib.save(nib.Nifti1Image(mask, t1.affine), resource / "files" / "brainmask.nii.gz")
+        mount.remount()  # returns once the old mount's process is gone
+    finally:
+        server.set_knobs(answer_delay_ms=0, fault_path="")
+    assert "unmounted; finishing 1 write-behind uploads first" in mount_log(mount)
     # XNAT has what nibabel wrote: these bytes are a valid volume with the mask.
     sent = fetched(server, f"{SESSION_URI}/resources/DERIVED")
     assert list(sent) == ["brainmask.nii.gz"]
-    from_xnat = nib.Nifti1Image.from_bytes(__import__("gzip").decompress(
-        sent["brainmask.nii.gz"]))
+    from_xnat = nib.Nifti1Image.from_bytes(gzip.decompress(sent["brainmask.nii.gz"]))
     assert np.array_equal(np.asarray(from_xnat.dataobj), mask)
-    # A fresh mount reads it from XNAT.
-    mount.remount()
+    # The fresh mount reads it from XNAT.
     again = nib.load(mount.path / SESSION / "resources" / "DERIVED" / "files"
                      / "brainmask.nii.gz")
     assert np.array_equal(np.asarray(again.dataobj), mask)
