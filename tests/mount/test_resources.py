@@ -467,6 +467,19 @@ def test_a_read_only_collaborator_is_refused_and_nothing_is_stored(
     assert scanner_dicom(server, session_uri) == dicom_before
     kept = uploads_cli(mount, "list").stdout
     assert "NOTES/files/mine.txt" in kept and "NOTES/files/copy.txt" in kept
+    # Discarded from the command line: gone from the running mount too.
+    notes = session / "resources" / "NOTES" / "files"
+    assert os.getxattr(notes / "mine.txt", "user.xnatfs.upload.state") == b"failed"
+    [upload_id] = [line.split()[0] for line in kept.splitlines() if "files/mine.txt" in line]
+    assert uploads_cli(mount, "discard", upload_id).returncode == 0
+    wait_until(lambda: "mine.txt" not in os.listdir(notes), "the discarded file to go", 10)
+    assert sorted(os.listdir(notes)) == ["copy.txt", "notes.txt"]
+    os.unlink(notes / "copy.txt")  # rm of a kept file: gone, not an empty file left listed
+    assert os.listdir(notes) == ["notes.txt"]
+    drop_kernel_entries()
+    assert os.listdir(notes) == ["notes.txt"]
+    assert "copy.txt" not in uploads_cli(mount, "list").stdout
+    assert fetched(server, notes_uri) == before
 
 
 def test_a_server_error_keeps_the_file_until_it_is_sent(

@@ -67,6 +67,7 @@ class ResourceArea(Area):
         self.allow_overwrite = allow_overwrite
         self.allow_delete = allow_delete
         self.folders: set[tuple[str, str]] = set()  # (resource URI, path) made by mkdir
+        self.mixed: set[int] = set()  # folders last listed with local files or folders
         if writes is not None:
             writes.on_finished = self._sent
 
@@ -132,13 +133,21 @@ class ResourceArea(Area):
             for r in resources]
 
     async def _folder(self, node: Node) -> list[Node]:
+        await self._notice_outside_changes()
         files = await self._remote_files(node)
+        if node.inode in self.mixed:
+            # file_entries reuses the folder's last entries while XNAT's listing
+            # stays the same, and these had local files in them: a file discarded
+            # or removed before XNAT had it stayed listed, empty. Made anew.
+            self.tree.entries_made_from(node, ())
         remote = file_entries(self.tree, node, files, folder_kind=FOLDER, file_kind=FILE)
         local = self._local(node)
         if not local and not self._local_folders(node):
+            self.mixed.discard(node.inode)
             for entry in remote:
                 entry.upload = None
             return remote
+        self.mixed.add(node.inode)
         by_name = {entry.name: entry for entry in remote}
         for entry in remote:
             entry.upload = None
@@ -196,7 +205,24 @@ class ResourceArea(Area):
         return super().timeouts(node)
 
     async def refresh(self, node: Node) -> None:
+        if node.upload is not None and node.upload.state is State.FAILED \
+                and self.writes is not None:
+            await self._notice_outside_changes()
+            if self.writes.uploads.get(node.upload.record.id) is not node.upload \
+                    and node.upload.state is State.FAILED:
+                raise NotFound(f"{node.name} was discarded")
         await self._settle(node)
+
+    async def _notice_outside_changes(self) -> None:
+        """Kept files that ``xnatfs uploads retry|discard`` sent or dropped since:
+        shown as they are now (a discarded one is gone, a sent one XNAT's)."""
+        if self.writes is None:
+            return
+        await self.writes.notice_outside_changes()
+        for upload in list(self.writes.uploads.values()):
+            if upload.state is State.DONE and upload.background is None \
+                    and not upload.open_handles and not upload.dirty:
+                self._confirmed(upload)
 
     async def refresh_xattrs(self, node: Node) -> None:
         await self._settle(node)
