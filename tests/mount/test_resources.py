@@ -395,13 +395,18 @@ def test_rsync_twice_sends_nothing_the_second_time(server: TestServer, mount_fac
     assert listed(server, f"{SESSION_URI}/resources/MRIQC") == digests(tree)
     # rsync writes ".name.XXXXXX" and renames it: only the real names reach XNAT.
     assert sorted(e["path"].split("/files/", 1)[1] for e in first) == sorted(digests(tree))
+    # Another file in the resource: its listing changes, and the mount makes the
+    # entries anew (the times rsync set must outlive that).
+    (resource / "files" / "extra.txt").write_bytes(b"not rsync's\n")
+    drop_kernel_entries()  # the times come from the mount, not the kernel's memory
     mark = server.log_mark()
     again = subprocess.run(["rsync", "-a", "--itemize-changes", f"{tree}/", f"{resource}/files/"],
                            check=True, capture_output=True, text=True, timeout=120)
     assert not [line for line in again.stdout.splitlines() if line.startswith((">f", "<f"))], \
         again.stdout
     assert writes_since(server, mark) == []
-    assert listed(server, f"{SESSION_URI}/resources/MRIQC") == digests(tree)
+    assert listed(server, f"{SESSION_URI}/resources/MRIQC") == {
+        **digests(tree), "extra.txt": (hashlib.md5(b"not rsync's\n").hexdigest(), 12)}
 
 
 # ------------------------------------------------------------ 5. refusals

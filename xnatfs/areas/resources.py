@@ -68,6 +68,10 @@ class ResourceArea(Area):
         self.allow_delete = allow_delete
         self.folders: set[tuple[str, str]] = set()  # (resource URI, path) made by mkdir
         self.mixed: set[int] = set()  # folders last listed with local files or folders
+        # Times set on files XNAT has (it keeps none), by (resource URI, path), for
+        # as long as the mount runs: rsync -a and cp -a set them, and compare them
+        # when run again.
+        self.mtimes: dict[tuple[str, str], int] = {}
         if writes is not None:
             writes.on_finished = self._sent
 
@@ -141,6 +145,11 @@ class ResourceArea(Area):
             # or removed before XNAT had it stayed listed, empty. Made anew.
             self.tree.entries_made_from(node, ())
         remote = file_entries(self.tree, node, files, folder_kind=FOLDER, file_kind=FILE)
+        if self.mtimes:
+            uri = resource_uri(node)
+            for entry in remote:
+                if entry.file is not None:
+                    entry.mtime_ns = self.mtimes.get((uri, entry.file.path), entry.mtime_ns)
         local = self._local(node)
         if not local and not self._local_folders(node):
             self.mixed.discard(node.inode)
@@ -236,15 +245,18 @@ class ResourceArea(Area):
             await self.tree.children(node.parent)
 
     async def setattr(self, node: Node, *, size: int | None, mtime_ns: int | None) -> None:
-        """Times are kept on files being written (``cp -a``, rsync); a size only on
-        a file being written, or one replaced under ``--allow-overwrite``."""
+        """Times are kept on files being written (``cp -a``, rsync) and, for as
+        long as the mount runs, on files XNAT has; a size only on a file being
+        written, or one replaced under ``--allow-overwrite``."""
         writes = self._writes()
         if node.kind is not FILE:
             return  # folders: times accepted, not kept (XNAT has none to set)
         if node.upload is None and size is not None:
             await self._replace(node)
         if node.upload is None:
-            return  # a time on a file XNAT has: nothing to keep it in
+            if mtime_ns is not None and node.file is not None:  # kept by the mount
+                self.mtimes[(resource_uri(node), node.file.path)] = node.mtime_ns = mtime_ns
+            return
         if size is not None:
             await writes.truncate(node.upload, size)
         if mtime_ns is not None:
@@ -312,6 +324,10 @@ class ResourceArea(Area):
 
     def _confirmed(self, upload: Upload) -> None:
         uri = upload.record.destination["resource"]
+        if upload.record.mtime_ns is not None:  # shown from now on as the file's time
+            self.mtimes[(uri, upload.record.destination["path"])] = upload.record.mtime_ns
+        else:
+            self.mtimes.pop((uri, upload.record.destination["path"]), None)
         experiment = experiment_of(uri)
         self._invalidate(uri.rsplit("/resources/", 1)[0], experiment)
         self._writes().drop(upload)
@@ -388,6 +404,7 @@ class ResourceArea(Area):
             raise Busy(f"deleting {path} in XNAT would delete {caught[0]} too")
         await self.client.delete_file(uri, path)
         log.info("deleted %s/files/%s", uri, path)
+        self.mtimes.pop((uri, path), None)
         # XNAT has no folders, only paths: the folders the file was in would
         # vanish with their last file, and rm -r's rmdir of them fail (ENOENT).
         # They stay until removed, as on any disk.
@@ -420,6 +437,7 @@ class ResourceArea(Area):
         await self.client.delete_resource(uri)
         log.info("deleted resource %s", uri)
         self.folders = {(made_in, path) for made_in, path in self.folders if made_in != uri}
+        self.mtimes = {key: t for key, t in self.mtimes.items() if key[0] != uri}
         self._invalidate(owner_uri(node), node.experiment_id)
 
     async def rename(self, node: Node, new_parent: Node, new_name: str) -> None:
