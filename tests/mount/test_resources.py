@@ -752,9 +752,9 @@ def test_overwrite_and_delete_with_the_options(server: TestServer, mount_factory
 
 # ---------------------------------------- 7. project and subject resources
 def test_project_and_subject_resources_are_written(server: TestServer, mount_factory) -> None:  # noqa: ANN001
-    """Resources of a project and of a subject, and a subject and a session
-    labelled ``resources``: listed under the suffixed name of names listed
-    twice, and written to where they are."""
+    """Resources of a project, a subject and an assessor, and of a subject and a
+    session labelled ``resources`` (listed under the suffixed name of names
+    listed twice): written where they are."""
     with http(server) as c:
         assert c.put("/data/projects/NEURO_PUB/subjects/resources").status_code in (200, 201)
         assert c.put("/data/projects/NEURO_PUB/subjects/NP002/experiments/resources",
@@ -777,6 +777,9 @@ def test_project_and_subject_resources_are_written(server: TestServer, mount_fac
          "/data/projects/NEURO_PUB/subjects/resources/resources/OUT"),
         (project / "NP002" / session_twin[0] / "resources" / "OUT", "y.txt",
          "/data/projects/NEURO_PUB/subjects/NP002/experiments/resources/resources/OUT"),
+        (project / "NP001" / "NP001_MR2" / "assessors" / "NP001_MR2_QC" / "resources" / "STATS",
+         "stats/z.txt", "/data/projects/NEURO_PUB/subjects/NP001/experiments/NP001_MR2/"
+                        "assessors/NP001_MR2_QC/out/resources/STATS"),
     ]
     for folder, rel, uri in written:
         folder.mkdir()
