@@ -591,7 +591,7 @@ def test_a_file_saved_again_while_its_first_version_is_sent(
     uri = f"{SESSION_URI}/resources/REPORT"
     target = resource / "files" / "report.txt"
     first, second = b"first version\n" * 1000, b"second version\n" * 700
-    server.set_knobs(answer_delay_ms=1500, fault_path="/resources/REPORT/files/")
+    server.set_knobs(answer_delay_ms=2500, fault_path="/resources/REPORT/files/")
     try:
         target.write_bytes(first)  # returns at once: sent behind the close
         wait_until(lambda: listed(server, uri), "XNAT to store the first version")
