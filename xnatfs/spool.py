@@ -176,6 +176,8 @@ class Spool:
                                          destination=destination), spool_dir)
             if self.sender.is_litter(upload.record.name):
                 upload.record.kind = LITTER
+            # A new file counts as written for a sender of empty files (cp of one writes nothing).
+            upload.dirty = self.sender.sends_empty
             save_record(upload)
             return upload
 

@@ -72,9 +72,11 @@ class ResourceArea(Area):
         self.allow_overwrite = allow_overwrite
         self.allow_delete = allow_delete
         self.folders: set[tuple[str, str]] = set()  # (resource URI, path) made by mkdir
-        # Times set on files (cp -a, rsync), by (resource URI, path): XNAT keeps
-        # none, and a second rsync would find every file changed and send it again.
-        self.file_mtimes: dict[tuple[str, str], int] = {}
+        self.mixed: set[int] = set()  # folders last listed with local files or folders
+        # Times set on files XNAT has (it keeps none), by (resource URI, path), for
+        # as long as the mount runs: rsync -a and cp -a set them, and compare them
+        # when run again.
+        self.mtimes: dict[tuple[str, str], int] = {}
         if writes is not None:
             writes.on_finished = self._sent
         self.nursery = nursery  # for fetching ahead in a walk
@@ -179,12 +181,25 @@ class ResourceArea(Area):
             for r in resources]
 
     async def _folder(self, node: Node) -> list[Node]:
+        await self._notice_outside_changes()
         files = await self._remote_files(node)
+        if node.inode in self.mixed:
+            # file_entries reuses the folder's last entries while XNAT's listing
+            # stays the same, and these had local files in them: a file discarded
+            # or removed before XNAT had it stayed listed, empty. Made anew.
+            self.tree.entries_made_from(node, ())
         remote = file_entries(self.tree, node, files, folder_kind=FOLDER, file_kind=FILE)
+        if self.mtimes:
+            uri = resource_uri(node)
+            for entry in remote:
+                if entry.file is not None:
+                    entry.mtime_ns = self.mtimes.get((uri, entry.file.path), entry.mtime_ns)
         local = self._local(node)
         if not local and not self._local_folders(node):
+            self.mixed.discard(node.inode)
             self._settled(remote)
             return remote
+        self.mixed.add(node.inode)
         by_name = {entry.name: entry for entry in remote}
         self._settled(remote)
         prefix = f"{node.folder}/" if node.folder else ""
@@ -192,22 +207,19 @@ class ResourceArea(Area):
             rest = upload.record.destination["path"][len(prefix):]
             head, sep, _ = rest.partition("/")
             if sep:
-                if head not in by_name:
-                    by_name[head] = self._folder_node(node, head)
+                if safe_name(head) not in by_name:
+                    by_name[safe_name(head)] = self._folder_node(node, head)
             else:
                 by_name[safe_name(rest)] = self._file_node(node, upload)
-        for name in self._local_folders(node):
-            by_name.setdefault(name, self._folder_node(node, name))
+        for label in self._local_folders(node):
+            by_name.setdefault(safe_name(label), self._folder_node(node, label))
         return sorted(by_name.values(), key=lambda n: n.name)
 
-    def _settled(self, entries: list[Node]) -> None:
-        """Entries XNAT lists: read from XNAT, with the times set on them here."""
+    @staticmethod
+    def _settled(entries: list[Node]) -> None:
+        """Entries XNAT lists are read from XNAT."""
         for entry in entries:
             entry.upload = None
-            if entry.file is not None and self.file_mtimes:
-                mtime = self.file_mtimes.get((resource_uri(entry), entry.file.path))
-                if mtime is not None:
-                    entry.mtime_ns = mtime
 
     def _local(self, folder: Node) -> list[Upload]:
         """Files written into ``folder`` or below it that XNAT does not list yet."""
@@ -222,10 +234,11 @@ class ResourceArea(Area):
         return {path[len(prefix):].split("/", 1)[0] for made_in, path in self.folders
                 if made_in == uri and path.startswith(prefix)}
 
-    def _folder_node(self, parent: Node, name: str) -> Node:
-        path = f"{parent.folder}/{name}" if parent.folder else name
+    def _folder_node(self, parent: Node, label: str) -> Node:
+        """A folder ``label`` (its name in XNAT's paths) in ``parent``."""
+        path = f"{parent.folder}/{label}" if parent.folder else label
         return self.tree.child(
-            parent, FOLDER, safe_name(name),
+            parent, FOLDER, safe_name(label),
             ("folder", parent.project, parent.experiment_id or parent.prearchive_uri,
              holder(parent), parent.resource_label, path),
             folder=path, **_resource_fields(parent))
@@ -253,7 +266,24 @@ class ResourceArea(Area):
         return super().timeouts(node)
 
     async def refresh(self, node: Node) -> None:
+        if node.upload is not None and node.upload.state is State.FAILED \
+                and self.writes is not None:
+            await self._notice_outside_changes()
+            if self.writes.uploads.get(node.upload.record.id) is not node.upload \
+                    and node.upload.state is State.FAILED:
+                raise NotFound(f"{node.name} was discarded")
         await self._settle(node)
+
+    async def _notice_outside_changes(self) -> None:
+        """Kept files that ``xnatfs uploads retry|discard`` sent or dropped since:
+        shown as they are now (a discarded one is gone, a sent one XNAT's)."""
+        if self.writes is None:
+            return
+        await self.writes.notice_outside_changes()
+        for upload in list(self.writes.uploads.values()):
+            if upload.state is State.DONE and upload.background is None \
+                    and not upload.open_handles and not upload.dirty:
+                self._confirmed(upload)
 
     async def refresh_xattrs(self, node: Node) -> None:
         await self._settle(node)
@@ -267,17 +297,17 @@ class ResourceArea(Area):
             await self.tree.children(node.parent)
 
     async def setattr(self, node: Node, *, size: int | None, mtime_ns: int | None) -> None:
-        """Times are kept on files being written (``cp -a``, rsync); a size only on
-        a file being written, or one replaced under ``--allow-overwrite``."""
+        """Times are kept on files being written (``cp -a``, rsync) and, for as
+        long as the mount runs, on files XNAT has; a size only on a file being
+        written, or one replaced under ``--allow-overwrite``."""
         writes = self._writes()
         if node.kind is not FILE:
             return  # folders: times accepted, not kept (XNAT has none to set)
         if node.upload is None and size is not None:
             await self._replace(node)
         if node.upload is None:
-            if mtime_ns is not None and node.file is not None:
-                self.file_mtimes[(resource_uri(node), node.file.path)] = mtime_ns
-                node.mtime_ns = mtime_ns
+            if mtime_ns is not None and node.file is not None:  # kept by the mount
+                self.mtimes[(resource_uri(node), node.file.path)] = node.mtime_ns = mtime_ns
             return
         if size is not None:
             await writes.truncate(node.upload, size)
@@ -328,14 +358,31 @@ class ResourceArea(Area):
 
     def _sent(self, upload: Upload) -> None:
         """A file XNAT confirmed (or refused), in the background or not."""
-        if upload.state is State.DONE:
-            self._confirmed(upload)
+        if upload.state is not State.DONE:
+            return
+        if upload.dirty:
+            # Written again while this version was being sent (an editor saving
+            # twice): it stays the mount's, so that its next sending is waited for
+            # and shown (dropped, a folder's fsync ignored it).
+            self._rewritten(upload)
+            return
+        self._confirmed(upload)
+
+    def _rewritten(self, upload: Upload) -> None:
+        """A file written again after XNAT confirmed a version of it that the
+        mount had not seen confirmed when it was opened: the new version
+        replaces XNAT's under --allow-overwrite, and is refused when sent
+        (EEXIST) otherwise."""
+        upload.record.destination["overwrite"] = self.allow_overwrite
+        self._writes().uploads[upload.record.id] = upload
 
     def _confirmed(self, upload: Upload) -> None:
         """XNAT lists the file now: the mount's listings show it from XNAT."""
         uri = upload.record.destination["resource"]
-        if upload.record.mtime_ns is not None:
-            self.file_mtimes[(uri, upload.record.destination["path"])] = upload.record.mtime_ns
+        if upload.record.mtime_ns is not None:  # shown from now on as the file's time
+            self.mtimes[(uri, upload.record.destination["path"])] = upload.record.mtime_ns
+        else:
+            self.mtimes.pop((uri, upload.record.destination["path"]), None)
         if not self._patch_session_files(uri):
             self._invalidate(uri.rsplit("/resources/", 1)[0], experiment_of(uri))
         self._writes().drop(upload)
@@ -371,10 +418,10 @@ class ResourceArea(Area):
             return await self._new_resource(parent, name)
         if parent.kind is not FOLDER:
             return await super().mkdir(parent, name)
-        _check_name(name)
-        path = f"{parent.folder}/{name}" if parent.folder else name
+        label = _name_in_xnat(name)
+        path = f"{parent.folder}/{label}" if parent.folder else label
         self.folders.add((resource_uri(parent), path))
-        return self._folder_node(parent, name)
+        return self._folder_node(parent, label)
 
     async def _new_resource(self, parent: Node, name: str) -> Node:
         """A resource made in XNAT at once (others see it)."""
@@ -393,8 +440,8 @@ class ResourceArea(Area):
     async def create(self, parent: Node, name: str, writer: Writer) -> tuple[Node, Handle]:
         if parent.kind is not FOLDER:
             return await super().create(parent, name, writer)
-        _check_name(name)
-        path = f"{parent.folder}/{name}" if parent.folder else name
+        label = _name_in_xnat(name)
+        path = f"{parent.folder}/{label}" if parent.folder else label
         upload = await self._writes().new_file(
             parent.project, f"{_shown(parent)}/{name}", resource_uri(parent), path)
         node = self._file_node(parent, upload)
@@ -433,6 +480,12 @@ class ResourceArea(Area):
             raise Busy(f"deleting {path} in XNAT would delete {caught[0]} too")
         await self.client.delete_file(uri, path)
         log.info("deleted %s/files/%s", uri, path)
+        self.mtimes.pop((uri, path), None)
+        # XNAT has no folders, only paths: the folders the file was in would
+        # vanish with their last file, and rm -r's rmdir of them fail (ENOENT).
+        # They stay until removed, as on any disk.
+        folders = path.split("/")[:-1]
+        self.folders.update((uri, "/".join(folders[:n])) for n in range(1, len(folders) + 1))
         self._invalidate(owner_uri(node), node.experiment_id)
 
     async def rmdir(self, parent: Node, node: Node) -> None:
@@ -459,6 +512,8 @@ class ResourceArea(Area):
         uri = resource_uri(node)
         await self.client.delete_resource(uri)
         log.info("deleted resource %s", uri)
+        self.folders = {(made_in, path) for made_in, path in self.folders if made_in != uri}
+        self.mtimes = {key: t for key, t in self.mtimes.items() if key[0] != uri}
         self._invalidate(owner_uri(node), node.experiment_id)
 
     async def rename(self, node: Node, new_parent: Node, new_name: str) -> None:
@@ -473,8 +528,8 @@ class ResourceArea(Area):
                 raise NotPermitted(f"{node.name} is in XNAT: moving it deletes it there, "
                                    "which needs --allow-delete")
             raise CrossDevice("mv copies it, then deletes the original")
-        _check_name(new_name)
-        path = f"{new_parent.folder}/{new_name}" if new_parent.folder else new_name
+        label = _name_in_xnat(new_name)
+        path = f"{new_parent.folder}/{label}" if new_parent.folder else label
         if upload.busy and upload.state is not State.WRITING:
             raise Busy(f"{node.name} is being sent")
         replaced = await self.tree.existing_child(new_parent.inode, new_name)
@@ -549,6 +604,9 @@ class WriteHandle(Handle):
         return await self.writes.read(self.upload, offset, size)
 
     async def write(self, offset: int, data: bytes) -> int:
+        if self.upload.state is State.DONE and \
+                self.writes.uploads.get(self.upload.record.id) is not self.upload:
+            self.area._rewritten(self.upload)  # confirmed, and dropped, while open
         return await self.writes.write(self.upload, offset, data)
 
     async def flush(self) -> None:
@@ -624,9 +682,18 @@ def _resource_fields(node: Node) -> dict[str, object]:
                 resource_label=node.resource_label)
 
 
-def _check_name(name: str) -> None:
-    if "/" in name or name in (".", "..") or not name:
-        raise InvalidArgument(f"{name!r} is no file name")
+def _name_in_xnat(name: str) -> str:
+    """What a file or folder written as ``name`` is called in XNAT's paths: the
+    inverse of the names the mount lists (``%25`` is a ``%``). A name that is
+    not such a name is refused: XNAT's listing would show it under another one
+    (``50%.txt`` as ``50%25.txt``), and the file would vanish once sent."""
+    label = label_from_name(name)
+    if "/" in name or not label or label in (".", "..") or "/" in label \
+            or safe_name(label) != name:
+        log.warning("refused the name %r in a resource: XNAT would list it as %r (a %% "
+                    "is written %%25 here)", name, safe_name(label))
+        raise InvalidArgument(f"{name!r} is no name the mount can give a file in XNAT")
+    return label
 
 
 def _shown(node: Node) -> str:
