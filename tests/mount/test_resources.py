@@ -780,3 +780,63 @@ def test_project_and_subject_resources_are_written(server: TestServer, mount_fac
     assert "PROTOCOL" in os.listdir(project / "resources")
     assert "PROTOCOL" in resource_labels(server, "/data/projects/NEURO_PUB")
     assert "NP001" in os.listdir(project)
+
+
+# ------------------------------------------- 8. everyday tools (found in QA)
+def test_a_version_written_while_the_last_is_being_sent_waits_for_it(
+        server: TestServer, mount_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    """Write-behind on a slow link: ``cp`` of a file, then ``cp`` of a longer
+    version over it while the first is still going out. The request's length
+    and MD5 are taken from the local copy before it is sent, so that copy must
+    not change under the request: the second cp waits for the first sending,
+    and then replaces it (--allow-overwrite). (The request's body outgrew its
+    length and the whole mount stopped.)"""
+    mount = mount_factory(server, "--write-behind", "--allow-overwrite")
+    resource = mount.path / SESSION / "resources" / "AGAIN"
+    resource.mkdir()
+    first, second = tmp_path / "first.bin", tmp_path / "second.bin"
+    first.write_bytes(os.urandom(8_000_000))
+    second.write_bytes(os.urandom(12_000_000))
+    target = resource / "files" / "volume.bin"
+    server.set_knobs(bandwidth_mb_s=4)  # 2 s for the first version's body
+    try:
+        shutil.copy(first, target)      # returns once it is on local disk
+        time.sleep(0.5)                 # its body is on its way now
+        subprocess.run(["cp", str(second), str(target)], check=True, timeout=120)
+        fsync_folder(resource / "files")
+    finally:
+        server.set_knobs(bandwidth_mb_s=0)
+    assert os.path.ismount(mount.path)
+    assert fetched(server, f"{SESSION_URI}/resources/AGAIN") == {
+        "volume.bin": second.read_bytes()}
+    assert target.read_bytes() == second.read_bytes()
+    assert "unexpected error" not in mount_log(mount)
+
+
+@pytest.mark.parametrize("write_behind", [False, True], ids=["waiting", "write-behind"])
+def test_shell_redirections_and_dd_store_what_was_written(
+        server: TestServer, mount_factory, write_behind: bool) -> None:  # noqa: ANN001
+    """``cmd > file`` and ``dd of=file`` open the file, dup it onto stdout and
+    close the first descriptor before writing: that first close (a FUSE flush of
+    an empty new file) sent an empty file, and the real content was then
+    refused as a duplicate, while the shell said nothing (it ignores its
+    close's error) and XNAT kept the empty file. Later content written through
+    the same open file replaces what its earlier close sent."""
+    mount = mount_factory(server, *(["--write-behind"] if write_behind else []))
+    resource = mount.path / SESSION / "resources" / "SHELL"
+    resource.mkdir()
+    files = resource / "files"
+    subprocess.run(["sh", "-c", f"echo 'volume 1234.5' > '{files}/volume.txt'"], check=True)
+    subprocess.run(["bash", "-c", f"printf 'a\\tb\\n' > '{files}/table.tsv'"], check=True)
+    subprocess.run(["dd", "if=/dev/zero", f"of={files}/zeros.bin", "bs=4096", "count=4",
+                    "conv=notrunc", "status=none"], check=True, timeout=60)
+    fsync_folder(files)
+    assert fetched(server, f"{SESSION_URI}/resources/SHELL") == {
+        "volume.txt": b"volume 1234.5\n", "table.tsv": b"a\tb\n", "zeros.bin": bytes(16384)}
+    assert " ERROR " not in mount_log(mount)
+    assert "SHELL" not in uploads_cli(mount, "list").stdout
+    # Protection holds for another open of the file: it is XNAT's now.
+    refused = subprocess.run(["sh", "-c", f"echo again > '{files}/volume.txt'"],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
+    assert fetched(server, f"{SESSION_URI}/resources/SHELL")["volume.txt"] == b"volume 1234.5\n"

@@ -77,8 +77,14 @@ class ResourceArea(Area):
         # as long as the mount runs: rsync -a and cp -a set them, and compare them
         # when run again.
         self.mtimes: dict[tuple[str, str], int] = {}
+        # The handle whose close (flush) sent the version of a file XNAT has
+        # now, while it stays open, by upload: what is written through that
+        # open file later replaces that version (a shell's ``cmd > file``
+        # closes a duplicate of the file before cmd writes to it).
+        self.flushed_by: dict[str, WriteHandle] = {}
         if writes is not None:
             writes.on_finished = self._sent
+            writes.on_rewritten = self._rewritten
         self.nursery = nursery  # for fetching ahead in a walk
         # The subject whose resources were last listed, by project; a second
         # one means a walk (find, ls -R), which then gets the others' ahead.
@@ -372,8 +378,10 @@ class ResourceArea(Area):
         """A file written again after XNAT confirmed a version of it that the
         mount had not seen confirmed when it was opened: the new version
         replaces XNAT's under --allow-overwrite, and is refused when sent
-        (EEXIST) otherwise."""
-        upload.record.destination["overwrite"] = self.allow_overwrite
+        (EEXIST) otherwise, unless XNAT's version is one that a close of the
+        same open file sent (it is written on: the file is not finished)."""
+        ours = upload.record.id in self.flushed_by  # sent by a close of a file still open
+        upload.record.destination["overwrite"] = self.allow_overwrite or ours
         self._writes().uploads[upload.record.id] = upload
 
     def _confirmed(self, upload: Upload) -> None:
@@ -604,9 +612,7 @@ class WriteHandle(Handle):
         return await self.writes.read(self.upload, offset, size)
 
     async def write(self, offset: int, data: bytes) -> int:
-        if self.upload.state is State.DONE and \
-                self.writes.uploads.get(self.upload.record.id) is not self.upload:
-            self.area._rewritten(self.upload)  # confirmed, and dropped, while open
+        # (confirmed and dropped while open: ResultWrites asks the area's _rewritten)
         return await self.writes.write(self.upload, offset, data)
 
     async def flush(self) -> None:
@@ -620,6 +626,7 @@ class WriteHandle(Handle):
             await self.writes.abandon(self.upload, f"the program writing it was killed "
                                                    f"({signal_name(signal)})")
             return
+        self.area.flushed_by[self.upload.record.id] = self
         await self.area.finish(self.node, self.upload, closing=True,
                                caller_stopped=lambda: interrupted(writer))
 
@@ -630,6 +637,8 @@ class WriteHandle(Handle):
             await self.writes.outcome(self.upload)
 
     async def release(self) -> None:
+        if self.area.flushed_by.get(self.upload.record.id) is self:
+            del self.area.flushed_by[self.upload.record.id]
         self.upload.open_handles -= 1
         if self.writer is not None:
             self.writer = None
