@@ -56,8 +56,9 @@ BATCH_BYTES_MAX = 256 * 1024 * 1024
 BATCH_FILES_MAX = 1000
 BATCH_NAME = "xnatfs-batch-{}.zip"  # what XNAT is told the zip is called (never stored)
 # Temporaries that tools rename into place: Python's tempfile (mkstemp),
-# editors' swap and backup files. Sent when renamed to a real name.
-TEMPORARY_PATTERNS = (re.compile(r"tmp[a-z0-9_]{8}(\.[^.]+)*"),
+# sed -i's (mkstemp "sedXXXXXX"), editors' swap and backup files. Sent when
+# renamed to a real name.
+TEMPORARY_PATTERNS = (re.compile(r"tmp[a-z0-9_]{8}(\.[^.]+)*"), re.compile(r"sed[A-Za-z0-9]{6}"),
                       re.compile(r".*\.(tmp|swp|swx|part)"), re.compile(r"\.#.*"))
 LOCK_NAME = "resource-writes.lock"  # held by the mount that sends what a crash left
 

@@ -840,3 +840,79 @@ def test_shell_redirections_and_dd_store_what_was_written(
                              capture_output=True, text=True)
     assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
     assert fetched(server, f"{SESSION_URI}/resources/SHELL")["volume.txt"] == b"volume 1234.5\n"
+
+
+def test_sed_in_place_leaves_no_temporary_in_xnat(server: TestServer,
+                                                  mount_factory) -> None:  # noqa: ANN001
+    """``sed -i`` writes ``./sedXXXXXX`` and renames it over the file: a
+    temporary, kept locally. Without --allow-overwrite the rename is refused
+    and nothing reaches XNAT (the temporary was sent, and stayed in XNAT for
+    good: deleting it needs --allow-delete); with it, the edit replaces the file."""
+    mount = mount_factory(server)
+    resource = mount.path / SESSION / "resources" / "EDITS"
+    resource.mkdir()
+    uri = f"{SESSION_URI}/resources/EDITS"
+    (resource / "files" / "params.txt").write_bytes(b"threshold=0.5\n")
+    mark = server.log_mark()
+    result = subprocess.run(["sed", "-i", "s/0.5/0.7/", str(resource / "files" / "params.txt")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "Operation not permitted" in result.stderr
+    assert fetched(server, uri) == {"params.txt": b"threshold=0.5\n"}
+    assert writes_since(server, mark) == []
+    assert os.listdir(resource / "files") == ["params.txt"]
+    unmount_and_wait(mount.path)
+    mount.options.append("--allow-overwrite")
+    mount_xnatfs(server, mount.path, mount.cache_dir, mount.env, mount.options)
+    subprocess.run(["sed", "-i", "s/0.5/0.7/", str(resource / "files" / "params.txt")],
+                   check=True, timeout=60)
+    assert fetched(server, uri) == {"params.txt": b"threshold=0.7\n"}
+    assert not [e for e in server.requests_since(mark) if "/files/sed" in e["path"]]
+
+
+@pytest.mark.skipif(shutil.which("vim") is None, reason="vim is not installed")
+def test_vim_and_truncate_replace_a_file_under_allow_overwrite(
+        server: TestServer, mount_factory) -> None:  # noqa: ANN001
+    """vim (9.0) saves by opening the file without O_TRUNC and cutting it to
+    nothing (ftruncate 0) before it writes; ``truncate -s 0`` opens it so too.
+    That is a replacement, allowed by --allow-overwrite (it failed: "E212:
+    Can't open file for writing"). Changing XNAT's file in place (a write
+    before any truncation, a truncation to another size) is still refused."""
+    mount = mount_factory(server, "--allow-overwrite")
+    notes = mount.path / SESSION / "resources" / "NOTES" / "files"
+    before = fetched(server, NOTES_URI)
+    edited = subprocess.run(["vim", "-u", "NONE", "-N", "-E", "-s", "-c",
+                             "call setline(1, 'edited in vim')", "-c", "wq",
+                             str(notes / "notes.txt")],
+                            stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert edited.returncode == 0, edited
+    assert fetched(server, NOTES_URI)["notes.txt"] == b"edited in vim\n"
+    assert sorted(os.listdir(notes)) == ["notes.txt", "scan notes.txt"]  # no swap file left
+    for size in ("5", "+1"):
+        result = subprocess.run(["truncate", "-s", size, str(notes / "scan notes.txt")],
+                                capture_output=True, text=True)
+        assert result.returncode != 0 and "Operation not permitted" in result.stderr, size
+    patched = subprocess.run(["dd", "if=/dev/zero", f"of={notes}/scan notes.txt", "bs=1",
+                              "count=1", "conv=notrunc", "status=none"],
+                             capture_output=True, text=True)
+    assert patched.returncode != 0
+    assert fetched(server, NOTES_URI)["scan notes.txt"] == before["scan notes.txt"]
+    subprocess.run(["truncate", "-s", "0", str(notes / "scan notes.txt")], check=True)
+    assert fetched(server, NOTES_URI)["scan notes.txt"] == b""
+    assert " ERROR " not in mount_log(mount)
+
+
+def test_times_set_after_close_are_kept(server: TestServer, mount_factory) -> None:  # noqa: ANN001
+    """unzip (and others) set a file's time after closing it, by then XNAT's:
+    the time is kept as it is for any file XNAT has (it was lost once the
+    listing was made again)."""
+    mount = mount_factory(server)
+    resource = mount.path / SESSION / "resources" / "UNZIPPED"
+    resource.mkdir()
+    path = resource / "files" / "a.txt"
+    path.write_bytes(b"a\n")
+    when = 1_577_880_000  # 2020-01-01
+    os.utime(path, (when, when))
+    (resource / "files" / "b.txt").write_bytes(b"b\n")  # the listing changes
+    time.sleep(1.5)  # the kernel's attributes of a.txt have run out
+    assert sorted(os.listdir(resource / "files")) == ["a.txt", "b.txt"]
+    assert path.stat().st_mtime == when

@@ -82,6 +82,8 @@ class ResourceArea(Area):
         # open file later replaces that version (a shell's ``cmd > file``
         # closes a duplicate of the file before cmd writes to it).
         self.flushed_by: dict[str, WriteHandle] = {}
+        # Open handles of files XNAT has, opened to write without O_TRUNC, by inode.
+        self.replacing: dict[int, int] = {}
         if writes is not None:
             writes.on_finished = self._sent
             writes.on_rewritten = self._rewritten
@@ -309,8 +311,16 @@ class ResourceArea(Area):
         writes = self._writes()
         if node.kind is not FILE:
             return  # folders: times accepted, not kept (XNAT has none to set)
+        await self._settle(node)  # sent meanwhile (unzip sets times after close): XNAT's
+        replaced = False
         if node.upload is None and size is not None:
+            if size != 0:
+                log.warning("refused to change the size of %s, which XNAT has: it can be "
+                            "replaced whole, not changed in place", _shown(node))
+                raise NotPermitted(f"{node.name} is in XNAT: it can be replaced whole, not "
+                                   "changed in place")
             await self._replace(node)
+            replaced = True
         if node.upload is None:
             if mtime_ns is not None and node.file is not None:  # kept by the mount
                 self.mtimes[(resource_uri(node), node.file.path)] = node.mtime_ns = mtime_ns
@@ -320,6 +330,9 @@ class ResourceArea(Area):
         if mtime_ns is not None:
             await writes.set_mtime(node.upload, mtime_ns)
             node.mtime_ns = mtime_ns
+        if replaced and not self.replacing.get(node.inode):
+            # truncate(2) of the path, no file open to send it at close: sent now.
+            await self.finish(node, node.upload, closing=True)
 
     # ------------------------------------------------------------ open files
     async def open(self, node: Node, *, writing: bool, truncate: bool, writer: Writer) -> Handle:
@@ -333,6 +346,8 @@ class ResourceArea(Area):
         writes = self._writes()
         if node.upload is None:
             if not truncate:
+                if self.allow_overwrite and writing:
+                    return ReplaceHandle(node, self, writer.pid)
                 raise NotPermitted(f"{node.name} is in XNAT: it can be replaced whole "
                                    "(O_TRUNC), not changed in place")
             await self._replace(node)
@@ -644,6 +659,64 @@ class WriteHandle(Handle):
             self.writer = None
             self.upload.writers -= 1
         await self.writes.release(self.upload)
+
+
+class ReplaceHandle(Handle):
+    """A file XNAT has, opened to write without O_TRUNC (--allow-overwrite).
+    vim saves so, and ``truncate -s 0``: they cut the file to nothing
+    (ftruncate 0) before writing, which makes it a replacement, from then on
+    written and sent as :class:`WriteHandle` writes one. A write before that
+    would change XNAT's file in place, which is refused."""
+
+    direct_io = True
+
+    def __init__(self, node: Node, area: ResourceArea, writer: int) -> None:
+        super().__init__(node)
+        self.area = area
+        self.writer: int | None = writer
+        self.inner: WriteHandle | None = None
+        area.replacing[node.inode] = area.replacing.get(node.inode, 0) + 1
+
+    def _replacement(self) -> WriteHandle | None:
+        if self.inner is None and self.node.upload is not None and self.writer is not None:
+            self.inner = WriteHandle(self.node, self.area, self.node.upload, self.writer)
+        return self.inner
+
+    def _refuse(self) -> NotPermitted:
+        log.warning("refused to change %s in place, which XNAT has: it can be replaced "
+                    "whole (opened with O_TRUNC, or cut to size 0 first)", _shown(self.node))
+        return NotPermitted(f"{self.node.name} is in XNAT: it can be replaced whole, not "
+                            "changed in place")
+
+    async def read(self, offset: int, size: int) -> bytes:
+        inner = self._replacement()
+        if inner is None:
+            raise self._refuse()
+        return await inner.read(offset, size)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        inner = self._replacement()
+        if inner is None:
+            raise self._refuse()
+        return await inner.write(offset, data)
+
+    async def flush(self) -> None:
+        if (inner := self._replacement()) is not None:
+            await inner.flush()
+
+    async def fsync(self, datasync: bool) -> None:
+        if (inner := self._replacement()) is not None:
+            await inner.fsync(datasync)
+
+    async def release(self) -> None:
+        left = self.area.replacing.get(self.node.inode, 0) - 1
+        if left > 0:
+            self.area.replacing[self.node.inode] = left
+        else:
+            self.area.replacing.pop(self.node.inode, None)
+        self.writer = None
+        if self.inner is not None:
+            await self.inner.release()
 
 
 # ------------------------------------------------------------------ helpers
