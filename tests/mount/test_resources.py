@@ -916,3 +916,33 @@ def test_times_set_after_close_are_kept(server: TestServer, mount_factory) -> No
     time.sleep(1.5)  # the kernel's attributes of a.txt have run out
     assert sorted(os.listdir(resource / "files")) == ["a.txt", "b.txt"]
     assert path.stat().st_mtime == when
+
+
+def test_a_resource_made_elsewhere_is_seen_by_mkdir(server: TestServer,
+                                                   mount_factory) -> None:  # noqa: ANN001
+    """Another mount (or XNAT's web page) made the resource a moment ago, after
+    this mount listed the resources: ``mkdir`` says it exists, and from then
+    on it is there (``mkdir -p R/files`` went on to fail: "No such file or
+    directory", for as long as the listing was cached)."""
+    here, there = mount_factory(server), mount_factory(server, name="other")
+    assert "SHARED" not in os.listdir(here.path / SESSION / "resources")  # listed
+    (there.path / SESSION / "resources" / "SHARED").mkdir()
+    files = here.path / SESSION / "resources" / "SHARED" / "files"
+    subprocess.run(["mkdir", "-p", str(files)], check=True, timeout=60)
+    (files / "from-here.txt").write_bytes(b"here\n")
+    assert fetched(server, f"{SESSION_URI}/resources/SHARED") == {"from-here.txt": b"here\n"}
+
+
+def test_a_refused_delete_names_the_file_with_its_folder(
+        server: TestServer, mount_factory) -> None:  # noqa: ANN001
+    """The log line of a delete refused for the prefix trap names the file's
+    whole path in the resource (it left out its folders)."""
+    mount = mount_factory(server, "--allow-delete")
+    resource = mount.path / SESSION / "resources" / "SURF"
+    resource.mkdir()
+    write_tree(resource / "files", {"surf/lh.sphere": b"s\n", "surf/lh.sphere.reg": b"r\n"})
+    mount.remount()  # XNAT's files now
+    result = subprocess.run(["rm", str(resource / "files" / "surf" / "lh.sphere")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "Device or resource busy" in result.stderr
+    assert "SURF/files/surf/lh.sphere: XNAT would delete surf/lh.sphere.reg" in mount_log(mount)

@@ -451,6 +451,9 @@ class ResourceArea(Area):
         label = require_label(label_from_name(name), "resource")
         uri = f"{owner_uri(parent)}/resources/{label}"
         if not await self.client.create_resource(uri):
+            # Made a moment ago elsewhere: listed from now on (mkdir -p goes on).
+            self._invalidate(owner_uri(parent), parent.experiment_id)
+            self.tree.forget_negative(parent.inode)
             raise Exists(name)
         log.info("created resource %s", uri)
         self._invalidate(owner_uri(parent), parent.experiment_id)
@@ -781,8 +784,10 @@ def _name_in_xnat(name: str) -> str:
 def _shown(node: Node) -> str:
     """Where a file of a resource is, for records and log lines (IDs, not names:
     labels may identify patients)."""
-    return resource_uri(node).removeprefix("/data/") + (f"/files/{node.folder}" if node.folder else "/files") + (
-        f"/{node.file.path.rsplit('/', 1)[-1]}" if node.file is not None else "")
+    files = f"{resource_uri(node).removeprefix('/data/')}/files"
+    if node.file is not None:  # (a file XNAT lists has no folder of its own)
+        return f"{files}/{node.file.path}"
+    return f"{files}/{node.folder}" if node.folder else files
 
 
 def _write_xattrs(upload: Upload) -> dict[str, str]:
