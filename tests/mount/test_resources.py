@@ -598,6 +598,9 @@ def test_a_file_saved_again_while_its_first_version_is_sent(
         assert target.read_bytes() == second  # XNAT's, read from XNAT
     else:
         assert os.getxattr(target, "user.xnatfs.upload.state") == b"failed"
+        # The first version's result is not the refused second's (open with O_TRUNC
+        # started it over, and left it).
+        assert "user.xnatfs.upload.result" not in os.listxattr(target)
         assert "REPORT/files/report.txt" in kept and "--allow-overwrite" in kept
 
 
