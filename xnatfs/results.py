@@ -26,7 +26,6 @@ there:
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import fnmatch
 import hashlib
@@ -35,7 +34,7 @@ import os
 import re
 import uuid
 import zipfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -341,37 +340,10 @@ class ResultWrites(Spool):
         return await self.create(project, shown_path,
                                  resource_destination(resource_uri, path, overwrite=overwrite))
 
-    async def write(self, upload: Upload, offset: int, data: bytes) -> int:
-        """Never while the local copy is being sent: a request's length and MD5
-        are taken from the copy before it goes, and a copy changed under it (a
-        save while the last one is sent behind) made a body longer than its
-        length, which stopped the mount. Such a write waits for that sending."""
-        with self._held(upload):
-            async with upload.lock:
-                self._written_again(upload)
-                return await super().write(upload, offset, data)
-
-    async def truncate(self, upload: Upload, size: int) -> None:
-        with self._held(upload):
-            async with upload.lock:  # (as write)
-                self._written_again(upload)
-                await super().truncate(upload, size)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _held(upload: Upload) -> Iterator[None]:
-        """Counted as open meanwhile: the sending waited for, once confirmed,
-        removes the local copy of a file nobody holds open (``open`` with
-        O_TRUNC waits here before its handle exists)."""
-        upload.open_handles += 1
-        try:
-            yield
-        finally:
-            upload.open_handles -= 1
-
     def _written_again(self, upload: Upload) -> None:
-        """A file XNAT confirmed, and dropped from the spool, is written again:
-        the mount says how (``on_rewritten``: may it replace XNAT's?)."""
+        """A file XNAT confirmed, and dropped from the spool, is written again
+        (after waiting for that sending, see Spool.write): the mount says how
+        (``on_rewritten``: may it replace XNAT's?)."""
         if upload.state is State.DONE and self.uploads.get(upload.record.id) is not upload \
                 and self.on_rewritten is not None:
             self.on_rewritten(upload)

@@ -34,7 +34,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -95,6 +95,18 @@ class Sender(Protocol):
     async def send_local_copy(self, record: UploadRecord, data: Path,
                               head: bytes) -> list[str]:
         """One attempt at sending the local copy; what the destination made of it."""
+
+
+@contextlib.contextmanager
+def held_open(upload: Upload) -> Iterator[None]:
+    """Counted as an open handle meanwhile: a sending that ends meanwhile
+    removes the local copy of a confirmed file nobody holds open (an open with
+    O_TRUNC waits in :meth:`Spool.truncate` before its handle exists)."""
+    upload.open_handles += 1
+    try:
+        yield
+    finally:
+        upload.open_handles -= 1
 
 
 class Spool:
@@ -186,6 +198,30 @@ class Spool:
         return upload
 
     async def write(self, upload: Upload, offset: int, data: bytes) -> int:
+        """Never while the file is being sent (its lock: a close waiting for the
+        answer, a write-behind sending): a second writer starting the file over
+        under a request (``cp`` again, an editor saving twice) started a new
+        stream that the waiting close then waited for, for ever, and its own
+        close behind it; or changed a body whose length was sent. Such a write
+        waits for that sending."""
+        with held_open(upload):
+            async with upload.lock:
+                self._written_again(upload)
+                return await self._write_now(upload, offset, data)
+
+    async def truncate(self, upload: Upload, size: int) -> None:
+        """``O_TRUNC`` or ``truncate()``: the upload starts over from ``size`` bytes
+        (never while it is being sent, as :meth:`write`)."""
+        with held_open(upload):
+            async with upload.lock:
+                self._written_again(upload)
+                await self._truncate_now(upload, size)
+
+    def _written_again(self, upload: Upload) -> None:
+        """Called before a write or truncation, under the upload's lock (a sender
+        whose finished files leave :attr:`uploads` takes them back here)."""
+
+    async def _write_now(self, upload: Upload, offset: int, data: bytes) -> int:
         if upload.state in (State.DONE, State.FAILED):
             # Rewriting a finished upload starts it over (editors that save twice).
             upload.record.state = State.WRITING.value
@@ -227,8 +263,7 @@ class Spool:
             await trio.to_thread.run_sync(upload.write_spool, offset, data,
                                           limiter=self.disk_limiter)
 
-    async def truncate(self, upload: Upload, size: int) -> None:
-        """``O_TRUNC`` or ``truncate()``: the upload starts over from ``size`` bytes."""
+    async def _truncate_now(self, upload: Upload, size: int) -> None:
         if size == upload.record.size:
             return
         await trio.to_thread.run_sync(upload.truncate_spool, size, limiter=self.disk_limiter)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -949,3 +950,41 @@ def test_a_refused_delete_names_the_file_with_its_folder(
                             capture_output=True, text=True)
     assert result.returncode != 0 and "Device or resource busy" in result.stderr
     assert "SURF/files/surf/lh.sphere: XNAT would delete surf/lh.sphere.reg" in mount_log(mount)
+
+
+def test_a_second_copy_over_an_upload_being_sent_waits_for_it(
+        server: TestServer, mount_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    """(The upload area shares the spool.) ``cp study.zip uploads/P/`` twice at
+    once on a slow link: the second waits for the first's import, then is
+    imported itself. (The second started a new stream under the first, whose
+    close then waited for that stream for ever, the second's close behind it:
+    both cp hung, beyond SIGKILL, and so did the unmount.)"""
+    mount = mount_factory(server)
+    dicom = mount.path / SESSION / "scans" / "3-T2_FLAIR" / "resources" / "DICOM" / "files"
+    study = tmp_path / "study.zip"
+    with zipfile.ZipFile(study, "w") as zf:
+        for name in sorted(os.listdir(dicom)):
+            zf.writestr(name, (dicom / name).read_bytes())
+    target = mount.path / "uploads" / "NEURO_PUB" / "study.zip"
+    mark = server.log_mark()
+    server.set_knobs(bandwidth_mb_s=study.stat().st_size / 3e6)  # 3 s a copy
+    copies = []
+    try:
+        copies.append(subprocess.Popen(["cp", str(study), str(target)]))
+        time.sleep(1)
+        copies.append(subprocess.Popen(["cp", str(study), str(target)]))
+        deadline = time.monotonic() + 60
+        while any(c.poll() is None for c in copies) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        hung = [c for c in copies if c.poll() is None]
+        if hung:  # free them (and this test run): abort the mount's connection
+            minor = subprocess.run(["mountpoint", "-d", str(mount.path)], capture_output=True,
+                                   text=True).stdout.strip().split(":")[1]
+            Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1\n")
+            os.kill(daemon_pid(mount.path), signal.SIGKILL)
+        assert not hung, "cp hung"
+    finally:
+        server.set_knobs(bandwidth_mb_s=0)
+    assert [c.returncode for c in copies] == [0, 0]
+    imports = [e for e in server.requests_since(mark) if e["route"] == "services.import"]
+    assert [e["status"] for e in imports] == [200, 200]
