@@ -26,6 +26,7 @@ there:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import fnmatch
 import hashlib
@@ -34,7 +35,7 @@ import os
 import re
 import uuid
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,8 +56,9 @@ BATCH_BYTES_MAX = 256 * 1024 * 1024
 BATCH_FILES_MAX = 1000
 BATCH_NAME = "xnatfs-batch-{}.zip"  # what XNAT is told the zip is called (never stored)
 # Temporaries that tools rename into place: Python's tempfile (mkstemp),
-# editors' swap and backup files. Sent when renamed to a real name.
-TEMPORARY_PATTERNS = (re.compile(r"tmp[a-z0-9_]{8}(\.[^.]+)*"),
+# sed -i's (mkstemp "sedXXXXXX"), editors' swap and backup files. Sent when
+# renamed to a real name.
+TEMPORARY_PATTERNS = (re.compile(r"tmp[a-z0-9_]{8}(\.[^.]+)*"), re.compile(r"sed[A-Za-z0-9]{6}"),
                       re.compile(r".*\.(tmp|swp|swx|part)"), re.compile(r"\.#.*"))
 LOCK_NAME = "resource-writes.lock"  # held by the mount that sends what a crash left
 
@@ -330,6 +332,7 @@ class ResultWrites(Spool):
         # not cap a batch (the sender bounds the requests).
         super().__init__(self.sender_of_resources, spool_root, nursery, site=site,
                          write_behind=write_behind, max_parallel=10_000)
+        self.on_rewritten: Callable[[Upload], None] | None = None
 
     async def new_file(self, project: str, shown_path: str, resource_uri: str, path: str, *,
                        overwrite: bool = False) -> Upload:
@@ -337,6 +340,51 @@ class ResultWrites(Spool):
         ``shown_path``: where the mount shows it, below the project's folder."""
         return await self.create(project, shown_path,
                                  resource_destination(resource_uri, path, overwrite=overwrite))
+
+    async def write(self, upload: Upload, offset: int, data: bytes) -> int:
+        """Never while the local copy is being sent: a request's length and MD5
+        are taken from the copy before it goes, and a copy changed under it (a
+        save while the last one is sent behind) made a body longer than its
+        length, which stopped the mount. Such a write waits for that sending."""
+        with self._held(upload):
+            async with upload.lock:
+                self._written_again(upload)
+                return await super().write(upload, offset, data)
+
+    async def truncate(self, upload: Upload, size: int) -> None:
+        with self._held(upload):
+            async with upload.lock:  # (as write)
+                self._written_again(upload)
+                await super().truncate(upload, size)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _held(upload: Upload) -> Iterator[None]:
+        """Counted as open meanwhile: the sending waited for, once confirmed,
+        removes the local copy of a file nobody holds open (``open`` with
+        O_TRUNC waits here before its handle exists)."""
+        upload.open_handles += 1
+        try:
+            yield
+        finally:
+            upload.open_handles -= 1
+
+    def _written_again(self, upload: Upload) -> None:
+        """A file XNAT confirmed, and dropped from the spool, is written again:
+        the mount says how (``on_rewritten``: may it replace XNAT's?)."""
+        if upload.state is State.DONE and self.uploads.get(upload.record.id) is not upload \
+                and self.on_rewritten is not None:
+            self.on_rewritten(upload)
+
+    async def _upload_and_record(self, upload: Upload) -> None:
+        if upload.dirty:
+            # Queued behind a close (write-behind), and written again before
+            # its turn came: half a new version is not sent; that writer's
+            # close sends it whole.
+            upload.record.state = State.WRITING.value
+            await self._save(upload)
+            return
+        await super()._upload_and_record(upload)
 
     def in_resource(self, resource_uri: str) -> list[Upload]:
         """Its files not yet confirmed (written, queued, failed)."""

@@ -243,7 +243,10 @@ class Spool:
         upload.dirty = True
         upload.record.mtime_ns = None  # changed since a time was set
         if upload.state in (State.DONE, State.FAILED):
+            # (as write: the last sending's result or failure is not this version's)
             upload.record.state = State.WRITING.value
+            upload.record.result = []
+            upload.record.message = ""
             upload.record.incomplete = False
 
     async def _read_spool(self, upload: Upload, offset: int, size: int) -> bytes:

@@ -598,6 +598,9 @@ def test_a_file_saved_again_while_its_first_version_is_sent(
         assert target.read_bytes() == second  # XNAT's, read from XNAT
     else:
         assert os.getxattr(target, "user.xnatfs.upload.state") == b"failed"
+        # The first version's result is not the refused second's (open with O_TRUNC
+        # started it over, and left it).
+        assert "user.xnatfs.upload.result" not in os.listxattr(target)
         assert "REPORT/files/report.txt" in kept and "--allow-overwrite" in kept
 
 
@@ -780,3 +783,169 @@ def test_project_and_subject_resources_are_written(server: TestServer, mount_fac
     assert "PROTOCOL" in os.listdir(project / "resources")
     assert "PROTOCOL" in resource_labels(server, "/data/projects/NEURO_PUB")
     assert "NP001" in os.listdir(project)
+
+
+# ------------------------------------------- 8. everyday tools (found in QA)
+def test_a_version_written_while_the_last_is_being_sent_waits_for_it(
+        server: TestServer, mount_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    """Write-behind on a slow link: ``cp`` of a file, then ``cp`` of a longer
+    version over it while the first is still going out. The request's length
+    and MD5 are taken from the local copy before it is sent, so that copy must
+    not change under the request: the second cp waits for the first sending,
+    and then replaces it (--allow-overwrite). (The request's body outgrew its
+    length and the whole mount stopped.)"""
+    mount = mount_factory(server, "--write-behind", "--allow-overwrite")
+    resource = mount.path / SESSION / "resources" / "AGAIN"
+    resource.mkdir()
+    first, second = tmp_path / "first.bin", tmp_path / "second.bin"
+    first.write_bytes(os.urandom(8_000_000))
+    second.write_bytes(os.urandom(12_000_000))
+    target = resource / "files" / "volume.bin"
+    server.set_knobs(bandwidth_mb_s=4)  # 2 s for the first version's body
+    try:
+        shutil.copy(first, target)      # returns once it is on local disk
+        time.sleep(0.5)                 # its body is on its way now
+        subprocess.run(["cp", str(second), str(target)], check=True, timeout=120)
+        fsync_folder(resource / "files")
+    finally:
+        server.set_knobs(bandwidth_mb_s=0)
+    assert os.path.ismount(mount.path)
+    assert fetched(server, f"{SESSION_URI}/resources/AGAIN") == {
+        "volume.bin": second.read_bytes()}
+    assert target.read_bytes() == second.read_bytes()
+    assert "unexpected error" not in mount_log(mount)
+
+
+@pytest.mark.parametrize("write_behind", [False, True], ids=["waiting", "write-behind"])
+def test_shell_redirections_and_dd_store_what_was_written(
+        server: TestServer, mount_factory, write_behind: bool) -> None:  # noqa: ANN001
+    """``cmd > file`` and ``dd of=file`` open the file, dup it onto stdout and
+    close the first descriptor before writing: that first close (a FUSE flush of
+    an empty new file) sent an empty file, and the real content was then
+    refused as a duplicate, while the shell said nothing (it ignores its
+    close's error) and XNAT kept the empty file. Later content written through
+    the same open file replaces what its earlier close sent."""
+    mount = mount_factory(server, *(["--write-behind"] if write_behind else []))
+    resource = mount.path / SESSION / "resources" / "SHELL"
+    resource.mkdir()
+    files = resource / "files"
+    subprocess.run(["sh", "-c", f"echo 'volume 1234.5' > '{files}/volume.txt'"], check=True)
+    subprocess.run(["bash", "-c", f"printf 'a\\tb\\n' > '{files}/table.tsv'"], check=True)
+    subprocess.run(["dd", "if=/dev/zero", f"of={files}/zeros.bin", "bs=4096", "count=4",
+                    "conv=notrunc", "status=none"], check=True, timeout=60)
+    fsync_folder(files)
+    assert fetched(server, f"{SESSION_URI}/resources/SHELL") == {
+        "volume.txt": b"volume 1234.5\n", "table.tsv": b"a\tb\n", "zeros.bin": bytes(16384)}
+    assert " ERROR " not in mount_log(mount)
+    assert "SHELL" not in uploads_cli(mount, "list").stdout
+    # Protection holds for another open of the file: it is XNAT's now.
+    refused = subprocess.run(["sh", "-c", f"echo again > '{files}/volume.txt'"],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
+    assert fetched(server, f"{SESSION_URI}/resources/SHELL")["volume.txt"] == b"volume 1234.5\n"
+
+
+def test_sed_in_place_leaves_no_temporary_in_xnat(server: TestServer,
+                                                  mount_factory) -> None:  # noqa: ANN001
+    """``sed -i`` writes ``./sedXXXXXX`` and renames it over the file: a
+    temporary, kept locally. Without --allow-overwrite the rename is refused
+    and nothing reaches XNAT (the temporary was sent, and stayed in XNAT for
+    good: deleting it needs --allow-delete); with it, the edit replaces the file."""
+    mount = mount_factory(server)
+    resource = mount.path / SESSION / "resources" / "EDITS"
+    resource.mkdir()
+    uri = f"{SESSION_URI}/resources/EDITS"
+    (resource / "files" / "params.txt").write_bytes(b"threshold=0.5\n")
+    mark = server.log_mark()
+    result = subprocess.run(["sed", "-i", "s/0.5/0.7/", str(resource / "files" / "params.txt")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "Operation not permitted" in result.stderr
+    assert fetched(server, uri) == {"params.txt": b"threshold=0.5\n"}
+    assert writes_since(server, mark) == []
+    assert os.listdir(resource / "files") == ["params.txt"]
+    unmount_and_wait(mount.path)
+    mount.options.append("--allow-overwrite")
+    mount_xnatfs(server, mount.path, mount.cache_dir, mount.env, mount.options)
+    subprocess.run(["sed", "-i", "s/0.5/0.7/", str(resource / "files" / "params.txt")],
+                   check=True, timeout=60)
+    assert fetched(server, uri) == {"params.txt": b"threshold=0.7\n"}
+    assert not [e for e in server.requests_since(mark) if "/files/sed" in e["path"]]
+
+
+@pytest.mark.skipif(shutil.which("vim") is None, reason="vim is not installed")
+def test_vim_and_truncate_replace_a_file_under_allow_overwrite(
+        server: TestServer, mount_factory) -> None:  # noqa: ANN001
+    """vim (9.0) saves by opening the file without O_TRUNC and cutting it to
+    nothing (ftruncate 0) before it writes; ``truncate -s 0`` opens it so too.
+    That is a replacement, allowed by --allow-overwrite (it failed: "E212:
+    Can't open file for writing"). Changing XNAT's file in place (a write
+    before any truncation, a truncation to another size) is still refused."""
+    mount = mount_factory(server, "--allow-overwrite")
+    notes = mount.path / SESSION / "resources" / "NOTES" / "files"
+    before = fetched(server, NOTES_URI)
+    edited = subprocess.run(["vim", "-u", "NONE", "-N", "-E", "-s", "-c",
+                             "call setline(1, 'edited in vim')", "-c", "wq",
+                             str(notes / "notes.txt")],
+                            stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert edited.returncode == 0, edited
+    assert fetched(server, NOTES_URI)["notes.txt"] == b"edited in vim\n"
+    assert sorted(os.listdir(notes)) == ["notes.txt", "scan notes.txt"]  # no swap file left
+    for size in ("5", "+1"):
+        result = subprocess.run(["truncate", "-s", size, str(notes / "scan notes.txt")],
+                                capture_output=True, text=True)
+        assert result.returncode != 0 and "Operation not permitted" in result.stderr, size
+    patched = subprocess.run(["dd", "if=/dev/zero", f"of={notes}/scan notes.txt", "bs=1",
+                              "count=1", "conv=notrunc", "status=none"],
+                             capture_output=True, text=True)
+    assert patched.returncode != 0
+    assert fetched(server, NOTES_URI)["scan notes.txt"] == before["scan notes.txt"]
+    subprocess.run(["truncate", "-s", "0", str(notes / "scan notes.txt")], check=True)
+    assert fetched(server, NOTES_URI)["scan notes.txt"] == b""
+    assert " ERROR " not in mount_log(mount)
+
+
+def test_times_set_after_close_are_kept(server: TestServer, mount_factory) -> None:  # noqa: ANN001
+    """unzip (and others) set a file's time after closing it, by then XNAT's:
+    the time is kept as it is for any file XNAT has (it was lost once the
+    listing was made again)."""
+    mount = mount_factory(server)
+    resource = mount.path / SESSION / "resources" / "UNZIPPED"
+    resource.mkdir()
+    path = resource / "files" / "a.txt"
+    path.write_bytes(b"a\n")
+    when = 1_577_880_000  # 2020-01-01
+    os.utime(path, (when, when))
+    (resource / "files" / "b.txt").write_bytes(b"b\n")  # the listing changes
+    time.sleep(1.5)  # the kernel's attributes of a.txt have run out
+    assert sorted(os.listdir(resource / "files")) == ["a.txt", "b.txt"]
+    assert path.stat().st_mtime == when
+
+
+def test_a_resource_made_elsewhere_is_seen_by_mkdir(server: TestServer,
+                                                   mount_factory) -> None:  # noqa: ANN001
+    """Another mount (or XNAT's web page) made the resource a moment ago, after
+    this mount listed the resources: ``mkdir`` says it exists, and from then
+    on it is there (``mkdir -p R/files`` went on to fail: "No such file or
+    directory", for as long as the listing was cached)."""
+    here, there = mount_factory(server), mount_factory(server, name="other")
+    assert "SHARED" not in os.listdir(here.path / SESSION / "resources")  # listed
+    (there.path / SESSION / "resources" / "SHARED").mkdir()
+    files = here.path / SESSION / "resources" / "SHARED" / "files"
+    subprocess.run(["mkdir", "-p", str(files)], check=True, timeout=60)
+    (files / "from-here.txt").write_bytes(b"here\n")
+    assert fetched(server, f"{SESSION_URI}/resources/SHARED") == {"from-here.txt": b"here\n"}
+
+
+def test_a_refused_delete_names_the_file_with_its_folder(
+        server: TestServer, mount_factory) -> None:  # noqa: ANN001
+    """The log line of a delete refused for the prefix trap names the file's
+    whole path in the resource (it left out its folders)."""
+    mount = mount_factory(server, "--allow-delete")
+    resource = mount.path / SESSION / "resources" / "SURF"
+    resource.mkdir()
+    write_tree(resource / "files", {"surf/lh.sphere": b"s\n", "surf/lh.sphere.reg": b"r\n"})
+    mount.remount()  # XNAT's files now
+    result = subprocess.run(["rm", str(resource / "files" / "surf" / "lh.sphere")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "Device or resource busy" in result.stderr
+    assert "SURF/files/surf/lh.sphere: XNAT would delete surf/lh.sphere.reg" in mount_log(mount)

@@ -77,8 +77,16 @@ class ResourceArea(Area):
         # as long as the mount runs: rsync -a and cp -a set them, and compare them
         # when run again.
         self.mtimes: dict[tuple[str, str], int] = {}
+        # The handle whose close (flush) sent the version of a file XNAT has
+        # now, while it stays open, by upload: what is written through that
+        # open file later replaces that version (a shell's ``cmd > file``
+        # closes a duplicate of the file before cmd writes to it).
+        self.flushed_by: dict[str, WriteHandle] = {}
+        # Open handles of files XNAT has, opened to write without O_TRUNC, by inode.
+        self.replacing: dict[int, int] = {}
         if writes is not None:
             writes.on_finished = self._sent
+            writes.on_rewritten = self._rewritten
         self.nursery = nursery  # for fetching ahead in a walk
         # The subject whose resources were last listed, by project; a second
         # one means a walk (find, ls -R), which then gets the others' ahead.
@@ -303,8 +311,16 @@ class ResourceArea(Area):
         writes = self._writes()
         if node.kind is not FILE:
             return  # folders: times accepted, not kept (XNAT has none to set)
+        await self._settle(node)  # sent meanwhile (unzip sets times after close): XNAT's
+        replaced = False
         if node.upload is None and size is not None:
+            if size != 0:
+                log.warning("refused to change the size of %s, which XNAT has: it can be "
+                            "replaced whole, not changed in place", _shown(node))
+                raise NotPermitted(f"{node.name} is in XNAT: it can be replaced whole, not "
+                                   "changed in place")
             await self._replace(node)
+            replaced = True
         if node.upload is None:
             if mtime_ns is not None and node.file is not None:  # kept by the mount
                 self.mtimes[(resource_uri(node), node.file.path)] = node.mtime_ns = mtime_ns
@@ -314,6 +330,9 @@ class ResourceArea(Area):
         if mtime_ns is not None:
             await writes.set_mtime(node.upload, mtime_ns)
             node.mtime_ns = mtime_ns
+        if replaced and not self.replacing.get(node.inode):
+            # truncate(2) of the path, no file open to send it at close: sent now.
+            await self.finish(node, node.upload, closing=True)
 
     # ------------------------------------------------------------ open files
     async def open(self, node: Node, *, writing: bool, truncate: bool, writer: Writer) -> Handle:
@@ -327,6 +346,8 @@ class ResourceArea(Area):
         writes = self._writes()
         if node.upload is None:
             if not truncate:
+                if self.allow_overwrite and writing:
+                    return ReplaceHandle(node, self, writer.pid)
                 raise NotPermitted(f"{node.name} is in XNAT: it can be replaced whole "
                                    "(O_TRUNC), not changed in place")
             await self._replace(node)
@@ -372,8 +393,10 @@ class ResourceArea(Area):
         """A file written again after XNAT confirmed a version of it that the
         mount had not seen confirmed when it was opened: the new version
         replaces XNAT's under --allow-overwrite, and is refused when sent
-        (EEXIST) otherwise."""
-        upload.record.destination["overwrite"] = self.allow_overwrite
+        (EEXIST) otherwise, unless XNAT's version is one that a close of the
+        same open file sent (it is written on: the file is not finished)."""
+        ours = upload.record.id in self.flushed_by  # sent by a close of a file still open
+        upload.record.destination["overwrite"] = self.allow_overwrite or ours
         self._writes().uploads[upload.record.id] = upload
 
     def _confirmed(self, upload: Upload) -> None:
@@ -428,6 +451,9 @@ class ResourceArea(Area):
         label = require_label(label_from_name(name), "resource")
         uri = f"{owner_uri(parent)}/resources/{label}"
         if not await self.client.create_resource(uri):
+            # Made a moment ago elsewhere: listed from now on (mkdir -p goes on).
+            self._invalidate(owner_uri(parent), parent.experiment_id)
+            self.tree.forget_negative(parent.inode)
             raise Exists(name)
         log.info("created resource %s", uri)
         self._invalidate(owner_uri(parent), parent.experiment_id)
@@ -604,9 +630,7 @@ class WriteHandle(Handle):
         return await self.writes.read(self.upload, offset, size)
 
     async def write(self, offset: int, data: bytes) -> int:
-        if self.upload.state is State.DONE and \
-                self.writes.uploads.get(self.upload.record.id) is not self.upload:
-            self.area._rewritten(self.upload)  # confirmed, and dropped, while open
+        # (confirmed and dropped while open: ResultWrites asks the area's _rewritten)
         return await self.writes.write(self.upload, offset, data)
 
     async def flush(self) -> None:
@@ -620,6 +644,7 @@ class WriteHandle(Handle):
             await self.writes.abandon(self.upload, f"the program writing it was killed "
                                                    f"({signal_name(signal)})")
             return
+        self.area.flushed_by[self.upload.record.id] = self
         await self.area.finish(self.node, self.upload, closing=True,
                                caller_stopped=lambda: interrupted(writer))
 
@@ -630,11 +655,71 @@ class WriteHandle(Handle):
             await self.writes.outcome(self.upload)
 
     async def release(self) -> None:
+        if self.area.flushed_by.get(self.upload.record.id) is self:
+            del self.area.flushed_by[self.upload.record.id]
         self.upload.open_handles -= 1
         if self.writer is not None:
             self.writer = None
             self.upload.writers -= 1
         await self.writes.release(self.upload)
+
+
+class ReplaceHandle(Handle):
+    """A file XNAT has, opened to write without O_TRUNC (--allow-overwrite).
+    vim saves so, and ``truncate -s 0``: they cut the file to nothing
+    (ftruncate 0) before writing, which makes it a replacement, from then on
+    written and sent as :class:`WriteHandle` writes one. A write before that
+    would change XNAT's file in place, which is refused."""
+
+    direct_io = True
+
+    def __init__(self, node: Node, area: ResourceArea, writer: int) -> None:
+        super().__init__(node)
+        self.area = area
+        self.writer: int | None = writer
+        self.inner: WriteHandle | None = None
+        area.replacing[node.inode] = area.replacing.get(node.inode, 0) + 1
+
+    def _replacement(self) -> WriteHandle | None:
+        if self.inner is None and self.node.upload is not None and self.writer is not None:
+            self.inner = WriteHandle(self.node, self.area, self.node.upload, self.writer)
+        return self.inner
+
+    def _refuse(self) -> NotPermitted:
+        log.warning("refused to change %s in place, which XNAT has: it can be replaced "
+                    "whole (opened with O_TRUNC, or cut to size 0 first)", _shown(self.node))
+        return NotPermitted(f"{self.node.name} is in XNAT: it can be replaced whole, not "
+                            "changed in place")
+
+    async def read(self, offset: int, size: int) -> bytes:
+        inner = self._replacement()
+        if inner is None:
+            raise self._refuse()
+        return await inner.read(offset, size)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        inner = self._replacement()
+        if inner is None:
+            raise self._refuse()
+        return await inner.write(offset, data)
+
+    async def flush(self) -> None:
+        if (inner := self._replacement()) is not None:
+            await inner.flush()
+
+    async def fsync(self, datasync: bool) -> None:
+        if (inner := self._replacement()) is not None:
+            await inner.fsync(datasync)
+
+    async def release(self) -> None:
+        left = self.area.replacing.get(self.node.inode, 0) - 1
+        if left > 0:
+            self.area.replacing[self.node.inode] = left
+        else:
+            self.area.replacing.pop(self.node.inode, None)
+        self.writer = None
+        if self.inner is not None:
+            await self.inner.release()
 
 
 # ------------------------------------------------------------------ helpers
@@ -699,8 +784,10 @@ def _name_in_xnat(name: str) -> str:
 def _shown(node: Node) -> str:
     """Where a file of a resource is, for records and log lines (IDs, not names:
     labels may identify patients)."""
-    return resource_uri(node).removeprefix("/data/") + (f"/files/{node.folder}" if node.folder else "/files") + (
-        f"/{node.file.path.rsplit('/', 1)[-1]}" if node.file is not None else "")
+    files = f"{resource_uri(node).removeprefix('/data/')}/files"
+    if node.file is not None:  # (a file XNAT lists has no folder of its own)
+        return f"{files}/{node.file.path}"
+    return f"{files}/{node.folder}" if node.folder else files
 
 
 def _write_xattrs(upload: Upload) -> dict[str, str]:
