@@ -112,11 +112,12 @@ class ManySubjectsServer:
 
 
 async def walked_project(tree: Tree, *, remember: bool) -> list[Any]:
-    """List the root and the project, handing every entry to the "kernel" if asked."""
+    """List the root and the project, handing every entry to the "kernel" if asked;
+    the project's subjects (not its resources/ folder)."""
     (project, *_) = await tree.children(ROOT_INODE)
     if remember:
         tree.remember(project)
-    subjects = await tree.children(project.inode)
+    subjects = [n for n in await tree.children(project.inode) if n.name != "resources"]
     if remember:
         for subject in subjects:
             tree.remember(subject)
