@@ -396,11 +396,62 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
 
 
 def umount(args: argparse.Namespace) -> int:
+    """Unmount, then wait until the mount process has ended: files written
+    behind a close (--write-behind) are sent by it after the mount point is
+    free, and a batch job that ends right after ``xnatfs umount`` must not
+    take them down with it. Ctrl-C stops the waiting, not the sending."""
     fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
     if fusermount is None:
         raise UserError("fusermount3 not found (install the fuse3 package)")
+    serving = _mount_processes(Path(args.mountpoint))
     result = subprocess.run([fusermount, "-u", str(args.mountpoint)], check=False)
-    return result.returncode
+    if result.returncode != 0:
+        return result.returncode
+    told = False
+    started = time.monotonic()
+    try:
+        while any(_alive(pid) for pid in serving):
+            if not told and time.monotonic() - started > 1:
+                print("xnatfs: waiting for the mount to send the files it still has queued "
+                      "(Ctrl-C stops waiting; they are sent anyway)", file=sys.stderr)
+                told = True
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _mount_processes(mountpoint: Path) -> list[int]:
+    """This user's xnatfs processes serving ``mountpoint`` (by their command line)."""
+    target = str(mountpoint.resolve())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            argv = [a.decode(errors="replace")
+                    for a in (entry / "cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        if "--foreground" in argv and target in argv and any("xnatfs" in a for a in argv[:3]):
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (its parent has not reaped it) has ended too.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 # -------------------------------------------------------------------- demo

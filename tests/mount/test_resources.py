@@ -988,3 +988,23 @@ def test_a_second_copy_over_an_upload_being_sent_waits_for_it(
     assert [c.returncode for c in copies] == [0, 0]
     imports = [e for e in server.requests_since(mark) if e["route"] == "services.import"]
     assert [e["status"] for e in imports] == [200, 200]
+
+
+def test_xnatfs_umount_returns_once_the_queued_files_are_in_xnat(
+        server: TestServer, mount_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    """A batch job ends with ``xnatfs umount``: files queued behind their close
+    (--write-behind) are in XNAT when it returns, not still being sent by a
+    process the job's end may kill."""
+    mount = mount_factory(server, "--write-behind")
+    resource = mount.path / SESSION / "resources" / "LOGS"
+    resource.mkdir()
+    tree = write_tree(tmp_path / "out", {f"log{i}.txt": f"step {i}\n".encode() for i in range(3)})
+    server.set_knobs(answer_delay_ms=1500, fault_path="/resources/LOGS/files")
+    try:
+        subprocess.run(["cp", "-r", f"{tree}/.", str(resource / "files")], check=True, timeout=60)
+        done = subprocess.run([sys.executable, "-m", "xnatfs.cli", "umount", str(mount.path)],
+                              env=mount.env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert listed(server, f"{SESSION_URI}/resources/LOGS") == digests(tree)
+    finally:
+        server.set_knobs(answer_delay_ms=0, fault_path="")
