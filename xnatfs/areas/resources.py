@@ -30,13 +30,12 @@ What a user meets here (README, "Writing results"):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 import trio
 from cachetools import TTLCache
 
 from .. import client as xc
-from ..callers import interrupted, killed_by, signal_name
 from ..errors import (Busy, CrossDevice, Exists, Forbidden, InvalidArgument, NotEmpty, NotFound,
                       NotPermitted, XnatError)
 from ..naming import label_from_name, require_label, safe_name
@@ -44,9 +43,13 @@ from ..results import ResultWrites
 from ..spoolfiles import State, Upload
 from ..tree import Node, Tree, xnat_xattrs
 from .archive import (FILE, FOLDER, RESOURCE, RESOURCES, ArchiveArea, _inherited,
-                      file_entries, files_folder, holder, owner)
+                      file_entries, files_folder, holder)
 from .base import Area, Handle, Kernel, Writer
 from .remote_files import RemoteFiles
+from .resource_handles import ReplaceHandle, WriteHandle
+from .resource_paths import (experiment_of, file_key, group_owner, name_in_xnat, owner_uri,
+                             resource_fields, resource_uri, shown_path, write_xattrs,
+                             written_mtime_ns)
 
 log = logging.getLogger(__name__)
 
@@ -249,15 +252,15 @@ class ResourceArea(Area):
             parent, FOLDER, safe_name(label),
             ("folder", parent.project, parent.experiment_id or parent.prearchive_uri,
              holder(parent), parent.resource_label, path),
-            folder=path, **_resource_fields(parent))
+            folder=path, **resource_fields(parent))
 
     def _file_node(self, parent: Node, upload: Upload) -> Node:
         path = upload.record.destination["path"]
         return self.tree.child(
             parent, FILE, safe_name(path.rsplit("/", 1)[-1]), file_key(parent, path),
             upload=upload, file=None, folder=parent.folder,
-            **{**_resource_fields(parent), "mtime_ns": _written_mtime_ns(upload)},
-            xattrs=_write_xattrs(upload))
+            **{**resource_fields(parent), "mtime_ns": written_mtime_ns(upload)},
+            xattrs=write_xattrs(upload))
 
     # ------------------------------------------------------------ attributes
     def writable(self, node: Node) -> bool:
@@ -296,7 +299,7 @@ class ResourceArea(Area):
     async def refresh_xattrs(self, node: Node) -> None:
         await self._settle(node)
         if node.upload is not None:
-            node.xattrs = _write_xattrs(node.upload)
+            node.xattrs = write_xattrs(node.upload)
 
     async def _settle(self, node: Node) -> None:
         """A file XNAT confirmed is XNAT's from now on: listed again, it is read
@@ -316,7 +319,7 @@ class ResourceArea(Area):
         if node.upload is None and size is not None:
             if size != 0:
                 log.warning("refused to change the size of %s, which XNAT has: it can be "
-                            "replaced whole, not changed in place", _shown(node))
+                            "replaced whole, not changed in place", shown_path(node))
                 raise NotPermitted(f"{node.name} is in XNAT: it can be replaced whole, not "
                                    "changed in place")
             await self._replace(node)
@@ -360,11 +363,11 @@ class ResourceArea(Area):
         """``node``, a file XNAT has, is written anew (with --allow-overwrite)."""
         if not self.allow_overwrite:
             log.warning("refused to replace %s, which XNAT has: mount with "
-                        "--allow-overwrite to allow it", _shown(node))
+                        "--allow-overwrite to allow it", shown_path(node))
             raise NotPermitted(f"{node.name} is in XNAT; --allow-overwrite allows replacing it")
         assert node.file is not None
         node.upload = await self._writes().new_file(
-            node.project, _shown(node), resource_uri(node), node.file.path, overwrite=True)
+            node.project, shown_path(node), resource_uri(node), node.file.path, overwrite=True)
         node.file = None
 
     async def finish(self, node: Node, upload: Upload, *, closing: bool,
@@ -373,7 +376,7 @@ class ResourceArea(Area):
             await self._writes().finish(upload, closing=closing, caller_stopped=caller_stopped)
         finally:
             if node.upload is upload:
-                node.xattrs = _write_xattrs(upload)
+                node.xattrs = write_xattrs(upload)
         if upload.state is State.DONE:  # (a write-behind send is seen by _sent)
             self._confirmed(upload)
 
@@ -441,7 +444,7 @@ class ResourceArea(Area):
             return await self._new_resource(parent, name)
         if parent.kind is not FOLDER:
             return await super().mkdir(parent, name)
-        label = _name_in_xnat(name)
+        label = name_in_xnat(name)
         path = f"{parent.folder}/{label}" if parent.folder else label
         self.folders.add((resource_uri(parent), path))
         return self._folder_node(parent, label)
@@ -466,10 +469,10 @@ class ResourceArea(Area):
     async def create(self, parent: Node, name: str, writer: Writer) -> tuple[Node, Handle]:
         if parent.kind is not FOLDER:
             return await super().create(parent, name, writer)
-        label = _name_in_xnat(name)
+        label = name_in_xnat(name)
         path = f"{parent.folder}/{label}" if parent.folder else label
         upload = await self._writes().new_file(
-            parent.project, f"{_shown(parent)}/{name}", resource_uri(parent), path)
+            parent.project, f"{shown_path(parent)}/{name}", resource_uri(parent), path)
         node = self._file_node(parent, upload)
         return node, WriteHandle(node, self, upload, writer.pid)
 
@@ -493,7 +496,7 @@ class ResourceArea(Area):
         beginning of another's (``a`` beside ``a.txt``) is refused."""
         if not self.allow_delete:
             log.warning("refused to delete %s, which XNAT has: mount with --allow-delete "
-                        "to allow it", _shown(node))
+                        "to allow it", shown_path(node))
             raise NotPermitted(f"{node.name} is in XNAT; --allow-delete allows deleting it")
         assert node.file is not None
         uri, path = resource_uri(node), node.file.path
@@ -502,7 +505,7 @@ class ResourceArea(Area):
         if caught:
             log.warning("refused to delete %s: XNAT would delete %s too (its file DELETE "
                         "takes every path that starts with the one named); delete those first",
-                        _shown(node), ", ".join(caught[:3]))
+                        shown_path(node), ", ".join(caught[:3]))
             raise Busy(f"deleting {path} in XNAT would delete {caught[0]} too")
         await self.client.delete_file(uri, path)
         log.info("deleted %s/files/%s", uri, path)
@@ -530,7 +533,7 @@ class ResourceArea(Area):
         """``rm -r`` of a resource: its files first (one by one), then this."""
         if not self.allow_delete:
             log.warning("refused to delete resource %s: mount with --allow-delete to "
-                        "allow it", _shown(node))
+                        "allow it", shown_path(node))
             raise NotPermitted(f"{node.name} is in XNAT; --allow-delete allows deleting it")
         files = files_folder(self.tree, node, FOLDER)
         if await self.tree.children(files.inode):
@@ -554,7 +557,7 @@ class ResourceArea(Area):
                 raise NotPermitted(f"{node.name} is in XNAT: moving it deletes it there, "
                                    "which needs --allow-delete")
             raise CrossDevice("mv copies it, then deletes the original")
-        label = _name_in_xnat(new_name)
+        label = name_in_xnat(new_name)
         path = f"{new_parent.folder}/{label}" if new_parent.folder else label
         if upload.busy and upload.state is not State.WRITING:
             raise Busy(f"{node.name} is being sent")
@@ -566,7 +569,7 @@ class ResourceArea(Area):
             if replaced.upload is None:
                 if not self.allow_overwrite:
                     log.warning("refused to replace %s, which XNAT has: mount with "
-                                "--allow-overwrite to allow it", _shown(replaced))
+                                "--allow-overwrite to allow it", shown_path(replaced))
                     raise NotPermitted(f"{new_name} is in XNAT; --allow-overwrite allows "
                                        "replacing it")
                 overwrite = True
@@ -575,7 +578,7 @@ class ResourceArea(Area):
         writes = self._writes()
         old = (upload.record.relpath, upload.record.destination["path"],
                upload.record.destination.get("overwrite", False))
-        await writes.move(upload, f"{_shown(new_parent)}/{new_name}", path, overwrite=overwrite)
+        await writes.move(upload, f"{shown_path(new_parent)}/{new_name}", path, overwrite=overwrite)
         old_parent, old_name = node.parent, node.name
         self.tree.rekey(node, file_key(new_parent, path))
         node.parent, node.name, node.folder = new_parent.inode, new_name, new_parent.folder
@@ -607,197 +610,3 @@ class ResourceArea(Area):
         if failed:
             raise failed[0].failure(f"{len(failed)} files were not stored in XNAT, first "
                                     f"{failed[0].record.relpath}: {failed[0].record.message}")
-
-
-class WriteHandle(Handle):
-    """A file being written into a resource (``writer``: the process that opened
-    it to write), or one read back from its local copy."""
-
-    direct_io = True
-
-    def __init__(self, node: Node, area: ResourceArea, upload: Upload,
-                 writer: int | None) -> None:
-        super().__init__(node)
-        self.area = area
-        self.upload = upload
-        self.writes = area._writes()
-        self.writer = writer
-        upload.open_handles += 1
-        if writer is not None:
-            upload.writers += 1
-
-    async def read(self, offset: int, size: int) -> bytes:
-        return await self.writes.read(self.upload, offset, size)
-
-    async def write(self, offset: int, data: bytes) -> int:
-        # (confirmed and dropped while open: ResultWrites asks the area's _rewritten)
-        return await self.writes.write(self.upload, offset, data)
-
-    async def flush(self) -> None:
-        """close() of the writer returns once XNAT lists the file (with
-        --write-behind, once it is queued); a writer killed mid-write sends nothing."""
-        writer = self.writer
-        if writer is None:
-            return
-        signal = killed_by(writer)
-        if signal is not None:
-            await self.writes.abandon(self.upload, f"the program writing it was killed "
-                                                   f"({signal_name(signal)})")
-            return
-        self.area.flushed_by[self.upload.record.id] = self
-        await self.area.finish(self.node, self.upload, closing=True,
-                               caller_stopped=lambda: interrupted(writer))
-
-    async def fsync(self, datasync: bool) -> None:
-        if self.writer is not None:
-            await self.area.finish(self.node, self.upload, closing=False)
-        else:
-            await self.writes.outcome(self.upload)
-
-    async def release(self) -> None:
-        if self.area.flushed_by.get(self.upload.record.id) is self:
-            del self.area.flushed_by[self.upload.record.id]
-        self.upload.open_handles -= 1
-        if self.writer is not None:
-            self.writer = None
-            self.upload.writers -= 1
-        await self.writes.release(self.upload)
-
-
-class ReplaceHandle(Handle):
-    """A file XNAT has, opened to write without O_TRUNC (--allow-overwrite).
-    vim saves so, and ``truncate -s 0``: they cut the file to nothing
-    (ftruncate 0) before writing, which makes it a replacement, from then on
-    written and sent as :class:`WriteHandle` writes one. A write before that
-    would change XNAT's file in place, which is refused."""
-
-    direct_io = True
-
-    def __init__(self, node: Node, area: ResourceArea, writer: int) -> None:
-        super().__init__(node)
-        self.area = area
-        self.writer: int | None = writer
-        self.inner: WriteHandle | None = None
-        area.replacing[node.inode] = area.replacing.get(node.inode, 0) + 1
-
-    def _replacement(self) -> WriteHandle | None:
-        if self.inner is None and self.node.upload is not None and self.writer is not None:
-            self.inner = WriteHandle(self.node, self.area, self.node.upload, self.writer)
-        return self.inner
-
-    def _refuse(self) -> NotPermitted:
-        log.warning("refused to change %s in place, which XNAT has: it can be replaced "
-                    "whole (opened with O_TRUNC, or cut to size 0 first)", _shown(self.node))
-        return NotPermitted(f"{self.node.name} is in XNAT: it can be replaced whole, not "
-                            "changed in place")
-
-    async def read(self, offset: int, size: int) -> bytes:
-        inner = self._replacement()
-        if inner is None:
-            raise self._refuse()
-        return await inner.read(offset, size)
-
-    async def write(self, offset: int, data: bytes) -> int:
-        inner = self._replacement()
-        if inner is None:
-            raise self._refuse()
-        return await inner.write(offset, data)
-
-    async def flush(self) -> None:
-        if (inner := self._replacement()) is not None:
-            await inner.flush()
-
-    async def fsync(self, datasync: bool) -> None:
-        if (inner := self._replacement()) is not None:
-            await inner.fsync(datasync)
-
-    async def release(self) -> None:
-        left = self.area.replacing.get(self.node.inode, 0) - 1
-        if left > 0:
-            self.area.replacing[self.node.inode] = left
-        else:
-            self.area.replacing.pop(self.node.inode, None)
-        self.writer = None
-        if self.inner is not None:
-            await self.inner.release()
-
-
-# ------------------------------------------------------------------ helpers
-def owner_uri(node: Node) -> str:
-    """The URL of what holds ``node``'s resources (project, subject, session, scan,
-    assessor): the part before ``/resources``."""
-    if not node.experiment_id:
-        base = f"/data/projects/{node.project}"
-        return base + (f"/subjects/{node.subject_id}" if node.subject_id else "")
-    if node.assessor_id is not None:
-        return f"/data/experiments/{node.experiment_id}/assessors/{node.assessor_id}/out"
-    if node.scan_id is not None:
-        return f"/data/experiments/{node.experiment_id}/scans/{node.scan_id}"
-    return f"/data/experiments/{node.experiment_id}"
-
-
-def resource_uri(node: Node) -> str:
-    return f"{owner_uri(node)}/resources/{node.resource_label}"
-
-
-def group_owner(uri: str) -> Hashable:
-    """What holds a session's resource given by URI, as :func:`.archive.owner` says."""
-    parts = uri.split("/resources/", 1)[0].split("/")
-    if len(parts) >= 6 and parts[4] == "scans":
-        return owner(parts[5], None)
-    if len(parts) >= 6 and parts[4] == "assessors":
-        return owner(None, parts[5])
-    return owner(None, None)
-
-
-def experiment_of(uri: str) -> str:
-    """The experiment a resource URI is below ("" for a project's or subject's)."""
-    parts = uri.split("/")
-    return parts[3] if len(parts) > 3 and parts[2] == "experiments" else ""
-
-
-def file_key(folder: Node, path: str) -> Hashable:
-    """A file's node key, the same for a file being written and the one XNAT lists."""
-    return ("file", folder.project, folder.experiment_id or folder.prearchive_uri,
-            holder(folder), folder.resource_label, path)
-
-
-def _resource_fields(node: Node) -> dict[str, object]:
-    return dict(**_inherited(node), scan_id=node.scan_id, assessor_id=node.assessor_id,
-                resource_label=node.resource_label)
-
-
-def _name_in_xnat(name: str) -> str:
-    """What a file or folder written as ``name`` is called in XNAT's paths: the
-    inverse of the names the mount lists (``%25`` is a ``%``). A name that is
-    not such a name is refused: XNAT's listing would show it under another one
-    (``50%.txt`` as ``50%25.txt``), and the file would vanish once sent."""
-    label = label_from_name(name)
-    if "/" in name or not label or label in (".", "..") or "/" in label \
-            or safe_name(label) != name:
-        log.warning("refused the name %r in a resource: XNAT would list it as %r (a %% "
-                    "is written %%25 here)", name, safe_name(label))
-        raise InvalidArgument(f"{name!r} is no name the mount can give a file in XNAT")
-    return label
-
-
-def _shown(node: Node) -> str:
-    """Where a file of a resource is, for records and log lines (IDs, not names:
-    labels may identify patients)."""
-    files = f"{resource_uri(node).removeprefix('/data/')}/files"
-    if node.file is not None:  # (a file XNAT lists has no folder of its own)
-        return f"{files}/{node.file.path}"
-    return f"{files}/{node.folder}" if node.folder else files
-
-
-def _write_xattrs(upload: Upload) -> dict[str, str]:
-    rec = upload.record
-    return {f"user.xnatfs.upload.{k}": v for k, v in (
-        ("state", rec.state), ("message", rec.message),
-        ("result", " ".join(rec.result))) if v}
-
-
-def _written_mtime_ns(upload: Upload) -> int:
-    rec = upload.record
-    return rec.mtime_ns if rec.mtime_ns is not None else int(rec.created * 1e9)
-
