@@ -999,7 +999,7 @@ def test_xnatfs_umount_returns_once_the_queued_files_are_in_xnat(
     resource = mount.path / SESSION / "resources" / "LOGS"
     resource.mkdir()
     tree = write_tree(tmp_path / "out", {f"log{i}.txt": f"step {i}\n".encode() for i in range(3)})
-    server.set_knobs(answer_delay_ms=1500, fault_path="/resources/LOGS/files")
+    server.set_knobs(answer_delay_ms=500, fault_path="/resources/LOGS/files")
     try:
         subprocess.run(["cp", "-r", f"{tree}/.", str(resource / "files")], check=True, timeout=60)
         done = subprocess.run([sys.executable, "-m", "xnatfs.cli", "umount", str(mount.path)],
