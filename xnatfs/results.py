@@ -172,14 +172,17 @@ class ResourceQueue:
             total += item.size
         return batch
 
-    async def _send(self, batch: list[Pending]) -> None:
-        client = self.sender.client
+    async def _put(self, batch: list[Pending]) -> list[str]:
+        """One request: a file alone as it is, else a zip (XNAT refuses an empty
+        body, 400: an empty file goes in a zip too). The duplicates XNAT names."""
         if len(batch) == 1 and batch[0].size > 0:
             item = batch[0]
-            duplicates = await client.put_file(self.resource_uri, item.path, item.data,
-                                               item.size, overwrite=item.overwrite)
-        else:  # (XNAT refuses an empty body, 400: an empty file goes in a zip)
-            duplicates = await self._send_zip(batch)
+            return await self.sender.client.put_file(self.resource_uri, item.path, item.data,
+                                                     item.size, overwrite=item.overwrite)
+        return await self._send_zip(batch)
+
+    async def _send(self, batch: list[Pending]) -> None:
+        duplicates = await self._put(batch)
         listed = await self._listing()
         for item in batch:
             item.result = self._outcome(item, listed.get(item.path), item.path in duplicates)
@@ -188,11 +191,7 @@ class ResourceQueue:
             # A file left on disk by a failed catalog write (another writer's
             # 500) is a duplicate of nothing listed: stored again over it.
             item.overwrite = True
-            if item.size > 0:
-                await client.put_file(self.resource_uri, item.path, item.data, item.size,
-                                      overwrite=True)
-            else:
-                await self._send_zip([item])
+            await self._put([item])
         if strays:
             listed = await self._listing()
             for item in strays:

@@ -455,12 +455,10 @@ class Spool:
         """At unmount: write-behind uploads still queued or running go on until
         XNAT has them (each is bounded by the client's timeouts), as ``cp`` was
         told they would; the mount point is already free meanwhile."""
-        waiting = [u for u in self.uploads.values() if u.background is not None]
+        waiting = sum(u.background is not None for u in self.uploads.values())
         if waiting:
-            log.info("unmounted; finishing %d write-behind uploads first", len(waiting))
-        for upload in waiting:
-            while upload.background is not None:
-                await upload.background.wait()
+            log.info("unmounted; finishing %d write-behind uploads first", waiting)
+        await self.sync()
 
     async def _upload_in_background(self, upload: Upload, done: trio.Event) -> None:
         """Write-behind: the upload a flush did not wait for. A refusal is recorded

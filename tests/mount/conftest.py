@@ -179,3 +179,15 @@ def member_digests(archive: Path) -> dict[str, str]:
     with tarfile.open(archive) as tf:
         return {Path(m.name).name: hashlib.md5(tf.extractfile(m).read()).hexdigest()
                 for m in tf if m.isfile()}
+
+
+def peak_in_flight(entries: list[dict]) -> int:
+    """The most of these requests the server was answering at once (its request
+    log has each request's end and duration)."""
+    events = sorted([(e["t"] - e["ms"] / 1000, 1) for e in entries]
+                    + [(e["t"], -1) for e in entries])
+    in_flight = peak = 0
+    for _, delta in events:
+        in_flight += delta
+        peak = max(peak, in_flight)
+    return peak

@@ -36,7 +36,7 @@ import pytest
 from xnatfs.testing.harness import TestServer
 
 from .conftest import (ADMIN, Mount, daemon_pid, drop_kernel_entries, mount_xnatfs,
-                       unmount_and_wait)
+                       peak_in_flight, unmount_and_wait)
 from .test_cli import wait_for_unmount
 
 SESSION = Path("NEURO_PUB/NP001/NP001_MR1")      # the mount's path of the demo session
@@ -118,18 +118,6 @@ def writes_since(server: TestServer, mark: int, fragment: str = "/resources/") -
     """The file and resource writes (PUT, POST, DELETE) the server answered."""
     return [e for e in server.requests_since(mark)
             if e["method"] in ("PUT", "POST", "DELETE") and fragment in e["path"]]
-
-
-def peak_writers(entries: list[dict]) -> int:
-    """The most of these requests the server was answering at once (its log has
-    each request's end and duration)."""
-    events = sorted([(e["t"] - e["ms"] / 1000, 1) for e in entries]
-                    + [(e["t"], -1) for e in entries])
-    in_flight = peak = 0
-    for _, delta in events:
-        in_flight += delta
-        peak = max(peak, in_flight)
-    return peak
 
 
 def mount_log(mount: Mount) -> str:
@@ -319,7 +307,7 @@ def test_cp_r_of_a_freesurfer_tree_one_writer_per_catalog(
     writes = writes_since(server, mark, "/resources/FREESURFER/files")
     assert writes and all(e["status"] == 200 for e in writes), \
         [(e["path"], e["status"]) for e in writes if e["status"] != 200]
-    assert peak_writers(writes) == 1
+    assert peak_in_flight(writes) == 1
     assert not [e for e in server.requests_since(mark) if e["status"] >= 500]
     if write_behind:
         assert len(writes) < 30, len(writes)  # batched

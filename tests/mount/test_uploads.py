@@ -27,21 +27,11 @@ from .conftest import (
     drop_kernel_entries,
     member_digests,
     mount_xnatfs,
+    peak_in_flight,
     prearchive_session,
     unmount_and_wait,
     upload_result,
 )
-
-
-def peak_in_flight(imports: list[dict]) -> int:
-    """The most requests the server was answering at once, from its log."""
-    events = sorted([(e["t"] - e["ms"] / 1000, 1) for e in imports]
-                    + [(e["t"], -1) for e in imports])
-    in_flight = peak = 0
-    for _, delta in events:
-        in_flight += delta
-        peak = max(peak, in_flight)
-    return peak
 
 
 @pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])

@@ -119,9 +119,7 @@ class ResourceArea(Area):
         async def fetch(uri: str) -> None:
             async with limiter:
                 try:
-                    resources = await self._owned_resources(uri)
-                    if any(r.file_count != 0 for r in resources):
-                        await self._owned_files(uri)
+                    await self._owned_listing(uri)
                 except XnatError as exc:
                     log.debug("fetching the resources of %s ahead failed: %s", uri, exc)
 
@@ -133,7 +131,12 @@ class ResourceArea(Area):
             for subject in subjects:
                 nursery.start_soon(fetch, f"/data/projects/{project}/subjects/{subject.id}")
 
-    async def _owned_files(self, owner_uri: str) -> list[xc.RemoteFile]:
+    async def _owned_listing(self, owner_uri: str) -> list[xc.RemoteFile]:
+        """The files of a project's or subject's resources: their listing, then one
+        listing of all their files, unless none holds a file."""
+        resources = await self._owned_resources(owner_uri)
+        if all(r.file_count == 0 for r in resources):
+            return []
         return await self.tree.cached(("owned-files", owner_uri),
                                       lambda: self.client.list_owned_files(owner_uri))
 
@@ -142,20 +145,17 @@ class ResourceArea(Area):
         if node.experiment_id:
             groups = await self.archive.session_files(node.experiment_id)
             return groups.get((holder(node), node.resource_label), [])
-        resources = await self._owned_resources(owner_uri(node))
-        if all(r.file_count == 0 for r in resources):
-            return []  # none holds a file: no listing of their files needed
-        return [f for f in await self._owned_files(owner_uri(node))
+        return [f for f in await self._owned_listing(owner_uri(node))
                 if f.resource_label == node.resource_label]
 
-    def _invalidate(self, node_or_upload_owner: str, experiment_id: str) -> None:
+    def _invalidate(self, owner: str, experiment_id: str) -> None:
         """A resource changed: its listings are asked again."""
         if experiment_id:
             self.tree.invalidate_where(lambda key: key in (("session", experiment_id),
                                                            ("session-files", experiment_id)))
         else:
             self.tree.invalidate_where(lambda key: key in (
-                ("owned-resources", node_or_upload_owner), ("owned-files", node_or_upload_owner)))
+                ("owned-resources", owner), ("owned-files", owner)))
 
     # --------------------------------------------------------------- folders
     async def children(self, node: Node) -> list[Node]:

@@ -229,10 +229,15 @@ def _assessors(items: list[dict[str, Any]], path: str) -> tuple[Assessor, ...]:
 
 
 def _resource(item: Mapping[str, Any]) -> Resource:
-    """A resource child. XNAT leaves out null fields, so a resource created by an
-    upload without a label has none (it is then named by its number), and the
-    number may come under abstractResource's own key ``xnat_abstractResource_id``."""
-    fields = item["data_fields"]
+    """A resource child of an item."""
+    return resource_from_fields(item["data_fields"])
+
+
+def resource_from_fields(fields: Mapping[str, Any]) -> Resource:
+    """A resource from an item's ``data_fields`` or a resource listing's row (the
+    same names). XNAT leaves out null fields, so a resource created by an upload
+    without a label has none (it is then named by its number), and the number
+    may come under abstractResource's own key ``xnat_abstractResource_id``."""
     number = fields.get("xnat_abstractresource_id", fields.get("xnat_abstractResource_id"))
     if number is None:
         raise KeyError("xnat_abstractresource_id")

@@ -47,7 +47,7 @@ class ImportCalls(XnatConnection):
         content_type = _ARCHIVE_TYPES.get(name.split(".", 1)[-1], "application/octet-stream")
         if isinstance(body, Path):
             source: Path = body
-            make_body = lambda: _file_chunks(source, self.settings.chunk_size)  # noqa: E731
+            make_body = lambda: file_chunks(source, self.settings.chunk_size)  # noqa: E731
             attempts = None
         else:
             stream = body
@@ -72,7 +72,7 @@ class ImportCalls(XnatConnection):
         return (await self._send(
             "POST", "/data/services/import", kind="import.dicom", params=params,
             headers={"Content-Type": "application/dicom"},
-            body=lambda: _file_chunks(path, self.settings.chunk_size),
+            body=lambda: file_chunks(path, self.settings.chunk_size),
             handle=body_text)).strip()
 
     async def list_upload_projects(self) -> list[str]:
@@ -166,7 +166,7 @@ def _import_params(project: str, subject: str | None, session: str | None,
     return params
 
 
-async def _file_chunks(path: Path, chunk_size: int) -> AsyncIterator[bytes]:
+async def file_chunks(path: Path, chunk_size: int) -> AsyncIterator[bytes]:
     """A file as request-body chunks, read in a worker thread."""
     handle = await trio.to_thread.run_sync(open, path, "rb")
     try:

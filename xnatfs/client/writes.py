@@ -17,8 +17,8 @@ from typing import Any
 
 from ..errors import Conflict
 from .connection import XnatConnection, body_text
-from .items import RemoteFile, Resource, _count, as_text, malformed_rows, remote_files
-from .services import _file_chunks
+from .items import RemoteFile, Resource, malformed_rows, remote_files, resource_from_fields
+from .services import file_chunks
 
 
 class ResourceWriteCalls(XnatConnection):
@@ -49,7 +49,7 @@ class ResourceWriteCalls(XnatConnection):
         text = await self._send(
             "PUT", f"{resource_uri}/files/{path}", kind="file.put", params=params,
             headers={"Content-Type": content_type, "Content-Length": str(size)},
-            body=lambda: _file_chunks(data, chunk_size), handle=body_text)
+            body=lambda: file_chunks(data, chunk_size), handle=body_text)
         return duplicates_in(text)
 
     async def delete_file(self, resource_uri: str, path: str) -> None:
@@ -67,12 +67,7 @@ class ResourceWriteCalls(XnatConnection):
         path = f"{owner_uri}/resources"
         rows = await self._get_rows(path, kind="resources.list")
         with malformed_rows(path):
-            return [Resource(id=str(row.get("xnat_abstractresource_id") or row["label"]),
-                             label=row["label"], format=as_text(row.get("format")),
-                             content=as_text(row.get("content")),
-                             file_count=_count(row.get("file_count")),
-                             file_size=_count(row.get("file_size")))
-                    for row in rows]
+            return [resource_from_fields(row) for row in rows]
 
     async def list_owned_files(self, owner_uri: str) -> list[RemoteFile]:
         """Every file of every resource of a project or subject, in one request."""
