@@ -62,7 +62,7 @@ def uploads_command(args: argparse.Namespace) -> int:
         here = normalise_site_url(client.credentials.url)
         for rec, path in kept:
             into_resource = "resource" in rec.destination  # written into an archive resource
-            if rec.kind not in ("archive", "dicom") and not into_resource:
+            if rec.kind not in ("archive", "dicom", "sheet") and not into_resource:
                 print(f"skipped {rec.project}/{rec.relpath}: {rec.kind} files are not uploaded")
                 continue
             if rec.incomplete:  # XNAT would take the cut-off file as if whole

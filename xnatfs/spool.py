@@ -227,6 +227,7 @@ class Spool:
             upload.record.state = State.WRITING.value
             upload.record.result = []
             upload.record.message = ""
+            upload.record.details = []
             upload.record.incomplete = False
         end = offset + len(data)
         if upload.stream_send is not None and offset == upload.next_offset:
@@ -282,6 +283,7 @@ class Spool:
             upload.record.state = State.WRITING.value
             upload.record.result = []
             upload.record.message = ""
+            upload.record.details = []
             upload.record.incomplete = False
 
     async def _read_spool(self, upload: Upload, offset: int, size: int) -> bytes:
@@ -583,6 +585,7 @@ class Spool:
             detail = ", ".join(rec.result) if rec.state == State.DONE else rec.message
             lines.append(f"{rec.state:9} {rec.project}/{rec.relpath}"
                          + (f"  {detail}" if detail else ""))
+            lines += [f"    {line}" for line in rec.details]
         return "\n".join(lines) + ("\n" if lines else "")
 
     async def _save(self, upload: Upload) -> None:

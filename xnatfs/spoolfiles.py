@@ -61,6 +61,9 @@ class UploadRecord:
     site: str = ""                # its XNAT's normalised URL ("" in older records)
     mtime_ns: int | None = None   # set by the writer (cp -a, rsync), else None
     incomplete: bool = False      # its writer was killed while writing it
+    # Lines shown below the entry in UPLOAD_STATUS.txt and never logged: they
+    # may name subjects (a spreadsheet's outcome, row by row).
+    details: list[str] = field(default_factory=list)
     # Its sender's details of where it goes. Stored flat among the fields above,
     # as ``direct_archive`` always was, so earlier versions read new records.
     destination: dict[str, Any] = field(default_factory=dict)

@@ -75,7 +75,8 @@ def install(tree: Tree, kernel: Kernel, *, blocks: BlockCache, uploads: UploadMa
                              allow_overwrite=allow_overwrite, allow_delete=allow_delete,
                              nursery=nursery)
     prearchive = PrearchiveArea(tree, kernel, archive, files, ttl=prearchive_ttl)
-    upload_area = UploadArea(tree, kernel, uploads, on_imported=prearchive.invalidate)
+    upload_area = UploadArea(tree, kernel, uploads, on_imported=prearchive.invalidate,
+                             on_sheet_applied=archive.invalidate_project)
     if results is not None:  # its files are in UPLOAD_STATUS.txt too
         upload_area.status_file.spools.append(results)
     generated = GeneratedArea(tree, kernel)

@@ -44,6 +44,7 @@ from ..errors import (
 from ..imports import UploadManager, check_folder_name, labels_from_path, relocated
 from ..naming import safe_name
 from ..spool import Spool
+from ..spreadsheets import SHEET_KIND
 from ..spoolfiles import State, Upload
 from ..tree import Kind, Node, Tree
 from .base import OWN_XATTRS, Area, Handle, Kernel, Writer
@@ -66,10 +67,13 @@ class UploadArea(Area):
     kinds = (UPLOADS, UPLOAD_DIR, UPLOAD_FILE)
 
     def __init__(self, tree: Tree, kernel: Kernel, manager: UploadManager, *,
-                 on_imported: Callable[[], None] = lambda: None) -> None:
+                 on_imported: Callable[[], None] = lambda: None,
+                 on_sheet_applied: Callable[[str], None] = lambda project: None) -> None:
         super().__init__(tree, kernel)
         self.manager = manager
         self.on_imported = on_imported  # XNAT has a new upload: the prearchive changed
+        # A spreadsheet was applied (in part, perhaps) to a project: its subjects changed.
+        self.on_sheet_applied = on_sheet_applied
         # Folders made with mkdir, by (project, relpath); local until files arrive.
         self.folders: set[tuple[str, str]] = set()
         # Times set on folders (rsync -a, cp -a), by (project, relpath): kept, or
@@ -237,7 +241,9 @@ class UploadArea(Area):
             await self.manager.finish(node.upload, closing=closing, caller_stopped=caller_stopped)
         finally:
             self.refresh_node(node)
-            if node.upload.record.result:
+            if node.upload.record.kind == SHEET_KIND:
+                self.on_sheet_applied(node.project)
+            elif node.upload.record.result:
                 self.on_imported()
 
     async def local_space(self) -> os.statvfs_result:

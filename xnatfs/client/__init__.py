@@ -39,9 +39,10 @@ How the package is laid out, one concern a module:
   what answers mean in :mod:`.answers`, its bounds in :mod:`.settings`.
 * :mod:`.items`: the dataclasses the calls return, and the parsing of XNAT's
   rows and items into them (no requests).
-* :mod:`.listings`, :mod:`.downloads`, :mod:`.services`, :mod:`.writes`: the
-  calls, by concern (browsing the archive; reading files; uploads and the
-  prearchive; writing into resources).
+* :mod:`.listings`, :mod:`.downloads`, :mod:`.services`, :mod:`.writes`,
+  :mod:`.fieldwrites`: the calls, by concern (browsing the archive; reading
+  files; uploads and the prearchive; writing into resources; fields of
+  subjects and sessions).
 
 Composition: each concern is a class of calls built on
 :class:`~.connection.XnatConnection` (a mixin that adds methods, never
@@ -60,6 +61,7 @@ from .connection import SOCKET_READ_BYTES, USER_AGENT, XnatConnection
 from .downloads import ByteStream, DownloadCalls
 from .services import ImportCalls
 from .writes import ResourceWriteCalls
+from .fieldwrites import FieldWriteCalls
 from .items import (
     MAX_FILE_SIZE,
     Assessor,
@@ -91,7 +93,7 @@ __all__ = [
 ]
 
 
-class XnatClient(ListingCalls, DownloadCalls, ImportCalls, ResourceWriteCalls):
+class XnatClient(ListingCalls, DownloadCalls, ImportCalls, ResourceWriteCalls, FieldWriteCalls):
     """One user's connection to one XNAT site.
 
     Use as ``async with XnatClient(credentials) as client:``, which logs in on

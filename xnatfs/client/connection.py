@@ -452,6 +452,12 @@ async def body_text(response: httpx.Response) -> str:
     return (await response.aread()).decode("utf-8", "replace")
 
 
+async def created(response: httpx.Response) -> bool:
+    """Whether a PUT made its object (XNAT's 201) rather than finding it (200)."""
+    await response.aread()
+    return response.status_code == 201
+
+
 def _cookie(session_id: str) -> dict[str, str]:
     return {"Cookie": f"JSESSIONID={session_id}"}
 
