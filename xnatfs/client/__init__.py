@@ -39,9 +39,10 @@ How the package is laid out, one concern a module:
   what answers mean in :mod:`.answers`, its bounds in :mod:`.settings`.
 * :mod:`.items`: the dataclasses the calls return, and the parsing of XNAT's
   rows and items into them (no requests).
-* :mod:`.listings`, :mod:`.downloads`, :mod:`.services`, :mod:`.writes`: the
-  calls, by concern (browsing the archive; reading files; uploads and the
-  prearchive; writing into resources).
+* :mod:`.listings`, :mod:`.downloads`, :mod:`.services`, :mod:`.writes`,
+  :mod:`.tables`: the calls, by concern (browsing the archive; reading files;
+  uploads and the prearchive; writing into resources; a project's subjects,
+  sessions and scans with their metadata, as records for tables).
 
 Composition: each concern is a class of calls built on
 :class:`~.connection.XnatConnection` (a mixin that adds methods, never
@@ -59,6 +60,7 @@ from __future__ import annotations
 from .connection import SOCKET_READ_BYTES, USER_AGENT, XnatConnection
 from .downloads import ByteStream, DownloadCalls
 from .services import ImportCalls
+from .tables import ScanRecord, SessionRecord, SubjectRecord, TableCalls
 from .writes import ResourceWriteCalls
 from .items import (
     MAX_FILE_SIZE,
@@ -86,12 +88,15 @@ __all__ = [
     "RemoteFile",
     "Resource",
     "Scan",
+    "ScanRecord",
+    "SessionRecord",
     "Subject",
+    "SubjectRecord",
     "XnatClient",
 ]
 
 
-class XnatClient(ListingCalls, DownloadCalls, ImportCalls, ResourceWriteCalls):
+class XnatClient(ListingCalls, DownloadCalls, ImportCalls, ResourceWriteCalls, TableCalls):
     """One user's connection to one XNAT site.
 
     Use as ``async with XnatClient(credentials) as client:``, which logs in on
