@@ -383,7 +383,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         node = self.tree.node(inode)
-        return [os.fsencode(key) for key in self._area(node).listxattr(node)]
+        return [os.fsencode(key) for key in await self._area(node).listxattr(node)]
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes,

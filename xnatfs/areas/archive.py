@@ -35,6 +35,7 @@ from ..naming import label_from_name, require_label, safe_name, scan_folder_name
 from ..tree import Kind, Node, Tree, time_ns, xnat_xattrs
 from .base import Area, Kernel
 from .remote_files import RemoteFiles
+from .tables import RECORDS, ProjectTables
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class ArchiveArea(Area):
         super().__init__(tree, kernel)
         self.client = tree.client
         self.files = files
+        self.tables = ProjectTables(tree)  # subjects.csv...; subjects' and sessions' metadata
         self.pending_subjects: set[tuple[str, str]] = set()  # (project, label) made by mkdir
         # The subject whose experiments were last listed on their own, by project.
         self._last_subject_listed: TTLCache[str, str] = TTLCache(
@@ -139,7 +141,8 @@ class ArchiveArea(Area):
     def invalidate_project(self, project: str) -> None:
         """After archiving into ``project``: its subjects and sessions may have changed."""
         self.tree.invalidate_where(lambda key: isinstance(key, tuple) and len(key) >= 2
-                                   and key[0] in ("subjects", "experiments") and key[1] == project)
+                                   and key[0] in ("subjects", "experiments", *RECORDS)
+                                   and key[1] == project)
 
     # --------------------------------------------------------------- folders
     async def top_entries(self, root: Node) -> list[Node]:
@@ -168,7 +171,7 @@ class ArchiveArea(Area):
                    for label in pending_labels if label not in labels]
         own = self.tree.child(node, RESOURCES, "resources", ("resources", node.project),
                               project=node.project, mtime_ns=node.mtime_ns)
-        return [own] + pending + [self.tree.child(
+        return [own, *self.tables.files(node)] + pending + [self.tree.child(
             node, SUBJECT, safe_name(s.label), ("subject", node.project, s.id),
             project=node.project, subject_id=s.id,
             mtime_ns=time_ns(s.insert_date, self.tree.mount_time_ns),
@@ -275,6 +278,13 @@ class ArchiveArea(Area):
                     scan_id=child.scan_id, mtime_ns=child.mtime_ns,
                     text=os.fsencode(child.name))
         return None
+
+    async def refresh_xattrs(self, node: Node) -> None:
+        """A subject's or session's fields and custom variables join its attributes."""
+        if node.kind is SUBJECT:
+            await self.tables.subject_xattrs(node)
+        elif node.kind is SESSION:
+            await self.tables.session_xattrs(node)
 
     # ------------------------------------------------------------ operations
     def writable(self, node: Node) -> bool:

@@ -159,7 +159,10 @@ class Area:
             raise NoAttribute(key)
         return value.encode()
 
-    def listxattr(self, node: Node) -> list[str]:
+    async def listxattr(self, node: Node) -> list[str]:
+        """Brought up to date first, as for ``getxattr``: ``getfattr -d`` reads only
+        the names listed."""
+        await self.refresh_xattrs(node)
         return [*node.xattrs, *self.user_xattrs(node)]
 
     async def setxattr(self, node: Node, key: str, value: bytes) -> None:

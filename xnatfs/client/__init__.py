@@ -40,9 +40,10 @@ How the package is laid out, one concern a module:
 * :mod:`.items`: the dataclasses the calls return, and the parsing of XNAT's
   rows and items into them (no requests).
 * :mod:`.listings`, :mod:`.downloads`, :mod:`.services`, :mod:`.writes`,
-  :mod:`.fieldwrites`: the calls, by concern (browsing the archive; reading
-  files; uploads and the prearchive; writing into resources; fields of
-  subjects and sessions).
+  :mod:`.tables`, :mod:`.fieldwrites`: the calls, by concern (browsing the
+  archive; reading files; uploads and the prearchive; writing into
+  resources; a project's subjects, sessions and scans with their metadata, as
+  records for tables; fields of subjects and sessions).
 
 Composition: each concern is a class of calls built on
 :class:`~.connection.XnatConnection` (a mixin that adds methods, never
@@ -60,6 +61,7 @@ from __future__ import annotations
 from .connection import SOCKET_READ_BYTES, USER_AGENT, XnatConnection
 from .downloads import ByteStream, DownloadCalls
 from .services import ImportCalls
+from .tables import ScanRecord, SessionRecord, SubjectRecord, TableCalls
 from .writes import ResourceWriteCalls
 from .fieldwrites import FieldWriteCalls
 from .items import (
@@ -88,12 +90,16 @@ __all__ = [
     "RemoteFile",
     "Resource",
     "Scan",
+    "ScanRecord",
+    "SessionRecord",
     "Subject",
+    "SubjectRecord",
     "XnatClient",
 ]
 
 
-class XnatClient(ListingCalls, DownloadCalls, ImportCalls, ResourceWriteCalls, FieldWriteCalls):
+class XnatClient(ListingCalls, DownloadCalls, ImportCalls, ResourceWriteCalls, TableCalls,
+                 FieldWriteCalls):
     """One user's connection to one XNAT site.
 
     Use as ``async with XnatClient(credentials) as client:``, which logs in on
