@@ -3,11 +3,10 @@ what XNAT holds, and what each row would send (xnatfs.spreadsheets)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 import trio
 
+from xnatfs.client.tables import SessionRecord, SubjectRecord
 from xnatfs.errors import BadRequest, Forbidden
 from xnatfs.spoolfiles import UploadRecord
 from xnatfs.spreadsheets import (
@@ -22,23 +21,16 @@ from xnatfs.spreadsheets import (
 )
 
 
-@dataclass(frozen=True)
-class Subj:
-    id: str
-    label: str
-    fields: dict[str, str] = field(default_factory=dict)
-    custom: dict[str, str] = field(default_factory=dict)
+def Subj(id: str, label: str, fields: dict[str, str] | None = None,  # noqa: N802
+         custom: dict[str, str] | None = None) -> SubjectRecord:
+    return SubjectRecord(id, label, "P", fields or {}, custom or {})
 
 
-@dataclass(frozen=True)
-class Sess:
-    id: str
-    label: str
-    subject_id: str
-    subject_label: str
-    xsi_type: str = "xnat:mrSessionData"
-    fields: dict[str, str] = field(default_factory=dict)
-    custom: dict[str, str] = field(default_factory=dict)
+def Sess(id: str, label: str, subject_id: str, subject_label: str,  # noqa: N802
+         xsi_type: str = "xnat:mrSessionData", fields: dict[str, str] | None = None,
+         custom: dict[str, str] | None = None) -> SessionRecord:
+    return SessionRecord(id, label, "P", subject_id, subject_label, xsi_type, fields or {},
+                         custom or {})
 
 
 HELD = [Subj("XNAT_S1", "S01", {"gender": "male", "yob": "1970", "weight": "70"}, {"site": "A"}),
@@ -166,10 +158,10 @@ class FakeClient:
         self.puts: list[tuple[str, dict[str, str], dict[str, str]]] = []
         self.refuse = refuse
 
-    async def list_subject_records(self, project: str) -> list[Subj]:
+    async def list_subject_records(self, project: str) -> list[SubjectRecord]:
         return HELD
 
-    async def list_session_records(self, project: str) -> list[Sess]:
+    async def list_session_records(self, project: str) -> list[SessionRecord]:
         return []
 
     async def put_subject(self, project: str, subject: str, fields: dict[str, str],

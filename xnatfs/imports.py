@@ -14,6 +14,10 @@ that write to a temporary name and rename work):
   (the only kind ``--write-behind`` sends after close() returned);
 * file-manager litter (``.DS_Store``, ``._*``, ``Thumbs.db``...) is accepted
   and kept locally but never uploaded, unless renamed to a real name;
+* a ``.csv`` directly in a project's folder whose header makes it a
+  spreadsheet of subjects or sessions is checked and applied
+  (:mod:`.spreadsheets`); the sender sees it as text, and decides once it has
+  all of it;
 * anything else is refused at close with EINVAL and a message in the status.
 
 Labels: XNAT takes subject and session from the DICOM headers. A folder named
@@ -35,6 +39,7 @@ import trio
 from .naming import require_label
 from .spool import Spool
 from .spoolfiles import Upload, UploadRecord
+from .spreadsheets import SHEET_KIND, SheetClient, send_sheet
 
 LITTER_PATTERNS = (".DS_Store", "._*", "Thumbs.db", "ehthumbs.db", "desktop.ini",
                    ".goutputstream-*", ".directory", ".~lock.*#", "*~", ".Trash-*",
@@ -49,7 +54,8 @@ class Kind(str, enum.Enum):
 
     ARCHIVE = "archive"
     DICOM = "dicom"
-    REFUSED = "refused"       # neither DICOM nor an archive
+    TEXT = "text"             # perhaps a spreadsheet (spreadsheets.SHEET_KIND once read so)
+    REFUSED = "refused"       # neither DICOM nor an archive nor text
 
 
 def is_litter(name: str) -> bool:
@@ -72,6 +78,8 @@ def classify(head: bytes) -> Kind:
         return Kind.ARCHIVE
     if len(head) >= 132 and head[128:132] == b"DICM":
         return Kind.DICOM
+    if b"\0" not in head:
+        return Kind.TEXT
     return Kind.REFUSED
 
 
@@ -122,8 +130,9 @@ class ImportTarget(TypedDict):
     direct_archive: bool
 
 
-class Importer(Protocol):
-    """What uploads need from the client (``XnatClient`` implements it)."""
+class Importer(SheetClient, Protocol):
+    """What uploads need from the client (``XnatClient`` implements it): its
+    importers, and the calls of a spreadsheet."""
 
     async def import_archive(self, body: Path | AsyncIterator[bytes], *, name: str,
                              project: str, subject: str | None, session: str | None,
@@ -141,10 +150,16 @@ def import_target(record: UploadRecord) -> ImportTarget:
                         direct_archive=record.destination.get("direct_archive", False))
 
 
+NOT_IMPORTABLE = "not DICOM and not a zip/tar archive: XNAT cannot import it"
+
+
 async def import_local_copy(importer: Importer, record: UploadRecord, data: Path,
                             head: bytes) -> list[str]:
     """One attempt at sending an upload's local copy (the mount, and ``xnatfs
-    uploads retry``): an archive through DICOM-zip, a DICOM file through gradual-DICOM."""
+    uploads retry``): an archive through DICOM-zip, a DICOM file through
+    gradual-DICOM, a spreadsheet row by row."""
+    if record.kind in (Kind.TEXT.value, SHEET_KIND):
+        return await send_sheet(importer, record, data, NOT_IMPORTABLE)
     if record.kind == Kind.ARCHIVE.value:
         return await importer.import_archive(data, name=archive_name(head),
                                              **import_target(record))
@@ -181,7 +196,7 @@ class ImportSender:
 
     def refusal(self, kind: str) -> str | None:
         if kind == Kind.REFUSED:
-            return "not DICOM and not a zip/tar archive: XNAT cannot import it"
+            return NOT_IMPORTABLE
         return None
 
     def streams(self, kind: str) -> bool:

@@ -44,18 +44,11 @@ from typing import Protocol
 
 import trio
 
+from .client.tables import SESSION_FIELDS, SUBJECT_FIELDS, SessionRecord, SubjectRecord
 from .errors import BadRequest, XnatError
 from .naming import label_problem
 from .spoolfiles import UploadRecord
-
-# The shortcut keys XNAT takes on a subject (XMLPathShortcuts.SUBJECT_DATA) that
-# the mount's subjects.csv shows, in its order.
-SUBJECT_FIELDS = ("group", "src", "gender", "handedness", "dob", "yob", "age", "education",
-                  "educationDesc", "ses", "race", "ethnicity", "weight", "height",
-                  "gestational_age", "post_menstrual_age", "birth_weight")
-# ... and on a session (XMLPathShortcuts.EXPERIMENT_DATA), as sessions.csv has them.
-SESSION_FIELDS = ("date", "modality", "scanner", "visit_id", "visit", "session_type")
-CUSTOM_PREFIX = "field:"
+from .tablecsv import CUSTOM_PREFIX
 
 # xnat.xsd, xnat:demographicData (xnat-write-api.md 6.1): enumerations, and the
 # dob | yob | age choice (one of them per subject).
@@ -117,30 +110,6 @@ class Sheet:
     columns: tuple[str, ...]
     rows: tuple[Row, ...]
     problems: tuple[Problem, ...] = ()   # found reading it (header, row shapes)
-
-
-class SubjectLike(Protocol):
-    """What the checks read of a subject XNAT holds (``client.tables.SubjectRecord``)."""
-
-    @property
-    def id(self) -> str: ...
-    @property
-    def label(self) -> str: ...
-    @property
-    def fields(self) -> dict[str, str]: ...
-    @property
-    def custom(self) -> dict[str, str]: ...
-
-
-class SessionLike(SubjectLike, Protocol):
-    """... and of a session (``client.tables.SessionRecord``)."""
-
-    @property
-    def subject_id(self) -> str: ...
-    @property
-    def subject_label(self) -> str: ...
-    @property
-    def xsi_type(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -334,7 +303,7 @@ def _row_problems(row: Row, seen: dict[str, int], writable: Iterable[str],
 
 
 def check_subjects(sheet: Sheet, project: str,
-                   records: Sequence[SubjectLike]) -> tuple[list[Change], list[Problem]]:
+                   records: Sequence[SubjectRecord]) -> tuple[list[Change], list[Problem]]:
     """What each row of a subjects sheet sends, and every problem of the sheet."""
     by_label = {r.label: r for r in records}
     by_id = {r.id: r for r in records}
@@ -377,7 +346,7 @@ def check_subjects(sheet: Sheet, project: str,
 
 
 def check_sessions(sheet: Sheet, project: str,
-                   records: Sequence[SessionLike]) -> tuple[list[Change], list[Problem]]:
+                   records: Sequence[SessionRecord]) -> tuple[list[Change], list[Problem]]:
     """What each row of a sessions sheet sends (it creates none), and every problem."""
     by_label = {r.label: r for r in records}
     problems = list(sheet.problems)
@@ -414,9 +383,9 @@ def check_sessions(sheet: Sheet, project: str,
 class SheetClient(Protocol):
     """What a sheet needs of :class:`~xnatfs.client.XnatClient`."""
 
-    async def list_subject_records(self, project: str) -> Sequence[SubjectLike]: ...
+    async def list_subject_records(self, project: str) -> Sequence[SubjectRecord]: ...
 
-    async def list_session_records(self, project: str) -> Sequence[SessionLike]: ...
+    async def list_session_records(self, project: str) -> Sequence[SessionRecord]: ...
 
     async def put_subject(self, project: str, subject: str, fields: dict[str, str],
                           custom: dict[str, str]) -> bool: ...

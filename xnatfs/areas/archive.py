@@ -139,7 +139,8 @@ class ArchiveArea(Area):
         return groups
 
     def invalidate_project(self, project: str) -> None:
-        """After archiving into ``project``: its subjects and sessions may have changed."""
+        """After archiving into ``project``, or applying a spreadsheet to it: its
+        subjects and sessions, and their records, may have changed."""
         self.tree.invalidate_where(lambda key: isinstance(key, tuple) and len(key) >= 2
                                    and key[0] in ("subjects", "experiments", *RECORDS)
                                    and key[1] == project)
