@@ -241,6 +241,8 @@ def write_record(spool_dir: Path, record: UploadRecord) -> None:
     meta = spool_dir / "meta.json"
     fields = dataclasses.asdict(record)
     fields.update(fields.pop("destination"))  # flat: see UploadRecord.destination
+    if not fields["details"]:
+        del fields["details"]  # a record without is as earlier versions wrote (and read) it
     # One temporary per thread: two saves of one upload may run at once.
     tmp = spool_dir / f"meta.{threading.get_ident()}.tmp"
     tmp.write_text(json.dumps(fields))
