@@ -32,6 +32,7 @@ class Knobs:
     bandwidth_mb_s: float = 0.0      # cap per connection for large bodies (0 = none)
     range: bool = False              # honour HTTP Range on file downloads (real XNAT: no)
     fail_rate: float = 0.0           # answer 503 instead of handling the request
+    fault_status: int = 503          # what fail_rate answers (a 4xx: the server refuses)
     drop_rate: float = 0.0           # abort the connection halfway through a file body
     truncate_rate: float = 0.0       # close cleanly after half of a file body
     hang: bool = False               # accept requests but never answer them

@@ -92,8 +92,11 @@ def _make_middleware(ctx: ServerContext):  # noqa: ANN202 - aiohttp middleware
                 if knobs.latency_ms > 0:
                     await asyncio.sleep(knobs.latency_ms / 1000)
                 if knobs.roll(knobs.fail_rate, path):
-                    request["fault"] = "5xx"
-                    raise XnatHTTPError(503, "Service temporarily unavailable (fault injected)")
+                    status = knobs.fault_status
+                    request["fault"] = "5xx" if status >= 500 else str(status)
+                    raise XnatHTTPError(status, "Service temporarily unavailable (fault "
+                                        "injected)" if status >= 500 else "Refused (fault "
+                                        "injected)")
             caller = authenticate(request, ctx.store, ctx.sessions)
             request["caller"] = caller
             if caller is None and not _OPEN_PATHS.match(path):
