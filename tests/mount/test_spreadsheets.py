@@ -8,6 +8,7 @@ import csv
 import io
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def test_a_sheet_with_one_bad_row_changes_nothing(mount: Mount, tmp_path: Path) 
         assert "S20" not in subjects and subjects["S01"].demographics.gender == "male"
     # Kept, like every refused upload: listed, and in `xnatfs uploads list`.
     assert "bad.csv" in os.listdir(mount.path / "uploads" / PROJECT)
-    kept = subprocess.run([os.sys.executable, "-m", "xnatfs.cli", "uploads", "list",
+    kept = subprocess.run([sys.executable, "-m", "xnatfs.cli", "uploads", "list",
                            "--cache-dir", str(mount.cache_dir)], env=mount.env,
                           capture_output=True, text=True, check=True).stdout
     assert f"{PROJECT}/bad.csv" in kept
@@ -192,3 +193,16 @@ def test_a_row_the_server_refuses_leaves_the_others_applied(mount: Mount,
         subjects = session.projects[PROJECT].subjects
         assert subjects["S30"].demographics.handedness == "left"
         assert subjects["S02"].demographics.handedness is None
+    # Kept; sent again once XNAT takes it, only what XNAT still lacks goes.
+    kept = subprocess.run([sys.executable, "-m", "xnatfs.cli", "uploads", "list",
+                           "--cache-dir", str(mount.cache_dir)], env=mount.env,
+                          capture_output=True, text=True, check=True).stdout
+    [upload_id] = [line.split()[0] for line in kept.splitlines() if "partly.csv" in line]
+    mark = mount.server.log_mark()
+    subprocess.run([sys.executable, "-m", "xnatfs.cli", "uploads", "retry", upload_id,
+                    "--cache-dir", str(mount.cache_dir)], env=mount.env, check=True,
+                   capture_output=True, timeout=120)
+    [put] = puts(mount.server, mark)
+    assert put["path"].endswith(f"/subjects/{s02}")
+    with connect(mount.server) as session:
+        assert session.projects[PROJECT].subjects["S02"].demographics.handedness == "right"
