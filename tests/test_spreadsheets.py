@@ -98,7 +98,7 @@ def test_a_sheet_is_checked_whole() -> None:
               ",S 03,female,,,\n"                 # XNAT would change the label
               ",S04,maybe,,,\n"                   # schema refuses the gender
               "XNAT_S1,S05,,,,\n"                 # S01's ID under another label
-              ",s01,,,,\n"                        # S01 again
+              ",S01,,,,\n"                        # S01 again
               ",S06,,2000-01-01,1999,\n"          # dob and yob
               "XNAT_S2,S02,,,1980,\n")            # XNAT holds a dob for S02
     changes, problems = check_subjects(s, "P", HELD)
@@ -107,7 +107,7 @@ def test_a_sheet_is_checked_whole() -> None:
     assert "line 3 S 03: subject label 'S 03'" in text and "'S_03'" in text
     assert "line 4 S04: gender 'maybe'" in text
     assert "line 5 S05: ID XNAT_S1 is subject S01's" in text
-    assert "line 6 s01: the label of line 2 again" in text
+    assert "line 6 S01: the label of line 2 again" in text
     assert "line 7 S06: dob and yob" in text
     assert "line 8 S02: yob: XNAT holds dob" in text
 
@@ -127,6 +127,17 @@ def test_only_differences_are_sent() -> None:
     assert new.fields == {"gender": "male", "yob": "1990"} and new.custom == {"site": "B"}
     # read-only columns are never sent
     assert all("ID" not in c.fields and "sessions" not in c.fields for c in changes)
+
+
+def test_values_xnat_holds_go_back_unjudged() -> None:
+    """XNAT stores O'Brien as O&apos;Brien, and may hold values its schema would
+    refuse now: the table it made goes back unchanged, and sends nothing."""
+    held = [Subj("XNAT_S7", "S07", {"gender": "Male"}, {"name": "O&apos;Brien"})]
+    changes, problems = check_subjects(
+        sheet("label,gender,field:name\nS07,Male,O&apos;Brien\n"), "P", held)
+    assert not problems and not changes[0].fields and not changes[0].custom
+    _, problems = check_subjects(sheet("label,gender\nS07,Mal\n"), "P", held)
+    assert [p.reason.split(":")[0] for p in problems] == ["gender 'Mal'"]
 
 
 def test_sessions_sheet_checks_and_diff() -> None:

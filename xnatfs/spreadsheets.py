@@ -275,31 +275,40 @@ def _same(name: str, held: str | None, value: str) -> bool:
     return held == value
 
 
-def _split(cells: Mapping[str, str], writable: Iterable[str]) -> tuple[dict[str, str],
-                                                                        dict[str, str]]:
-    """A row's writable fields and custom variables."""
+def _to_send(cells: Mapping[str, str], writable: Iterable[str],
+             held: SubjectRecord | SessionRecord | None) -> tuple[dict[str, str],
+                                                                 dict[str, str]]:
+    """A row's writable fields and custom variables whose values XNAT does not
+    hold already (all of them for a new subject)."""
     names = set(writable)
-    fields = {k: v for k, v in cells.items() if k in names}
-    custom = {k[len(CUSTOM_PREFIX):]: v for k, v in cells.items() if k.startswith(CUSTOM_PREFIX)}
+    held_fields = held.fields if held is not None else {}
+    held_custom = {k.lower(): v for k, v in held.custom.items()} if held is not None else {}
+    fields = {k: v for k, v in cells.items()
+              if k in names and (held is None or not _same(k, held_fields.get(k), v))}
+    custom = {k[len(CUSTOM_PREFIX):]: v for k, v in cells.items()
+              if k.startswith(CUSTOM_PREFIX)
+              and (held is None or held_custom.get(k[len(CUSTOM_PREFIX):].lower()) != v)}
     return fields, custom
 
 
-def _row_problems(row: Row, seen: dict[str, int], writable: Iterable[str],
-                  project: str) -> list[str]:
-    """What is wrong with a row whatever XNAT holds: its label, duplicates, values."""
-    out: list[str] = []
+def _row_problems(row: Row, seen: dict[str, int], project: str) -> list[str]:
+    """What is wrong with a row whatever XNAT holds: no label, a label twice."""
     if not row.label:
         return ["no label"]
-    first = seen.setdefault(row.label.lower(), row.line)
+    out: list[str] = []
+    first = seen.setdefault(row.label, row.line)
     if first != row.line:
         out.append(f"the label of line {first} again")
     if row.cells.get("project", project) != project:
         out.append(f"project {row.cells['project']!r}: this is {project}'s folder")
-    fields, custom = _split(row.cells, writable)
-    for name, value in [*fields.items(), *((CUSTOM_PREFIX + k, v) for k, v in custom.items())]:
-        if (reason := value_problem(name, value)) is not None:
-            out.append(reason)
     return out
+
+
+def _value_problems(fields: Mapping[str, str], custom: Mapping[str, str]) -> list[str]:
+    """Why XNAT would refuse values to be sent (values it holds are not judged:
+    the unchanged table goes back as it came)."""
+    sent = [*fields.items(), *((CUSTOM_PREFIX + k, v) for k, v in custom.items())]
+    return [reason for name, value in sent if (reason := value_problem(name, value))]
 
 
 def check_subjects(sheet: Sheet, project: str,
@@ -311,7 +320,7 @@ def check_subjects(sheet: Sheet, project: str,
     changes: list[Change] = []
     seen: dict[str, int] = {}
     for row in sheet.rows:
-        reasons = _row_problems(row, seen, SUBJECT_FIELDS, project)
+        reasons = _row_problems(row, seen, project)
         held = by_label.get(row.label)
         if held is None and row.label and (bad := label_problem(row.label, "subject")):
             reasons.append(bad)
@@ -322,7 +331,8 @@ def check_subjects(sheet: Sheet, project: str,
                            "changed here" if other is not None else
                            f"ID {given_id}: no such subject in {project} (XNAT chooses the IDs "
                            "of new subjects: leave it empty)")
-        fields, custom = _split(row.cells, SUBJECT_FIELDS)
+        fields, custom = _to_send(row.cells, SUBJECT_FIELDS, held)
+        reasons += _value_problems(fields, custom)
         ages = [f for f in AGE_CHOICE if f in fields]
         if len(ages) > 1:
             reasons.append(f"{' and '.join(ages)}: XNAT keeps one of dob, yob, age")
@@ -334,14 +344,8 @@ def check_subjects(sheet: Sheet, project: str,
         if reasons:
             problems += [Problem(row.line, row.label, reason) for reason in reasons]
             continue
-        if held is None:
-            changes.append(Change(row.line, row.label, row.label, True, fields, custom))
-            continue
-        held_custom = {k.lower(): v for k, v in held.custom.items()}
-        changes.append(Change(
-            row.line, row.label, held.id, False,
-            {k: v for k, v in fields.items() if not _same(k, held.fields.get(k), v)},
-            {k: v for k, v in custom.items() if held_custom.get(k.lower()) != v}))
+        changes.append(Change(row.line, row.label, row.label if held is None else held.id,
+                              held is None, fields, custom))
     return changes, problems
 
 
@@ -353,29 +357,26 @@ def check_sessions(sheet: Sheet, project: str,
     changes: list[Change] = []
     seen: dict[str, int] = {}
     for row in sheet.rows:
-        reasons = _row_problems(row, seen, SESSION_FIELDS, project)
+        reasons = _row_problems(row, seen, project)
         held = by_label.get(row.label)
         if held is None:
             if row.label:
                 reasons.append(f"no session labelled so in {project} (a sheet creates no "
                                "sessions)")
-        else:
-            for column, value in (("ID", held.id), ("subject_label", held.subject_label),
-                                  ("subject_ID", held.subject_id), ("xsiType", held.xsi_type)):
-                given = row.cells.get(column)
-                if given is not None and given != value:
-                    reasons.append(f"{column} {given}: XNAT has {value} for this session")
+            problems += [Problem(row.line, row.label, reason) for reason in reasons]
+            continue
+        for column, value in (("ID", held.id), ("subject_label", held.subject_label),
+                              ("subject_ID", held.subject_id), ("xsiType", held.xsi_type)):
+            given = row.cells.get(column)
+            if given is not None and given != value:
+                reasons.append(f"{column} {given}: XNAT has {value} for this session")
+        fields, custom = _to_send(row.cells, SESSION_FIELDS, held)
+        reasons += _value_problems(fields, custom)
         if reasons:
             problems += [Problem(row.line, row.label, reason) for reason in reasons]
             continue
-        assert held is not None
-        fields, custom = _split(row.cells, SESSION_FIELDS)
-        held_custom = {k.lower(): v for k, v in held.custom.items()}
-        changes.append(Change(
-            row.line, row.label, held.id, False,
-            {k: v for k, v in fields.items() if not _same(k, held.fields.get(k), v)},
-            {k: v for k, v in custom.items() if held_custom.get(k.lower()) != v},
-            subject=held.subject_id, xsi_type=held.xsi_type))
+        changes.append(Change(row.line, row.label, held.id, False, fields, custom,
+                              subject=held.subject_id, xsi_type=held.xsi_type))
     return changes, problems
 
 
