@@ -71,4 +71,5 @@ class ArchiveRoutes:
         request["route"] = f"{path.level}.put"
         if path.level == "resource":
             return filewrites.put_resource(request, self.store, access, path)
-        return writes.put_object(request, self.store, access, path)
+        params = await writes.put_params(request)
+        return writes.put_object(request, self.store, access, path, params)
