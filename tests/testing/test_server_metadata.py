@@ -368,3 +368,69 @@ def test_pyxnat_arrays_read_joined_scans(server: TestServer) -> None:
                 "/data/projects/P/experiments?format=json&xsiType=xnat:imageSessionData"))
     finally:
         interface.disconnect()
+
+
+# Accession IDs (reference section 7) -------------------------------------------
+def test_project_paths_take_an_id_from_another_project(http: httpx.Client,
+                                                      writable: str) -> None:
+    """ExperimentResource and SubjectResource look an ID up anywhere first."""
+    eid = rows(http, "/data/projects/P/experiments?format=json&label=S1_MR1")[0]["ID"]
+    sid = rows(http, "/data/projects/P/subjects?format=json&label=S1")[0]["ID"]
+    item = http.get(f"/data/projects/{writable}/experiments/{eid}?format=json")
+    assert item.status_code == 200
+    assert item.json()["items"][0]["data_fields"]["label"] == "S1_MR1"
+    item = http.get(f"/data/projects/{writable}/subjects/{sid}?format=json")
+    assert item.json()["items"][0]["data_fields"]["label"] == "S1"
+    # SubjAssessmentResource does not check the subject of the path on GET.
+    item = http.get(f"/data/projects/P/subjects/S2/experiments/{eid}?format=json")
+    assert item.json()["items"][0]["data_fields"]["ID"] == eid
+    # /data/experiments/{X} takes IDs only.
+    assert http.get("/data/experiments/S1_MR1?format=json").status_code == 404
+    # A label, unlike an ID, is looked up in the project of the path only.
+    assert http.get(f"/data/projects/{writable}/experiments/S1_MR1?format=json"
+                    ).status_code == 404
+
+
+def test_assessor_ids_resolve_with_their_projects(server: TestServer) -> None:
+    data = server.data_dir
+    with httpx.Client(base_url=server.url, auth=("admin", "admin")) as http:
+        session = http.get("/data/projects/P/subjects/S1/experiments/S1_MR1"
+                           "/assessors/S1_MR1_QC?xsiType=xnat:qcManualAssessorData")
+        assert session.status_code == 404
+        created = http.put("/data/projects/P/subjects/S1/experiments/S1_MR1"
+                           "/assessors/S1_MR1_QC?xsiType=xnat:qcManualAssessorData")
+        assert created.status_code == 201, created.text
+        aid = created.text
+        projects = http.get(f"/data/experiments/{aid}/projects?format=json")
+        assert projects.status_code == 200, (data, projects.text)
+        assert [(r["ID"], r["label"]) for r in projects.json()["ResultSet"]["Result"]] == [
+            ("P", "S1_MR1_QC")]
+        item = http.get(f"/data/projects/P/experiments/{aid}?format=json")
+        assert item.json()["items"][0]["meta"]["xsi:type"] == "xnat:qcManualAssessorData"
+
+
+# The demo data set ---------------------------------------------------------------
+def test_demo_subjects_and_sessions_carry_metadata(demo_server: TestServer) -> None:
+    with httpx.Client(base_url=demo_server.url, auth=("admin", "admin"), timeout=60) as http:
+        subjects = rows(http, f"/data/projects/NEURO_PUB/subjects?format=json"
+                              f"&columns={SUBJECT_COLUMNS}")
+        sessions = rows(http, "/data/projects/NEURO_PUB/experiments?format=json"
+                              f"&xsiType=xnat:imageSessionData&columns={SESSION_COLUMNS}")
+    name = "xnat:subjectdata/fields/field/name"
+    by_subject: dict[str, dict[str, str]] = {}
+    for row in subjects:
+        by_subject.setdefault(row["label"], {})[row[name]] = row[
+            "xnat:subjectdata/fields/field/field"]
+    assert set(by_subject) == {"NP001", "NP002", "NP 003"}
+    assert all(set(fields) == {"diagnosis", "site"} for fields in by_subject.values())
+    first = {r["label"]: r for r in subjects}
+    # Age is recorded three ways across the subjects, one each.
+    assert [bool(first[s]["yob"]) for s in ("NP001", "NP002", "NP 003")] == [True, False, False]
+    assert first["NP002"]["dob"].startswith("1975-") and first["NP 003"]["age"]
+    assert {first[s]["group"] for s in first} == {"control", "patient"}
+    assert all(first[s]["gender"] and first[s]["handedness"] for s in first)
+    assert [(r["label"], r["visit_id"], r["xnat:experimentdata/fields/field/name"])
+            for r in sessions] == [
+        ("NP 003_MR1", "v1", "protocol_version"), ("NP001_MR1", "v1", "protocol_version"),
+        ("NP001_MR2", "v2", "protocol_version"), ("NP002_MR1", "v1", "protocol_version")]
+    assert all(r["scanner"] for r in sessions)

@@ -48,7 +48,7 @@ class ArchiveRoutes:
         if path.collection == "projects" and path.level == "root":
             request["route"] = "projects.list"
             return tables.list_projects(request, self.store, access)
-        res = resolve(self.store, access, path, flat_assessor=True)
+        res = resolve(self.store, access, path, flat_assessor=True, get=True)
         if path.collection is None:
             request["route"] = f"{path.level}.get"
             return items.get_item(request, self.store, path, res)

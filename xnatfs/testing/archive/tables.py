@@ -412,6 +412,12 @@ def list_projects_of(request: web.Request, store: Store, path: ArchivePath,
     in that one; no ``totalRecords`` (the table is rendered without params)."""
     if path.level == "subject":
         kind, item = "subject", res.the_subject
+    elif res.assessor is not None:  # ExperimentResource finds assessors by ID too
+        session = res.the_experiment
+        primary = store.project(session["project"])
+        assert primary is not None
+        return table_response(request, [_projects_of_row(res.assessor["label"], primary)],
+                              PROJECTS_OF_COLUMNS)
     else:
         kind, item = "experiment", res.the_experiment
     rows = []
