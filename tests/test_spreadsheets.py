@@ -82,7 +82,8 @@ def test_multi_line_cells_keep_line_numbers() -> None:
 
 @pytest.mark.parametrize("name,value,ok", [
     ("gender", "male", True), ("gender", "F", True), ("gender", "maybe", False),
-    ("gender", "Male", False), ("handedness", "ambidextrous", True),
+    ("gender", "Male", True), ("handedness", "Left", True), ("gender", "null", True),
+    ("field:x", "NULL", False), ("handedness", "ambidextrous", True),
     ("handedness", "both", False), ("dob", "2001-02-28", True), ("dob", "2001-02-30", False),
     ("dob", "28/02/2001", False), ("yob", "1970", True), ("yob", "1970.5", False),
     ("education", "twelve", False), ("age", "23.5", True), ("age", "old", False),
@@ -138,6 +139,18 @@ def test_values_xnat_holds_go_back_unjudged() -> None:
     assert not problems and not changes[0].fields and not changes[0].custom
     _, problems = check_subjects(sheet("label,gender\nS07,Mal\n"), "P", held)
     assert [p.reason.split(":")[0] for p in problems] == ["gender 'Mal'"]
+
+
+def test_null_clears_a_field_xnat_holds() -> None:
+    """yob NULL with dob: a subject moves from year of birth to date of birth."""
+    s = sheet("label,dob,yob,gender,race\nS01,1970-05-06,NULL,null,NULL\n")
+    [change], problems = check_subjects(s, "P", HELD)
+    assert not problems
+    # race: nothing to clear, not sent
+    assert change.fields == {"dob": "1970-05-06", "yob": "NULL", "gender": "NULL"}
+    assert change.names(True) == ["yob", "gender"] and change.names(False) == ["dob"]
+    _, problems = check_subjects(sheet("label,dob\nS01,1970-05-06\n"), "P", HELD)
+    assert "clear it: yob NULL" in problems[0].reason
 
 
 def test_sessions_sheet_checks_and_diff() -> None:

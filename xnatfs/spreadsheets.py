@@ -21,9 +21,9 @@ edited and dropped back works.
   exist is created with its fields; of the others only the fields whose
   value differs from what XNAT holds now (one fresh listing, not the
   mount's cache) are sent, so the unchanged table sends nothing. An empty
-  cell leaves a value alone (XNAT's REST API has no cheap way to clear one).
-  Read-only columns are never sent. A row XNAT refuses is reported and the
-  others go on.
+  cell leaves a value alone; ``NULL`` clears a field (not a custom
+  variable), as XNAT's own REST API does. Read-only columns are never sent.
+  A row XNAT refuses is reported and the others go on.
 
 Everything a user reads about a sheet names rows by line and label; it goes
 to the status file only (:attr:`SheetOutcome.lines`), never to the log.
@@ -55,6 +55,9 @@ from .tablecsv import CUSTOM_PREFIX
 GENDERS = ("male", "female", "other", "unknown", "M", "F")
 HANDEDNESS = ("left", "right", "ambidextrous", "unknown")
 AGE_CHOICE = ("dob", "yob", "age")
+# A cell that clears the value XNAT holds in a field (not a custom variable):
+# XNAT's DBAction.ValueParser writes "NULL" (any case) as SQL NULL.
+CLEAR = "NULL"
 INTEGER_FIELDS = frozenset({"yob", "education", "ses"})
 NUMBER_FIELDS = frozenset({"age", "weight", "height", "gestational_age", "post_menstrual_age",
                            "birth_weight"})
@@ -125,9 +128,11 @@ class Change:
     subject: str = ""           # sessions: the subject's ID
     xsi_type: str = ""          # sessions: its type
 
-    @property
-    def names(self) -> list[str]:
-        return [*self.fields, *(CUSTOM_PREFIX + n for n in self.custom)]
+    def names(self, cleared: bool) -> list[str]:
+        """The columns it sets (``cleared``: the ones it clears)."""
+        return [name for name, value in (*self.fields.items(),
+                                         *((CUSTOM_PREFIX + n, v) for n, v in self.custom.items()))
+                if (value == CLEAR) == cleared]
 
 
 # ------------------------------------------------------------------ reading
@@ -233,9 +238,15 @@ def value_problem(name: str, value: str) -> str | None:
     if ESCAPED_BY_XNAT.search(value):
         return (f"{name} {value!r}: XNAT would store & < > ' \" as XML entities "
                 "(&amp; ...)")
-    if name == "gender" and value not in GENDERS:
+    if value.upper() == CLEAR:
+        # XNAT keeps a custom variable's value as text (LONGVARCHAR), where
+        # "NULL" is no SQL NULL (DBAction.ValueParser).
+        return (f"{name} NULL: a custom variable cannot be cleared here"
+                if name.startswith(CUSTOM_PREFIX) else None)
+    # XFTValidator compares an enumeration trimmed and ignoring case.
+    if name == "gender" and value.lower() not in {g.lower() for g in GENDERS}:
         return f"gender {value!r}: XNAT takes {', '.join(GENDERS)}"
-    if name == "handedness" and value not in HANDEDNESS:
+    if name == "handedness" and value.lower() not in HANDEDNESS:
         return f"handedness {value!r}: XNAT takes {', '.join(HANDEDNESS)}"
     if name in DATE_FIELDS and not _is_date(value):
         return f"{name} {value!r}: not a date (YYYY-MM-DD)"
@@ -279,15 +290,21 @@ def _to_send(cells: Mapping[str, str], writable: Iterable[str],
              held: SubjectRecord | SessionRecord | None) -> tuple[dict[str, str],
                                                                  dict[str, str]]:
     """A row's writable fields and custom variables whose values XNAT does not
-    hold already (all of them for a new subject)."""
+    hold already (all of them for a new subject), and ``NULL`` for those it
+    holds and the row clears (not custom variables: see :func:`value_problem`)."""
     names = set(writable)
     held_fields = held.fields if held is not None else {}
     held_custom = {k.lower(): v for k, v in held.custom.items()} if held is not None else {}
-    fields = {k: v for k, v in cells.items()
-              if k in names and (held is None or not _same(k, held_fields.get(k), v))}
-    custom = {k[len(CUSTOM_PREFIX):]: v for k, v in cells.items()
-              if k.startswith(CUSTOM_PREFIX)
-              and (held is None or held_custom.get(k[len(CUSTOM_PREFIX):].lower()) != v)}
+
+    def differs(value: str, held_value: str | None, name: str) -> bool:
+        if value.upper() == CLEAR:
+            return bool(held_value)
+        return not _same(name, held_value, value)
+
+    fields = {k: v.upper() if v.upper() == CLEAR else v for k, v in cells.items()
+              if k in names and differs(v, held_fields.get(k), k)}
+    custom = {k[len(CUSTOM_PREFIX):]: v for k, v in cells.items() if k.startswith(CUSTOM_PREFIX)
+              and held_custom.get(k[len(CUSTOM_PREFIX):].lower()) != v}
     return fields, custom
 
 
@@ -333,14 +350,15 @@ def check_subjects(sheet: Sheet, project: str,
                            "of new subjects: leave it empty)")
         fields, custom = _to_send(row.cells, SUBJECT_FIELDS, held)
         reasons += _value_problems(fields, custom)
-        ages = [f for f in AGE_CHOICE if f in fields]
+        ages = [f for f in AGE_CHOICE if fields.get(f, CLEAR) != CLEAR]
         if len(ages) > 1:
             reasons.append(f"{' and '.join(ages)}: XNAT keeps one of dob, yob, age")
         elif ages and held is not None:
-            other_ages = [f for f in AGE_CHOICE if f != ages[0] and held.fields.get(f)]
-            if other_ages:
-                reasons.append(f"{ages[0]}: XNAT holds {other_ages[0]} for this subject and "
-                               "keeps one of dob, yob, age (clearing is not supported here)")
+            kept = [f for f in AGE_CHOICE if f != ages[0] and held.fields.get(f)
+                    and fields.get(f) != CLEAR]
+            if kept:
+                reasons.append(f"{ages[0]}: XNAT holds {kept[0]} for this subject and keeps "
+                               f"one of dob, yob, age (clear it: {kept[0]} NULL)")
         if reasons:
             problems += [Problem(row.line, row.label, reason) for reason in reasons]
             continue
@@ -461,13 +479,14 @@ async def _apply_row(client: SheetClient, project: str, change: Change,
         outcome.count("refused")
         outcome.lines.append(f"{where}: refused by XNAT: {exc}")
         return
-    names = ", ".join(change.names)
+    names, cleared = ", ".join(change.names(False)), ", ".join(change.names(True))
     if change.create:
         outcome.count("created")
         outcome.lines.append(f"{where}: created" + (f" with {names}" if names else ""))
     else:
         outcome.count("updated")
-        outcome.lines.append(f"{where}: updated {names}")
+        outcome.lines.append(f"{where}: " + "; ".join(
+            ([f"updated {names}"] if names else []) + ([f"cleared {cleared}"] if cleared else [])))
 
 
 # ------------------------------------------------------------- as an upload

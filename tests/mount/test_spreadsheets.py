@@ -85,17 +85,19 @@ def test_a_sheet_creates_two_subjects_and_updates_a_third(mount: Mount, tmp_path
     assert "S10" not in os.listdir(project)  # the listing is cached now
     mark = mount.server.log_mark()
     result = drop(mount, tmp_path, "new.csv",
-                  "label,gender,yob,handedness,field:site\n"
-                  "S10,female,1985,left,B\n"
-                  "S11,male,,,C\n"
-                  "S03,other,1990,,A\n")
+                  "label,gender,yob,handedness,group,field:site\n"
+                  "S10,female,1985,left,,B\n"
+                  "S11,male,,,,C\n"
+                  "S03,other,1990,,,A\n"
+                  "S01,,,,NULL,\n")
     assert result.returncode == 0, result.stderr
     assert status_of(mount, "new.csv") == [
-        f"done      {PROJECT}/new.csv  subjects sheet: 2 created, 1 updated",
+        f"done      {PROJECT}/new.csv  subjects sheet: 2 created, 2 updated",
         "line 2 S10: created with gender, yob, handedness, field:site",
         "line 3 S11: created with gender, field:site",
-        "line 4 S03: updated gender, yob, field:site"]
-    assert len(puts(mount.server, mark)) == 3
+        "line 4 S03: updated gender, yob, field:site",
+        "line 5 S01: cleared group"]
+    assert len(puts(mount.server, mark)) == 4
     with connect(mount.server) as session:
         subjects = session.projects[PROJECT].subjects
         s10, s11, s03 = subjects["S10"], subjects["S11"], subjects["S03"]
@@ -104,6 +106,7 @@ def test_a_sheet_creates_two_subjects_and_updates_a_third(mount: Mount, tmp_path
         assert s11.demographics.gender == "male"
         assert (s03.demographics.gender, s03.demographics.yob) == ("other", 1990)
         assert (s10.fields["site"], s11.fields["site"], s03.fields["site"]) == ("B", "C", "A")
+        assert subjects["S01"].group is None and subjects["S01"].demographics.gender == "male"
     # The mount's listings of the project were dropped: the new subjects show.
     assert {"S10", "S11"} <= set(os.listdir(project))
     table = list(csv.DictReader(io.StringIO((project / "subjects.csv").read_text())))
