@@ -178,9 +178,11 @@ def test_sessions_sheet_checks_and_diff() -> None:
 class FakeClient:
     """The calls a sheet makes, recorded; ``refuse``: labels/IDs XNAT refuses."""
 
-    def __init__(self, refuse: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(self, refuse: set[str] = frozenset(),  # type: ignore[assignment]
+                 exists: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         self.puts: list[tuple[str, dict[str, str], dict[str, str]]] = []
         self.refuse = refuse
+        self.exists = exists  # made by someone else after the listing: XNAT answers 200
 
     async def list_subject_records(self, project: str) -> list[SubjectRecord]:
         return HELD
@@ -193,7 +195,7 @@ class FakeClient:
         if subject in self.refuse:
             raise Forbidden("insufficient edit privileges", status=403)
         self.puts.append((subject, fields, custom))
-        return True
+        return subject not in self.exists
 
     async def put_session_fields(self, *args: object) -> None:
         raise AssertionError("no sessions here")
@@ -232,6 +234,13 @@ def test_rows_go_on_after_a_refusal(tmp_path) -> None:  # noqa: ANN001
     assert client.puts == [("S09", {"gender": "male"}, {})]
     assert record.details[0].startswith("line 2 S01: refused by XNAT: 403")
     assert record.details[1:] == ["line 3 S02: unchanged", "line 4 S09: created with gender"]
+
+
+def test_a_subject_made_meanwhile_is_not_called_created(tmp_path) -> None:  # noqa: ANN001
+    record, result = _send(FakeClient(exists={"S09"}), "label,gender\nS09,male\n",
+                           tmp_path=tmp_path)
+    assert result == ["subjects sheet: 1 updated"]
+    assert record.details == ["line 2 S09: made meanwhile by someone else; set gender"]
 
 
 def test_not_a_sheet_is_refused_as_before(tmp_path) -> None:  # noqa: ANN001

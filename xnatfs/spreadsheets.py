@@ -468,21 +468,26 @@ async def _apply_row(client: SheetClient, project: str, change: Change,
         outcome.count("unchanged")
         outcome.lines.append(f"{where}: unchanged")
         return
+    created = False
     try:
         if change.xsi_type:
             await client.put_session_fields(project, change.subject, change.target,
                                             change.xsi_type, change.fields, change.custom)
         else:
-            await client.put_subject(project, change.target, change.fields, change.custom)
+            created = await client.put_subject(project, change.target, change.fields,
+                                               change.custom)
     except XnatError as exc:
         outcome.failure = outcome.failure or exc
         outcome.count("refused")
         outcome.lines.append(f"{where}: refused by XNAT: {exc}")
         return
     names, cleared = ", ".join(change.names(False)), ", ".join(change.names(True))
-    if change.create:
+    if created:
         outcome.count("created")
         outcome.lines.append(f"{where}: created" + (f" with {names}" if names else ""))
+    elif change.create:  # made by someone else since the listing: XNAT found it (200)
+        outcome.count("updated")
+        outcome.lines.append(f"{where}: made meanwhile by someone else; set {names or 'nothing'}")
     else:
         outcome.count("updated")
         outcome.lines.append(f"{where}: " + "; ".join(
