@@ -17,7 +17,8 @@ edited and dropped back works.
   schema refuses, an ``ID`` (``subject_ID``, ``xsiType``) that is not the
   one XNAT holds for the label, and for sessions a label XNAT does not
   have. One problem and nothing is sent.
-* **Applied row by row** (:func:`apply_sheet`): a subject that does not
+* **Applied row by row** (:func:`apply_changes`; :func:`send_sheet` is all
+  of it for a file dropped into the upload area): a subject that does not
   exist is created with its fields; of the others only the fields whose
   value differs from what XNAT holds now (one fresh listing, not the
   mount's cache) are sent, so the unchanged table sends nothing. An empty
