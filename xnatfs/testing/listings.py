@@ -7,13 +7,20 @@ element's primary-key column are always added, xpath columns come back
 lower-cased, any alias used as a query parameter filters (``*``/``%`` mean
 LIKE, a comma means OR), and ``limit``/``offset`` page (dropping
 ``totalRecords``). Resources and files ignore all of this.
+
+An xpath into a repeated child (``xnat:mrSessionData/scans/scan/ID``,
+``xnat:subjectData/fields/field/name``) joins that child: QueryOrganizer
+left-joins its table, so a row comes back per child, and one row with
+blanks for an object without any (docs/xnat-verified.md, "Subject and
+session metadata"). Rows carry their children under :func:`join_key`.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -43,6 +50,30 @@ class ListingSpec:
     # (ExperimentListResource/ProjSubExptList add xsiType and project when the
     # root element is not a secured one: ``xnat:subjectAssessorData``).
     always: Sequence[str] = ()
+    # Joined child columns: lower-cased xpath below the root element
+    # (``scans/scan/id``) -> (child path, row key), e.g. (("scans",), "scan_id")
+    # or (("scans", "files"), "file_label") for a child of a child.
+    joins: Mapping[str, tuple[tuple[str, ...], str]] = field(default_factory=dict)
+    # Which root elements each top-level join accepts (``xnat:mrSessionData``
+    # for ``scans``), as a regular expression matched against the lower-cased root.
+    join_roots: Mapping[str, str] = field(default_factory=dict)
+
+
+def join_key(child: str) -> str:
+    """Where a row dictionary holds its children of one kind (a list of dicts)."""
+    return f"\x00join:{child}"
+
+
+def _joined_column(spec: ListingSpec, name: str) -> tuple[str, ...] | None:
+    """The child path of an xpath column that joins a child, or None."""
+    root, _, tail = name.lower().partition("/")
+    found = spec.joins.get(tail)
+    if found is None:
+        return None
+    pattern = spec.join_roots.get(found[0][0])
+    if pattern is not None and not re.fullmatch(pattern, root):
+        return None
+    return found[0]
 
 
 def choose_columns(request: web.Request, spec: ListingSpec) -> list[tuple[str, str]]:
@@ -59,6 +90,9 @@ def choose_columns(request: web.Request, spec: ListingSpec) -> list[tuple[str, s
                 names.extend(spec.defaults)
             elif name in spec.aliases:
                 names.append(name)
+            elif "/" in name and _joined_column(spec, name) is not None:
+                key = spec.joins[name.lower().partition("/")[2]][1]
+                names.append(f"\x00{name.lower()}\x00\x01{key}")
             elif "/" in name:
                 # An xpath such as xnat:mrSessionData/label: known leaf, lower-cased name.
                 leaf = name.rsplit("/", 1)[1]
@@ -72,7 +106,7 @@ def choose_columns(request: web.Request, spec: ListingSpec) -> list[tuple[str, s
     for name in names:
         if name.startswith("\x00"):
             _, out, alias = name.split("\x00")
-            pair = (out, spec.aliases[alias])
+            pair = (out, alias[1:] if alias.startswith("\x01") else spec.aliases[alias])
         else:
             if name == "URI":
                 continue
@@ -124,5 +158,40 @@ def render(request: web.Request, spec: ListingSpec, rows: list[dict[str, Any]],
     if spec.title:
         envelope["title"] = spec.title
     envelope.update(extra_envelope or {})
+    paths = _requested_joins(request, spec)
+    if paths:
+        rows = [joined for row in rows for joined in _expand(row, paths)]
+        if "totalRecords" in envelope:
+            envelope["totalRecords"] = str(len(rows))
     out_rows = [{out: row.get(key) for out, key in columns} for row in rows]
     return table_response(request, out_rows, [out for out, _ in columns], envelope=envelope)
+
+
+def _requested_joins(request: web.Request, spec: ListingSpec) -> set[tuple[str, ...]]:
+    """The child paths the requested columns join."""
+    wanted = request.query.get("columns") or ""
+    paths = set()
+    for raw in wanted.split(","):
+        path = _joined_column(spec, raw.strip()) if "/" in raw else None
+        if path is not None:
+            paths.add(path)
+    return paths
+
+
+def _expand(row: dict[str, Any], paths: set[tuple[str, ...]]) -> list[dict[str, Any]]:
+    """One row per joined child (a product when several kinds are joined, as
+    SQL left joins give), and the row alone, blank there, without children."""
+    results = [row]
+    for top in sorted({p[0] for p in paths}):
+        nested = sorted({p[1] for p in paths if p[0] == top and len(p) > 1})
+        children: list[dict[str, Any]] = []
+        for child in row.get(join_key(top)) or []:
+            grandchildren: list[dict[str, Any]] = [{}]
+            for sub in nested:
+                grandchildren = [{**g, **c} for g in grandchildren
+                                 for c in (child.get(join_key(sub)) or [{}])]
+            children.extend({**child, **g} for g in grandchildren)
+        if not children:
+            children = [{}]
+        results = [{**r, **c} for r in results for c in children]
+    return results

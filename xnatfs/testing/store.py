@@ -10,14 +10,37 @@ experiments, scans, assessors and sharing).
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 import sqlite3
 import uuid
 
+from .metadata import EXPERIMENT_FIELDS, SUBJECT_FIELDS
 from .storedb import StoreError, modified_stamp, now_stamp
 from .storefiles import ResourceFiles
 
 ROLES = ("owner", "member", "collaborator")
 ACCESSIBILITY = ("public", "protected", "private")
+
+
+class _Column:
+    """A store column with no XNAT shortcut of its own here."""
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+
+
+# The experiment columns the store always had.
+_EXPERIMENT_BASE = tuple(_Column(c) for c in (
+    "date", "time", "modality", "uid", "session_type", "scanner_manufacturer",
+    "scanner_model", "field_strength"))
+
+
+def _check_columns(values: dict, fields: tuple) -> None:
+    """Column names come from code, never from a request: refuse strays."""
+    known = {f.column for f in fields}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}")
 
 
 class Store(ResourceFiles):
@@ -129,17 +152,74 @@ class Store(ResourceFiles):
 
     # ---------------------------------------------------------------- subjects
     def add_subject(self, project_id: str, label: str, *, user: str = "admin",
-                    gender: str = "", yob: str = "") -> str:
+                    custom: dict[str, str] | None = None, **values: str) -> str:
+        """A new subject; ``values`` are metadata columns (``gender``,
+        ``subject_group``...: :data:`.metadata.SUBJECT_FIELDS`), ``custom`` its
+        custom variables."""
+        _check_columns(values, SUBJECT_FIELDS)
         with self.transaction():
             if self.subject(project_id, label):
                 raise StoreError(409, "Subject already exists.")
             sid = self._next_accession("S")
+            cols = ["id", "project", "label", "insert_date", "insert_user", "last_modified",
+                    *values]
             self.execute(
-                "INSERT INTO subjects (id, project, label, insert_date, insert_user, gender, yob,"
-                " last_modified) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (sid, project_id, label, now_stamp(), user, gender, yob, modified_stamp()),
-            )
+                f"INSERT INTO subjects ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                [sid, project_id, label, now_stamp(), user, modified_stamp(), *values.values()])
+            self.set_custom_fields("subject", sid, dict(custom or {}))
         return sid
+
+    def update_subject(self, subject_id: str, values: dict[str, str],
+                       custom: dict[str, str | None] | None = None) -> None:
+        """Change a subject's metadata columns and custom variables (a None
+        value removes that variable)."""
+        self._update("subjects", "subject", subject_id, values, SUBJECT_FIELDS, custom)
+
+    def update_experiment(self, experiment_id: str, values: dict[str, str],
+                          custom: dict[str, str | None] | None = None) -> None:
+        """Change an experiment's columns and custom variables."""
+        self._update("experiments", "experiment", experiment_id, values,
+                     (*EXPERIMENT_FIELDS, *_EXPERIMENT_BASE), custom)
+
+    def _update(self, table: str, kind: str, key: str, values: dict[str, str],
+                fields: tuple, custom: dict[str, str | None] | None) -> None:
+        _check_columns(values, fields)
+        with self.transaction():
+            if values:
+                sets = ", ".join(f"{column} = ?" for column in values)
+                self.execute(f"UPDATE {table} SET {sets} WHERE id = ?", [*values.values(), key])
+            self.set_custom_fields(kind, key, custom or {})
+            if values or custom:
+                self.touch(table, key)
+
+    # ------------------------------------------------------- custom variables
+    def set_custom_fields(self, kind: str, owner_id: str,
+                          fields: Mapping[str, str | None]) -> None:
+        """Set (or, for None, remove) custom variables of a subject or experiment."""
+        for name, value in fields.items():
+            if value is None:
+                self.execute("DELETE FROM custom_fields WHERE kind = ? AND owner_id = ?"
+                             " AND name = ?", (kind, owner_id, name))
+            else:
+                self.execute("INSERT INTO custom_fields (kind, owner_id, name, value)"
+                             " VALUES (?, ?, ?, ?) ON CONFLICT (kind, owner_id, name)"
+                             " DO UPDATE SET value = excluded.value",
+                             (kind, owner_id, name, value))
+
+    def custom_fields(self, kind: str, owner_id: str) -> list[sqlite3.Row]:
+        """A subject's or experiment's custom variables (rowid, name, value),
+        in the order they were first set."""
+        return self.query("SELECT rowid, name, value FROM custom_fields WHERE kind = ?"
+                          " AND owner_id = ? ORDER BY rowid", (kind, owner_id))
+
+    def custom_fields_of(self, kind: str, owner_ids: list[str]) -> dict[str, list[sqlite3.Row]]:
+        """Custom variables of many owners at once (one query for a listing)."""
+        out: dict[str, list[sqlite3.Row]] = {i: [] for i in owner_ids}
+        for row in self.query("SELECT rowid, owner_id, name, value FROM custom_fields"
+                              " WHERE kind = ? ORDER BY rowid", (kind,)):
+            if row["owner_id"] in out:
+                out[row["owner_id"]].append(row)
+        return out
 
     def subject(self, project_id: str | None, id_or_label: str) -> sqlite3.Row | None:
         """By accession ID anywhere, or by ID or label within a project (its own
@@ -174,12 +254,9 @@ class Store(ResourceFiles):
 
     # ------------------------------------------------------------- experiments
     def add_experiment(self, project_id: str, subject_id: str, label: str, xsi_type: str, *,
-                       user: str = "admin", **fields: str) -> str:
-        allowed = {"date", "time", "modality", "uid", "session_type", "scanner_manufacturer",
-                   "scanner_model", "field_strength"}
-        unknown = set(fields) - allowed
-        if unknown:
-            raise ValueError(f"unknown experiment fields {unknown}")
+                       user: str = "admin", custom: dict[str, str] | None = None,
+                       **fields: str) -> str:
+        _check_columns(fields, (*EXPERIMENT_FIELDS, *_EXPERIMENT_BASE))
         with self.transaction():
             if self.experiment(project_id, label):
                 raise StoreError(409, "Specified experiment already exists.")
@@ -192,6 +269,7 @@ class Store(ResourceFiles):
                 f"INSERT INTO experiments ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                 vals,
             )
+            self.set_custom_fields("experiment", eid, dict(custom or {}))
         return eid
 
     def experiment(self, project_id: str | None, id_or_label: str) -> sqlite3.Row | None:

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from .metadata import EXPERIMENT_FIELDS, SUBJECT_FIELDS
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS site (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -39,6 +41,9 @@ CREATE TABLE IF NOT EXISTS subjects (
     label TEXT NOT NULL, insert_date TEXT NOT NULL, insert_user TEXT NOT NULL,
     gender TEXT NOT NULL DEFAULT '', yob TEXT NOT NULL DEFAULT '',
     last_modified TEXT NOT NULL DEFAULT '', UNIQUE (project, label));
+CREATE TABLE IF NOT EXISTS custom_fields (
+    kind TEXT NOT NULL CHECK (kind IN ('subject', 'experiment')), owner_id TEXT NOT NULL,
+    name TEXT NOT NULL, value TEXT NOT NULL DEFAULT '', PRIMARY KEY (kind, owner_id, name));
 CREATE TABLE IF NOT EXISTS experiments (
     id TEXT PRIMARY KEY, project TEXT NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
     subject_id TEXT NOT NULL REFERENCES subjects(id) ON DELETE CASCADE,
@@ -171,7 +176,10 @@ class Database:
         """Data sets made before assessors: their resources gain an owner column.
         Data sets made before modification times: every item row gains
         ``last_modified`` (its insert date, or its session's), scans their
-        session's ``insert_date``/``insert_user``."""
+        session's ``insert_date``/``insert_user``. Data sets made before
+        demographics and session fields: subjects and experiments gain their
+        columns (:mod:`.metadata`), empty; custom variables live in their own
+        table, which the schema creates."""
         columns = {row["name"] for row in self._db.execute("PRAGMA table_info(resources)")}
         if "assessor_id" not in columns:
             self._db.execute("ALTER TABLE resources ADD COLUMN assessor_id TEXT"
@@ -195,6 +203,12 @@ class Database:
         self._db.execute("UPDATE resources SET last_modified = (SELECT e.insert_date FROM"
                          " experiments e WHERE e.id = resources.experiment_id)"
                          " WHERE last_modified = ''")
+        for table, fields in (("subjects", SUBJECT_FIELDS), ("experiments", EXPERIMENT_FIELDS)):
+            names = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for f in fields:
+                if f.column not in names:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {f.column} TEXT"
+                                     " NOT NULL DEFAULT ''")
         self._db.execute("DROP INDEX IF EXISTS resources_label")
         self._db.execute("DROP INDEX IF EXISTS resources_owner_label")
         self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS resources_owner_label2 ON resources"

@@ -16,6 +16,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from aiohttp import web
 
+from ..metadata import DEMOGRAPHICS, EXPERIMENT_FIELDS
 from ..store import Store
 from ..xnatformat import XnatHTTPError, child_field, item_json, json_response, text_response
 from . import itemxml
@@ -116,15 +117,14 @@ def subject_item(store: Store, s: sqlite3.Row) -> dict[str, Any]:
     assessors. (Subject-level resources are not modelled by this store.)"""
     children = _sharing(store, "subject", s["id"], "xnat:projectParticipant",
                         "xnat_projectParticipant_id", {"subject_ID": s["id"]})
-    if s["gender"] or s["yob"]:
+    demographics = demographic_values(s)
+    if demographics:
         number = _rowid(store, "subjects", s["id"])
-        demographics = item_json("xnat:demographicData", {
-            "gender": s["gender"] or None, "yob": int(s["yob"]) if s["yob"] else None,
-            "xnat_abstractdemographicdata_id": number,
+        item = item_json("xnat:demographicData", {
+            **demographics, "xnat_abstractdemographicdata_id": number,
             "xnat_abstractDemographicData_id": number}, last_modified=s["last_modified"])
-        demographics["data_fields"] = {k: v for k, v in demographics["data_fields"].items()
-                                       if v not in ("", None)}
-        children.append(child_field("demographics", [demographics]))
+        children.append(child_field("demographics", [item]))
+    children += _custom_fields(store, "subject", s["id"], s["last_modified"])
     resources = [resource_item(store, r) for r in store.owned_resources("subject", s["id"])]
     if resources:
         children.append(child_field("resources/resource", resources))
@@ -132,9 +132,40 @@ def subject_item(store: Store, s: sqlite3.Row) -> dict[str, Any]:
         "SELECT * FROM experiments WHERE subject_id = ? ORDER BY id", (s["id"],))]
     if experiments:
         children.append(child_field("experiments/experiment", experiments))
-    return item_json("xnat:subjectData", {
-        "ID": s["id"], "project": s["project"], "label": s["label"]}, children,
-        last_modified=s["last_modified"])
+    fields = {"ID": s["id"], "project": s["project"], "label": s["label"],
+              "group": s["subject_group"], "src": s["src"]}
+    return item_json("xnat:subjectData", {k: v for k, v in fields.items() if v != ""},
+                     children, last_modified=s["last_modified"])
+
+
+def demographic_values(s: sqlite3.Row) -> dict[str, Any]:
+    """A subject's demographics as XFT types them (yob an Integer, age a
+    Double...), in schema order, only those set."""
+    out: dict[str, Any] = {}
+    for f in DEMOGRAPHICS:
+        value = s[f.column]
+        if value == "":
+            continue
+        if f.kind == "integer" and value.lstrip("+-").isdigit():
+            out[f.shortcut] = int(value)
+        elif f.kind in ("double", "float"):
+            out[f.shortcut] = _java_double(value)
+        else:
+            out[f.shortcut] = value
+    return out
+
+
+def _custom_fields(store: Store, kind: str, owner_id: str,
+                   last_modified: str) -> list[dict[str, Any]]:
+    """The ``fields/field`` child: one item per custom variable, ``name`` and
+    ``field`` (its value), keyed as XFT keys the ``xnat:subjectData_field``
+    / ``xnat:experimentData_field`` tables."""
+    element = "xnat:subjectData_field" if kind == "subject" else "xnat:experimentData_field"
+    pk = element.replace(":", "_") + "_id"
+    items = [item_json(element, {"name": f["name"], "field": f["value"], pk: f["rowid"]},
+                       last_modified=last_modified)
+             for f in store.custom_fields(kind, owner_id)]
+    return [child_field("fields/field", items)] if items else []
 
 
 def _rowid(store: Store, table: str, key: str) -> int:
@@ -169,11 +200,13 @@ def experiment_item(store: Store, e: sqlite3.Row) -> dict[str, Any]:
     assessor_items = [assessor_item(store, a, e) for a in store.assessors(e["id"])]
     if assessor_items:
         children.append(child_field("assessors/assessor", assessor_items))
+    children += _custom_fields(store, "experiment", e["id"], e["last_modified"])
     # No insert_date/insert_user: they are meta, not fields of the item.
     fields = {"subject_ID": e["subject_id"], "scanner/model": e["scanner_model"],
               "scanner/manufacturer": e["scanner_manufacturer"], "date": e["date"],
               "time": e["time"], "modality": e["modality"], "project": e["project"],
-              "label": e["label"], "UID": e["uid"]}
+              "label": e["label"], "UID": e["uid"],
+              **{f.shortcut: e[f.column] for f in EXPERIMENT_FIELDS}}
     if e["xsi_type"] == "xnat:mrSessionData" and e["field_strength"]:
         fields["fieldStrength"] = _java_double(e["field_strength"])
     fields.update({"id": e["id"], "ID": e["id"], "session_type": e["session_type"]})

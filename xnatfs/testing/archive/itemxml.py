@@ -26,6 +26,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..metadata import DEMOGRAPHICS
 from ..store import Store
 from .files import ARCHIVE_ROOT, catalog_path
 from .resolve import Resolved
@@ -163,7 +164,8 @@ def project_node(store: Store, p: sqlite3.Row) -> Node:
 def subject_node(store: Store, s: sqlite3.Row, name: str | None = None) -> Node:
     """``xnat:subjectData``: sharing, demographics, then every experiment in full."""
     node = Node(name or ROOT_NAMES["xnat:subjectData"])
-    node.attr("ID", s["id"]).attr("project", s["project"]).attr("label", s["label"])
+    node.attr("ID", s["id"]).attr("project", s["project"]).attr("group", s["subject_group"])
+    node.attr("label", s["label"]).attr("src", s["src"])
     shares = [Node("xnat:share", children=[_hidden(("xnat_projectParticipant_id", r["n"]))])
               .attr("label", r["label"]).attr("project", r["project"]).attr("subject_ID", s["id"])
               for r in store.query("SELECT rowid AS n, project, label FROM shares"
@@ -172,12 +174,16 @@ def subject_node(store: Store, s: sqlite3.Row, name: str | None = None) -> Node:
     node.group("xnat:sharing", shares)
     node.group("xnat:resources", [resource_node(store, r, None, "xnat:resource")
                                   for r in store.owned_resources("subject", s["id"])])
-    if s["gender"] or s["yob"]:
+    if any(s[f.column] for f in DEMOGRAPHICS):
         rowid = store.aggregate("SELECT rowid AS n FROM subjects WHERE id = ?", (s["id"],))["n"]
         demo = Node("xnat:demographics").attr("xsi:type", "xnat:demographicData")
         demo.children.append(_hidden(("xnat_abstractDemographicData_id", rowid)))
-        demo.leaf("xnat:yob", s["yob"]).leaf("xnat:gender", s["gender"])
+        for f in DEMOGRAPHICS:
+            value = s[f.column]
+            demo.leaf(f"xnat:{f.shortcut}",
+                      _java_double(value) if f.kind in ("double", "float") else value)
         node.add(demo)
+    node.group("xnat:fields", _field_nodes(store, "subject", s["id"]))
     experiments = store.query("SELECT * FROM experiments WHERE subject_id = ? ORDER BY id",
                               (s["id"],))
     node.group("xnat:experiments", [experiment_node(store, e, "xnat:experiment")
@@ -204,15 +210,19 @@ def experiment_node(store: Store, e: sqlite3.Row, name: str | None = None) -> No
                                    " WHERE kind = 'experiment' AND id = ? ORDER BY project",
                                    (e["id"],))]
     node.group("xnat:sharing", shares)
-    node.leaf("xnat:date", e["date"]).leaf("xnat:time", e["time"])
+    node.leaf("xnat:date", e["date"]).leaf("xnat:time", e["time"]).leaf("xnat:note", e["note"])
     node.group("xnat:resources", [resource_node(store, r, e, "xnat:resource")
                                   for r in store.resources(e["id"], None)])
+    node.group("xnat:fields", _field_nodes(store, "experiment", e["id"]))
+    node.leaf("xnat:visit_id", e["visit_id"]).leaf("xnat:visit", e["visit"])
     # subjectAssessorData
     node.leaf("xnat:subject_ID", e["subject_id"])
     # imageSessionData
-    if e["scanner_manufacturer"] or e["scanner_model"]:
-        node.add(Node("xnat:scanner").attr("manufacturer", e["scanner_manufacturer"])
+    if e["scanner"] or e["scanner_manufacturer"] or e["scanner_model"]:
+        scanner = Node("xnat:scanner", text=e["scanner"] if e["scanner"] else None)
+        node.add(scanner.attr("manufacturer", e["scanner_manufacturer"])
                  .attr("model", e["scanner_model"]))
+    node.leaf("xnat:operator", e["operator"])
     node.group("xnat:scans", [scan_node(store, s, e, "xnat:scan") for s in store.scans(e["id"])])
     node.group("xnat:assessors", [assessor_node(store, a, e, "xnat:assessor")
                                   for a in store.assessors(e["id"])])
@@ -220,6 +230,12 @@ def experiment_node(store: Store, e: sqlite3.Row, name: str | None = None) -> No
     if xsi_type in ("xnat:mrSessionData", "xnat:petmrSessionData"):
         node.leaf("xnat:fieldStrength", _java_double(e["field_strength"]))
     return node
+
+
+def _field_nodes(store: Store, kind: str, owner_id: str) -> list[Node]:
+    """Custom variables: ``<xnat:field name="N">value</xnat:field>``."""
+    return [Node("xnat:field", text=f["value"]).attr("name", f["name"])
+            for f in store.custom_fields(kind, owner_id)]
 
 
 def _java_double(value: str) -> str:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .. import listings
 from ..listings import ListingSpec
+from ..metadata import EXPERIMENT_FIELDS, SUBJECT_FIELDS
 from ..store import Store
 from ..xnatformat import XnatHTTPError, table_response
 from .paths import ArchivePath
@@ -109,31 +110,48 @@ def _display_search_projects(request: web.Request, store: Store,
 
 
 # Subjects ------------------------------------------------------------
+# Custom variables as XNAT joins them: xnat:subjectData/fields/field/{name,field}.
+_FIELD_JOINS = {"fields/field/name": (("fields",), "field_name"),
+                "fields/field/field": (("fields",), "field_value")}
 SUBJECT_SPEC = ListingSpec(
     defaults=("ID", "project", "label", "insert_date", "insert_user"),
     aliases={"ID": "ID", "project": "project", "label": "label",
              "insert_date": "insert_date", "insert_user": "insert_user",
-             "last_modified": "last_modified",
-             "gender": "gender", "yob": "yob", "URI": "URI"},
+             "last_modified": "last_modified", "URI": "URI",
+             **{f.shortcut: f.shortcut for f in SUBJECT_FIELDS}},
+    joins=_FIELD_JOINS,
+    join_roots={"fields": "xnat:subjectdata"},
 )
+
+
+def _field_children(fields: list[sqlite3.Row]) -> list[dict[str, Any]]:
+    return [{"field_name": f["name"], "field_value": f["value"]} for f in fields]
 
 
 def list_subjects(request: web.Request, store: Store, access: Access,
                   res: Resolved) -> web.Response:
     project = res.project
-    if project is None:
-        raise XnatHTTPError(404, "The requested resource was not found.")
-    if not access.readable(project):
-        raise XnatHTTPError(403, f"Unable to read subjects for Project: {project['id']}")
-    # Its own subjects and those shared into it, under their label here.
+    if project is None:  # /data/subjects: those of every project the user reads
+        readable = [p["id"] for p in store.projects() if access.readable(p)]
+        subjects = store.query(
+            "SELECT s.*, s.label AS here_label FROM subjects s WHERE s.project IN"
+            f" ({','.join('?' * len(readable)) or 'NULL'}) ORDER BY s.label", readable)
+    else:
+        if not access.readable(project):
+            raise XnatHTTPError(403, f"Unable to read subjects for Project: {project['id']}")
+        # Its own subjects and those shared into it, under their label here.
+        subjects = store.query(
+            "SELECT s.*, COALESCE(h.label, s.label) AS here_label FROM subjects s"
+            " LEFT JOIN shares h ON h.kind = 'subject' AND h.id = s.id AND h.project = ?"
+            " WHERE s.project = ? OR h.id IS NOT NULL ORDER BY here_label",
+            (project["id"], project["id"]))
+    fields = store.custom_fields_of("subject", [s["id"] for s in subjects])
     rows = [{"ID": s["id"], "project": s["project"], "label": s["here_label"],
              "insert_date": s["insert_date"], "insert_user": s["insert_user"],
-             "last_modified": s["last_modified"], "gender": s["gender"], "yob": s["yob"], "URI": f"/data/subjects/{s['id']}"}
-            for s in store.query(
-                "SELECT s.*, COALESCE(h.label, s.label) AS here_label FROM subjects s"
-                " LEFT JOIN shares h ON h.kind = 'subject' AND h.id = s.id AND h.project = ?"
-                " WHERE s.project = ? OR h.id IS NOT NULL ORDER BY here_label",
-                (project["id"], project["id"]))]
+             "last_modified": s["last_modified"], "URI": f"/data/subjects/{s['id']}",
+             **{f.shortcut: s[f.column] for f in SUBJECT_FIELDS},
+             listings.join_key("fields"): _field_children(fields[s["id"]])}
+            for s in subjects]
     return listings.render(request, SUBJECT_SPEC, rows)
 
 
@@ -145,7 +163,24 @@ EXPERIMENT_ALIASES = {
     "subject_label": "subject_label", "time": "time", "modality": "modality",
     "UID": "UID", "session_type": "session_type", "URI": "URI",
     "xnat:subjectassessordata/id": "ID",
+    **{f.shortcut: f.shortcut for f in EXPERIMENT_FIELDS},
 }
+# A session's scans (and each scan's resources) and an experiment's custom
+# variables, joined as QueryOrganizer joins them.
+_SCAN_COLUMNS = {"id": "scan_id", "type": "type", "series_description": "series_description",
+                 "quality": "quality", "frames": "frames", "note": "note"}
+EXPERIMENT_JOINS = {
+    **{f"scans/scan/{leaf}": (("scans",), f"scan_{key}") for leaf, key in _SCAN_COLUMNS.items()},
+    "scans/scan/file/label": (("scans", "files"), "file_label"),
+    **_FIELD_JOINS,
+}
+# Scans belong to image sessions; fields to any experiment.
+_SESSION_ROOT = r"xnat:(image|[a-z]+)sessiondata"
+EXPERIMENT_JOIN_ROOTS = {"scans": _SESSION_ROOT,
+                         "fields": rf"xnat:(experimentdata|subjectassessordata|{_SESSION_ROOT[5:]})"}
+# xsiType= names an element; XNAT lists it and every element extending it.
+_EXTENDED_BY = {"xnat:experimentdata": "%", "xnat:subjectassessordata": "%",
+                "xnat:imagesessiondata": "%sessiondata"}
 
 
 def list_experiments(request: web.Request, store: Store, access: Access, path: ArchivePath,
@@ -179,10 +214,15 @@ def list_experiments(request: web.Request, store: Store, access: Access, path: A
         args.append(res.subject["id"])
     xsi_type = request.query.get("xsiType")
     if xsi_type:
-        where.append("lower(e.xsi_type) = lower(?)")
-        args.append(xsi_type)
+        pattern = _EXTENDED_BY.get(xsi_type.lower())
+        where.append("lower(e.xsi_type) LIKE ?" if pattern else "lower(e.xsi_type) = lower(?)")
+        args.append(pattern or xsi_type)
     rows = []
-    for e in store.query(f"{sql} WHERE {' AND '.join(where)} ORDER BY here_label", args):
+    experiments = store.query(f"{sql} WHERE {' AND '.join(where)} ORDER BY here_label", args)
+    joined = _requested(request, ("scans/scan/", "fields/field/"))
+    fields = (store.custom_fields_of("experiment", [e["id"] for e in experiments])
+              if "fields/field/" in joined else {})
+    for e in experiments:
         rows.append({
             "ID": e["id"], "project": e["project"], "date": e["date"],
             "xsiType": e["xsi_type"], "label": e["here_label"],
@@ -190,6 +230,10 @@ def list_experiments(request: web.Request, store: Store, access: Access, path: A
             "last_modified": e["last_modified"], "subject_ID": e["subject_id"], "subject_label": e["subject_label"],
             "time": e["time"], "modality": e["modality"], "UID": e["uid"],
             "session_type": e["session_type"], "URI": f"/data/experiments/{e['id']}",
+            **{f.shortcut: e[f.column] for f in EXPERIMENT_FIELDS},
+            listings.join_key("scans"): (_scan_children(store, e["id"])
+                                        if "scans/scan/" in joined else []),
+            listings.join_key("fields"): _field_children(fields.get(e["id"], [])),
         })
     defaults = ["ID", "project", "date", "xsiType", "label", "insert_date"]
     if "project" not in path.ids and "subject" not in path.ids:
@@ -201,8 +245,28 @@ def list_experiments(request: web.Request, store: Store, access: Access, path: A
     # (xsiType=) is a secured one (ProjSubExptList.java:325-328,
     # ExperimentListResource.java:210-213).
     always = () if xsi_type else ("xsiType", "project")
-    spec = ListingSpec(defaults=defaults, aliases=aliases, pk_column=pk, always=always)
+    spec = ListingSpec(defaults=defaults, aliases=aliases, pk_column=pk, always=always,
+                       joins=EXPERIMENT_JOINS, join_roots=EXPERIMENT_JOIN_ROOTS)
     return listings.render(request, spec, rows)
+
+
+def _requested(request: web.Request, tails: tuple[str, ...]) -> set[str]:
+    """Which of the joinable children (``scans/scan/``...) the columns name,
+    so a listing loads only those."""
+    columns = [c.strip().lower().partition("/")[2]
+               for c in (request.query.get("columns") or "").split(",")]
+    return {t for t in tails if any(c.startswith(t) for c in columns)}
+
+
+def _scan_children(store: Store, experiment_id: str) -> list[dict[str, Any]]:
+    """A session's scans in scan order, each with its resources' labels."""
+    children = []
+    for s in store.scans(experiment_id):
+        files = [{"file_label": r["label"]} for r in store.resources(experiment_id, s["pk"])]
+        children.append({**{f"scan_{key}": s[key]
+                            for key in _SCAN_COLUMNS.values()},
+                         listings.join_key("files"): files})
+    return children
 
 
 # Scans -----------------------------------------------------------------

@@ -53,7 +53,8 @@ def put_object(request: web.Request, store: Store, access: Access,
         xsi_type = query.get("xsiType", "xnat:mrSessionData")
         fields = _prefixed_fields(query, xsi_type, {"date", "time", "modality", "UID"})
         new_label = fields.pop("label", "") or query.get("label") or label
-        extra = {k.lower() if k != "UID" else "uid": v for k, v in fields.items()
+        extra: dict[str, Any] = {k.lower() if k != "UID" else "uid": v
+                                 for k, v in fields.items()
                  if k in ("date", "time", "modality", "UID")}
         eid = store.add_experiment(res.project["id"], res.subject["id"], new_label,
                                    xsi_type, user=access.caller.login, **extra)
@@ -178,6 +179,8 @@ def _delete_subject(store: Store, subject_id: str) -> None:
     for e in store.query("SELECT id FROM experiments WHERE subject_id = ?", (subject_id,)):
         _delete_experiment(store, e["id"])
     store.execute("DELETE FROM shares WHERE kind = 'subject' AND id = ?", (subject_id,))
+    store.execute("DELETE FROM custom_fields WHERE kind = 'subject' AND owner_id = ?",
+                  (subject_id,))
     store.execute("DELETE FROM subjects WHERE id = ?", (subject_id,))
 
 
@@ -185,6 +188,8 @@ def _delete_experiment(store: Store, experiment_id: str) -> None:
     for r in store.query("SELECT id FROM resources WHERE experiment_id = ?", (experiment_id,)):
         store.delete_resource(r["id"])
     store.execute("DELETE FROM shares WHERE kind = 'experiment' AND id = ?", (experiment_id,))
+    store.execute("DELETE FROM custom_fields WHERE kind = 'experiment' AND owner_id = ?",
+                  (experiment_id,))
     store.execute("DELETE FROM experiments WHERE id = ?", (experiment_id,))
 
 
