@@ -101,8 +101,8 @@ def test_outline_matches_the_recorded_session(http: httpx.Client) -> None:
 def test_session_nests_scans_files_resources_assessors(http: httpx.Client) -> None:
     root = ET.fromstring(get_xml(http, "/data/experiments/XNAT_E00002"))
     children = [c.tag.removeprefix(XNAT) for c in root]
-    assert children == ["date", "time", "resources", "subject_ID", "scanner", "scans",
-                        "assessors", "fieldStrength"]
+    assert children == ["date", "time", "resources", "fields", "visit_id", "visit",
+                        "subject_ID", "scanner", "scans", "assessors", "fieldStrength"]
     scan = root.find(f"{XNAT}scans/{XNAT}scan")
     assert scan is not None and scan.attrib[XSI_TYPE] == "xnat:mrScanData"
     files = scan.findall(f"{XNAT}file")

@@ -202,3 +202,235 @@ def test_old_database_gains_the_metadata_columns(tmp_path: Path) -> None:
             == [("site", "B")]
     finally:
         store.close()
+
+
+# PUT updates ------------------------------------------------------------------
+def _subject(http: httpx.Client, project: str, label: str) -> dict[str, str]:
+    """A subject's listing row with every metadata column."""
+    result = rows(http, f"/data/projects/{project}/subjects?format=json&label={label}"
+                        "&columns=ID,label,group,src,dob,yob,age,gender,handedness,education")
+    assert len(result) == 1, result
+    return result[0]
+
+
+def _fields(http: httpx.Client, url: str) -> dict[str, str]:
+    item = http.get(f"{url}?format=json").json()["items"][0]
+    children = {c["field"]: c["items"] for c in item["children"]}
+    return {f["data_fields"]["name"]: f["data_fields"].get("field", "")
+            for f in children.get("fields/field", [])}
+
+
+@pytest.fixture(scope="module")
+def writable(http: httpx.Client) -> str:
+    """Project W, where the write tests make their own subjects."""
+    assert http.put("/data/projects/W").status_code == 201
+    return "W"
+
+
+def test_put_creates_a_subject_with_shortcut_and_custom_field(http: httpx.Client,
+                                                              writable: str) -> None:
+    url = f"/data/projects/{writable}/subjects/NEW1"
+    field = "xnat:subjectData/fields/field[name=diagnosis]/field"
+    # The "=" inside the key is percent-encoded (pyxnat quotes it, xnatpy's
+    # requests does): a raw one ends the parameter name, in Restlet as here.
+    response = http.put(url, params={"xsiType": "xnat:subjectData", "gender": "female",
+                                     field: "ADHD"})
+    assert response.status_code == 201
+    assert response.text.startswith("XNAT_S")
+    assert _subject(http, writable, "NEW1")["gender"] == "female"
+    assert _fields(http, url) == {"diagnosis": "ADHD"}
+    again = http.put(url, params={"xsiType": "xnat:subjectData", "gender": "male",
+                                  field: "none"})
+    assert (again.status_code, again.text) == (200, response.text)
+    assert _subject(http, writable, "NEW1")["gender"] == "male"
+    assert _fields(http, url) == {"diagnosis": "none"}
+
+
+def test_put_updates_with_shortcuts_and_xpaths(http: httpx.Client, writable: str) -> None:
+    url = f"/data/projects/{writable}/subjects/UPD1"
+    assert http.put(url).status_code == 201
+    assert http.put(f"{url}?yob=1970&group=control&handedness=right&src=referral"
+                    ).status_code == 200
+    row = _subject(http, writable, "UPD1")
+    assert (row["yob"], row["group"], row["handedness"], row["src"]) == (
+        "1970", "control", "right", "referral")
+    demo = "xnat:subjectData/demographics[@xsi:type=xnat:demographicData]"
+    assert http.put(url, params={f"{demo}/education": "16", f"{demo}/dob": "03/04/1970"}
+                    ).status_code == 200
+    row = _subject(http, writable, "UPD1")
+    assert (row["education"], row["dob"]) == ("16", "1970-03-04")
+    # A form body, as XNAT's TestCustomVariables sends one.
+    response = http.put(url, data={"xnat:subjectData/fields/field[name=site]/field": "B"})
+    assert response.status_code == 200
+    assert _fields(http, url) == {"site": "B"}
+
+
+@pytest.mark.parametrize("query,message", [
+    ("gender=maybe", "'{\"http://nrg.wustl.edu/xnat\":gender}' 'maybe' Must Match "
+                     "Pre-Defined Values...(male,female,other,unknown,M,F)"),
+    ("handedness=both", "'both' Must Match Pre-Defined Values..."),
+    ("yob=nineteen", "'{\"http://nrg.wustl.edu/xnat\":yob}' Must Be A Valid Integer"),
+    ("education=1.5", "Must Be A Valid Integer"),
+    ("dob=1970-31-31", "'{\"http://nrg.wustl.edu/xnat\":dob}' Must Be A Valid Date"),
+    ("age=old", "Must Be A Valid Double"),
+])
+def test_refused_values_change_nothing(http: httpx.Client, writable: str, query: str,
+                                       message: str) -> None:
+    url = f"/data/projects/{writable}/subjects/REF1"
+    assert http.put(f"{url}?gender=male&yob=1980&handedness=left").status_code in (200, 201)
+    before = _subject(http, writable, "REF1")
+    key, _, value = query.partition("=")
+    response = http.put(url, params={key: value, "group": "changed",
+                                     "xnat:subjectData/fields/field[name=f]/field": "v"})
+    assert response.status_code == 400
+    assert "The content of element 'xnat:demographicData' is not complete." in response.text
+    assert message in response.text
+    assert _subject(http, writable, "REF1") == before
+    assert _fields(http, url) == {}
+    # Creation is refused the same way: no subject appears.
+    assert http.put(f"/data/projects/{writable}/subjects/REF_NEW?{query}").status_code == 400
+    assert rows(http, f"/data/projects/{writable}/subjects?format=json&label=REF_NEW") == []
+
+
+def test_enumeration_ignores_case_and_null_empties(http: httpx.Client, writable: str) -> None:
+    url = f"/data/projects/{writable}/subjects/CASE1"
+    assert http.put(f"{url}?gender=Female&yob=1990").status_code == 201
+    assert _subject(http, writable, "CASE1")["gender"] == "Female"
+    assert http.put(f"{url}?yob=NULL").status_code == 200
+    assert _subject(http, writable, "CASE1")["yob"] == ""
+
+
+def test_put_updates_a_session_visit_and_custom_field(http: httpx.Client,
+                                                       writable: str) -> None:
+    subject = f"/data/projects/{writable}/subjects/SES1"
+    assert http.put(subject).status_code == 201
+    session = f"{subject}/experiments/SES1_MR1"
+    created = http.put(f"{session}?xsiType=xnat:mrSessionData&visit=v1&scanner=Prisma")
+    assert created.status_code == 201
+    response = http.put(session, params={
+        "xsiType": "xnat:mrSessionData", "visit": "v2",
+        "xnat:mrSessionData/fields/field[name=x]/field": "y"})
+    assert (response.status_code, response.text) == (200, created.text)
+    item = http.get(f"{session}?format=json").json()["items"][0]
+    assert (item["data_fields"]["visit"], item["data_fields"]["scanner"]) == ("v2", "Prisma")
+    assert _fields(http, session) == {"x": "y"}
+    # Without xsiType, and through xnat:experimentData: the same.
+    assert http.put(session, params={"xnat:experimentData/fields/field[name=x]/field": "z",
+                                     "note": "n"}).status_code == 200
+    item = http.get(f"{session}?format=json").json()["items"][0]
+    assert item["data_fields"]["note"] == "n"
+    assert _fields(http, session) == {"x": "z"}
+
+
+def test_experiment_resource_takes_xpaths_not_shortcuts(http: httpx.Client,
+                                                        writable: str) -> None:
+    """/data/experiments/{ID} is ExperimentResource, which registers no shortcuts."""
+    subject = f"/data/projects/{writable}/subjects/SES2"
+    assert http.put(subject).status_code == 201
+    eid = http.put(f"{subject}/experiments/SES2_MR1?xsiType=xnat:mrSessionData").text
+    assert http.put(f"/data/experiments/{eid}?visit=ignored"
+                    "&xnat:mrSessionData/visit_id=V7").status_code == 200
+    item = http.get(f"/data/experiments/{eid}?format=json").json()["items"][0]
+    assert item["data_fields"].get("visit") is None
+    assert item["data_fields"]["visit_id"] == "V7"
+
+
+def test_xnatpy_reads_and_sets_demographics_and_fields(server: TestServer,
+                                                      writable: str) -> None:
+    import xnat  # a test dependency (pyproject.toml)
+    with xnat.connect(server.url, user="admin", password="admin", loglevel="ERROR") as session:
+        subject = session.projects["P"].subjects["S1"]
+        assert subject.demographics.gender == "male"
+        assert subject.demographics.yob == 1970
+        assert subject.group == "control"
+        assert {k: v.value if hasattr(v, "value") else v for k, v in subject.fields.items()
+                } == {"diagnosis": "ADHD", "site": "A"}
+        created = session.classes.SubjectData(parent=session.projects[writable], label="PY1")
+        created.fields["cohort"] = "one"
+        created.demographics.gender = "other"
+        created.clearcache()
+    with httpx.Client(base_url=server.url, auth=("admin", "admin")) as http:
+        url = f"/data/projects/{writable}/subjects/PY1"
+        assert _fields(http, url) == {"cohort": "one"}
+        assert _subject(http, writable, "PY1")["gender"] == "other"
+
+
+def test_pyxnat_arrays_read_joined_scans(server: TestServer) -> None:
+    import pyxnat  # a test dependency (pyproject.toml)
+    interface = pyxnat.Interface(server=server.url, user="admin", password="admin")
+    try:
+        scans = interface.array.scans(project_id="P")
+        assert sorted(scans.get("xnat:imagescandata/id")) == ["1", "2"]
+        experiments = interface.array.experiments(project_id="P",
+                                                  experiment_type="xnat:imageSessionData")
+        assert sorted(experiments.get("ID")) == sorted(
+            r["ID"] for r in interface._get_json(
+                "/data/projects/P/experiments?format=json&xsiType=xnat:imageSessionData"))
+    finally:
+        interface.disconnect()
+
+
+# Accession IDs (reference section 7) -------------------------------------------
+def test_project_paths_take_an_id_from_another_project(http: httpx.Client,
+                                                      writable: str) -> None:
+    """ExperimentResource and SubjectResource look an ID up anywhere first."""
+    eid = rows(http, "/data/projects/P/experiments?format=json&label=S1_MR1")[0]["ID"]
+    sid = rows(http, "/data/projects/P/subjects?format=json&label=S1")[0]["ID"]
+    item = http.get(f"/data/projects/{writable}/experiments/{eid}?format=json")
+    assert item.status_code == 200
+    assert item.json()["items"][0]["data_fields"]["label"] == "S1_MR1"
+    item = http.get(f"/data/projects/{writable}/subjects/{sid}?format=json")
+    assert item.json()["items"][0]["data_fields"]["label"] == "S1"
+    # SubjAssessmentResource does not check the subject of the path on GET.
+    item = http.get(f"/data/projects/P/subjects/S2/experiments/{eid}?format=json")
+    assert item.json()["items"][0]["data_fields"]["ID"] == eid
+    # /data/experiments/{X} takes IDs only.
+    assert http.get("/data/experiments/S1_MR1?format=json").status_code == 404
+    # A label, unlike an ID, is looked up in the project of the path only.
+    assert http.get(f"/data/projects/{writable}/experiments/S1_MR1?format=json"
+                    ).status_code == 404
+
+
+def test_assessor_ids_resolve_with_their_projects(server: TestServer) -> None:
+    data = server.data_dir
+    with httpx.Client(base_url=server.url, auth=("admin", "admin")) as http:
+        session = http.get("/data/projects/P/subjects/S1/experiments/S1_MR1"
+                           "/assessors/S1_MR1_QC?xsiType=xnat:qcManualAssessorData")
+        assert session.status_code == 404
+        created = http.put("/data/projects/P/subjects/S1/experiments/S1_MR1"
+                           "/assessors/S1_MR1_QC?xsiType=xnat:qcManualAssessorData")
+        assert created.status_code == 201, created.text
+        aid = created.text
+        projects = http.get(f"/data/experiments/{aid}/projects?format=json")
+        assert projects.status_code == 200, (data, projects.text)
+        assert [(r["ID"], r["label"]) for r in projects.json()["ResultSet"]["Result"]] == [
+            ("P", "S1_MR1_QC")]
+        item = http.get(f"/data/projects/P/experiments/{aid}?format=json")
+        assert item.json()["items"][0]["meta"]["xsi:type"] == "xnat:qcManualAssessorData"
+
+
+# The demo data set ---------------------------------------------------------------
+def test_demo_subjects_and_sessions_carry_metadata(demo_server: TestServer) -> None:
+    with httpx.Client(base_url=demo_server.url, auth=("admin", "admin"), timeout=60) as http:
+        subjects = rows(http, f"/data/projects/NEURO_PUB/subjects?format=json"
+                              f"&columns={SUBJECT_COLUMNS}")
+        sessions = rows(http, "/data/projects/NEURO_PUB/experiments?format=json"
+                              f"&xsiType=xnat:imageSessionData&columns={SESSION_COLUMNS}")
+    name = "xnat:subjectdata/fields/field/name"
+    by_subject: dict[str, dict[str, str]] = {}
+    for row in subjects:
+        by_subject.setdefault(row["label"], {})[row[name]] = row[
+            "xnat:subjectdata/fields/field/field"]
+    assert set(by_subject) == {"NP001", "NP002", "NP 003"}
+    assert all(set(fields) == {"diagnosis", "site"} for fields in by_subject.values())
+    first = {r["label"]: r for r in subjects}
+    # Age is recorded three ways across the subjects, one each.
+    assert [bool(first[s]["yob"]) for s in ("NP001", "NP002", "NP 003")] == [True, False, False]
+    assert first["NP002"]["dob"].startswith("1975-") and first["NP 003"]["age"]
+    assert {first[s]["group"] for s in first} == {"control", "patient"}
+    assert all(first[s]["gender"] and first[s]["handedness"] for s in first)
+    assert [(r["label"], r["visit_id"], r["xnat:experimentdata/fields/field/name"])
+            for r in sessions] == [
+        ("NP 003_MR1", "v1", "protocol_version"), ("NP001_MR1", "v1", "protocol_version"),
+        ("NP001_MR2", "v2", "protocol_version"), ("NP002_MR1", "v1", "protocol_version")]
+    assert all(r["scanner"] for r in sessions)

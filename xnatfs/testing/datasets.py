@@ -27,7 +27,15 @@ SAMPLES     public         none          admin owner      pydicom_1CT1_CT,
 BENCH       private        member        admin owner      BENCH001_MR1 ... BENCH004_MR2
 ==========  =============  ============  ===============  ============================
 
-Session labels are ``<subject>_<modality><n>``. ``SAMPLES`` holds the real
+Session labels are ``<subject>_<modality><n>``.
+
+What XNAT knows about them: every subject with a gender has demographics
+(gender, handedness, education, and in turn a year of birth, a date of birth
+or an age at the first visit), a group (``control``/``patient``) and two
+custom variables, ``diagnosis`` and ``site``; ALICE_LAB's ``AL01`` has none.
+Every session has a visit (``visit_id`` ``v<n>``, ``visit`` ``Visit <n>``
+for its subject's n-th session), a scanner name and a custom variable
+``protocol_version``. ``SAMPLES`` holds the real
 sample files shipped inside the installed pydicom and nibabel packages
 (``CT_small.dcm``, ``MR_small.dcm``, nibabel's two Siemens DTI slices, with
 nibabel's NIfTI examples in a session resource ``NIFTI``); files missing from
@@ -237,13 +245,41 @@ def _add_project(store: Store, project: _Project, protocols: dict[str, tuple[Sca
                       accessibility=project.accessibility, owner=project.owner, pi=project.pi)
     for login, role in project.roles:
         store.set_role(project.id, login, role)
-    for subject in project.subjects:
+    for number, subject in enumerate(project.subjects):
+        values, custom = _subject_metadata(project, number, subject)
         subject_id = store.add_subject(project.id, subject.label, user=project.owner,
-                                       gender=subject.gender, yob=subject.yob)
-        for session in subject.sessions:
+                                       custom=custom, **values)
+        for visit, session in enumerate(subject.sessions, start=1):
             with store.transaction():
-                _add_session(store, project, subject, subject_id, session,
+                _add_session(store, project, subject, subject_id, session, visit,
                              protocols[session.modality], matrix, slices)
+
+
+_HANDEDNESS = ("right", "right", "left", "ambidextrous")
+_DIAGNOSES = ("control", "patient")
+
+
+def _subject_metadata(project: _Project, number: int,
+                      subject: _Subject) -> tuple[dict[str, str], dict[str, str]]:
+    """Demographics, group and two custom variables, a pure function of the
+    subject's place in its project. The age is given three ways in turn:
+    year of birth, date of birth, age at the first visit."""
+    if not subject.gender:  # ALICE_LAB's pilot subject: nothing recorded
+        return {}, {}
+    values = {"gender": subject.gender, "handedness": _HANDEDNESS[number % 4],
+              "education": str(12 + 2 * (number % 4)),
+              "subject_group": _DIAGNOSES[number % 2]}
+    born = int(subject.yob)
+    if number % 3 == 0:
+        values["yob"] = subject.yob
+    elif number % 3 == 1:
+        values["dob"] = f"{born}-{1 + number % 12:02d}-{10 + number % 18:02d}"
+    else:
+        first = subject.sessions[0].date if subject.sessions else f"{born + 40}-01-01"
+        values["age"] = str(int(first[:4]) - born)
+    custom = {"diagnosis": _DIAGNOSES[number % 2],
+              "site": f"{project.id.split('_')[0].split('-')[0].lower()}-{1 + number % 2}"}
+    return values, custom
 
 
 def _study_uid(project_id: str, session_label: str) -> str:
@@ -251,7 +287,7 @@ def _study_uid(project_id: str, session_label: str) -> str:
 
 
 def _add_session(store: Store, project: _Project, subject: _Subject, subject_id: str,
-                 session: _Session, protocol: tuple[ScanPlan, ...], matrix: int,
+                 session: _Session, visit: int, protocol: tuple[ScanPlan, ...], matrix: int,
                  slices: int) -> None:
     study_uid = _study_uid(project.id, session.label)
     # Pixel noise and head placement differ per session, as they would.
@@ -261,7 +297,9 @@ def _add_session(store: Store, project: _Project, subject: _Subject, subject_id:
         user=project.owner, date=session.date, time=session.time, modality=session.modality,
         uid=study_uid, session_type=_SESSION_TYPES[session.modality],
         scanner_manufacturer=session.manufacturer, scanner_model=session.model,
-        field_strength=session.field_strength)
+        field_strength=session.field_strength, visit_id=f"v{visit}", visit=f"Visit {visit}",
+        scanner=f"{session.manufacturer.split()[0]}_{session.model}".upper()[:32],
+        custom={"protocol_version": f"{2022 + visit}.1"})
     for scan in protocol:
         series = DicomSeries(
             patient_name=subject.label, patient_id=session.label, study_uid=study_uid,

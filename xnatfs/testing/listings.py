@@ -57,6 +57,11 @@ class ListingSpec:
     # Which root elements each top-level join accepts (``xnat:mrSessionData``
     # for ``scans``), as a regular expression matched against the lower-cased root.
     join_roots: Mapping[str, str] = field(default_factory=dict)
+    # Child elements named as roots of their own (``xnat:imageScanData/ID``, as
+    # pyxnat's ``Interface.array.scans`` asks): a regular expression for the
+    # lower-cased root -> (child path, lower-cased leaf -> row key).
+    child_elements: Mapping[str, tuple[tuple[str, ...], Mapping[str, str]]] = field(
+        default_factory=dict)
 
 
 def join_key(child: str) -> str:
@@ -64,16 +69,19 @@ def join_key(child: str) -> str:
     return f"\x00join:{child}"
 
 
-def _joined_column(spec: ListingSpec, name: str) -> tuple[str, ...] | None:
-    """The child path of an xpath column that joins a child, or None."""
+def _joined_column(spec: ListingSpec, name: str) -> tuple[tuple[str, ...], str] | None:
+    """The child path and row key of an xpath column that joins a child, or None."""
     root, _, tail = name.lower().partition("/")
+    for pattern, (path, leaves) in spec.child_elements.items():
+        if re.fullmatch(pattern, root) and tail in leaves:
+            return path, leaves[tail]
     found = spec.joins.get(tail)
     if found is None:
         return None
-    pattern = spec.join_roots.get(found[0][0])
-    if pattern is not None and not re.fullmatch(pattern, root):
+    root_pattern = spec.join_roots.get(found[0][0])
+    if root_pattern is not None and not re.fullmatch(root_pattern, root):
         return None
-    return found[0]
+    return found
 
 
 def choose_columns(request: web.Request, spec: ListingSpec) -> list[tuple[str, str]]:
@@ -90,9 +98,8 @@ def choose_columns(request: web.Request, spec: ListingSpec) -> list[tuple[str, s
                 names.extend(spec.defaults)
             elif name in spec.aliases:
                 names.append(name)
-            elif "/" in name and _joined_column(spec, name) is not None:
-                key = spec.joins[name.lower().partition("/")[2]][1]
-                names.append(f"\x00{name.lower()}\x00\x01{key}")
+            elif "/" in name and (joined := _joined_column(spec, name)) is not None:
+                names.append(f"\x00{name.lower()}\x00\x01{joined[1]}")
             elif "/" in name:
                 # An xpath such as xnat:mrSessionData/label: known leaf, lower-cased name.
                 leaf = name.rsplit("/", 1)[1]
@@ -172,9 +179,9 @@ def _requested_joins(request: web.Request, spec: ListingSpec) -> set[tuple[str, 
     wanted = request.query.get("columns") or ""
     paths = set()
     for raw in wanted.split(","):
-        path = _joined_column(spec, raw.strip()) if "/" in raw else None
-        if path is not None:
-            paths.add(path)
+        joined = _joined_column(spec, raw.strip()) if "/" in raw else None
+        if joined is not None:
+            paths.add(joined[0])
     return paths
 
 

@@ -88,21 +88,19 @@ def validation_error(element: str, f: Field, value: str) -> str | None:
     if value == "":
         return None
     problem = None
-    if f.kind == "integer":
-        try:
-            int(value) if _INTEGER.match(value) else int("x")
-        except ValueError:
-            if value.upper() not in ("INF", "NAN", "NULL"):
-                problem = "Must Be A Valid Integer"
-    elif f.kind in ("double", "float"):
+    exempt = value.upper() in ("INF", "NAN", "NULL")  # never refused by a type check
+    if f.kind == "integer" and not _INTEGER.match(value) and not exempt:
+        problem = "Must Be A Valid Integer"
+    elif f.kind in ("double", "float") and not exempt:
         try:
             float(value)
         except ValueError:
             problem = f"Must Be A Valid {f.kind.capitalize()}"
-    elif f.kind == "date":
-        if not _valid_date(value):
-            problem = "Must Be A Valid Date"
-    if problem is None and f.allowed and value not in f.allowed:
+    elif f.kind == "date" and not exempt and not _valid_date(value):
+        problem = "Must Be A Valid Date"
+    # The enumeration compares trimmed and ignoring case (XFTValidator:238-243).
+    if (problem is None and f.allowed
+            and value.strip().lower() not in {a.lower() for a in f.allowed}):
         problem = f"'{value}' Must Match Pre-Defined Values...({','.join(f.allowed)})"
     if problem is None:
         return None
@@ -110,21 +108,21 @@ def validation_error(element: str, f: Field, value: str) -> str | None:
             f"'{{\"http://nrg.wustl.edu/xnat\":{f.shortcut}}}' {problem}")
 
 
+# DateUtils' date formats (xft/utils/DateUtils.java:64-68).
+_DATE_FORMATS = ("%Y-%m-%d", "%m/%d/%Y", "%m.%d.%Y", "%Y%m%d")
+
+
 def _valid_date(value: str) -> bool:
-    """XFT's DateUtils.parseDate takes ISO dates and US ones (MM/dd/yyyy)."""
-    for fmt in ("%Y-%m-%d", "%m/%d/%Y", "%m/%d/%y", "%Y/%m/%d"):
+    return iso_date(value) is not None
+
+
+def iso_date(value: str) -> str | None:
+    """A date in one of DateUtils' formats as the database keeps it
+    (``yyyy-MM-dd``), or None. (Java's lenient parsing, which also takes
+    ``2020-13-45``, is not copied.)"""
+    for fmt in _DATE_FORMATS:
         try:
-            dt.datetime.strptime(value, fmt)
-            return True
+            return dt.datetime.strptime(value, fmt).strftime("%Y-%m-%d")
         except ValueError:
             continue
-    return False
-
-
-def validate_subject(values: dict[str, str]) -> None:
-    """Refuse (ValidationFailure) a set of subject column values XNAT would."""
-    problems = [msg for f in SUBJECT_FIELDS if f.column in values
-                for msg in [validation_error("xnat:demographicData", f, values[f.column])]
-                if msg]
-    if problems:
-        raise ValidationFailure(problems)
+    return None

@@ -48,7 +48,7 @@ class ArchiveRoutes:
         if path.collection == "projects" and path.level == "root":
             request["route"] = "projects.list"
             return tables.list_projects(request, self.store, access)
-        res = resolve(self.store, access, path, flat_assessor=True)
+        res = resolve(self.store, access, path, flat_assessor=True, get=True)
         if path.collection is None:
             request["route"] = f"{path.level}.get"
             return items.get_item(request, self.store, path, res)
@@ -71,4 +71,5 @@ class ArchiveRoutes:
         request["route"] = f"{path.level}.put"
         if path.level == "resource":
             return filewrites.put_resource(request, self.store, access, path)
-        return writes.put_object(request, self.store, access, path)
+        params = await writes.put_params(request)
+        return writes.put_object(request, self.store, access, path, params)

@@ -96,9 +96,10 @@ class Access:
 
 
 def resolve(store: Store, access: Access, path: ArchivePath, *, for_write: bool = False,
-            flat_assessor: bool = False) -> Resolved:
+            flat_assessor: bool = False, get: bool = False) -> Resolved:
     """The rows ``path`` names, level by level. ``flat_assessor``: a GET of
-    ``/data/experiments/{ID}`` may name an assessor (the URI its listing gives)."""
+    ``/data/experiments/{ID}`` may name an assessor (the URI its listing gives).
+    ``get``: a GET, whose item resources look accession IDs up first."""
     out = Resolved()
     ids = path.ids
     if "project" in ids:
@@ -106,12 +107,20 @@ def resolve(store: Store, access: Access, path: ArchivePath, *, for_write: bool 
         if project is None or not access.visible(project):
             raise XnatHTTPError(404, f"Unable to find project {ids['project']}.")
         out.project = project
+    # ExperimentResource, SubjectResource and SubjAssessmentResource (an item
+    # GET, or its projects) try an accession ID anywhere first, then the label
+    # in the project, and do not check the subject of the path.
+    item_get = (get and path.collection in (None, "projects")
+                and path.level in ("subject", "experiment") and out.project is not None)
     if "subject" in ids:
-        if out.project is not None:
+        subject = None
+        if item_get:
+            subject = _readable(store, access, store.subject(None, ids["subject"]))
+        if subject is None and out.project is not None:
             subject = store.subject(out.project["id"], ids["subject"])
-            if subject is None:
+            if subject is None and not (item_get and path.level == "experiment"):
                 raise XnatHTTPError(404, f"Unable to identify subject {ids['subject']}")
-        else:
+        elif subject is None:
             subject = store.subject(None, ids["subject"])
             if subject is None:
                 raise XnatHTTPError(
@@ -120,21 +129,28 @@ def resolve(store: Store, access: Access, path: ArchivePath, *, for_write: bool 
                     "label.")
         out.subject = subject
     if "experiment" in ids:
-        if out.project is not None:
-            experiment = store.experiment(out.project["id"], ids["experiment"])
-        else:
+        by_id = False
+        experiment = None
+        if out.project is None or (item_get and path.level == "experiment"):
             experiment = store.experiment(None, ids["experiment"])
-            if experiment is None and flat_assessor and path.order == ["experiment"] \
-                    and path.collection is None:
+            if out.project is not None:
+                experiment = _readable(store, access, experiment)
+            by_id = experiment is not None
+            if experiment is None and (flat_assessor or item_get) \
+                    and path.order[-1] == "experiment" and path.collection in (None, "projects"):
                 out.assessor = store.query_one("SELECT * FROM assessors WHERE id = ?",
                                                (ids["experiment"],))
                 if out.assessor is not None:
                     experiment = store.experiment(None, out.assessor["experiment_id"])
+                    by_id = True
+        if experiment is None and out.project is not None:
+            experiment = store.experiment(out.project["id"], ids["experiment"])
         if experiment is None or (
-                out.subject is not None and experiment["subject_id"] != out.subject["id"]):
+                not by_id and out.subject is not None
+                and experiment["subject_id"] != out.subject["id"]):
             raise XnatHTTPError(404, "Unable to find the specified experiment.")
         out.experiment = experiment
-        if out.subject is None:
+        if out.subject is None or by_id:
             out.subject = store.subject(None, experiment["subject_id"])
     owner_project_id = None
     if out.experiment is not None:
@@ -166,6 +182,15 @@ def resolve(store: Store, access: Access, path: ArchivePath, *, for_write: bool 
         if not out.resources and not for_write:
             raise XnatHTTPError(404, f"Unable to find resource {ids['resource']}.")
     return out
+
+
+def _readable(store: Store, access: Access, row: sqlite3.Row | None) -> sqlite3.Row | None:
+    """A subject or experiment found by ID, if its project is one the user reads
+    (XFT loads by ID through the user's permissions)."""
+    if row is None:
+        return None
+    project = store.project(row["project"])
+    return row if project is not None and access.readable(project) else None
 
 
 def _select_scans(store: Store, experiment: sqlite3.Row,

@@ -10,6 +10,7 @@ label in it.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from typing import Any
 
@@ -178,6 +179,11 @@ EXPERIMENT_JOINS = {
 _SESSION_ROOT = r"xnat:(image|[a-z]+)sessiondata"
 EXPERIMENT_JOIN_ROOTS = {"scans": _SESSION_ROOT,
                          "fields": rf"xnat:(experimentdata|subjectassessordata|{_SESSION_ROOT[5:]})"}
+# pyxnat's scans array names the scan element itself: xnat:imageScanData/ID.
+EXPERIMENT_CHILD_ELEMENTS = {
+    r"xnat:(image|[a-z]+)scandata": (("scans",), {leaf: f"scan_{key}"
+                                                  for leaf, key in _SCAN_COLUMNS.items()}),
+}
 # xsiType= names an element; XNAT lists it and every element extending it.
 _EXTENDED_BY = {"xnat:experimentdata": "%", "xnat:subjectassessordata": "%",
                 "xnat:imagesessiondata": "%sessiondata"}
@@ -220,6 +226,8 @@ def list_experiments(request: web.Request, store: Store, access: Access, path: A
     rows = []
     experiments = store.query(f"{sql} WHERE {' AND '.join(where)} ORDER BY here_label", args)
     joined = _requested(request, ("scans/scan/", "fields/field/"))
+    if re.search(r"(^|,)\s*xnat:[a-z]*scandata/", (request.query.get("columns") or "").lower()):
+        joined.add("scans/scan/")
     fields = (store.custom_fields_of("experiment", [e["id"] for e in experiments])
               if "fields/field/" in joined else {})
     for e in experiments:
@@ -246,7 +254,8 @@ def list_experiments(request: web.Request, store: Store, access: Access, path: A
     # ExperimentListResource.java:210-213).
     always = () if xsi_type else ("xsiType", "project")
     spec = ListingSpec(defaults=defaults, aliases=aliases, pk_column=pk, always=always,
-                       joins=EXPERIMENT_JOINS, join_roots=EXPERIMENT_JOIN_ROOTS)
+                       joins=EXPERIMENT_JOINS, join_roots=EXPERIMENT_JOIN_ROOTS,
+                       child_elements=EXPERIMENT_CHILD_ELEMENTS)
     return listings.render(request, spec, rows)
 
 
@@ -403,6 +412,12 @@ def list_projects_of(request: web.Request, store: Store, path: ArchivePath,
     in that one; no ``totalRecords`` (the table is rendered without params)."""
     if path.level == "subject":
         kind, item = "subject", res.the_subject
+    elif res.assessor is not None:  # ExperimentResource finds assessors by ID too
+        session = res.the_experiment
+        primary = store.project(session["project"])
+        assert primary is not None
+        return table_response(request, [_projects_of_row(res.assessor["label"], primary)],
+                              PROJECTS_OF_COLUMNS)
     else:
         kind, item = "experiment", res.the_experiment
     rows = []

@@ -3,7 +3,9 @@ assessors and scans, and a project's prearchive code.
 
 A PUT of an object's URL creates it (201, its ID) or finds it (200, its ID),
 taking fields from the query, plain or ``xsiType/field``-prefixed as
-``req_format=qs`` sends them. A DELETE takes the object and everything below
+``req_format=qs`` sends them; a subject's or experiment's metadata (shortcut
+keys and xpaths, :mod:`.fieldwrites`) is set on creation and on update, after
+XNAT's validation. A DELETE takes the object and everything below
 it, except that data deleted through a project it is only shared into loses
 that share instead. Files and resources are written in :mod:`.filewrites`.
 """
@@ -11,12 +13,15 @@ that share instead. Files and resources are written in :mod:`.filewrites`.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
+from ..metadata import ValidationFailure
 from ..store import Store
 from ..xnatformat import XnatHTTPError, text_response
+from . import fieldwrites
 from .filewrites import delete_file
 from .paths import ArchivePath
 from .resolve import Access, require_edit, resolve, shared_here
@@ -24,11 +29,24 @@ from .resolve import Access, require_edit, resolve, shared_here
 PROJECT_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+async def put_params(request: web.Request) -> dict[str, str]:
+    """A PUT's parameters as ``loadItem`` takes them: an urlencoded body's
+    fields, then the query's, which win."""
+    params: dict[str, str] = {}
+    if request.content_type == "application/x-www-form-urlencoded" and request.can_read_body:
+        form = await request.post()
+        params.update((k, v) for k, v in form.items() if isinstance(v, str))
+    params.update(request.query.items())
+    return params
+
+
 def put_object(request: web.Request, store: Store, access: Access,
-               path: ArchivePath) -> web.Response:
+               path: ArchivePath, params: Mapping[str, str]) -> web.Response:
     """PUT of a project's, subject's, experiment's, assessor's or scan's own URL."""
     if path.level == "project":
         return _put_project(request, store, access, path)
+    if "project" not in path.ids and path.level in ("subject", "experiment"):
+        return _put_by_id(store, access, path, params)
     parent_path = ArchivePath(ids={k: v for k, v in path.ids.items() if k != path.level},
                               order=path.order[:-1], via_project=path.via_project)
     res = resolve(store, access, parent_path)
@@ -39,25 +57,37 @@ def put_object(request: web.Request, store: Store, access: Access,
     query = request.query
     if path.level == "subject":
         existing = store.subject(res.project["id"], label)
+        changes = _changes(params, "xnat:subjectData", shortcuts=True)
         if existing:
+            store.update_subject(existing["id"], changes.values, changes.custom)
             return text_response(existing["id"], 200)
         new_label = query.get("xnat:subjectData/label") or query.get("label") or label
-        sid = store.add_subject(res.project["id"], new_label, user=access.caller.login)
+        sid = store.add_subject(res.project["id"], new_label, user=access.caller.login,
+                                custom={k: v for k, v in changes.custom.items()
+                                        if v is not None}, **changes.values)
         return text_response(sid, 201)
     if path.level == "experiment":
         existing = store.experiment(res.project["id"], label)
+        # Shortcuts only through SubjAssessmentResource (.../subjects/S/experiments/E).
+        shortcuts = "subject" in path.ids
         if existing:
+            changes = _changes(params, existing["xsi_type"], shortcuts=shortcuts)
+            store.update_experiment(existing["id"], changes.values, changes.custom)
             return text_response(existing["id"], 200)
         if res.subject is None:
             raise XnatHTTPError(400, "Experiments must be created under a subject.")
         xsi_type = query.get("xsiType", "xnat:mrSessionData")
         fields = _prefixed_fields(query, xsi_type, {"date", "time", "modality", "UID"})
         new_label = fields.pop("label", "") or query.get("label") or label
+        changes = _changes(params, xsi_type, shortcuts=shortcuts)
         extra: dict[str, Any] = {k.lower() if k != "UID" else "uid": v
                                  for k, v in fields.items()
-                 if k in ("date", "time", "modality", "UID")}
+                                 if k in ("date", "time", "modality", "UID")}
+        extra.update(changes.values)
         eid = store.add_experiment(res.project["id"], res.subject["id"], new_label,
-                                   xsi_type, user=access.caller.login, **extra)
+                                   xsi_type, user=access.caller.login,
+                                   custom={k: v for k, v in changes.custom.items()
+                                           if v is not None}, **extra)
         return text_response(eid, 201)
     if path.level == "assessor":  # xnatpy's create_assessor
         experiment = res.the_experiment
@@ -84,6 +114,48 @@ def put_object(request: web.Request, store: Store, access: Access,
                           if k in ("type", "quality", "note", "series_description")})
         return text_response(scan_id, 201)
     raise XnatHTTPError(405, "Method Not Allowed")
+
+
+def _changes(params: Mapping[str, str], xsi_type: str, *,
+             shortcuts: bool) -> fieldwrites.FieldChanges:
+    """The metadata a PUT sets, validated as XNAT validates it (400 with
+    ``ValidationResults.toFullString()``, nothing stored)."""
+    changes = fieldwrites.read_changes(params, xsi_type, shortcuts=shortcuts)
+    try:
+        fieldwrites.check(changes, xsi_type)
+    except ValidationFailure as failure:
+        raise XnatHTTPError(400, failure.body) from None
+    return changes
+
+
+def _put_by_id(store: Store, access: Access, path: ArchivePath,
+               params: Mapping[str, str]) -> web.Response:
+    """``/data/subjects/{ID}`` (SubjectResource: shortcuts apply) and
+    ``/data/experiments/{ID}`` (ExperimentResource: xpaths only) update an
+    existing object by accession ID; creating needs a project (422)."""
+    key = path.ids[path.level]
+    if path.level == "subject":
+        subject = store.subject(None, key)
+        if subject is None:
+            raise XnatHTTPError(422, "Submitted subject record must include the project "
+                                     "attribute.")
+        project = store.project(subject["project"])
+        if project is None or not access.editable(project):
+            raise XnatHTTPError(403, "Specified user account has insufficient edit "
+                                     "privileges for subjects in this project.")
+        changes = _changes(params, "xnat:subjectData", shortcuts=True)
+        store.update_subject(subject["id"], changes.values, changes.custom)
+        return text_response(subject["id"], 200)
+    experiment = store.experiment(None, key)
+    if experiment is None:
+        raise XnatHTTPError(404, "Unable to find the specified experiment.")
+    project = store.project(experiment["project"])
+    if project is None or not access.editable(project):
+        raise XnatHTTPError(403, "Specified user account has insufficient edit privileges "
+                                 "for experiments in this project.")
+    changes = _changes(params, experiment["xsi_type"], shortcuts=False)
+    store.update_experiment(experiment["id"], changes.values, changes.custom)
+    return text_response(experiment["id"], 200)
 
 
 def _put_project(request: web.Request, store: Store, access: Access,
