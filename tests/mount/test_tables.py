@@ -3,8 +3,9 @@ subjects' and sessions' metadata attributes through a real mount: read with
 pandas and getfattr, held against what xnatpy reports for the same objects,
 and what each costs in requests (the server's request log).
 
-One server and one mount for the tests that only read; the tests that count
-requests mount afresh, so that nothing an earlier test cached hides a cost.
+The suite's demo server and one mount for the tests that only read; the
+tests that count requests mount afresh, so that nothing an earlier test
+cached hides a cost; the one that changes data has a server of its own.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pandas as pd
 import pytest
 import xnat
 
 from xnatfs.client.tables import SESSION_FIELDS, SUBJECT_FIELDS
 from xnatfs.testing.harness import TestServer
+from xnatfs.testing.store import Store
 
 from .conftest import Mount, make_env, mount_xnatfs, unmount
 
@@ -30,9 +33,8 @@ TABLES = ("subjects.csv", "sessions.csv", "scans.csv")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
-    with TestServer(tmp_path_factory.mktemp("tables") / "data", dataset="demo") as srv:
-        yield srv
+def server(demo_server: TestServer) -> TestServer:
+    return demo_server
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +59,25 @@ def read_table(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
-def text(value: Any) -> str:
+Value = str | float
+# Numbers in XNAT's schema: xnatpy gives some as numbers (yob 1961), and an
+# item and a listing may print a decimal differently (35.0, 35), so these are
+# compared by value; every other value as text.
+NUMBERS = {"yob", "age", "education", "ses", "weight", "height", "gestational_age",
+           "post_menstrual_age", "birth_weight", "frames"}
+
+
+def reported(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def comparable(row: dict[str, Any]) -> dict[str, Value]:
+    return {k: float(v) if k.removeprefix("user.xnat.") in NUMBERS and v != "" else v
+            for k, v in row.items()}
+
+
 def custom_columns(fields: dict[str, Any]) -> dict[str, str]:
-    return {f"field:{name}": text(value) for name, value in fields.items()}
+    return {f"field:{name}": reported(value) for name, value in fields.items()}
 
 
 # ------------------------------------------------------- what xnatpy reports
@@ -70,8 +85,8 @@ def xnatpy_subjects(connection: xnat.session.XNATSession, project: str) -> list[
     rows = []
     for subject in connection.projects[project].subjects.values():
         demographics = subject.demographics.data if subject.demographics is not None else {}
-        fields = {"group": text(subject.data.get("group")), "src": text(subject.data.get("src")),
-                  **{name: text(demographics.get(name)) for name in SUBJECT_FIELDS[2:]}}
+        fields = {"group": reported(subject.data.get("group")), "src": reported(subject.data.get("src")),
+                  **{name: reported(demographics.get(name)) for name in SUBJECT_FIELDS[2:]}}
         sessions = [e for e in subject.experiments.values()
                     if e.__xsi_type__.endswith("SessionData")]
         rows.append({"ID": subject.id, "label": subject.label,
@@ -91,30 +106,31 @@ def xnatpy_sessions(connection: xnat.session.XNATSession, project: str
             sessions.append({
                 "ID": e.id, "label": e.label, "subject_label": subject.label,
                 "subject_ID": subject.id, "xsiType": e.__xsi_type__,
-                **{name: text(e.data.get(name)) for name in SESSION_FIELDS},
+                **{name: reported(e.data.get(name)) for name in SESSION_FIELDS},
                 "scans": str(len(e.scans)), **custom_columns(dict(e.fields))})
             for scan in e.scans.values():
                 scans.append({
                     "session_label": e.label, "session_ID": e.id,
                     "subject_label": subject.label, "ID": scan.id,
-                    **{name: text(scan.data.get(name))
+                    **{name: reported(scan.data.get(name))
                        for name in ("type", "series_description", "quality", "frames")},
                     "resources": sorted(r.label for r in scan.resources.values())})
     return sessions, scans
 
 
-def records(table: pd.DataFrame, key: tuple[str, ...] = ("ID",)) -> list[dict[str, str]]:
-    """The table's rows without empty cells (xnatpy leaves missing fields out), in
-    key order."""
-    rows = [{k: v for k, v in row.items() if v != "" or k in key}
-            for row in table.to_dict("records")]
-    return sorted(rows, key=lambda row: tuple(row[k] for k in key))
+def assert_same_rows(table: pd.DataFrame, expected: list[dict[str, Any]],
+                     key: tuple[str, ...] = ("ID",)) -> None:
+    """The table's rows are xnatpy's, by ``key``, empty cells left out (xnatpy
+    has no value there)."""
+    def by_key(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], dict[str, Any]]:
+        return {tuple(row[k] for k in key): {k: v for k, v in row.items() if v != ""}
+                for row in rows}
 
-
-def without_empty(rows: list[dict[str, Any]], key: tuple[str, ...] = ("ID",)
-                  ) -> list[dict[str, Any]]:
-    return sorted(({k: v for k, v in row.items() if v != "" or k in key} for row in rows),
-                  key=lambda row: tuple(row[k] for k in key))
+    want = by_key(expected)
+    got = by_key(table.to_dict("records"))
+    assert sorted(got) == sorted(want)
+    for row_key, row in got.items():
+        assert comparable(row) == comparable(want[row_key]), row_key
 
 
 # ------------------------------------------------------------------- tables
@@ -125,7 +141,7 @@ def test_tables_equal_what_xnatpy_reports(mounted: Mount, xnatpy: xnat.session.X
     assert set(TABLES) <= set(os.listdir(folder))
     subjects = read_table(folder / "subjects.csv")
     expected_subjects = xnatpy_subjects(xnatpy, project)
-    assert records(subjects) == without_empty(expected_subjects)
+    assert_same_rows(subjects, expected_subjects)
     # The columns: ID, label, group, the fields some subject has (in XNAT's
     # shortcut order), custom variables by name, the number of sessions.
     present = {k for row in expected_subjects for k in row}
@@ -135,7 +151,7 @@ def test_tables_equal_what_xnatpy_reports(mounted: Mount, xnatpy: xnat.session.X
 
     sessions = read_table(folder / "sessions.csv")
     expected_sessions, expected_scans = xnatpy_sessions(xnatpy, project)
-    assert records(sessions) == without_empty(expected_sessions)
+    assert_same_rows(sessions, expected_sessions)
     assert list(sessions.columns)[:12] == ["ID", "label", "subject_label", "subject_ID",
                                            "date", "xsiType", "modality", "scanner",
                                            "visit_id", "visit", "session_type", "scans"]
@@ -143,7 +159,7 @@ def test_tables_equal_what_xnatpy_reports(mounted: Mount, xnatpy: xnat.session.X
     scans = read_table(folder / "scans.csv")
     scans["resources"] = [sorted(cell.split()) for cell in scans["resources"]]
     key = ("session_ID", "ID")
-    assert records(scans, key) == without_empty(expected_scans, key)
+    assert_same_rows(scans, expected_scans, key)
     assert list(scans.columns) == ["session_label", "session_ID", "subject_label", "ID", "type",
                                    "series_description", "quality", "frames", "resources"]
 
@@ -265,24 +281,28 @@ def test_subject_and_session_attributes(mounted: Mount,
         attrs = getfattr(folder)
         assert attrs["user.xnat.id"] == subject.id  # the listing's stay
         demographics = subject.demographics.data if subject.demographics is not None else {}
-        expected = {f"user.xnat.{name}": text(demographics.get(name) or subject.data.get(name))
+        holder = {name: demographics if name in demographics else subject.data
+                  for name in SUBJECT_FIELDS}
+        expected = {f"user.xnat.{name}": reported(holder[name].get(name))
                     for name in SUBJECT_FIELDS}
-        expected.update({f"user.xnat.field.{k}": text(v) for k, v in subject.fields.items()})
+        expected.update({f"user.xnat.field.{k}": reported(v) for k, v in subject.fields.items()})
         expected = {k: v for k, v in expected.items() if v}
-        assert {k: v for k, v in attrs.items() if k in expected or k.startswith(
-            "user.xnat.field.") or k[len("user.xnat."):] in SUBJECT_FIELDS} == expected
+        metadata = {k: v for k, v in attrs.items() if k.startswith("user.xnat.field.")
+                    or k[len("user.xnat."):] in SUBJECT_FIELDS}
+        assert comparable(metadata) == comparable(expected)
         assert set(expected) <= set(os.listxattr(folder))
-        for name, value in expected.items():
+        for name, value in metadata.items():
             assert os.getxattr(folder, name) == value.encode()
         seen_custom |= any(k.startswith("user.xnat.field.") for k in expected)
         for e in subject.experiments.values():
             attrs = getfattr(folder / e.label)
             assert attrs["user.xnat.id"] == e.id
-            wanted = {f"user.xnat.{name}": text(e.data.get(name)) for name in SESSION_FIELDS}
-            wanted.update({f"user.xnat.field.{k}": text(v) for k, v in e.fields.items()})
+            wanted = {f"user.xnat.{name}": reported(e.data.get(name)) for name in SESSION_FIELDS}
+            wanted.update({f"user.xnat.field.{k}": reported(v) for k, v in e.fields.items()})
             wanted = {k: v for k, v in wanted.items() if v}
-            assert {k: v for k, v in attrs.items() if k in wanted or k.startswith(
-                "user.xnat.field.") or k[len("user.xnat."):] in SESSION_FIELDS} == wanted
+            metadata = {k: v for k, v in attrs.items() if k.startswith("user.xnat.field.")
+                        or k[len("user.xnat."):] in SESSION_FIELDS}
+            assert comparable(metadata) == comparable(wanted)
             seen_custom |= any(k.startswith("user.xnat.field.") for k in wanted)
     assert seen_custom
     assert "user.xnat.gender" in getfattr(mounted.path / "NEURO_PUB" / "NP001")
@@ -290,22 +310,35 @@ def test_subject_and_session_attributes(mounted: Mount,
 
 # ------------------------------------------------------------------ changes
 def test_a_change_through_xnatpy_shows_after_the_metadata_lifetime(
-        server: TestServer, xnatpy: xnat.session.XNATSession, mount_factory) -> None:  # noqa: ANN001
-    mount = mount_factory(server, "--metadata-ttl", "1", name="short-ttl")
-    table = mount.path / "ALICE_LAB" / "subjects.csv"
+        fresh_server: TestServer, mount_factory) -> None:  # noqa: ANN001
+    store = Store(fresh_server.data_dir)
+    try:
+        store.add_project("TABLES", accessibility="private")
+    finally:
+        store.close()
+    with httpx.Client(base_url=fresh_server.url, auth=("admin", "admin")) as c:
+        for label, gender in (("S01", "female"), ("S02", "male")):
+            c.put(f"/data/projects/TABLES/subjects/{label}",
+                  params={"gender": gender}).raise_for_status()
+    mount = mount_factory(fresh_server, "--metadata-ttl", "1", name="short-ttl")
+    table = mount.path / "TABLES" / "subjects.csv"
     before = read_table(table)
-    assert "field:tables_test" not in before.columns
-    subject = xnatpy.projects["ALICE_LAB"].subjects[before["label"][0]]
-    subject.fields["tables_test"] = "changed"
-    subject.demographics.handedness = "ambidextrous"
+    assert list(before.columns) == ["ID", "label", "group", "gender", "sessions"]
+    with xnat.connect(fresh_server.url, user="admin", password="admin",
+                      extension_types=False) as connection:
+        subject = connection.projects["TABLES"].subjects["S02"]
+        subject.fields["mood"] = "calm"
+        subject.demographics.handedness = "ambidextrous"
     deadline = time.monotonic() + 15
     while True:
         after = read_table(table)
-        if "field:tables_test" in after.columns or time.monotonic() > deadline:
+        if "field:mood" in after.columns or time.monotonic() > deadline:
             break
         time.sleep(0.2)  # polling for the mount's 1 s lifetime to pass
-    row = after.set_index("label").loc[before["label"][0]]
-    assert (row["field:tables_test"], row["handedness"]) == ("changed", "ambidextrous")
-    folder = mount.path / "ALICE_LAB" / before["label"][0]
-    assert os.getxattr(folder, "user.xnat.field.tables_test") == b"changed"
+    rows = after.set_index("label")
+    assert (rows.loc["S02", "field:mood"], rows.loc["S02", "handedness"]) == (
+        "calm", "ambidextrous")
+    assert (rows.loc["S01", "field:mood"], rows.loc["S01", "handedness"]) == ("", "")
+    folder = mount.path / "TABLES" / "S02"
+    assert os.getxattr(folder, "user.xnat.field.mood") == b"calm"
     assert os.getxattr(folder, "user.xnat.handedness") == b"ambidextrous"
