@@ -17,7 +17,7 @@ import pytest
 from xnatfs import client as xc
 from xnatfs import tree as tree_module
 from xnatfs.errors import NotFound
-from xnatfs.areas.archive import PENDING_SUBJECT, ArchiveArea
+from xnatfs.areas.archive import PENDING_SUBJECT, SUBJECT, ArchiveArea
 from xnatfs.areas.root import RootArea
 from xnatfs.tree import ROOT_INODE, Tree
 
@@ -113,11 +113,11 @@ class ManySubjectsServer:
 
 async def walked_project(tree: Tree, *, remember: bool) -> list[Any]:
     """List the root and the project, handing every entry to the "kernel" if asked;
-    the project's subjects (not its resources/ folder)."""
+    the project's subjects (not its resources/ folder nor its tables)."""
     (project, *_) = await tree.children(ROOT_INODE)
     if remember:
         tree.remember(project)
-    subjects = [n for n in await tree.children(project.inode) if n.name != "resources"]
+    subjects = [n for n in await tree.children(project.inode) if n.kind is SUBJECT]
     if remember:
         for subject in subjects:
             tree.remember(subject)

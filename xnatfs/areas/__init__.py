@@ -8,6 +8,8 @@
 ``generated``             files whose text the mount writes (status, info)
 ``root``                  the root folder: each area's top entries
 ``remote_files``          not an area: reading listed files, for archive and prearchive
+``tables``                not an area: project tables (CSV) and subjects'/sessions' metadata
+                          attributes, for archive
 ========================  ==================================================
 
 Adding an area: write its module (kinds, an :class:`~.base.Area` subclass
