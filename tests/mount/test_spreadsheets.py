@@ -209,3 +209,21 @@ def test_a_row_the_server_refuses_leaves_the_others_applied(mount: Mount,
     assert put["path"].endswith(f"/subjects/{s02}")
     with connect(mount.server) as session:
         assert session.projects[PROJECT].subjects["S02"].demographics.handedness == "right"
+
+
+def test_the_demo_projects_tables_go_back_unchanged(demo_mount: Mount, tmp_path: Path) -> None:
+    """The demo data's demographics (dob, yob or age in turn) and custom
+    variables, read from the mount's tables and dropped back: no PUT."""
+    for project in ("NEURO_PUB", "ONC-PROT"):
+        for table in ("subjects.csv", "sessions.csv"):
+            text = (demo_mount.path / project / table).read_text()
+            assert "field:" in text.splitlines()[0], (project, table)
+            source = tmp_path / f"{project}-{table}"
+            source.write_text(text)
+            mark = demo_mount.server.log_mark()
+            subprocess.run(["cp", str(source), str(demo_mount.path / "uploads" / project)],
+                           check=True, timeout=120)
+            assert puts(demo_mount.server, mark) == [], (project, table)
+            result = os.getxattr(demo_mount.path / "uploads" / project / source.name,
+                                 "user.xnatfs.upload.result").decode()
+            assert result.endswith(f"{len(text.splitlines()) - 1} unchanged"), result
