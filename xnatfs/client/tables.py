@@ -10,6 +10,18 @@ per child, the same parent columns repeated, and ``""`` in the child columns
 of a parent without children; the xpath columns come back lower-cased
 (``xnat:mrsessiondata/fields/field/name``). The rows are grouped back into one
 record per subject, session or scan here.
+
+In XNAT 1.8's source: ``QueryOrganizerResource.populateQuery`` adds a column
+with a ``/`` as the xpath given and any other through the shortcuts
+(``XMLPathShortcuts``: the subject and experiment names used here);
+``formatHeaders`` names each column by its shortcut, else by its xpath as the
+query organiser lower-cased it; ``ProjectSubjectList`` and
+``ProjSubExptList`` keep the subjects and experiments owned by or shared into
+the project (with their labels there), and ``xsiType`` picks the root element
+(``xnat:imageSessionData``: every kind of image session); cells are
+``toString()`` of the database value, ``""`` for null
+(``XFTTable.ValueParser``). The REST tests read the joined columns the same
+way (``TestCustomVariables``, ``TestAdvancedSearch``).
 """
 
 from __future__ import annotations
