@@ -434,3 +434,20 @@ def test_demo_subjects_and_sessions_carry_metadata(demo_server: TestServer) -> N
         ("NP 003_MR1", "v1", "protocol_version"), ("NP001_MR1", "v1", "protocol_version"),
         ("NP001_MR2", "v2", "protocol_version"), ("NP002_MR1", "v1", "protocol_version")]
     assert all(r["scanner"] for r in sessions)
+
+
+def test_custom_field_names_keep_case_and_null_empties(http: httpx.Client,
+                                                       writable: str) -> None:
+    url = f"/data/projects/{writable}/subjects/NAMES1"
+    key = "xnat:subjectData/fields/field[name={}]/field"
+    assert http.put(url, params={key.format("Site"): "a", key.format("'site'"): "b"}
+                    ).status_code == 201
+    assert _fields(http, url) == {"Site": "a", "site": "b"}
+    assert http.put(url, params={key.format("site"): "NULL"}).status_code == 200
+    item = http.get(f"{url}?format=json").json()["items"][0]
+    fields = next(c["items"] for c in item["children"] if c["field"] == "fields/field")
+    assert [f["data_fields"] for f in fields] == [
+        {"name": "Site", "field": "a", "xnat_subjectData_field_id": fields[0]["data_fields"][
+            "xnat_subjectData_field_id"]},
+        {"name": "site", "xnat_subjectData_field_id": fields[1]["data_fields"][
+            "xnat_subjectData_field_id"]}]

@@ -9,9 +9,12 @@ parameters as XNAT's ``SecureResource.loadItem`` reads them.
 * An xpath applies when its root element is the object's type or one it
   extends (``GenericItemObject.setProperties``); others are ignored, and so
   are paths the store does not model.
-* ``NULL`` (any case) empties a value (``DBAction`` writes SQL NULL); a custom
-  variable whose ``name`` is set to ``NULL`` is removed (xnatpy's delete sends
-  both ``.../field`` and ``.../name`` as ``NULL``).
+* A custom variable's name keeps its case (``[name=Foo]`` and ``[name=foo]``
+  are two variables); quotes around it are dropped.
+* ``NULL`` (any case) empties a value (``DBAction`` writes SQL NULL): a custom
+  variable keeps its row with no value (xnatpy's delete sends ``.../field``
+  as ``NULL``); one whose ``name`` is set to ``NULL`` is removed here (XNAT
+  would keep a nameless row no document can show).
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ def read_changes(params: Mapping[str, str], xsi_type: str, *,
             continue
         custom = _CUSTOM.match(tail)
         if custom:
-            name = custom["name"]
+            # XFTItem.GetFilterOptions drops quotes and keeps the case.
+            name = custom["name"].replace("'", "").strip()
             if value.upper() == "NULL":
                 if custom["part"] == "name":
                     changes.custom[name] = None

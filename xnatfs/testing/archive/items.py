@@ -162,7 +162,9 @@ def _custom_fields(store: Store, kind: str, owner_id: str,
     / ``xnat:experimentData_field`` tables."""
     element = "xnat:subjectData_field" if kind == "subject" else "xnat:experimentData_field"
     pk = element.replace(":", "_") + "_id"
-    items = [item_json(element, {"name": f["name"], "field": f["value"], pk: f["rowid"]},
+    # A value emptied by NULL is a null column: no "field" key.
+    items = [item_json(element, {"name": f["name"], "field": f["value"] or None,
+                                 pk: f["rowid"]},
                        last_modified=last_modified)
              for f in store.custom_fields(kind, owner_id)]
     return [child_field("fields/field", items)] if items else []

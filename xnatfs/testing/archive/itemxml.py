@@ -234,7 +234,7 @@ def experiment_node(store: Store, e: sqlite3.Row, name: str | None = None) -> No
 
 def _field_nodes(store: Store, kind: str, owner_id: str) -> list[Node]:
     """Custom variables: ``<xnat:field name="N">value</xnat:field>``."""
-    return [Node("xnat:field", text=f["value"]).attr("name", f["name"])
+    return [Node("xnat:field", text=f["value"] or None).attr("name", f["name"])
             for f in store.custom_fields(kind, owner_id)]
 
 
