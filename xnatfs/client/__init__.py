@@ -39,9 +39,10 @@ How the package is laid out, one concern a module:
   what answers mean in :mod:`.answers`, its bounds in :mod:`.settings`.
 * :mod:`.items`: the dataclasses the calls return, and the parsing of XNAT's
   rows and items into them (no requests).
-* :mod:`.listings`, :mod:`.downloads`, :mod:`.services`, :mod:`.writes`: the
-  calls, by concern (browsing the archive; reading files; uploads and the
-  prearchive; writing into resources).
+* :mod:`.listings`, :mod:`.downloads`, :mod:`.services`, :mod:`.writes`,
+  :mod:`.metadata`: the calls, by concern (browsing the archive; reading
+  files; uploads and the prearchive; writing into resources; objects' XML
+  documents and the projects they are in).
 
 Composition: each concern is a class of calls built on
 :class:`~.connection.XnatConnection` (a mixin that adds methods, never
@@ -73,6 +74,7 @@ from .items import (
     Subject,
 )
 from .listings import ListingCalls
+from .metadata import MetadataCalls
 from .logins import LOGIN_HOLD_INITIAL, LOGIN_HOLD_MAX
 from .settings import ClientSettings
 
@@ -91,7 +93,7 @@ __all__ = [
 ]
 
 
-class XnatClient(ListingCalls, DownloadCalls, ImportCalls, ResourceWriteCalls):
+class XnatClient(ListingCalls, DownloadCalls, ImportCalls, ResourceWriteCalls, MetadataCalls):
     """One user's connection to one XNAT site.
 
     Use as ``async with XnatClient(credentials) as client:``, which logs in on

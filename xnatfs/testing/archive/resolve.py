@@ -143,6 +143,10 @@ def resolve(store: Store, access: Access, path: ArchivePath, *, for_write: bool 
         owner_project_id = out.subject["project"]
     if owner_project_id is not None and out.project is None:
         project = store.project(owner_project_id)
+        if project is None or not access.readable(project):
+            # XNAT's lookup by ID is a secured search, which finds an object
+            # through any project it is shared into that the user may read.
+            project = _readable_share(store, access, out) or project
         if project is None or not access.visible(project):
             raise XnatHTTPError(404, "Unable to find the specified experiment.")
         out.project = project
@@ -166,6 +170,20 @@ def resolve(store: Store, access: Access, path: ArchivePath, *, for_write: bool 
         if not out.resources and not for_write:
             raise XnatHTTPError(404, f"Unable to find resource {ids['resource']}.")
     return out
+
+
+def _readable_share(store: Store, access: Access, out: Resolved) -> sqlite3.Row | None:
+    """A project the object of a path without one is shared into, that the user
+    may read (an experiment's, else its subject's)."""
+    kind, owned = (("experiment", out.experiment) if out.experiment is not None
+                   else ("subject", out.subject))
+    assert owned is not None
+    for share in store.query("SELECT project FROM shares WHERE kind = ? AND id = ?"
+                             " ORDER BY project", (kind, owned["id"])):
+        project = store.project(share["project"])
+        if project is not None and access.readable(project):
+            return project
+    return None
 
 
 def _select_scans(store: Store, experiment: sqlite3.Row,
