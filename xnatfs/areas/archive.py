@@ -160,7 +160,10 @@ class ArchiveArea(Area):
                   PENDING_SUBJECT: self._pending_subject, SESSION: self._session,
                   ASSESSORS: self._assessors, ASSESSOR: self._assessor, SCANS: self._scans,
                   SCAN: self._scan}[node.kind]
-        return await lister(node) + self.extra_entries(node)
+        entries = await lister(node)
+        # A big folder's entries may be reused as last listed, extras included.
+        listed = {id(entry) for entry in entries}
+        return entries + [extra for extra in self.extra_entries(node) if id(extra) not in listed]
 
     async def _project(self, node: Node) -> list[Node]:
         subjects = await self.subjects(node.project)
