@@ -161,9 +161,11 @@ class ArchiveArea(Area):
                   ASSESSORS: self._assessors, ASSESSOR: self._assessor, SCANS: self._scans,
                   SCAN: self._scan}[node.kind]
         entries = await lister(node)
-        # A big folder's entries may be reused as last listed, extras included.
-        listed = {id(entry) for entry in entries}
-        return entries + [extra for extra in self.extra_entries(node) if id(extra) not in listed]
+        if extras := self.extra_entries(node):
+            # A big folder's entries may be the very list last made, extras included.
+            listed = {id(entry) for entry in entries}
+            extras = [extra for extra in extras if id(extra) not in listed]
+        return entries + extras if extras else entries
 
     async def _project(self, node: Node) -> list[Node]:
         subjects = await self.subjects(node.project)
