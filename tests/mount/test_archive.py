@@ -70,8 +70,8 @@ def test_projects_named_like_the_mounts_own_folders_are_reachable(
             twins = [n for n in names if n.startswith(project + "%~")]
             assert len(twins) == 1, names
             assert os.getxattr(mount.path / twins[0], "user.xnat.id") == project.encode()
-            assert os.listdir(mount.path / twins[0]) == [  # the project, empty
-                "resources", "subjects.csv", "sessions.csv", "scans.csv"]
+            assert sorted(os.listdir(mount.path / twins[0])) == [  # the project, empty
+                "project.xml", "resources", "scans.csv", "sessions.csv", "subjects.csv"]
         assert "UPLOAD_STATUS.txt" in os.listdir(mount.path / "uploads")
         assert "uploads" in os.listdir(mount.path / "uploads")  # its upload folder
         assert os.listxattr(mount.path / "prearchive") == []  # the area's folder, no project
@@ -80,7 +80,7 @@ def test_projects_named_like_the_mounts_own_folders_are_reachable(
 def test_hierarchy_and_scan_folder_names(demo_mount: Mount) -> None:
     root = demo_mount.path
     assert set(os.listdir(root / "NEURO_PUB")) >= {"NP001", "NP002", "NP 003"}
-    assert set(os.listdir(root / SESSION)) == {"scans", "resources"}
+    assert set(os.listdir(root / SESSION)) == {"scans", "resources", "session.xml"}
     scans = set(os.listdir(root / SESSION / "scans"))
     assert "2-T1_MPRAGE_2" in scans
     # A bare scan ID resolves although it is not listed: a link to the scan's folder...
@@ -127,6 +127,9 @@ def test_a_whole_session_costs_two_requests(demo_mount: Mount) -> None:
                          capture_output=True, text=True).stdout
     assert ".dcm" in out
     requests = demo_mount.server.requests_since(mark)
+    documents = [e["path"] for e in requests if "format=xml" in e["query"]]  # scan.xml
+    assert len(documents) == len(set(documents)) == out.count("scan.xml"), documents
+    requests = [e for e in requests if "format=xml" not in e["query"]]
     assert [e["route"] for e in requests] == ["experiment.get", "files.list"], requests
     assert re.fullmatch(r"/data/experiments/\w+/files", requests[1]["path"])
     assert "all=true" in requests[1]["query"]
@@ -137,7 +140,8 @@ def test_a_whole_session_costs_two_requests(demo_mount: Mount) -> None:
     out = subprocess.run(["ls", "-lR", str(session / "assessors")], check=True,
                          capture_output=True, text=True).stdout
     assert "report.json" in out
-    assert demo_mount.server.requests_since(mark) == []
+    assert [e for e in demo_mount.server.requests_since(mark)
+            if "format=xml" not in e["query"]] == []  # assessor.xml: its document
 
 
 def test_assessors_are_folders_of_their_sessions(demo_mount: Mount, tmp_path: Path) -> None:
@@ -145,7 +149,7 @@ def test_assessors_are_folders_of_their_sessions(demo_mount: Mount, tmp_path: Pa
     page lays them out, with their output resources; only sessions with
     assessors have the folder."""
     session = demo_mount.path / "NEURO_PUB" / "NP001" / "NP001_MR2"
-    assert sorted(os.listdir(session)) == ["assessors", "resources", "scans"]
+    assert sorted(os.listdir(session)) == ["assessors", "resources", "scans", "session.xml"]
     assert "assessors" not in os.listdir(demo_mount.path / SESSION)
     assessor = session / "assessors" / "NP001_MR2_QC"
     assert os.getxattr(assessor, "user.xnat.xsi_type") == b"xnat:qcAssessmentData"
@@ -167,10 +171,10 @@ def test_walking_a_project_lists_its_experiments_once(demo_mount: Mount) -> None
     listing of the project's experiments serves every subject of the walk."""
     project = demo_mount.path / "NEURO_PUB"
     subjects = sorted(name for name in os.listdir(project)
-                      if name != "resources" and not name.endswith(".csv"))
+                      if name != "resources" and not name.endswith((".csv", ".xml")))
     assert len(subjects) == 3
     mark = demo_mount.server.log_mark()
-    seen = {s: set(os.listdir(project / s)) - {"resources"} for s in subjects}
+    seen = {s: set(os.listdir(project / s)) - {"resources", "subject.xml"} for s in subjects}
     paths = [e["path"] for e in demo_mount.server.requests_since(mark)
              if e["route"] == "experiments.list"]
     assert len(paths) == 2, paths
@@ -187,7 +191,8 @@ def test_cp_r_session_is_byte_identical(demo_mount: Mount, tmp_path: Path) -> No
     target = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(demo_mount.path / SESSION), str(target)], check=True)
     expected = server_files(demo_mount)
-    copied = {str(p.relative_to(target)): p for p in target.rglob("*") if p.is_file()}
+    copied = {str(p.relative_to(target)): p for p in target.rglob("*")
+              if p.is_file() and p.suffix != ".xml"}  # the documents: test_documents.py
     assert set(copied) == set(expected)
     for rel, row in expected.items():
         assert hashlib.md5(copied[rel].read_bytes()).hexdigest() == row["digest"], rel
@@ -199,7 +204,8 @@ def test_find_lists_everything_and_ls_l_costs_one_listing(demo_mount: Mount) -> 
     out = subprocess.run(["find", str(session), "-ls"], check=True, capture_output=True,
                          text=True).stdout
     assert ".dcm" in out
-    routes = [e["route"] for e in demo_mount.server.requests_since(mark)]
+    routes = [e["route"] for e in demo_mount.server.requests_since(mark)
+              if "format=xml" not in e["query"]]  # the documents: test_documents.py
     below_subject = [r for r in routes if r not in ("projects.list", "subjects.list",
                                                      "experiments.list")]
     assert below_subject == ["experiment.get", "files.list"], routes
@@ -270,7 +276,7 @@ def test_a_shared_subject_is_an_entry_of_its_own_in_each_project(tmp_path: Path,
         for _ in range(2):  # listing one project must not rename the other's entry
             assert "SHARED_SUBJ" in os.listdir(mount.path / "ALICE_LAB")
             assert "NP001" in os.listdir(mount.path / "NEURO_PUB")
-            assert os.listdir(shared) == ["resources", "SHARED_MR1"]
+            assert os.listdir(shared) == ["resources", "SHARED_MR1", "subject.xml"]
             assert "NP001_MR1" in os.listdir(own)
             assert os.getxattr(shared, "user.xnat.project") == b"ALICE_LAB"
             assert os.getxattr(own, "user.xnat.project") == b"NEURO_PUB"

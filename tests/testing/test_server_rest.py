@@ -527,3 +527,37 @@ def test_projects_by_permission_as_the_upload_pages_ask(admin: httpx.Client, ali
         finally:
             store.close()
     assert admin.get(query.replace("=edit", "=bogus")).status_code == 500
+
+
+def test_an_object_by_id_is_found_through_a_share_the_user_reads(
+        admin: httpx.Client, alice: httpx.Client, server: TestServer) -> None:
+    """XNAT looks IDs up with a secured search: an object of a private project is
+    found through a project it is shared into that the user reads, and is a 404
+    for a user who reads neither."""
+    for url in ("/data/projects/HIDDEN_OWN", "/data/projects/ALICE_SHR",
+                "/data/projects/HIDDEN_OWN/subjects/H1",
+                "/data/projects/HIDDEN_OWN/subjects/H1/experiments/H1_MR"
+                "?xsiType=xnat:mrSessionData",
+                "/data/projects/HIDDEN_OWN/subjects/H1/experiments/H1_MR2"
+                "?xsiType=xnat:mrSessionData"):
+        assert admin.put(url).status_code == 201, url
+    subject = admin.get("/data/projects/HIDDEN_OWN/subjects/H1?format=json").json()[
+        "items"][0]["data_fields"]["ID"]
+    shared, unshared = (admin.get(f"/data/projects/HIDDEN_OWN/experiments/{label}?format=json"
+                                  ).json()["items"][0]["data_fields"]["ID"]
+                        for label in ("H1_MR", "H1_MR2"))
+    assert alice.get(f"/data/experiments/{shared}?format=json").status_code == 404
+    store = Store(server.data_dir)
+    try:
+        store.set_role("ALICE_SHR", "alice", "member")
+        store.share("subject", subject, "ALICE_SHR", "SHR1")
+        store.share("experiment", shared, "ALICE_SHR", "SHR1_MR")
+    finally:
+        store.close()
+    item = alice.get(f"/data/experiments/{shared}?format=json")
+    assert item.status_code == 200
+    assert item.json()["items"][0]["data_fields"]["project"] == "HIDDEN_OWN"
+    assert alice.get(f"/data/experiments/{shared}?format=xml").status_code == 200
+    assert alice.get(f"/data/experiments/{unshared}?format=json").status_code == 404
+    rows = alice.get(f"/data/subjects/{subject}/projects?format=json").json()["ResultSet"]["Result"]
+    assert [(r["ID"], r["label"]) for r in rows] == [("HIDDEN_OWN", "H1"), ("ALICE_SHR", "SHR1")]

@@ -6,6 +6,8 @@
 ``uploads``               ``uploads/``: files dropped there are sent to XNAT
 ``prearchive``            ``prearchive/``: archive, move and delete sessions
 ``generated``             files whose text the mount writes (status, info)
+``documents``             not an area: each object's XML document (generated files)
+``accession``             accession IDs as links to the labelled folders
 ``root``                  the root folder: each area's top entries
 ``remote_files``          not an area: reading listed files, for archive and prearchive
 ``tables``                not an area: project tables (CSV) and subjects'/sessions' metadata
@@ -29,8 +31,10 @@ from ..deadlines import Deadlines
 from ..tree import Node, Tree
 from ..imports import UploadManager
 from ..results import ResultWrites
+from .accession import AccessionArea
 from .archive import ArchiveArea
 from .base import Area, Kernel
+from .documents import Documents
 from .generated import GeneratedArea
 from .prearchive import PrearchiveArea
 from .remote_files import RemoteFiles
@@ -49,6 +53,7 @@ class Areas:
     uploads: UploadArea
     prearchive: PrearchiveArea
     generated: GeneratedArea
+    accession: AccessionArea
     root: RootArea
 
     def of(self, node: Node) -> Area:
@@ -82,11 +87,14 @@ def install(tree: Tree, kernel: Kernel, *, blocks: BlockCache, uploads: UploadMa
     if results is not None:  # its files are in UPLOAD_STATUS.txt too
         upload_area.status_file.spools.append(results)
     generated = GeneratedArea(tree, kernel)
+    archive.extra_entries = Documents(tree).entries
+    accession = AccessionArea(tree, kernel, archive)
+    archive.unlisted_by_id = accession.in_folder
     # The areas' own folders first: a project whose ID is `uploads` or
     # `prearchive` is listed after them, and so gets the %~ suffix of names
     # listed twice instead of hiding (or being hidden by) the area.
-    root = RootArea(tree, kernel, [upload_area, prearchive, archive])
-    areas = Areas(tree, archive, resources, upload_area, prearchive, generated, root)
-    for area in (root, archive, resources, upload_area, prearchive, generated):
+    root = RootArea(tree, kernel, [upload_area, prearchive, archive], unlisted=accession.at_root)
+    areas = Areas(tree, archive, resources, upload_area, prearchive, generated, accession, root)
+    for area in (root, archive, resources, upload_area, prearchive, generated, accession):
         tree.register(area)
     return areas

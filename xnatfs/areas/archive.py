@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 import trio
@@ -69,6 +69,11 @@ class ArchiveArea(Area):
         self.client = tree.client
         self.files = files
         self.tables = ProjectTables(tree)  # subjects.csv...; subjects' and sessions' metadata
+        # Hooks of the areas that add to these folders (install sets them):
+        # files listed in an object's folder (its XML document), and names that
+        # resolve there without being listed (accession IDs).
+        self.extra_entries: Callable[[Node], list[Node]] = lambda node: []
+        self.unlisted_by_id: Callable[[Node, str], Awaitable[Node | None]] | None = None
         self.pending_subjects: set[tuple[str, str]] = set()  # (project, label) made by mkdir
         # The subject whose experiments were last listed on their own, by project.
         self._last_subject_listed: TTLCache[str, str] = TTLCache(
@@ -159,7 +164,12 @@ class ArchiveArea(Area):
                   PENDING_SUBJECT: self._pending_subject, SESSION: self._session,
                   ASSESSORS: self._assessors, ASSESSOR: self._assessor, SCANS: self._scans,
                   SCAN: self._scan}[node.kind]
-        return await lister(node)
+        entries = await lister(node)
+        if extras := self.extra_entries(node):
+            # A big folder's entries may be the very list last made, extras included.
+            listed = {id(entry) for entry in entries}
+            extras = [extra for extra in extras if id(extra) not in listed]
+        return entries + extras if extras else entries
 
     async def _project(self, node: Node) -> list[Node]:
         subjects = await self.subjects(node.project)
@@ -264,9 +274,10 @@ class ArchiveArea(Area):
         return [resources_folder(self.tree, node, RESOURCES)]
 
     async def unlisted_child(self, parent: Node, name: str) -> Node | None:
-        """A bare ``scans/<SCAN_ID>`` resolves without being listed."""
+        """A bare ``scans/<SCAN_ID>`` resolves without being listed (and accession
+        IDs, through ``unlisted_by_id``)."""
         if parent.kind is not SCANS:
-            return None
+            return await self.unlisted_by_id(parent, name) if self.unlisted_by_id else None
         scan_id = label_from_name(name)
         for child in await self.tree.children(parent.inode):
             if child.scan_id == scan_id:

@@ -40,10 +40,11 @@ How the package is laid out, one concern a module:
 * :mod:`.items`: the dataclasses the calls return, and the parsing of XNAT's
   rows and items into them (no requests).
 * :mod:`.listings`, :mod:`.downloads`, :mod:`.services`, :mod:`.writes`,
-  :mod:`.tables`, :mod:`.fieldwrites`: the calls, by concern (browsing the
-  archive; reading files; uploads and the prearchive; writing into
-  resources; a project's subjects, sessions and scans with their metadata, as
-  records for tables; fields of subjects and sessions).
+  :mod:`.tables`, :mod:`.fieldwrites`, :mod:`.metadata`: the calls, by concern
+  (browsing the archive; reading files; uploads and the prearchive; writing
+  into resources; a project's subjects, sessions and scans with their
+  metadata, as records for tables; fields of subjects and sessions; objects'
+  XML documents and the projects they are in).
 
 Composition: each concern is a class of calls built on
 :class:`~.connection.XnatConnection` (a mixin that adds methods, never
@@ -77,6 +78,7 @@ from .items import (
     Subject,
 )
 from .listings import ListingCalls
+from .metadata import MetadataCalls
 from .logins import LOGIN_HOLD_INITIAL, LOGIN_HOLD_MAX
 from .settings import ClientSettings
 
@@ -99,7 +101,7 @@ __all__ = [
 
 
 class XnatClient(ListingCalls, DownloadCalls, ImportCalls, ResourceWriteCalls, TableCalls,
-                 FieldWriteCalls):
+                 FieldWriteCalls, MetadataCalls):
     """One user's connection to one XNAT site.
 
     Use as ``async with XnatClient(credentials) as client:``, which logs in on

@@ -458,6 +458,15 @@ async def created(response: httpx.Response) -> bool:
     return response.status_code == 201
 
 
+async def document_bytes(response: httpx.Response) -> bytes:
+    """An XML document's bytes, as sent. An HTML page is not one: a login page
+    (a session lost behind single sign-on), which renews the session once."""
+    content = await response.aread()
+    if response.headers.get("content-type", "").startswith("text/html"):
+        raise HtmlAnswer("XNAT answered HTML where XML was expected", path=response.url.path)
+    return content
+
+
 def _cookie(session_id: str) -> dict[str, str]:
     return {"Cookie": f"JSESSIONID={session_id}"}
 

@@ -99,6 +99,8 @@ class ExperimentDetail(Experiment):
     scans: tuple[Scan, ...]
     resources: tuple[Resource, ...]
     assessors: tuple[Assessor, ...] = ()
+    session_id: str | None = None              # an image assessor's session (imageSession_ID)
+    shares: tuple[tuple[str, str], ...] = ()   # (project, label there) of each share
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,11 @@ def experiment_detail(payload: Any, path: str) -> ExperimentDetail:
             date=as_text(fields.get("date")), insert_date=as_text(fields.get("insert_date")),
             scans=tuple(_scan(scan) for scan in _child_items(item, "scans/scan")),
             resources=tuple(_resource(r) for r in _child_items(item, "resources/resource")),
-            assessors=_assessors(_child_items(item, "assessors/assessor"), path))
+            assessors=_assessors(_child_items(item, "assessors/assessor"), path),
+            session_id=as_text(fields.get("imageSession_ID")),
+            shares=tuple((str(share["data_fields"]["project"]),
+                          str(share["data_fields"].get("label") or fields["ID"]))
+                         for share in _child_items(item, "sharing/share")))
     except (KeyError, IndexError, TypeError) as exc:
         raise ServerError(f"an experiment item without {exc}", path=path) from exc
 

@@ -159,6 +159,10 @@ def resolve(store: Store, access: Access, path: ArchivePath, *, for_write: bool 
         owner_project_id = out.subject["project"]
     if owner_project_id is not None and out.project is None:
         project = store.project(owner_project_id)
+        if project is None or not access.readable(project):
+            # XNAT's lookup by ID is a secured search, which finds an object
+            # through any project it is shared into that the user may read.
+            project = _readable_share(store, access, out) or project
         if project is None or not access.visible(project):
             raise XnatHTTPError(404, "Unable to find the specified experiment.")
         out.project = project
@@ -185,12 +189,34 @@ def resolve(store: Store, access: Access, path: ArchivePath, *, for_write: bool 
 
 
 def _readable(store: Store, access: Access, row: sqlite3.Row | None) -> sqlite3.Row | None:
-    """A subject or experiment found by ID, if its project is one the user reads
-    (XFT loads by ID through the user's permissions)."""
+    """A subject or experiment found by ID, if the user reads its project or one
+    it is shared into (XFT loads by ID through the user's permissions)."""
     if row is None:
         return None
     project = store.project(row["project"])
-    return row if project is not None and access.readable(project) else None
+    if project is not None and access.readable(project):
+        return row
+    kind = "experiment" if "subject_id" in row.keys() else "subject"
+    return row if _first_readable_share(store, access, kind, row["id"]) else None
+
+
+def _readable_share(store: Store, access: Access, out: Resolved) -> sqlite3.Row | None:
+    """A project the object of a path without one is shared into, that the user
+    may read (an experiment's, else its subject's)."""
+    kind, owned = (("experiment", out.experiment) if out.experiment is not None
+                   else ("subject", out.subject))
+    assert owned is not None
+    return _first_readable_share(store, access, kind, owned["id"])
+
+
+def _first_readable_share(store: Store, access: Access, kind: str,
+                          object_id: str) -> sqlite3.Row | None:
+    for share in store.query("SELECT project FROM shares WHERE kind = ? AND id = ?"
+                             " ORDER BY project", (kind, object_id)):
+        project = store.project(share["project"])
+        if project is not None and access.readable(project):
+            return project
+    return None
 
 
 def _select_scans(store: Store, experiment: sqlite3.Row,
