@@ -276,7 +276,7 @@ def test_a_shared_subject_is_an_entry_of_its_own_in_each_project(tmp_path: Path,
         for _ in range(2):  # listing one project must not rename the other's entry
             assert "SHARED_SUBJ" in os.listdir(mount.path / "ALICE_LAB")
             assert "NP001" in os.listdir(mount.path / "NEURO_PUB")
-            assert os.listdir(shared) == ["resources", "SHARED_MR1", "subject.xml"]
+            assert os.listdir(shared) == ["subject.xml", "resources", "SHARED_MR1"]
             assert "NP001_MR1" in os.listdir(own)
             assert os.getxattr(shared, "user.xnat.project") == b"ALICE_LAB"
             assert os.getxattr(own, "user.xnat.project") == b"NEURO_PUB"

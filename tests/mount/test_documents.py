@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,15 +84,45 @@ def test_each_document_is_xnats_own_and_every_reader_gets_all_of_it(
             subprocess.run(["xmllint", "--noout", str(path)], check=True)
 
 
-def test_stat_then_read_costs_one_request(docs_mount: Mount) -> None:
-    path = docs_mount.path / "NEURO_PUB" / "NP002" / "subject.xml"
+def test_stat_then_read_costs_one_request(demo_server: TestServer,
+                                          mount_factory) -> None:  # noqa: ANN001
+    """On a mount that has seen no walk (one of its own: the shared one has,
+    and then fetches documents ahead), a stat and a read cost one request."""
+    mount = mount_factory(demo_server, name="stat")
+    path = mount.path / "NEURO_PUB" / "NP002" / "subject.xml"
     os.listdir(path.parent)
-    mark = docs_mount.server.log_mark()
+    mark = demo_server.log_mark()
     size = os.stat(path).st_size
     assert len(path.read_bytes()) == size
-    documents = [e for e in docs_mount.server.requests_since(mark) if "format=xml" in e["query"]]
+    documents = [e for e in demo_server.requests_since(mark) if "format=xml" in e["query"]]
     assert [e["path"] for e in documents] == [
         os.getxattr(path.parent, "user.xnat.uri").decode()], documents
+
+
+def test_a_walk_fetches_documents_ahead(demo_server: TestServer,
+                                        mount_factory) -> None:  # noqa: ANN001
+    """Once a second object's document is stat'ed, the documents below the ones
+    stat'ed are fetched ahead (several at once), each still once."""
+    mount = mount_factory(demo_server, name="ahead")
+    session = mount.path / SESSION
+    os.stat(session.parents[1] / "project.xml")
+    mark = demo_server.log_mark()
+    os.stat(session / "session.xml")  # the second: a walk
+    scans = list((session / "scans").iterdir())
+    deadline = time.monotonic() + 10
+    uris = {os.getxattr(p, "user.xnat.uri").decode() for p in scans}
+    while time.monotonic() < deadline:
+        fetched = [e["path"] for e in demo_server.requests_since(mark)
+                   if "format=xml" in e["query"]]
+        if uris <= set(fetched):
+            break
+        time.sleep(0.05)
+    assert uris <= set(fetched), (uris, fetched)  # before any scan.xml was stat'ed
+    mark = demo_server.log_mark()
+    for scan in scans:
+        assert os.stat(scan / "scan.xml").st_size == len((scan / "scan.xml").read_bytes())
+    assert [e for e in demo_server.requests_since(mark) if "format=xml" in e["query"]] == []
+    assert len(fetched) == len(set(fetched)), fetched  # each once
 
 
 def test_documents_are_read_only(docs_mount: Mount) -> None:

@@ -591,7 +591,7 @@ def test_server_down_fails_within_a_bound_and_recovers(fresh_server: TestServer,
     warm = mount.path / FILES / "warm.bin"
     cold_dir = mount.path / "P/S/E2/resources/R/files"
     assert os.stat(warm).st_size == len(payload)  # listings cached, contents not
-    assert os.listdir(mount.path / "P/S") == ["resources", "E", "E2", "subject.xml"]
+    assert os.listdir(mount.path / "P/S") == ["subject.xml", "resources", "E", "E2"]
 
     fresh_server.set_knobs(**({"hang": True} if fault == "hang" else {"fail_rate": 1.0}))
 
@@ -627,7 +627,7 @@ def test_a_hung_server_fails_fast_after_the_first_failure(fresh_server: TestServ
     for experiment in ("E2", "E3"):
         put_files(fresh_server, {"a.bin": b"a"}, experiment=experiment)
     mount = mount_factory(fresh_server, "--timeout", "1")
-    assert os.listdir(mount.path / "P/S") == ["resources", "E", "E2", "E3", "subject.xml"]
+    assert os.listdir(mount.path / "P/S") == ["subject.xml", "resources", "E", "E2", "E3"]
     fresh_server.set_knobs(hang=True)
     try:
         took = []
@@ -716,7 +716,7 @@ def test_an_operation_that_times_out_leaves_the_others_waiting_for_its_listing_a
     put_files(fresh_server, {"a.bin": b"a"})
     mount = mount_factory(fresh_server, "--timeout", "1")  # operations give up after 4 s
     session = mount.path / "P/S/E"
-    assert os.listdir(mount.path / "P/S") == ["resources", "E", "subject.xml"]
+    assert os.listdir(mount.path / "P/S") == ["subject.xml", "resources", "E"]
     fresh_server.set_knobs(hang=True)
 
     def list_dir(path: Path) -> BaseException | list[str]:

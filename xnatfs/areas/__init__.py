@@ -87,7 +87,7 @@ def install(tree: Tree, kernel: Kernel, *, blocks: BlockCache, uploads: UploadMa
     if results is not None:  # its files are in UPLOAD_STATUS.txt too
         upload_area.status_file.spools.append(results)
     generated = GeneratedArea(tree, kernel)
-    archive.extra_entries = Documents(tree).entries
+    archive.extra_entries = Documents(tree, archive, nursery).entries
     accession = AccessionArea(tree, kernel, archive)
     archive.unlisted_by_id = accession.in_folder
     # The areas' own folders first: a project whose ID is `uploads` or

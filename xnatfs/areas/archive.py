@@ -169,7 +169,10 @@ class ArchiveArea(Area):
             # A big folder's entries may be the very list last made, extras included.
             listed = {id(entry) for entry in entries}
             extras = [extra for extra in extras if id(extra) not in listed]
-        return entries + extras if extras else entries
+        # Extras (the object's document) first: a walk (find -ls) stats them
+        # before it goes down into the folders, which lets the document fetch
+        # what is below ahead (documents.WalkAhead).
+        return extras + entries if extras else entries
 
     async def _project(self, node: Node) -> list[Node]:
         subjects = await self.subjects(node.project)
