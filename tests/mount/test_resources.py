@@ -9,7 +9,7 @@ killed writer) leaves XNAT's files, the scanner's DICOM above all, as they
 were.
 
 The tests share one demo server (started on a copy of the data set, built
-once for the module): each writes only into resources of labels of its own,
+once for the run: conftest's ``demo_data``): each writes only into resources of labels of its own,
 and its mounts have ended, sending all they queued, before the next test
 starts. The few that change the demo's own files (NOTES) get a server of
 their own, on another copy (a copy starts in about a second; building takes
@@ -50,31 +50,18 @@ NOTES_URI = f"{SESSION_URI}/resources/NOTES"     # notes.txt, "scan notes.txt"
 
 # ------------------------------------------------------------------ servers
 @pytest.fixture(scope="module")
-def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo data set, built once; each test's server starts on a copy."""
-    data = tmp_path_factory.mktemp("resources-demo") / "data"
-    with TestServer(data, dataset="demo"):
-        pass
-    (data / "requests.log").unlink(missing_ok=True)
-    return data
-
-
-@pytest.fixture(scope="module")
-def server(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
+def server(demo_copy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:  # noqa: ANN001
     """The demo server the module's tests share: each writes into resources of
     labels of its own, and changes no file the demo data set came with."""
-    data = tmp_path_factory.mktemp("resources-shared") / "data"
-    shutil.copytree(demo_data, data)
+    data = demo_copy(tmp_path_factory.mktemp("resources-shared") / "data")
     with TestServer(data, dataset="demo") as srv:
         yield srv
 
 
 @pytest.fixture
-def own_server(demo_data: Path, tmp_path: Path) -> Iterator[TestServer]:
+def own_server(demo_copy, tmp_path: Path) -> Iterator[TestServer]:  # noqa: ANN001
     """A demo server of the test's own, for a test that changes the demo's files."""
-    data = tmp_path / "data"
-    shutil.copytree(demo_data, data)
-    with TestServer(data, dataset="demo") as srv:
+    with TestServer(demo_copy(tmp_path / "data"), dataset="demo") as srv:
         yield srv
 
 

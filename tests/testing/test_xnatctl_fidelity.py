@@ -199,10 +199,10 @@ def test_resources_list_and_show(ctl: Ctl, demo_server: TestServer) -> None:
     assert int(shown["file_count"]) == len(shown["files"]) > 0
 
 
-def test_shared_projects_are_listed(tmp_path: Path) -> None:
+def test_shared_projects_are_listed(tmp_path: Path, demo_copy) -> None:  # noqa: ANN001
     """``subject show`` and ``session show`` name the projects a subject or session is
     shared into, from ``GET .../projects`` (SubjectResource, ExperimentResource)."""
-    with TestServer(tmp_path / "data", dataset="demo") as server:
+    with TestServer(demo_copy(tmp_path / "data"), dataset="demo") as server:
         subject_id, session_id = share_session(
             server, "NEURO_PUB", "NP001", "NP001_MR1", into="ALICE_LAB",
             subject_label="SHARED_SUBJ", session_label="SHARED_MR1")
@@ -276,9 +276,9 @@ def test_scan_download_verify(ctl: Ctl, tmp_path: Path) -> None:
 
 # Uploads ------------------------------------------------------------------
 @pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[TestServer]:
+def own_server(tmp_path: Path, demo_copy) -> Iterator[TestServer]:  # noqa: ANN001
     """Uploads change the archive: a server of their own (see the xnatpy tests)."""
-    with TestServer(tmp_path / "data", dataset="demo") as server:
+    with TestServer(demo_copy(tmp_path / "data"), dataset="demo") as server:
         yield server
 
 

@@ -121,10 +121,10 @@ def test_protected_project_is_unlisted_and_its_data_forbidden(demo_server: TestS
             connection.get_json("/data/projects/SECRET_NOPE/subjects")
 
 
-def test_import_zip_then_archive_through_xnatpy(tmp_path: Path) -> None:
+def test_import_zip_then_archive_through_xnatpy(tmp_path: Path, demo_copy) -> None:  # noqa: ANN001
     """On a server of its own: archiving adds a subject, which the shared demo
     server's readers (a walk that counts requests, say) must not see."""
-    with TestServer(tmp_path / "data", dataset="demo") as server, \
+    with TestServer(demo_copy(tmp_path / "data"), dataset="demo") as server, \
             xnat.connect(server.url, user="admin", password="admin",
                          extension_types=False) as session:
         series = synthetic_study("Import^Test", "IMP001", modality="MR", slices=6, rows=32,
@@ -147,10 +147,10 @@ def test_import_zip_then_archive_through_xnatpy(tmp_path: Path) -> None:
         assert prearchived.uri not in {s.uri for s in session.prearchive.sessions("NEURO_PUB")}
 
 
-def test_shared_subjects_and_sessions_through_xnatpy(tmp_path: Path) -> None:
+def test_shared_subjects_and_sessions_through_xnatpy(tmp_path: Path, demo_copy) -> None:  # noqa: ANN001
     """xnatpy lists a subject shared into another project under its label there;
     the item names the projects it is shared into (``sharing/share``)."""
-    with TestServer(tmp_path / "data", dataset="demo") as server:
+    with TestServer(demo_copy(tmp_path / "data"), dataset="demo") as server:
         subject_id, session_id = share_session(
             server, "NEURO_PUB", "NP001", "NP001_MR1", into="ALICE_LAB",
             subject_label="SHARED_SUBJ", session_label="SHARED_MR1")
