@@ -127,6 +127,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 # ----------------------------------------------------------------- fixtures
+@pytest.fixture
+def fresh_server(started_fresh_server: TestServer) -> TestServer:
+    """conftest's ``fresh_server``, started while the test before ran (none of
+    this module's tests looks for its data under ``tmp_path``)."""
+    return started_fresh_server
+
+
 @pytest.fixture(scope="module")
 def big_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
     """One server for the tests that only read: a big random file and a NIfTI volume."""

@@ -59,10 +59,9 @@ def server(demo_copy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Test
 
 
 @pytest.fixture
-def own_server(demo_copy, tmp_path: Path) -> Iterator[TestServer]:  # noqa: ANN001
+def own_server(started_demo_server: TestServer) -> TestServer:
     """A demo server of the test's own, for a test that changes the demo's files."""
-    with TestServer(demo_copy(tmp_path / "data"), dataset="demo") as srv:
-        yield srv
+    return started_demo_server
 
 
 @pytest.fixture
