@@ -53,27 +53,27 @@ def test_root_lists_projects_and_reserved_folders(demo_mount: Mount) -> None:
 
 
 def test_projects_named_like_the_mounts_own_folders_are_reachable(
-        mount_factory, started_demo_server: TestServer) -> None:  # noqa: ANN001
+        tmp_path: Path, mount_factory, demo_copy) -> None:  # noqa: ANN001
     """A project whose ID is ``uploads`` or ``prearchive`` was left out of the root;
     it is listed under the suffixed name of names listed twice, and the area's
     folder keeps its name."""
-    server = started_demo_server
-    store = Store(server.data_dir)
-    try:
+    with TestServer(demo_copy(tmp_path / "data"), dataset="demo") as server:
+        store = Store(server.data_dir)
+        try:
+            for project in ("uploads", "prearchive"):
+                store.add_project(project, accessibility="public")
+        finally:
+            store.close()
+        mount = mount_factory(server)
+        names = os.listdir(mount.path)
         for project in ("uploads", "prearchive"):
-            store.add_project(project, accessibility="public")
-    finally:
-        store.close()
-    mount = mount_factory(server)
-    names = os.listdir(mount.path)
-    for project in ("uploads", "prearchive"):
-        twins = [n for n in names if n.startswith(project + "%~")]
-        assert len(twins) == 1, names
-        assert os.getxattr(mount.path / twins[0], "user.xnat.id") == project.encode()
-        assert os.listdir(mount.path / twins[0]) == ["resources"]  # the project, empty
-    assert "UPLOAD_STATUS.txt" in os.listdir(mount.path / "uploads")
-    assert "uploads" in os.listdir(mount.path / "uploads")  # its upload folder
-    assert os.listxattr(mount.path / "prearchive") == []  # the area's folder, no project
+            twins = [n for n in names if n.startswith(project + "%~")]
+            assert len(twins) == 1, names
+            assert os.getxattr(mount.path / twins[0], "user.xnat.id") == project.encode()
+            assert os.listdir(mount.path / twins[0]) == ["resources"]  # the project, empty
+        assert "UPLOAD_STATUS.txt" in os.listdir(mount.path / "uploads")
+        assert "uploads" in os.listdir(mount.path / "uploads")  # its upload folder
+        assert os.listxattr(mount.path / "prearchive") == []  # the area's folder, no project
 
 
 def test_hierarchy_and_scan_folder_names(demo_mount: Mount) -> None:
@@ -256,27 +256,27 @@ def test_walks_stay_whole_while_the_kernel_keeps_forgetting(demo_mount: Mount) -
 
 
 def test_a_shared_subject_is_an_entry_of_its_own_in_each_project(
-        mount_factory, started_demo_server: TestServer) -> None:  # noqa: ANN001
+        tmp_path: Path, mount_factory, demo_copy) -> None:  # noqa: ANN001
     """XNAT sharing: NP001 of NEURO_PUB shown in ALICE_LAB under other labels. Each
     project has its own entry with its own name, project and inode; neither changes
     when the other is listed; both paths give the same bytes."""
-    server = started_demo_server
-    share_session(server, "NEURO_PUB", "NP001", "NP001_MR1", into="ALICE_LAB",
-                  subject_label="SHARED_SUBJ", session_label="SHARED_MR1")
-    mount = mount_factory(server)
-    own, shared = mount.path / "NEURO_PUB" / "NP001", mount.path / "ALICE_LAB" / "SHARED_SUBJ"
-    for _ in range(2):  # listing one project must not rename the other's entry
-        assert "SHARED_SUBJ" in os.listdir(mount.path / "ALICE_LAB")
-        assert "NP001" in os.listdir(mount.path / "NEURO_PUB")
-        assert os.listdir(shared) == ["resources", "SHARED_MR1"]
-        assert "NP001_MR1" in os.listdir(own)
-        assert os.getxattr(shared, "user.xnat.project") == b"ALICE_LAB"
-        assert os.getxattr(own, "user.xnat.project") == b"NEURO_PUB"
-        assert os.getxattr(shared, "user.xnat.label") == b"SHARED_SUBJ"
-    assert os.stat(shared).st_ino != os.stat(own).st_ino
-    dicom = next((own / "NP001_MR1").rglob("*.dcm"))
-    in_shared = shared / "SHARED_MR1" / dicom.relative_to(own / "NP001_MR1")
-    assert in_shared.read_bytes() == dicom.read_bytes()
+    with TestServer(demo_copy(tmp_path / "data"), dataset="demo") as server:
+        share_session(server, "NEURO_PUB", "NP001", "NP001_MR1", into="ALICE_LAB",
+                      subject_label="SHARED_SUBJ", session_label="SHARED_MR1")
+        mount = mount_factory(server)
+        own, shared = mount.path / "NEURO_PUB" / "NP001", mount.path / "ALICE_LAB" / "SHARED_SUBJ"
+        for _ in range(2):  # listing one project must not rename the other's entry
+            assert "SHARED_SUBJ" in os.listdir(mount.path / "ALICE_LAB")
+            assert "NP001" in os.listdir(mount.path / "NEURO_PUB")
+            assert os.listdir(shared) == ["resources", "SHARED_MR1"]
+            assert "NP001_MR1" in os.listdir(own)
+            assert os.getxattr(shared, "user.xnat.project") == b"ALICE_LAB"
+            assert os.getxattr(own, "user.xnat.project") == b"NEURO_PUB"
+            assert os.getxattr(shared, "user.xnat.label") == b"SHARED_SUBJ"
+        assert os.stat(shared).st_ino != os.stat(own).st_ino
+        dicom = next((own / "NP001_MR1").rglob("*.dcm"))
+        in_shared = shared / "SHARED_MR1" / dicom.relative_to(own / "NP001_MR1")
+        assert in_shared.read_bytes() == dicom.read_bytes()
 
 
 def test_extended_attributes(demo_mount: Mount) -> None:
