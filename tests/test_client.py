@@ -51,8 +51,8 @@ FAST = ClientSettings(connect_timeout=2.0, read_timeout=2.0, deadline=5.0, max_a
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
-    data = tmp_path_factory.mktemp("client") / "data"
+def server(tmp_path_factory: pytest.TempPathFactory, demo_copy) -> Iterator[TestServer]:  # noqa: ANN001
+    data = demo_copy(tmp_path_factory.mktemp("client") / "data")
     with TestServer(data, dataset="demo", args=["--user", f"carol:{CAROL_PASSWORD}"]) as srv:
         yield srv
 

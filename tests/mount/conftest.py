@@ -124,8 +124,9 @@ ADMIN = ("admin", "admin")
 
 
 @pytest.fixture(scope="module")
-def upload_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
-    server = TestServer(tmp_path_factory.mktemp("uploads") / "data", dataset="demo",
+def upload_server(tmp_path_factory: pytest.TempPathFactory,
+                  demo_copy) -> Iterator[TestServer]:  # noqa: ANN001
+    server = TestServer(demo_copy(tmp_path_factory.mktemp("uploads") / "data"), dataset="demo",
                         args=["--prearchive-settle", "1"])
     with server:
         yield server

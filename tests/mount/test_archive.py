@@ -53,11 +53,11 @@ def test_root_lists_projects_and_reserved_folders(demo_mount: Mount) -> None:
 
 
 def test_projects_named_like_the_mounts_own_folders_are_reachable(
-        tmp_path: Path, mount_factory) -> None:  # noqa: ANN001
+        tmp_path: Path, mount_factory, demo_copy) -> None:  # noqa: ANN001
     """A project whose ID is ``uploads`` or ``prearchive`` was left out of the root;
     it is listed under the suffixed name of names listed twice, and the area's
     folder keeps its name."""
-    with TestServer(tmp_path / "data", dataset="demo") as server:
+    with TestServer(demo_copy(tmp_path / "data"), dataset="demo") as server:
         store = Store(server.data_dir)
         try:
             for project in ("uploads", "prearchive"):
@@ -263,12 +263,12 @@ def test_walks_stay_whole_while_the_kernel_keeps_forgetting(demo_mount: Mount) -
         forgetter.join()
 
 
-def test_a_shared_subject_is_an_entry_of_its_own_in_each_project(tmp_path: Path,
-                                                                 mount_factory) -> None:  # noqa: ANN001
+def test_a_shared_subject_is_an_entry_of_its_own_in_each_project(
+        tmp_path: Path, mount_factory, demo_copy) -> None:  # noqa: ANN001
     """XNAT sharing: NP001 of NEURO_PUB shown in ALICE_LAB under other labels. Each
     project has its own entry with its own name, project and inode; neither changes
     when the other is listed; both paths give the same bytes."""
-    with TestServer(tmp_path / "data", dataset="demo") as server:
+    with TestServer(demo_copy(tmp_path / "data"), dataset="demo") as server:
         share_session(server, "NEURO_PUB", "NP001", "NP001_MR1", into="ALICE_LAB",
                       subject_label="SHARED_SUBJ", session_label="SHARED_MR1")
         mount = mount_factory(server)

@@ -22,6 +22,13 @@ from xnatfs.testing.harness import TestServer, free_port
 from .conftest import Mount, daemon_pid, make_env, mount_xnatfs, unmount_and_wait
 
 
+@pytest.fixture
+def fresh_server(started_fresh_server: TestServer) -> TestServer:
+    """conftest's ``fresh_server``, started while the test before ran (none of
+    this module's tests looks for its data under ``tmp_path``)."""
+    return started_fresh_server
+
+
 def mounted(path: Path) -> bool:
     return any(line.split()[1] == str(path)
                for line in Path("/proc/self/mounts").read_text().splitlines())

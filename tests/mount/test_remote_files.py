@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import mmap
 import os
 import random
 import threading
 import subprocess
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,6 +63,23 @@ def put_files(server: TestServer, files: dict[str, bytes], *, experiment: str = 
         for name, data in files.items():
             r = c.put(f"{base}/resources/{resource}/files/{name}?overwrite=true", content=data)
             assert r.status_code == 200, r.text
+
+
+def put_files_in_one_zip(server: TestServer, files: dict[str, bytes]) -> None:
+    """:func:`put_files` for thousands of files: one zip that XNAT unpacks into
+    resource R (``extract=true``) rather than a request per file."""
+    put_files(server, {})
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    with http(server) as c:
+        r = c.put("/data/projects/P/subjects/S/experiments/E/resources/R/files/files.zip",
+                  params={"extract": "true"}, content=packed.getvalue())
+        assert r.status_code == 200, r.text
+        listed = c.get("/data/projects/P/subjects/S/experiments/E/resources/R/files",
+                       params={"format": "json"}).json()["ResultSet"]["Result"]
+    assert sorted(row["Name"] for row in listed) == sorted(files)
 
 
 def fetch(server: TestServer, name: str, experiment: str = "E") -> bytes:
@@ -108,6 +127,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 # ----------------------------------------------------------------- fixtures
+@pytest.fixture
+def fresh_server(started_fresh_server: TestServer) -> TestServer:
+    """conftest's ``fresh_server``, started while the test before ran (none of
+    this module's tests looks for its data under ``tmp_path``)."""
+    return started_fresh_server
+
+
 @pytest.fixture(scope="module")
 def big_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
     """One server for the tests that only read: a big random file and a NIfTI volume."""
@@ -687,7 +713,7 @@ def test_a_folder_changing_during_a_listing_skips_and_repeats_nothing(
     Files deleted on the server half-way, with the listing refreshed before the
     next call, must not shift the others: each file is listed once."""
     names = [f"f{i:04d}.bin" for i in range(2000)]
-    put_files(fresh_server, {name: b"x" for name in names})
+    put_files_in_one_zip(fresh_server, {name: b"x" for name in names})
     mount = mount_factory(fresh_server, "--metadata-ttl", "1")
     folder = mount.path / FILES
     seen = []

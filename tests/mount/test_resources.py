@@ -8,8 +8,12 @@ through the mount; what is refused (overwrite, delete, a reader's write, a
 killed writer) leaves XNAT's files, the scanner's DICOM above all, as they
 were.
 
-Each test writes into a server of its own: a copy of one demo data set built
-once for the module (a copy starts in about a second; building takes five).
+The tests share one demo server (started on a copy of the data set, built
+once for the run: conftest's ``demo_data``): each writes only into resources of labels of its own,
+and its mounts have ended, sending all they queued, before the next test
+starts. The few that change the demo's own files (NOTES) get a server of
+their own, on another copy (a copy starts in about a second; building takes
+five).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import httpx
 import numpy as np
 import pytest
 
-from xnatfs.testing.harness import TestServer
+from xnatfs.testing.harness import TestServer, pids_with_cmdline
 
 from .conftest import (ADMIN, Mount, daemon_pid, drop_kernel_entries, mount_xnatfs,
                        peak_in_flight, unmount_and_wait)
@@ -46,22 +50,35 @@ NOTES_URI = f"{SESSION_URI}/resources/NOTES"     # notes.txt, "scan notes.txt"
 
 # ------------------------------------------------------------------ servers
 @pytest.fixture(scope="module")
-def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo data set, built once; each test's server starts on a copy."""
-    data = tmp_path_factory.mktemp("resources-demo") / "data"
-    with TestServer(data, dataset="demo"):
-        pass
-    (data / "requests.log").unlink(missing_ok=True)
-    return data
+def server(demo_copy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:  # noqa: ANN001
+    """The demo server the module's tests share: each writes into resources of
+    labels of its own, and changes no file the demo data set came with."""
+    data = demo_copy(tmp_path_factory.mktemp("resources-shared") / "data")
+    with TestServer(data, dataset="demo") as srv:
+        yield srv
 
 
 @pytest.fixture
-def server(demo_data: Path, tmp_path: Path) -> Iterator[TestServer]:
-    """A demo server of the test's own (its writes meet nobody else's)."""
-    data = tmp_path / "data"
-    shutil.copytree(demo_data, data)
-    with TestServer(data, dataset="demo") as srv:
-        yield srv
+def own_server(started_demo_server: TestServer) -> TestServer:
+    """A demo server of the test's own, for a test that changes the demo's files."""
+    return started_demo_server
+
+
+@pytest.fixture
+def mount_factory(mount_factory):  # noqa: ANN001, ANN201
+    """The mounts of :func:`conftest.mount_factory`; after the test, each one
+    still mounted is unmounted and its process waited for: whatever it still
+    had queued has been sent before the next test meets the shared server."""
+    made: list[Mount] = []
+
+    def factory(*args, **kwargs) -> Mount:  # noqa: ANN002, ANN003
+        made.append(mount_factory(*args, **kwargs))
+        return made[-1]
+
+    yield factory
+    for mount in made:
+        if pids_with_cmdline("--foreground", str(mount.path.resolve())):
+            unmount_and_wait(mount.path)
 
 
 # --------------------------------------------------------- what XNAT has
@@ -287,12 +304,13 @@ def test_cp_r_of_a_freesurfer_tree_one_writer_per_catalog(
     tree = write_tree(tmp_path / "freesurfer", freesurfer_like())
     options = ["--write-behind"] if write_behind else []
     mount = mount_factory(server, *options)
-    resource = mount.path / SESSION / "resources" / "FREESURFER"
+    label = "FREESURFER_WB" if write_behind else "FREESURFER"  # a resource of its own
+    resource = mount.path / SESSION / "resources" / label
     resource.mkdir()
     target = resource / "files" / "sub-01"
     target.mkdir()
     if write_behind:  # a slow answer (PUTs only: the listing is .../files, no slash)
-        server.set_knobs(answer_delay_ms=300, fault_path="/resources/FREESURFER/files/")
+        server.set_knobs(answer_delay_ms=300, fault_path=f"/resources/{label}/files/")
     mark = server.log_mark()
     groups = (["mri"], ["surf", "label"], ["stats", "scripts", "touch"])
     copies = [subprocess.Popen(["cp", "-r", *[str(tree / "sub-01" / d) for d in group],
@@ -303,8 +321,8 @@ def test_cp_r_of_a_freesurfer_tree_one_writer_per_catalog(
         assert copy.returncode == 0, stderr
     fsync_folder(resource / "files")  # write-behind: waits for XNAT to have them all
     server.set_knobs(answer_delay_ms=0, fault_path="")
-    assert listed(server, f"{SESSION_URI}/resources/FREESURFER") == digests(tree)
-    writes = writes_since(server, mark, "/resources/FREESURFER/files")
+    assert listed(server, f"{SESSION_URI}/resources/{label}") == digests(tree)
+    writes = writes_since(server, mark, f"/resources/{label}/files")
     assert writes and all(e["status"] == 200 for e in writes), \
         [(e["path"], e["status"]) for e in writes if e["status"] != 200]
     assert peak_in_flight(writes) == 1
@@ -562,12 +580,13 @@ def test_a_file_saved_again_while_its_first_version_is_sent(
     confirmed)."""
     options = ["--write-behind"] + (["--allow-overwrite"] if allow_overwrite else [])
     mount = mount_factory(server, *options)
-    resource = mount.path / SESSION / "resources" / "REPORT"
+    label = "REPORT_OVERWRITTEN" if allow_overwrite else "REPORT"  # a resource of its own
+    resource = mount.path / SESSION / "resources" / label
     resource.mkdir()
-    uri = f"{SESSION_URI}/resources/REPORT"
+    uri = f"{SESSION_URI}/resources/{label}"
     target = resource / "files" / "report.txt"
     first, second = b"first version\n" * 1000, b"second version\n" * 700
-    server.set_knobs(answer_delay_ms=2500, fault_path="/resources/REPORT/files/")
+    server.set_knobs(answer_delay_ms=2500, fault_path=f"/resources/{label}/files/")
     try:
         target.write_bytes(first)  # returns at once: sent behind the close
         wait_until(lambda: listed(server, uri), "XNAT to store the first version")
@@ -583,14 +602,14 @@ def test_a_file_saved_again_while_its_first_version_is_sent(
     assert fetched(server, uri) == {"report.txt": second if allow_overwrite else first}
     kept = uploads_cli(mount, "list").stdout
     if allow_overwrite:
-        assert "REPORT/files/report.txt" not in kept
+        assert f"{label}/files/report.txt" not in kept
         assert target.read_bytes() == second  # XNAT's, read from XNAT
     else:
         assert os.getxattr(target, "user.xnatfs.upload.state") == b"failed"
         # The first version's result is not the refused second's (open with O_TRUNC
         # started it over, and left it).
         assert "user.xnatfs.upload.result" not in os.listxattr(target)
-        assert "REPORT/files/report.txt" in kept and "--allow-overwrite" in kept
+        assert f"{label}/files/report.txt" in kept and "--allow-overwrite" in kept
 
 
 def test_a_killed_writer_sends_nothing(server: TestServer, mount_factory,  # noqa: ANN001
@@ -641,6 +660,7 @@ def test_a_killed_mount_sends_its_queued_writes_after_the_remount(
     dicom_before = scanner_dicom(server)
     # XNAT stores the first file, then holds its answer back; the others queue
     # behind it (one request at a time per resource), and the mount is killed.
+    held = server.log_mark()
     server.set_knobs(answer_delay_ms=5000, fault_path="/resources/CRASH/files/")
     try:
         (resource / "files" / "run0").mkdir()
@@ -653,6 +673,10 @@ def test_a_killed_mount_sends_its_queued_writes_after_the_remount(
     finally:
         server.set_knobs(answer_delay_ms=0, fault_path="")
     assert list(listed(server, uri)) == ["run0/out.txt"]
+    # The server logs a request once its answer is over: the held one's entry
+    # must be in before the mark, or it would count as a write of what follows.
+    wait_until(lambda: writes_since(server, held, "/resources/CRASH/files/run0/"),
+               "the held answer to end")
     # Another site: the same server by another name gets nothing.
     elsewhere = server.url.replace("127.0.0.1", "localhost")
     mark = server.log_mark()
@@ -678,8 +702,9 @@ def test_a_killed_mount_sends_its_queued_writes_after_the_remount(
 
 
 # --------------------------------------- 6. --allow-overwrite, --allow-delete
-def test_overwrite_and_delete_with_the_options(server: TestServer, mount_factory,  # noqa: ANN001
+def test_overwrite_and_delete_with_the_options(own_server: TestServer, mount_factory,  # noqa: ANN001
                                                 tmp_path: Path) -> None:
+    server = own_server  # NOTES is changed, then deleted
     mount = mount_factory(server, "--allow-overwrite", "--allow-delete")
     notes = mount.path / SESSION / "resources" / "NOTES" / "files"
     before, dicom_before = fetched(server, NOTES_URI), scanner_dicom(server)
@@ -815,7 +840,8 @@ def test_shell_redirections_and_dd_store_what_was_written(
     close's error) and XNAT kept the empty file. Later content written through
     the same open file replaces what its earlier close sent."""
     mount = mount_factory(server, *(["--write-behind"] if write_behind else []))
-    resource = mount.path / SESSION / "resources" / "SHELL"
+    label = "SHELL_WB" if write_behind else "SHELL"  # a resource of its own
+    resource = mount.path / SESSION / "resources" / label
     resource.mkdir()
     files = resource / "files"
     subprocess.run(["sh", "-c", f"echo 'volume 1234.5' > '{files}/volume.txt'"], check=True)
@@ -823,15 +849,15 @@ def test_shell_redirections_and_dd_store_what_was_written(
     subprocess.run(["dd", "if=/dev/zero", f"of={files}/zeros.bin", "bs=4096", "count=4",
                     "conv=notrunc", "status=none"], check=True, timeout=60)
     fsync_folder(files)
-    assert fetched(server, f"{SESSION_URI}/resources/SHELL") == {
+    assert fetched(server, f"{SESSION_URI}/resources/{label}") == {
         "volume.txt": b"volume 1234.5\n", "table.tsv": b"a\tb\n", "zeros.bin": bytes(16384)}
     assert " ERROR " not in mount_log(mount)
-    assert "SHELL" not in uploads_cli(mount, "list").stdout
+    assert label not in uploads_cli(mount, "list").stdout
     # Protection holds for another open of the file: it is XNAT's now.
     refused = subprocess.run(["sh", "-c", f"echo again > '{files}/volume.txt'"],
                              capture_output=True, text=True)
     assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
-    assert fetched(server, f"{SESSION_URI}/resources/SHELL")["volume.txt"] == b"volume 1234.5\n"
+    assert fetched(server, f"{SESSION_URI}/resources/{label}")["volume.txt"] == b"volume 1234.5\n"
 
 
 def test_sed_in_place_leaves_no_temporary_in_xnat(server: TestServer,
@@ -863,12 +889,13 @@ def test_sed_in_place_leaves_no_temporary_in_xnat(server: TestServer,
 
 @pytest.mark.skipif(shutil.which("vim") is None, reason="vim is not installed")
 def test_vim_and_truncate_replace_a_file_under_allow_overwrite(
-        server: TestServer, mount_factory) -> None:  # noqa: ANN001
+        own_server: TestServer, mount_factory) -> None:  # noqa: ANN001
     """vim (9.0) saves by opening the file without O_TRUNC and cutting it to
     nothing (ftruncate 0) before it writes; ``truncate -s 0`` opens it so too.
     That is a replacement, allowed by --allow-overwrite (it failed: "E212:
     Can't open file for writing"). Changing XNAT's file in place (a write
     before any truncation, a truncation to another size) is still refused."""
+    server = own_server  # NOTES is changed
     mount = mount_factory(server, "--allow-overwrite")
     notes = mount.path / SESSION / "resources" / "NOTES" / "files"
     before = fetched(server, NOTES_URI)

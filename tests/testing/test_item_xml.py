@@ -147,12 +147,12 @@ def test_subject_project_scan_and_assessor_documents(http: httpx.Client) -> None
     assert assessor.tag == f"{XNAT}QCAssessment"
 
 
-def test_sharing_is_listed(tmp_path: Path) -> None:
-    with TestServer(tmp_path / "data", dataset="demo") as server:
-        share_session(server, "NEURO_PUB", "NP001", "NP001_MR1", into="ALICE_LAB",
-                      subject_label="AL_S", session_label="AL_SHARED")
-        with httpx.Client(base_url=server.url, auth=("admin", "admin")) as http:
-            root = ET.fromstring(get_xml(http, "/data/experiments/XNAT_E00001"))
+def test_sharing_is_listed(started_demo_server: TestServer) -> None:
+    server = started_demo_server
+    share_session(server, "NEURO_PUB", "NP001", "NP001_MR1", into="ALICE_LAB",
+                  subject_label="AL_S", session_label="AL_SHARED")
+    with httpx.Client(base_url=server.url, auth=("admin", "admin")) as http:
+        root = ET.fromstring(get_xml(http, "/data/experiments/XNAT_E00001"))
     shares = root.findall(f"{XNAT}sharing/{XNAT}share")
     assert [(s.attrib["project"], s.attrib["label"]) for s in shares] == [
         ("ALICE_LAB", "AL_SHARED")]

@@ -43,8 +43,8 @@ JAVA_DATE = re.compile(r"[A-Z][a-z]{2} [A-Z][a-z]{2} \d\d \d\d:\d\d:\d\d \S+ \d{
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
-    with TestServer(tmp_path_factory.mktemp("items") / "data", dataset="demo") as srv:
+def server(tmp_path_factory: pytest.TempPathFactory, demo_copy) -> Iterator[TestServer]:  # noqa: ANN001
+    with TestServer(demo_copy(tmp_path_factory.mktemp("items") / "data"), dataset="demo") as srv:
         yield srv
 
 
@@ -235,13 +235,13 @@ def test_last_modified_is_set_on_change_and_migrated_in_place(tmp_path: Path) ->
 
 
 def test_an_item_without_format_is_the_html_page_unless_xml_is_asked_for(
-        tmp_path: Path) -> None:
+        started_demo_server: TestServer) -> None:
     """XNAT's item resources offer HTML, then XML, and Restlet keeps the first
     on a tie: no ``format`` and ``Accept: */*`` gives the report page, never
     JSON (docs/xnat-verified.md, "Item GET without format"). Listings answer
     JSON without ``format``."""
-    with TestServer(tmp_path / "data", dataset="demo") as server, \
-            httpx.Client(base_url=server.url, auth=("admin", "admin"), timeout=30) as c:
+    server = started_demo_server
+    with httpx.Client(base_url=server.url, auth=("admin", "admin"), timeout=30) as c:
         item = "/data/projects/NEURO_PUB/subjects/NP001/experiments/NP001_MR1"
         for accept in (None, "*/*", "text/html"):
             answer = c.get(item, headers={"Accept": accept} if accept else {})

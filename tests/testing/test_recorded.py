@@ -39,8 +39,9 @@ FORMATTED = ("timestamp", "date", "time", "uri:")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
-    with TestServer(tmp_path_factory.mktemp("recorded") / "data", dataset="demo") as srv:
+def server(tmp_path_factory: pytest.TempPathFactory, demo_copy) -> Iterator[TestServer]:  # noqa: ANN001
+    with TestServer(demo_copy(tmp_path_factory.mktemp("recorded") / "data"),
+                    dataset="demo") as srv:
         yield srv
 
 

@@ -26,6 +26,13 @@ TRACEBACK_MARKERS = ("Traceback", "Error handling request", "unhandled error")
 
 
 @pytest.fixture
+def fresh_server(started_fresh_server: TestServer) -> TestServer:
+    """conftest's ``fresh_server``, started while the test before ran (none of
+    this module's tests looks for its data under ``tmp_path``)."""
+    return started_fresh_server
+
+
+@pytest.fixture
 def admin(fresh_server: TestServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=fresh_server.url, auth=ADMIN, timeout=60) as c:
         yield c

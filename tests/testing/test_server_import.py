@@ -21,8 +21,8 @@ ADMIN = ("admin", "admin")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
-    srv = TestServer(tmp_path_factory.mktemp("import") / "data", dataset="demo",
+def server(tmp_path_factory: pytest.TempPathFactory, demo_copy) -> Iterator[TestServer]:  # noqa: ANN001
+    srv = TestServer(demo_copy(tmp_path_factory.mktemp("import") / "data"), dataset="demo",
                      args=["--prearchive-settle", "0.5"])
     with srv:
         yield srv

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,18 +198,18 @@ def test_resources_list_and_show(ctl: Ctl, demo_server: TestServer) -> None:
     assert int(shown["file_count"]) == len(shown["files"]) > 0
 
 
-def test_shared_projects_are_listed(tmp_path: Path) -> None:
+def test_shared_projects_are_listed(tmp_path: Path, started_demo_server: TestServer) -> None:
     """``subject show`` and ``session show`` name the projects a subject or session is
     shared into, from ``GET .../projects`` (SubjectResource, ExperimentResource)."""
-    with TestServer(tmp_path / "data", dataset="demo") as server:
-        subject_id, session_id = share_session(
-            server, "NEURO_PUB", "NP001", "NP001_MR1", into="ALICE_LAB",
-            subject_label="SHARED_SUBJ", session_label="SHARED_MR1")
-        ctl = Ctl(server, tmp_path / "home")
-        subject = ctl.json("subject", "show", "-P", "NEURO_PUB", "NP001")
-        assert subject["shared_projects"] == ["ALICE_LAB (as SHARED_SUBJ)"]
-        shown = ctl.run("session", "show", "-E", session_id)
-        assert "could not list" not in shown.stderr and "ALICE_LAB" in shown.stdout
+    server = started_demo_server
+    subject_id, session_id = share_session(
+        server, "NEURO_PUB", "NP001", "NP001_MR1", into="ALICE_LAB",
+        subject_label="SHARED_SUBJ", session_label="SHARED_MR1")
+    ctl = Ctl(server, tmp_path / "home")
+    subject = ctl.json("subject", "show", "-P", "NEURO_PUB", "NP001")
+    assert subject["shared_projects"] == ["ALICE_LAB (as SHARED_SUBJ)"]
+    shown = ctl.run("session", "show", "-E", session_id)
+    assert "could not list" not in shown.stderr and "ALICE_LAB" in shown.stdout
 
 
 # Downloads ----------------------------------------------------------------
@@ -276,10 +275,9 @@ def test_scan_download_verify(ctl: Ctl, tmp_path: Path) -> None:
 
 # Uploads ------------------------------------------------------------------
 @pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[TestServer]:
+def own_server(started_demo_server: TestServer) -> TestServer:
     """Uploads change the archive: a server of their own (see the xnatpy tests)."""
-    with TestServer(tmp_path / "data", dataset="demo") as server:
-        yield server
+    return started_demo_server
 
 
 def _study(tmp_path: Path, name: str, seed: int) -> tuple[Path, dict[str, str]]:

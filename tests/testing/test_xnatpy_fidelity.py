@@ -121,12 +121,13 @@ def test_protected_project_is_unlisted_and_its_data_forbidden(demo_server: TestS
             connection.get_json("/data/projects/SECRET_NOPE/subjects")
 
 
-def test_import_zip_then_archive_through_xnatpy(tmp_path: Path) -> None:
+def test_import_zip_then_archive_through_xnatpy(tmp_path: Path,
+                                                started_demo_server: TestServer) -> None:
     """On a server of its own: archiving adds a subject, which the shared demo
     server's readers (a walk that counts requests, say) must not see."""
-    with TestServer(tmp_path / "data", dataset="demo") as server, \
-            xnat.connect(server.url, user="admin", password="admin",
-                         extension_types=False) as session:
+    server = started_demo_server
+    with xnat.connect(server.url, user="admin", password="admin",
+                      extension_types=False) as session:
         series = synthetic_study("Import^Test", "IMP001", modality="MR", slices=6, rows=32,
                                  cols=32, seed=7)
         archive = tmp_path / "study.zip"
@@ -147,27 +148,28 @@ def test_import_zip_then_archive_through_xnatpy(tmp_path: Path) -> None:
         assert prearchived.uri not in {s.uri for s in session.prearchive.sessions("NEURO_PUB")}
 
 
-def test_shared_subjects_and_sessions_through_xnatpy(tmp_path: Path) -> None:
+def test_shared_subjects_and_sessions_through_xnatpy(
+        tmp_path: Path, started_demo_server: TestServer) -> None:
     """xnatpy lists a subject shared into another project under its label there;
     the item names the projects it is shared into (``sharing/share``)."""
-    with TestServer(tmp_path / "data", dataset="demo") as server:
-        subject_id, session_id = share_session(
-            server, "NEURO_PUB", "NP001", "NP001_MR1", into="ALICE_LAB",
-            subject_label="SHARED_SUBJ", session_label="SHARED_MR1")
-        with xnat.connect(server.url, user="admin", password="admin",
-                          extension_types=False) as connection:
-            shared = connection.projects["ALICE_LAB"].subjects["SHARED_SUBJ"]
-            assert shared.id == subject_id and shared.label == "SHARED_SUBJ"
-            assert shared.experiments["SHARED_MR1"].id == session_id
-            # The item lists where it is shared, in the shape xnatpy reads labels from.
-            item = connection.create_object(f"/data/subjects/{subject_id}")
-            [sharing] = [c for c in item.fulldata["children"] if c["field"] == "sharing/share"]
-            # The row also has subject_ID and its key xnat_projectParticipant_id (an
-            # attribute of projectParticipant; XFT's default key, which FlattenedItem adds).
-            assert [(i["meta"]["xsi:type"], i["data_fields"]["label"],
-                     i["data_fields"]["project"], i["data_fields"]["subject_ID"])
-                    for i in sharing["items"]] == [
-                ("xnat:projectParticipant", "SHARED_SUBJ", "ALICE_LAB", subject_id)]
+    server = started_demo_server
+    subject_id, session_id = share_session(
+        server, "NEURO_PUB", "NP001", "NP001_MR1", into="ALICE_LAB",
+        subject_label="SHARED_SUBJ", session_label="SHARED_MR1")
+    with xnat.connect(server.url, user="admin", password="admin",
+                      extension_types=False) as connection:
+        shared = connection.projects["ALICE_LAB"].subjects["SHARED_SUBJ"]
+        assert shared.id == subject_id and shared.label == "SHARED_SUBJ"
+        assert shared.experiments["SHARED_MR1"].id == session_id
+        # The item lists where it is shared, in the shape xnatpy reads labels from.
+        item = connection.create_object(f"/data/subjects/{subject_id}")
+        [sharing] = [c for c in item.fulldata["children"] if c["field"] == "sharing/share"]
+        # The row also has subject_ID and its key xnat_projectParticipant_id (an
+        # attribute of projectParticipant; XFT's default key, which FlattenedItem adds).
+        assert [(i["meta"]["xsi:type"], i["data_fields"]["label"],
+                 i["data_fields"]["project"], i["data_fields"]["subject_ID"])
+                for i in sharing["items"]] == [
+            ("xnat:projectParticipant", "SHARED_SUBJ", "ALICE_LAB", subject_id)]
 
 
 def test_assessor_resources_through_xnatpy(session: xnat.session.XNATSession,
