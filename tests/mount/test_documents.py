@@ -110,7 +110,11 @@ def test_a_walk_fetches_documents_ahead(demo_server: TestServer,
     os.stat(session / "session.xml")  # the second: a walk
     scans = list((session / "scans").iterdir())
     deadline = time.monotonic() + 10
-    uris = {os.getxattr(p, "user.xnat.uri").decode() for p in scans}
+    assessors = (list((session / "assessors").iterdir())
+                 if (session / "assessors").exists() else [])
+    uris = ({os.getxattr(p, "user.xnat.uri").decode() for p in scans}
+            | {"/data/experiments/" + os.getxattr(p, "user.xnat.id").decode()
+               for p in assessors})
     while time.monotonic() < deadline:
         fetched = [e["path"] for e in demo_server.requests_since(mark)
                    if "format=xml" in e["query"]]
