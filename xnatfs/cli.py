@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .status import STATUS_FILE_NAME
+
 if TYPE_CHECKING:
     from .credentials import Credentials
 
@@ -126,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
             parser_.add_argument("--subject", help="subject label to archive into")
             parser_.add_argument("--label", help="session label to archive as")
         _add_site_options(parser_)
+
+    status = commands.add_parser("status", help="what a mount is doing: requests, bytes, "
+                                                 "downloads, uploads, errors")
+    status.add_argument("mountpoint", type=Path)
+    status.add_argument("--json", action="store_true",
+                        help=f"print the mount's {STATUS_FILE_NAME} as it is")
 
     umount = commands.add_parser("umount", help="unmount")
     umount.add_argument("mountpoint", type=Path)
@@ -500,7 +508,7 @@ GENERIC_MOUNT_OPTIONS = {
 FSTAB_ALIASES = {"ro": "read-only", "xnat-user": "user"}  # "user" means another thing there
 NOT_FROM_FSTAB = {"foreground", "debug-fuse", "credentials-on-stdin", "ready-fd"}
 NO_SOURCE = {"none", "xnatfs"}  # fstab's placeholders for "the URL comes from the profile"
-COMMANDS = {"mount", "umount", "uploads", "prearchive", "demo", "testserver"}
+COMMANDS = {"mount", "umount", "status", "uploads", "prearchive", "demo", "testserver"}
 
 
 def fstab_arguments(argv: list[str]) -> list[str]:
@@ -545,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
             return mount(args)
         if args.command == "umount":
             return umount(args)
+        if args.command == "status":
+            from .sitecommands import status_command
+
+            return status_command(args)
         if args.command == "uploads":
             from .sitecommands import uploads_command
 

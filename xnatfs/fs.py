@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -62,15 +63,15 @@ def fuse_errors(handler: Callable[Concatenate[Operations, P], Awaitable[T]]
             raise
         except XnatError as exc:
             log.debug("%s%s: %s", handler.__name__, _loggable(handler.__name__, args), exc)
-            raise pyfuse3.FUSEError(errno_for(exc)) from None
+            raise self.failed(errno_for(exc)) from None
         except trio.TooSlowError:
             if deadlines.unmounting:
-                raise pyfuse3.FUSEError(errno.EINTR) from None
+                raise self.failed(errno.EINTR) from None
             log.warning("%s%s ran out of time", handler.__name__, _loggable(handler.__name__, args))
-            raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
+            raise self.failed(errno.ETIMEDOUT) from None
         except Exception:
             log.exception("bug in %s%s", handler.__name__, _loggable(handler.__name__, args))
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise self.failed(errno.EIO) from None
 
     return wrapper
 
@@ -103,6 +104,14 @@ class Operations(pyfuse3.Operations):
         # Open directories: their inode, and the entries of the pass being read.
         self._open_dirs: dict[int, tuple[int, list[Node]]] = {}
         self._next_fh = 1
+        # Operations failed for an XNAT error, a timeout or a bug, by errno name
+        # (the status file); the kernel's own refusals (ENOENT of a lookup) are not here.
+        self.failures: Counter[str] = Counter()
+
+    def failed(self, code: int) -> pyfuse3.FUSEError:
+        """The FUSE error for ``code``, counted among the failed operations."""
+        self.failures[errno.errorcode.get(code, str(code))] += 1
+        return pyfuse3.FUSEError(code)
 
     def cancel_requests(self) -> None:
         """Unmounting: every request still waiting is answered now (EINTR)."""

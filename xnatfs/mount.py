@@ -237,7 +237,8 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                                              prearchive_ttl=config.prearchive_ttl,
                                              results=results,
                                              allow_overwrite=config.allow_overwrite,
-                                             allow_delete=config.allow_delete)
+                                             allow_delete=config.allow_delete,
+                                             failures=operations.failures)
             try:
                 pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
             except RuntimeError as exc:

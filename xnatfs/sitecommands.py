@@ -1,5 +1,6 @@
 """``xnatfs uploads`` and ``xnatfs prearchive``: commands that talk to a site
-without a mount (what the spool kept, and the prearchive)."""
+without a mount (what the spool kept, and the prearchive); ``xnatfs status``,
+which reads a mount's status file."""
 
 from __future__ import annotations
 
@@ -7,6 +8,28 @@ import argparse
 import sys
 
 from .cli import UserError, run_with_client
+
+
+def status_command(args: argparse.Namespace) -> int:
+    """A mount's counters, read from its status file (the mount makes it at open)."""
+    import json
+
+    from .mount import mounted_type
+    from .status import STATUS_FILE_NAME, human_text
+
+    mountpoint = args.mountpoint.absolute()
+    if mounted_type(mountpoint) != "fuse.xnatfs":
+        raise UserError(f"xnatfs: {args.mountpoint} is not an xnatfs mount")
+    try:
+        raw = (mountpoint / STATUS_FILE_NAME).read_bytes()
+    except OSError as exc:
+        raise UserError(f"xnatfs: cannot read {STATUS_FILE_NAME} of {args.mountpoint}: "
+                        f"{exc.strerror}") from None
+    if args.json:
+        sys.stdout.write(raw.decode())
+    else:
+        sys.stdout.write(human_text(json.loads(raw)))
+    return 0
 
 
 def uploads_command(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@
 ``generated``             files whose text the mount writes (status, info)
 ``documents``             not an area: each object's XML document (generated files)
 ``accession``             accession IDs as links to the labelled folders
+``status``                ``.xnatfs-status.json`` in the root: the mount's counters
 ``root``                  the root folder: each area's top entries
 ``remote_files``          not an area: reading listed files, for archive and prearchive
 ``tables``                not an area: project tables (CSV) and subjects'/sessions' metadata
@@ -22,6 +23,8 @@ folder. ``fs.py`` needs no change. See ``docs/architecture.md``.
 from __future__ import annotations
 
 import os
+import time
+from collections import Counter
 from dataclasses import dataclass
 
 import trio
@@ -31,6 +34,7 @@ from ..deadlines import Deadlines
 from ..tree import Node, Tree
 from ..imports import UploadManager
 from ..results import ResultWrites
+from ..status import StatusSources, gather
 from .accession import AccessionArea
 from .archive import ArchiveArea
 from .base import Area, Kernel
@@ -40,6 +44,7 @@ from .prearchive import PrearchiveArea
 from .remote_files import RemoteFiles
 from .resources import ResourceArea
 from .root import RootArea
+from .status import StatusArea
 from .uploads import UploadArea
 
 
@@ -74,8 +79,12 @@ class Areas:
 def install(tree: Tree, kernel: Kernel, *, blocks: BlockCache, uploads: UploadManager,
             deadlines: Deadlines, nursery: trio.Nursery,
             prearchive_ttl: float | None = None, results: ResultWrites | None = None,
-            allow_overwrite: bool = False, allow_delete: bool = False) -> Areas:
-    """Make the areas of a mount and register them with ``tree``."""
+            allow_overwrite: bool = False, allow_delete: bool = False,
+            failures: Counter[str] | None = None, started: float | None = None) -> Areas:
+    """Make the areas of a mount and register them with ``tree``.
+
+    ``failures``: the failed file operations by errno name (``fs.py`` counts
+    them), for the status file; ``started``: when the mount began (Unix time)."""
     files = RemoteFiles(tree, blocks, kernel, deadlines, nursery)
     archive = ArchiveArea(tree, kernel, files)
     resources = ResourceArea(tree, kernel, archive, files, results,
@@ -93,7 +102,13 @@ def install(tree: Tree, kernel: Kernel, *, blocks: BlockCache, uploads: UploadMa
     # The areas' own folders first: a project whose ID is `uploads` or
     # `prearchive` is listed after them, and so gets the %~ suffix of names
     # listed twice instead of hiding (or being hidden by) the area.
-    root = RootArea(tree, kernel, [upload_area, prearchive, archive], unlisted=accession.at_root)
+    spools = [uploads] + ([results] if results is not None else [])
+    sources = StatusSources(tree.client, blocks, spools, failures if failures is not None
+                            else Counter(), time.time() if started is None else started)
+    status = StatusArea(tree, kernel, lambda: gather(sources))
+    # The status file's name has a dot, which no project ID has: no clash to order.
+    root = RootArea(tree, kernel, [upload_area, prearchive, status, archive],
+                    unlisted=accession.at_root)
     areas = Areas(tree, archive, resources, upload_area, prearchive, generated, accession, root)
     for area in (root, archive, resources, upload_area, prearchive, generated, accession):
         tree.register(area)

@@ -129,6 +129,8 @@ class CacheStatistics:
     fetch_requests: int = 0
     digest_checks: int = 0
     digest_failures: int = 0
+    bytes_from_cache: int = 0  # read bytes that were already there (memory or disk)
+    downloads_running: int = 0  # downloads from XNAT under way now
 
 
 def want(state: FileState, end: int) -> None:

@@ -138,6 +138,7 @@ class BlockCache(Downloads):
                 await source.wait_for(hi)
                 parts.append(source.view(lo, hi))
             else:
+                self.stats.bytes_from_cache += hi - lo
                 parts.append(memoryview(source)[lo:hi])
         # Once the end of the file has been asked for, any read may be the one that
         # completes it (the kernel's readahead requests arrive in any order).

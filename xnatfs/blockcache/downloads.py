@@ -42,7 +42,7 @@ import trio
 
 from ..client import ByteStream, XnatClient
 from ..errors import Stale, Unreachable, XnatError
-from .blocks import Download, FileState, PendingBlock
+from .blocks import CacheStatistics, Download, FileState, PendingBlock
 from .integrity import DigestCheck
 
 log = logging.getLogger("xnatfs.blockcache")  # one logger for the package, as before the split
@@ -139,7 +139,7 @@ class Downloads(DigestCheck):
         position = start
         try:
             background = self.background_limiter if speculative else contextlib.nullcontext()
-            async with background, self.fetch_limiter:
+            async with background, self.fetch_limiter, _InFlight(self.stats):
                 if state.dropped:
                     return
                 self.stats.fetch_requests += 1
@@ -296,3 +296,16 @@ class Downloads(DigestCheck):
         self.stats.fetched_blocks += 1
         self.nursery.start_soon(self._store, state, index, data)
         self._start_digest(state)
+
+
+class _InFlight:
+    """Counts a download that holds a fetch slot (``downloads_running``, the status file)."""
+
+    def __init__(self, stats: CacheStatistics) -> None:
+        self.stats = stats
+
+    async def __aenter__(self) -> None:
+        self.stats.downloads_running += 1
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.stats.downloads_running -= 1

@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import re
+import time
 from collections import Counter
 from collections.abc import (
     AsyncGenerator,
@@ -110,6 +111,9 @@ class XnatConnection:
         self._session_timeout: float | None = None
         self._server_down = False  # the last operation found no working server
         self._counts: Counter[str] = Counter()
+        self._answers: Counter[int] = Counter()  # answers by HTTP status (the status file)
+        self.bytes_received = 0  # of files' bodies (ByteStream adds to it)
+        self.session_since: float | None = None  # wall-clock time the session in use was adopted
 
     async def __aenter__(self) -> Self:
         try:
@@ -158,6 +162,10 @@ class XnatConnection:
         """Requests sent, by kind (``files.stream``, ``session.login``...), and events:
         ``retries``, ``relogins``, ``sessions_reused``, ``range_ignored``, ``stream_resumes``."""
         return dict(self._counts)
+
+    def answers(self) -> dict[int, int]:
+        """Answers received, by HTTP status (every attempt, retried ones too)."""
+        return dict(self._answers)
 
     async def _session_for_request(self) -> str:
         session_id = self._session_id
@@ -217,6 +225,7 @@ class XnatConnection:
     def _adopt_session(self, session_id: str) -> None:
         self._session_id = session_id
         self._last_activity = trio.current_time()
+        self.session_since = time.time()
 
     def _basic_authorization(self) -> str:
         pair = f"{self.credentials.user}:{self.credentials.password}".encode()
@@ -293,11 +302,13 @@ class XnatConnection:
                 try:
                     response = await self._http.send(request, stream=True)
                 except TRANSPORT_FAILURES as exc:
+                    self._counts["transport_failures"] += 1
                     failure = self._transport_failure(exc, path, upload=body is not None)
                 else:
                     keep = False
                     try:
                         status = response.status_code
+                        self._answers[status] += 1
                         log.debug("%s %s -> %d", method, path, status)
                         if status < 500 and status != 429 and self._server_down:
                             log.info("%s answers again", self._base_url)

@@ -188,6 +188,7 @@ class ByteStream:
         """Drop what lies before :attr:`position` (resent by a server ignoring Range)
         or at and after :attr:`end`."""
         self.received += len(chunk)
+        self._client.bytes_received += len(chunk)
         if self._skip:
             dropped = min(self._skip, len(chunk))
             self._skip -= dropped

@@ -1,0 +1,156 @@
+"""What a mount is doing, as counters: the status file in the mount's root
+(``.xnatfs-status.json``) and ``xnatfs status MOUNT``.
+
+Times are given as the moments things happened (Unix time), not as ages,
+so that the file's size stays what ``stat`` said while nothing happens; the
+command shows ages. The counters themselves are plain integers and Counters kept where things
+happen (the client's ``_send``, the block cache, the spools, ``fs.py``), so
+that counting costs an increment on the hot paths. This module only reads
+them, when the status file is opened, and formats them. Each part of the
+mount is a section of the JSON document; a feature added later (a shared
+cache tier) adds its own section without changing the others.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the CLI imports this module: no httpx, trio or cache at its start
+    from .blockcache import BlockCache
+    from .client.connection import XnatConnection
+    from .spool import Spool
+
+STATUS_FILE_NAME = ".xnatfs-status.json"  # a dot: never an XNAT project ID ([A-Za-z0-9_-]+)
+FORMAT_VERSION = 1
+# The client's events, counted beside the requests (by kind) in its statistics.
+CLIENT_EVENTS = frozenset({"retries", "relogins", "sessions_reused", "transport_failures",
+                           "stream_resumes", "range_ignored", "server_down"})
+
+
+@dataclass
+class StatusSources:
+    """Where a mount's counters live."""
+
+    client: XnatConnection
+    blocks: BlockCache
+    spools: Sequence[Spool]
+    failures: Counter[str]           # failed file operations, by errno name
+    started: float                   # wall-clock time of the mount
+
+
+def gather(sources: StatusSources) -> dict[str, Any]:
+    """The counters now, as a JSON-ready document (trio thread, no waiting)."""
+    from .spoolfiles import State
+
+    client = sources.client
+    counts = client.statistics()
+    answers = client.answers()
+    kinds = {kind: n for kind, n in counts.items() if kind not in CLIENT_EVENTS}
+    stats = sources.blocks.stats
+    session_since = client.session_since
+    uploads: Counter[str] = Counter()
+    for spool in sources.spools:
+        for upload in spool.uploads.values():
+            uploads[upload.record.state] += 1
+            if upload.background is not None and upload.state is State.UPLOADING:
+                uploads["behind"] += 1
+    return {
+        "format": FORMAT_VERSION,
+        "site": client.credentials.url,
+        "mounted_at": round(sources.started, 3),
+        "requests": {
+            "total": sum(kinds.values()),
+            "by_kind": dict(sorted(kinds.items())),
+            "by_status": {str(status): n for status, n in sorted(answers.items())},
+            "retries": counts.get("retries", 0),
+            "rate_limited_429": answers.get(429, 0),
+            "server_errors_5xx": sum(n for status, n in answers.items() if status >= 500),
+            "no_answer": counts.get("transport_failures", 0),
+            "times_server_seemed_down": counts.get("server_down", 0),
+        },
+        "session": {
+            "logged_in_at": None if session_since is None else round(session_since, 3),
+            "relogins": counts.get("relogins", 0),
+            "sessions_reused": counts.get("sessions_reused", 0),
+        },
+        "bytes": {
+            "from_xnat": client.bytes_received,
+            "from_local_cache": stats.bytes_from_cache,
+        },
+        "downloads": {
+            "in_flight": stats.downloads_running,
+            "queued": sources.blocks.fetch_limiter.statistics().tasks_waiting,
+        },
+        "uploads": {
+            "writing": uploads[State.WRITING.value],
+            "sending": uploads[State.UPLOADING.value],
+            "queued_behind_close": uploads["behind"],
+            "failed": uploads[State.FAILED.value],
+            "done": uploads[State.DONE.value],
+        },
+        "errors": {
+            "total": sum(sources.failures.values()),
+            "by_errno": dict(sorted(sources.failures.items())),
+        },
+    }
+
+
+def to_json(document: dict[str, Any]) -> bytes:
+    return (json.dumps(document, indent=2) + "\n").encode()
+
+
+def human_text(document: dict[str, Any], now: float | None = None) -> str:
+    """The status document for people (``xnatfs status``)."""
+    now = time.time() if now is None else now
+    requests = document["requests"]
+    session = document["session"]
+    lines = [
+        f"site              {document['site']}",
+        f"mounted           {_duration(now - document['mounted_at'])} ago",
+        f"requests          {requests['total']}  (retries {requests['retries']}, "
+        f"429 {requests['rate_limited_429']}, 5xx {requests['server_errors_5xx']}, "
+        f"no answer {requests['no_answer']})",
+    ]
+    lines += [f"  {kind:24} {n}" for kind, n in requests["by_kind"].items()]
+    lines.append("answers by status " + ("  ".join(
+        f"{status}: {n}" for status, n in requests["by_status"].items()) or "none"))
+    since = session["logged_in_at"]
+    lines.append(f"session           "
+                 f"{'none' if since is None else _duration(now - since) + ' old'}"
+                 f"  (relogins {session['relogins']})")
+    lines.append(f"bytes from XNAT   {_size(document['bytes']['from_xnat'])}")
+    lines.append(f"bytes from cache  {_size(document['bytes']['from_local_cache'])}")
+    downloads = document["downloads"]
+    lines.append(f"downloads         {downloads['in_flight']} in flight, "
+                 f"{downloads['queued']} queued")
+    up = document["uploads"]
+    lines.append(f"uploads           {up['sending']} sending, {up['queued_behind_close']} "
+                 f"behind a close, {up['writing']} being written, {up['failed']} failed, "
+                 f"{up['done']} done")
+    errors = document["errors"]
+    lines.append(f"errors            {errors['total']}" + "".join(
+        f"  {name}: {n}" for name, n in errors["by_errno"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else \
+        f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    scaled, unit = float(n), "B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        scaled /= 1024
+        if scaled < 1024:
+            break
+    return f"{scaled:.1f} {unit} ({n} B)"
