@@ -34,6 +34,7 @@ import math
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -130,6 +131,7 @@ class Spool:
         self.uploads: dict[str, Upload] = {}     # by id
         self.in_flight = 0
         self.max_in_flight_seen = 0
+        self.outcomes: Counter[str] = Counter()  # "sent", "failed" since the mount (status file)
         self._noticed_at = -math.inf  # when the records on disk were last looked at
         self._adopt_kept()
 
@@ -441,6 +443,7 @@ class Spool:
             await self._fail(upload, str(exc), type(exc))
             raise
         upload.record.state = State.DONE.value
+        self.outcomes["sent"] += 1
         upload.record.result = result
         upload.record.finished = time.time()
         await self._save(upload)
@@ -518,6 +521,7 @@ class Spool:
         fsync of a reading handle raises (its errno)."""
         upload.failure = failure
         upload.record.state = State.FAILED.value
+        self.outcomes["failed"] += 1
         upload.record.message = message
         upload.record.finished = time.time()
         upload.dirty = False

@@ -53,12 +53,16 @@ def gather(sources: StatusSources) -> dict[str, Any]:
     kinds = {kind: n for kind, n in counts.items() if kind not in CLIENT_EVENTS}
     stats = sources.blocks.stats
     session_since = client.session_since
-    uploads: Counter[str] = Counter()
+    states: Counter[str] = Counter()
+    behind = waiting = sending = 0
+    outcomes: Counter[str] = Counter()
     for spool in sources.spools:
+        sending += spool.in_flight
+        waiting += spool.limiter.statistics().tasks_waiting
+        outcomes += spool.outcomes
         for upload in spool.uploads.values():
-            uploads[upload.record.state] += 1
-            if upload.background is not None and upload.state is State.UPLOADING:
-                uploads["behind"] += 1
+            states[upload.record.state] += 1
+            behind += upload.background is not None and upload.state is State.UPLOADING
     return {
         "format": FORMAT_VERSION,
         "site": client.credentials.url,
@@ -87,11 +91,13 @@ def gather(sources: StatusSources) -> dict[str, Any]:
             "queued": sources.blocks.fetch_limiter.statistics().tasks_waiting,
         },
         "uploads": {
-            "writing": uploads[State.WRITING.value],
-            "sending": uploads[State.UPLOADING.value],
-            "queued_behind_close": uploads["behind"],
-            "failed": uploads[State.FAILED.value],
-            "done": uploads[State.DONE.value],
+            "in_flight": sending,
+            "waiting_for_a_slot": waiting,
+            "behind_a_close": behind,
+            "being_written": states[State.WRITING.value],
+            "failed_kept": states[State.FAILED.value],
+            "sent": outcomes["sent"],
+            "failed": outcomes["failed"],
         },
         "errors": {
             "total": sum(sources.failures.values()),
@@ -129,9 +135,11 @@ def human_text(document: dict[str, Any], now: float | None = None) -> str:
     lines.append(f"downloads         {downloads['in_flight']} in flight, "
                  f"{downloads['queued']} queued")
     up = document["uploads"]
-    lines.append(f"uploads           {up['sending']} sending, {up['queued_behind_close']} "
-                 f"behind a close, {up['writing']} being written, {up['failed']} failed, "
-                 f"{up['done']} done")
+    lines.append(f"uploads           {up['in_flight']} in flight, {up['waiting_for_a_slot']} "
+                 f"waiting for a slot, {up['behind_a_close']} behind a close, "
+                 f"{up['being_written']} being written")
+    lines.append(f"  since mounted    {up['sent']} sent, {up['failed']} failed "
+                 f"({up['failed_kept']} kept to retry)")
     errors = document["errors"]
     lines.append(f"errors            {errors['total']}" + "".join(
         f"  {name}: {n}" for name, n in errors["by_errno"].items()))
