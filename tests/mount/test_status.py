@@ -148,7 +148,7 @@ def test_xnatfs_status_prints_the_counters(mount: Mount) -> None:
     assert f"requests          {document['requests']['total']}  (retries " in shown
     for kind, n in document["requests"]["by_kind"].items():
         assert f"  {kind:24} {n}\n" in shown
-    assert f"bytes from XNAT   " in shown and "downloads         0 in flight" in shown
+    assert "bytes from XNAT   " in shown and "downloads         0 in flight" in shown
     raw = subprocess.run([sys.executable, "-m", "xnatfs.cli", "status", "--json",
                           str(mount.path)], capture_output=True, check=True,
                          env=mount.env).stdout
