@@ -63,15 +63,15 @@ def fuse_errors(handler: Callable[Concatenate[Operations, P], Awaitable[T]]
             raise
         except XnatError as exc:
             log.debug("%s%s: %s", handler.__name__, _loggable(handler.__name__, args), exc)
-            raise self.failed(errno_for(exc)) from None
+            raise self.failed(errno_for(exc), handler.__name__) from None
         except trio.TooSlowError:
             if deadlines.unmounting:
-                raise self.failed(errno.EINTR) from None
+                raise self.failed(errno.EINTR, handler.__name__) from None
             log.warning("%s%s ran out of time", handler.__name__, _loggable(handler.__name__, args))
-            raise self.failed(errno.ETIMEDOUT) from None
+            raise self.failed(errno.ETIMEDOUT, handler.__name__) from None
         except Exception:
             log.exception("bug in %s%s", handler.__name__, _loggable(handler.__name__, args))
-            raise self.failed(errno.EIO) from None
+            raise self.failed(errno.EIO, handler.__name__) from None
 
     return wrapper
 
@@ -105,12 +105,15 @@ class Operations(pyfuse3.Operations):
         self._open_dirs: dict[int, tuple[int, list[Node]]] = {}
         self._next_fh = 1
         # Operations failed for an XNAT error, a timeout or a bug, by errno name
-        # (the status file); the kernel's own refusals (ENOENT of a lookup) are not here.
+        # (the status file).
         self.failures: Counter[str] = Counter()
 
-    def failed(self, code: int) -> pyfuse3.FUSEError:
-        """The FUSE error for ``code``, counted among the failed operations."""
-        self.failures[errno.errorcode.get(code, str(code))] += 1
+    def failed(self, code: int, operation: str) -> pyfuse3.FUSEError:
+        """The FUSE error for ``code``, counted among the failed operations unless
+        it is a name that does not exist: shells and tools look up names that may
+        not be there all the time (``.git``, ``__pycache__``), which is no failure."""
+        if not (operation == "lookup" and code == errno.ENOENT):
+            self.failures[errno.errorcode.get(code, str(code))] += 1
         return pyfuse3.FUSEError(code)
 
     def cancel_requests(self) -> None:

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,7 @@ def tune_kernel(mountpoint: Path) -> None:
 async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = None) -> None:
     """Mount, call ``on_ready`` once the mount answers, serve until unmounted or signalled."""
     settings = config.client_settings()
+    started = time.time()  # for the status file: before the login it counts
     config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.cache_dir.chmod(0o700)  # cached data is as private as the mount
     client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache())
@@ -238,7 +240,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                                              results=results,
                                              allow_overwrite=config.allow_overwrite,
                                              allow_delete=config.allow_delete,
-                                             failures=operations.failures)
+                                             failures=operations.failures, started=started)
             try:
                 pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
             except RuntimeError as exc:

@@ -141,6 +141,17 @@ def test_the_file_is_read_only_and_stat_gives_its_size(mount: Mount) -> None:
     assert path.exists()
 
 
+def test_errors_count_failed_operations_not_missing_names(mount: Mount) -> None:
+    before = status(mount)["errors"]
+    assert not (mount.path / "NO_SUCH_PROJECT").exists()  # a lookup: no failure
+    with pytest.raises(OSError) as refused:
+        (mount.path / "NEURO_PUB" / "not-a-folder.txt").write_text("x")
+    after = status(mount)["errors"]
+    name = errno.errorcode[refused.value.errno]
+    assert grown(before["by_errno"], after["by_errno"]) == {name: 1}
+    assert after["total"] - before["total"] == 1
+
+
 def test_xnatfs_status_prints_the_counters(mount: Mount) -> None:
     document = settled(mount)
     shown = subprocess.run([sys.executable, "-m", "xnatfs.cli", "status", str(mount.path)],
@@ -181,3 +192,4 @@ def test_503_answers_show_as_retries_and_5xx(mount: Mount) -> None:
     assert 1 <= retries < len(refused)  # each operation's first attempt is no retry
     assert after["errors"]["total"] > before["errors"]["total"]
     assert target.read_bytes()  # the server answers again: so does the mount
+
