@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import Counter
 
 import pyfuse3
 import pytest
@@ -42,6 +43,8 @@ async def test_a_failing_forget_is_logged_not_raised(caplog: pytest.LogCaptureFi
 async def test_a_bug_in_a_handler_becomes_eio(caplog: pytest.LogCaptureFixture) -> None:
     class Broken:
         deadlines = Deadlines(op_timeout=5.0, upload_timeout=5.0)
+        failures: Counter[str] = Counter()
+        failed = Operations.failed
 
         @fuse_errors
         async def statfs(self, ctx: object) -> None:
@@ -51,3 +54,4 @@ async def test_a_bug_in_a_handler_becomes_eio(caplog: pytest.LogCaptureFixture) 
             pytest.raises(pyfuse3.FUSEError) as info:
         await Broken().statfs(None)  # type: ignore[arg-type]
     assert info.value.errno == 5 and "bug in statfs" in caplog.text
+    assert Broken.failures == {"EIO": 1}  # the status file's errors
