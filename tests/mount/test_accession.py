@@ -163,7 +163,7 @@ def test_listed_names_win_and_shares_resolve_where_the_user_can_read(
     same_folder(admin.path / "OWN" / "S1" / session, admin.path / "OWN" / "S1" / "S1_MR")
     lab = admin.path / "LAB"
     assert (lab / subject).is_dir() and not (lab / subject).is_symlink()  # the listed label
-    assert sorted(os.listdir(alice.path)) == ["LAB", "prearchive", "uploads"]
+    assert sorted(os.listdir(alice.path)) == [".xnatfs-status.json", "LAB", "prearchive", "uploads"]
     same_folder(alice.path / subject, alice.path / "LAB" / "SHARED_S1")
     same_folder(alice.path / session, alice.path / "LAB" / "SHARED_S1" / "SHARED_MR")
     assert os.listdir(alice.path / session / "scans") == ["1-T1"]
