@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from xnatfs.testing.harness import TestServer
+from xnatfs.testing.harness import TestServer, share_session
 from xnatfs.testing.store import Store
 
 from .conftest import Mount, make_env, mount_xnatfs, unmount
@@ -152,10 +152,10 @@ def test_listed_names_win_and_shares_resolve_where_the_user_can_read(
     store = Store(fresh_server.data_dir)
     try:
         store.set_role("LAB", "alice", "member")
-        store.share("subject", subject, "LAB", "SHARED_S1")
-        store.share("experiment", session, "LAB", "SHARED_MR")
     finally:
         store.close()
+    share_session(fresh_server, "OWN", subject, session, into="LAB",
+                  subject_label="SHARED_S1", session_label="SHARED_MR")
     admin = mount_factory(fresh_server, name="admin")
     alice = mount_factory(fresh_server, name="alice", user="alice")
     assert (admin.path / session).is_dir() and not (admin.path / session).is_symlink()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from xnatfs.testing.harness import TestServer
+from xnatfs.testing.harness import TestServer, share_session
 from xnatfs.testing.store import Store, StoreError
 
 ADMIN = ("admin", "admin")
@@ -550,10 +550,10 @@ def test_an_object_by_id_is_found_through_a_share_the_user_reads(
     store = Store(server.data_dir)
     try:
         store.set_role("ALICE_SHR", "alice", "member")
-        store.share("subject", subject, "ALICE_SHR", "SHR1")
-        store.share("experiment", shared, "ALICE_SHR", "SHR1_MR")
     finally:
         store.close()
+    share_session(server, "HIDDEN_OWN", subject, shared, into="ALICE_SHR",
+                  subject_label="SHR1", session_label="SHR1_MR")
     item = alice.get(f"/data/experiments/{shared}?format=json")
     assert item.status_code == 200
     assert item.json()["items"][0]["data_fields"]["project"] == "HIDDEN_OWN"
