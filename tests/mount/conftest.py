@@ -9,6 +9,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,18 @@ def mount_factory(tmp_path: Path) -> Iterator:
     yield factory
     for mount in mounts:
         unmount(mount.path)
+
+
+@contextmanager
+def module_mount(server: TestServer, home: Path, *, wait: bool = False) -> Iterator[Mount]:
+    """One mount of ``server`` kept in ``home`` (for a module's fixture: tests that
+    share it); unmounted afterwards, and with ``wait`` its process waited for."""
+    mount = Mount(home / "mnt", server, home / "blocks", make_env(home), [])
+    mount_xnatfs(server, mount.path, mount.cache_dir, mount.env, mount.options)
+    try:
+        yield mount
+    finally:
+        (unmount_and_wait if wait else unmount)(mount.path)
 
 
 @pytest.fixture

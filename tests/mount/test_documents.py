@@ -17,7 +17,7 @@ import pytest
 
 from xnatfs.testing.harness import TestServer
 
-from .conftest import Mount, make_env, mount_xnatfs, unmount
+from .conftest import Mount, module_mount
 
 PROJECT = Path("NEURO_PUB")
 SUBJECT = PROJECT / "NP001"
@@ -30,11 +30,8 @@ ASSESSOR = SESSION / "assessors" / "NP001_MR2_QC"
 def docs_mount(demo_server: TestServer, tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[Mount]:
     """One mount of the shared demo server for the tests that only read."""
-    home = tmp_path_factory.mktemp("documents")
-    mount = Mount(home / "mnt", demo_server, home / "blocks", make_env(home), [])
-    mount_xnatfs(demo_server, mount.path, mount.cache_dir, mount.env, mount.options)
-    yield mount
-    unmount(mount.path)
+    with module_mount(demo_server, tmp_path_factory.mktemp("documents")) as mount:
+        yield mount
 
 
 def document_urls(mount: Mount) -> dict[Path, str]:

@@ -18,7 +18,7 @@ import xnat
 from xnatfs.testing.harness import TestServer
 from xnatfs.testing.store import Store
 
-from .conftest import Mount, make_env, mount_xnatfs, unmount
+from .conftest import Mount, module_mount
 
 PROJECT = "SHEETS"
 
@@ -45,11 +45,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
 
 @pytest.fixture(scope="module")
 def mount(server: TestServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
-    home = tmp_path_factory.mktemp("sheets-home")
-    m = Mount(home / "mnt", server, home / "blocks", make_env(home), [])
-    mount_xnatfs(server, m.path, m.cache_dir, m.env, m.options)
-    yield m
-    unmount(m.path)
+    with module_mount(server, tmp_path_factory.mktemp("sheets-home")) as m:
+        yield m
 
 
 def drop(mount: Mount, tmp_path: Path, name: str, text: str) -> subprocess.CompletedProcess:

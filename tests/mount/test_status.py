@@ -25,7 +25,7 @@ import pytest
 
 from xnatfs.testing.harness import TestServer
 
-from .conftest import Mount, make_env, mount_xnatfs, unmount_and_wait
+from .conftest import Mount, module_mount
 
 STATUS = ".xnatfs-status.json"
 SESSION = Path("NEURO_PUB/NP001/NP001_MR1")
@@ -42,11 +42,8 @@ def server(demo_copy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Test
 @pytest.fixture(scope="module")
 def mount(server: TestServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     """One mount for the module, unmounted and waited for (its logout is its own)."""
-    home = tmp_path_factory.mktemp("status-home")
-    mount = Mount(home / "mnt", server, home / "blocks", make_env(home), [])
-    mount_xnatfs(server, mount.path, mount.cache_dir, mount.env, mount.options)
-    yield mount
-    unmount_and_wait(mount.path)
+    with module_mount(server, tmp_path_factory.mktemp("status-home"), wait=True) as mount:
+        yield mount
 
 
 def status(mount: Mount) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from xnatfs.client.tables import SESSION_FIELDS, SUBJECT_FIELDS
 from xnatfs.testing.harness import TestServer
 from xnatfs.testing.store import Store
 
-from .conftest import Mount, make_env, mount_xnatfs, unmount
+from .conftest import Mount, module_mount
 
 PROJECTS = ("NEURO_PUB", "ONC-PROT", "SAMPLES")
 TABLES = ("subjects.csv", "sessions.csv", "scans.csv")
@@ -39,11 +39,8 @@ def server(demo_server: TestServer) -> TestServer:
 
 @pytest.fixture(scope="module")
 def mounted(server: TestServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
-    home = tmp_path_factory.mktemp("tables-home")
-    mount = Mount(home / "mnt", server, home / "blocks", make_env(home), [])
-    mount_xnatfs(server, mount.path, mount.cache_dir, mount.env, mount.options)
-    yield mount
-    unmount(mount.path)
+    with module_mount(server, tmp_path_factory.mktemp("tables-home")) as mount:
+        yield mount
 
 
 @pytest.fixture(scope="module")
