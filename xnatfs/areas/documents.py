@@ -63,10 +63,14 @@ class DocumentFile:
         return node.text
 
     async def body(self) -> bytes:
-        """The document, cached like a listing (NotFound: the object is gone)."""
-        document: bytes = await self.tree.cached(
-            ("document", self.uri), lambda: self.tree.client.get_document(self.uri))
-        return document
+        return await cached_document(self.tree, self.uri)
+
+
+async def cached_document(tree: Tree, uri: str) -> bytes:
+    """The document at ``uri``, cached like a listing (NotFound: the object is gone)."""
+    document: bytes = await tree.cached(("document", uri),
+                                        lambda: tree.client.get_document(uri))
+    return document
 
 
 class WalkAhead:
@@ -117,8 +121,7 @@ class WalkAhead:
     async def _fetch(self, uri: str) -> None:
         async with self.limiter:
             try:
-                await self.tree.cached(("document", uri),
-                                       lambda: self.tree.client.get_document(uri))
+                await cached_document(self.tree, uri)
             except XnatError as exc:
                 log.debug("fetching %s ahead failed: %s", uri, exc)
 
