@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--import-timeout", type=float, default=900.0,
                        help="seconds to wait for XNAT's answer once an upload is sent "
                             "(it imports the whole archive first; default 900)")
+    mount.add_argument("--snapshot", type=Path, metavar="FILE",
+                       help="serve exactly the tree a snapshot recorded (xnatfs snapshot), "
+                            "read-only, without listing requests; URL defaults to its site")
     mount.add_argument("--log-level", default="WARNING")
     mount.add_argument("--log-file", type=Path,
                        help="log here (default: stderr in the foreground, "
@@ -134,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("mountpoint", type=Path)
     status.add_argument("--json", action="store_true",
                         help=f"print the mount's {STATUS_FILE_NAME} as it is")
+
+    snapshot = commands.add_parser(
+        "snapshot", help="print the listings of a mounted project, subject, session, scan or "
+                         "resource folder as JSON, to mount later with --snapshot")
+    snapshot.add_argument("path", type=Path, help="a folder of a running mount")
 
     umount = commands.add_parser("umount", help="unmount")
     umount.add_argument("mountpoint", type=Path)
@@ -279,6 +287,8 @@ def _setup_logging(level: str, log_file: Path | None, *, daemon: bool = False) -
 
 def mount(args: argparse.Namespace) -> int:
     url, mountpoint = _mount_target(args)
+    if args.snapshot is not None:
+        url = _snapshot_site(args.snapshot, url)
     try:
         is_dir = mountpoint.is_dir()
     except OSError as exc:
@@ -306,6 +316,21 @@ def mount(args: argparse.Namespace) -> int:
     return _mount_in_foreground(args, credentials, mountpoint)
 
 
+def _snapshot_site(path: Path, url: str | None) -> str:
+    """The site a snapshot mount reads from: the snapshot's own (a URL given
+    must be the same site: the snapshot names that site's files)."""
+    from .credentials import CredentialsError, normalise_site_url
+    from .snapshot import SnapshotError, load
+
+    try:
+        site = load(path).site
+        if url is not None and normalise_site_url(url) != normalise_site_url(site):
+            raise UserError(f"xnatfs: {path} is a snapshot of {site}, not of {url}")
+    except (SnapshotError, CredentialsError) as exc:
+        raise UserError(f"xnatfs: {exc}") from None
+    return site
+
+
 def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
                          mountpoint: Path) -> int:
     import trio
@@ -324,7 +349,8 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
                          prearchive_ttl=args.prearchive_ttl,
                          request_timeout=args.timeout, import_timeout=args.import_timeout,
                          debug_fuse=args.debug_fuse,
-                         allow_other=args.allow_other, allow_root=args.allow_root)
+                         allow_other=args.allow_other, allow_root=args.allow_root,
+                         snapshot=args.snapshot.resolve() if args.snapshot else None)
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
     mounted = False
 
@@ -369,6 +395,8 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
             "--log-file", str(log_file)]
     if args.read_only:
         argv.append("--read-only")
+    if args.snapshot is not None:
+        argv += ["--snapshot", str(args.snapshot.resolve())]
     if args.direct_archive:
         argv.append("--direct-archive")
     if args.write_behind:
@@ -508,7 +536,7 @@ GENERIC_MOUNT_OPTIONS = {
 FSTAB_ALIASES = {"ro": "read-only", "xnat-user": "user"}  # "user" means another thing there
 NOT_FROM_FSTAB = {"foreground", "debug-fuse", "credentials-on-stdin", "ready-fd"}
 NO_SOURCE = {"none", "xnatfs"}  # fstab's placeholders for "the URL comes from the profile"
-COMMANDS = {"mount", "umount", "status", "uploads", "prearchive", "demo", "testserver"}
+COMMANDS = {"mount", "umount", "status", "snapshot", "uploads", "prearchive", "demo", "testserver"}
 
 
 def fstab_arguments(argv: list[str]) -> list[str]:
@@ -557,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
             from .sitecommands import status_command
 
             return status_command(args)
+        if args.command == "snapshot":
+            from .sitecommands import snapshot_command
+
+            return snapshot_command(args)
         if args.command == "uploads":
             from .sitecommands import uploads_command
 

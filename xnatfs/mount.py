@@ -56,6 +56,7 @@ class MountConfig:
     debug_fuse: bool = False
     allow_other: bool = False         # every local user may read (not upload)
     allow_root: bool = False          # root may read too (a Docker daemon, say)
+    snapshot: Path | None = None      # serve this snapshot's tree, read-only (xnatfs.snapshot)
 
     @property
     def operation_timeout(self) -> float:
@@ -92,7 +93,7 @@ def fuse_options(config: MountConfig) -> set[str]:
         options.add("allow_other")
     elif config.allow_root:
         options.add("allow_root")  # libfuse: allow_other for the kernel, then refuses others
-    if config.read_only:
+    if config.read_only or config.snapshot is not None:
         options.add("ro")
     if config.debug_fuse:
         options.add("debug")
@@ -218,29 +219,39 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
     config.cache_dir.chmod(0o700)  # cached data is as private as the mount
     client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache())
     await client.connect()
+    snapshot = None
+    if config.snapshot is not None:
+        from .snapshot import load
+
+        snapshot = await trio.to_thread.run_sync(load, config.snapshot)
     refused: MountRefused | None = None
     try:
         async with trio.open_nursery() as nursery:
-            uploads = UploadManager(client, config.cache_dir / "uploads", nursery,
-                                    site=config.credentials.url,  # normalised
-                                    direct_archive=config.direct_archive,
-                                    write_behind=config.write_behind)
-            results = None if config.read_only else ResultWrites(
-                client, config.cache_dir / "uploads", nursery, site=config.credentials.url,
-                write_behind=config.write_behind)
             tree = Tree(client, metadata_ttl=config.metadata_ttl)
             blocks = BlockCache(client, config.cache_dir / "blocks", size_limit=config.cache_size,
                                 nursery=nursery, range_mode=config.range_mode)
             deadlines = Deadlines(op_timeout=config.operation_timeout,
                                   upload_timeout=max(3600.0, 2 * config.import_timeout))
             operations = Operations(tree, deadlines, nursery=nursery)
-            operations.areas = areas.install(tree, operations, blocks=blocks, uploads=uploads,
-                                             deadlines=deadlines, nursery=nursery,
-                                             prearchive_ttl=config.prearchive_ttl,
-                                             results=results,
-                                             allow_overwrite=config.allow_overwrite,
-                                             allow_delete=config.allow_delete,
-                                             failures=operations.failures, started=started)
+            uploads = results = None
+            if snapshot is not None:  # listings from the file, nothing written
+                operations.areas = areas.install_snapshot(
+                    tree, operations, snapshot, blocks=blocks, deadlines=deadlines,
+                    nursery=nursery, cache_dir=config.cache_dir,
+                    failures=operations.failures, started=started)
+            else:
+                uploads = UploadManager(client, config.cache_dir / "uploads", nursery,
+                                        site=config.credentials.url,  # normalised
+                                        direct_archive=config.direct_archive,
+                                        write_behind=config.write_behind)
+                results = None if config.read_only else ResultWrites(
+                    client, config.cache_dir / "uploads", nursery,
+                    site=config.credentials.url, write_behind=config.write_behind)
+                operations.areas = areas.install(
+                    tree, operations, blocks=blocks, uploads=uploads, deadlines=deadlines,
+                    nursery=nursery, prearchive_ttl=config.prearchive_ttl, results=results,
+                    allow_overwrite=config.allow_overwrite, allow_delete=config.allow_delete,
+                    failures=operations.failures, started=started)
             try:
                 pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
             except RuntimeError as exc:
@@ -257,7 +268,8 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                         on_ready()
                     log.info("mounted %s on %s", config.credentials.url, config.mountpoint)
                     await pyfuse3.main()
-                    await uploads.finish_background_uploads()
+                    if uploads is not None:
+                        await uploads.finish_background_uploads()
                     if results is not None:
                         await results.finish_background_uploads()
                 finally:
