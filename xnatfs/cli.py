@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--snapshot", type=Path, metavar="FILE",
                        help="serve exactly the tree a snapshot recorded (xnatfs snapshot), "
                             "read-only, without listing requests; URL defaults to its site")
+    mount.add_argument("--snapshot-check-first", type=parse_size, default=parse_size("64M"),
+                       metavar="SIZE",
+                       help="with --snapshot: files up to this size are downloaded whole and "
+                            "checked against the snapshot's MD5 before any byte is served; "
+                            "bigger ones when read whole (default 64M)")
     mount.add_argument("--log-level", default="WARNING")
     mount.add_argument("--log-file", type=Path,
                        help="log here (default: stderr in the foreground, "
@@ -350,7 +355,8 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
                          request_timeout=args.timeout, import_timeout=args.import_timeout,
                          debug_fuse=args.debug_fuse,
                          allow_other=args.allow_other, allow_root=args.allow_root,
-                         snapshot=args.snapshot.resolve() if args.snapshot else None)
+                         snapshot=args.snapshot.resolve() if args.snapshot else None,
+                         snapshot_check_first=args.snapshot_check_first)
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
     mounted = False
 
@@ -396,7 +402,8 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
     if args.read_only:
         argv.append("--read-only")
     if args.snapshot is not None:
-        argv += ["--snapshot", str(args.snapshot.resolve())]
+        argv += ["--snapshot", str(args.snapshot.resolve()),
+                 "--snapshot-check-first", str(args.snapshot_check_first)]
     if args.direct_archive:
         argv.append("--direct-archive")
     if args.write_behind:

@@ -57,6 +57,7 @@ class MountConfig:
     allow_other: bool = False         # every local user may read (not upload)
     allow_root: bool = False          # root may read too (a Docker daemon, say)
     snapshot: Path | None = None      # serve this snapshot's tree, read-only (xnatfs.snapshot)
+    snapshot_check_first: int = 64 * 1024**2  # its files up to this size: checked before served
 
     @property
     def operation_timeout(self) -> float:
@@ -238,6 +239,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                 operations.areas = areas.install_snapshot(
                     tree, operations, snapshot, blocks=blocks, deadlines=deadlines,
                     nursery=nursery, cache_dir=config.cache_dir,
+                    check_first=config.snapshot_check_first,
                     failures=operations.failures, started=started)
             else:
                 uploads = UploadManager(client, config.cache_dir / "uploads", nursery,

@@ -48,7 +48,7 @@ from .prearchive import PrearchiveArea
 from .remote_files import RemoteFiles
 from .resources import ResourceArea
 from .root import RootArea
-from .snapshot import SnapshotArea
+from .snapshot import CHECK_FIRST, SnapshotArea
 from .status import StatusArea
 from .uploads import UploadArea
 
@@ -147,13 +147,14 @@ class SnapshotAreas:
 
 def install_snapshot(tree: Tree, kernel: Kernel, snapshot: Snapshot, *, blocks: BlockCache,
                      deadlines: Deadlines, nursery: trio.Nursery, cache_dir: Path,
+                     check_first: int = CHECK_FIRST,
                      failures: Counter[str] | None = None,
                      started: float | None = None) -> SnapshotAreas:
     """Make the areas of a snapshot mount (``--snapshot``): the root shows the
     snapshot's projects and the status file; no uploads, no prearchive, no
     documents or tables (a snapshot pins only what XNAT lists)."""
     files = RemoteFiles(tree, blocks, kernel, deadlines, nursery)
-    area = SnapshotArea(tree, kernel, snapshot, files)
+    area = SnapshotArea(tree, kernel, snapshot, files, check_first=check_first)
     sources = StatusSources(tree.client, blocks, [], failures if failures is not None
                             else Counter(), time.time() if started is None else started)
     status = StatusArea(tree, kernel, lambda: gather(sources))

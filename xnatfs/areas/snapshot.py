@@ -9,10 +9,13 @@ are refused with ESTALE, not served as other data:
 
 * a file whose size changed fails its first download (the server's size
   is checked against the recorded one);
-* a file whose content changed under the same size fails the digest check
-  once it has been read whole (a read of part of it cannot be checked:
-  XNAT has no digest per block), or at once if the mount already read a
-  first version and the server's ``Last-Modified`` changed since;
+* a file whose content changed under the same size fails its digest check.
+  Files up to ``check_first`` bytes (``--snapshot-check-first``, 64 MiB) are
+  fetched whole and checked before any byte of them is served, so even a
+  read of part of one cannot return other bytes. A bigger file is checked
+  when it has been read whole; a read of part of it cannot be checked (XNAT
+  has no digest per block) unless the mount already read a first version and
+  the server's ``Last-Modified`` changed since;
 * a file deleted on the server fails with ESTALE too (its download answers
   404): the snapshot names it, so it is the pinned data that is gone, not a
   name that never was.
@@ -31,6 +34,7 @@ from .remote_files import RemoteFiles
 SNAPSHOT_FOLDER = Kind("snapshot_folder")
 SNAPSHOT_FILE = Kind("snapshot_file", is_dir=False)
 ENTRY_TTL = 3600.0  # s the kernel may keep entries and attributes: they never change
+CHECK_FIRST = 64 * 1024 * 1024  # files up to this size are checked whole before any byte is served
 
 
 class SnapshotArea(Area):
@@ -39,10 +43,11 @@ class SnapshotArea(Area):
     kinds = (SNAPSHOT_FOLDER, SNAPSHOT_FILE)
 
     def __init__(self, tree: Tree, kernel: Kernel, snapshot: Snapshot,
-                 files: RemoteFiles) -> None:
+                 files: RemoteFiles, *, check_first: int = CHECK_FIRST) -> None:
         super().__init__(tree, kernel)
         self.snapshot = snapshot
         self.files = files
+        self.check_first = check_first
 
     async def top_entries(self, root: Node) -> list[Node]:
         return self._entries(root, "")
@@ -84,7 +89,7 @@ class SnapshotArea(Area):
     async def open(self, node: Node, *, writing: bool, truncate: bool, writer: Writer) -> Handle:
         if node.kind is not SNAPSHOT_FILE or writing:
             return await super().open(node, writing=writing, truncate=truncate, writer=writer)
-        return self.files.open(node)
+        return self.files.open(node, checked_first=node.size <= self.check_first)
 
 
 def _path(node: Node) -> str:

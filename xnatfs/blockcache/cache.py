@@ -104,8 +104,13 @@ class BlockCache(Downloads):
             self.files[ident.key] = state
         return state
 
-    async def read(self, ident: FileIdentity, offset: int, size: int) -> Block | memoryview:
+    async def read(self, ident: FileIdentity, offset: int, size: int, *,
+                   checked_first: bool = False) -> Block | memoryview:
         """``size`` bytes at ``offset`` (fewer only at end of file).
+
+        ``checked_first``: no byte of a file with a digest is returned before the
+        whole file has passed its digest check (a snapshot mount's small files),
+        so that a read of part of it cannot return bytes of another version.
 
         Raises:
             Stale: the file's bytes did not match its digest (they are dropped).
@@ -121,9 +126,12 @@ class BlockCache(Downloads):
         first, last = offset // self.block_size, (end - 1) // self.block_size
         # Put every block on its way before waiting for any of them.
         sources = [await self._locate(state, index) for index in range(first, last + 1)]
-        if ident.key in self._suspect:
-            # This version of the file failed its digest: no byte of it is served
-            # before the whole file has been fetched again and checked.
+        check_first = ident.key in self._suspect or (
+            checked_first and bool(ident.digest) and state.verified is not True)
+        if check_first:
+            # This version of the file failed its digest (or must be checked before
+            # it is served): no byte of it is served before the whole file has
+            # been fetched (again) and checked.
             want(state, ident.size)
             for index in range(state.nblocks):
                 await self._locate(state, index)
@@ -144,8 +152,8 @@ class BlockCache(Downloads):
         # completes it (the kernel's readahead requests arrive in any order).
         if state.end_served:
             await self._verified(state)
-        if ident.key in self._suspect and state.verified is not True:
-            raise Stale(f"{ident.uri}: failed its digest check and could not be checked again")
+        if (check_first or ident.key in self._suspect) and state.verified is not True:
+            raise Stale(f"{ident.uri}: could not be checked against its digest")
         if state.dropped:
             raise Stale(f"{ident.uri}: the file's blocks were dropped while it was read")
         return parts[0] if len(parts) == 1 else b"".join(parts)
