@@ -47,8 +47,9 @@ from typing import Any
 FORMAT = "xnatfs-snapshot"
 VERSION = 1
 # The attributes of folders kept in a snapshot: what says which object a folder
-# is; never a subject's or session's fields (they may identify a patient).
-FOLDER_XATTRS = ("id", "label", "uri", "xsi_type", "type", "format", "date",
+# is; never a subject's or session's fields, nor a session's date (they may
+# identify a patient).
+FOLDER_XATTRS = ("id", "label", "uri", "xsi_type", "type", "format",
                  "series_description", "quality", "name")
 FILE_XATTRS = ("resource", "resource_id")
 PROJECT_TYPE = "xnat:projectData"
