@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .status import STATUS_FILE_NAME
 
@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--import-timeout", type=float, default=900.0,
                        help="seconds to wait for XNAT's answer once an upload is sent "
                             "(it imports the whole archive first; default 900)")
+    ceilings = mount.add_argument_group("protecting the server")
+    ceilings.add_argument("--max-requests", type=int, metavar="N",
+                          help="requests to XNAT at once, of every kind (default: the "
+                               "config's max_requests, else 16; 0: no ceiling)")
+    ceilings.add_argument("--max-request-rate", type=float, metavar="R",
+                          help="requests per second on average, bursts of 2 s worth "
+                               "(default: the config's max_request_rate, else 50; 0: none)")
     mount.add_argument("--log-level", default="WARNING")
     mount.add_argument("--log-file", type=Path,
                        help="log here (default: stderr in the foreground, "
@@ -223,6 +230,26 @@ def _apply_config_switches(args: argparse.Namespace, site: str) -> None:
                 args.from_config.add(name)
 
 
+def _ceilings(args: argparse.Namespace, site: str) -> dict[str, Any]:
+    """The mount's request ceilings given here, else in the config file, else the defaults."""
+    from .credentials import CredentialsError, mount_values
+
+    try:
+        values = mount_values(site, args.profile)
+    except CredentialsError as exc:
+        raise UserError(f"xnatfs: {exc}") from None
+    chosen: dict[str, Any] = {}
+    for name in ("max_requests", "max_request_rate"):
+        value = getattr(args, name, None)
+        if value is None:
+            value = values.get(name)
+        if value is not None:
+            if value < 0:
+                raise UserError(f"xnatfs: {name.replace('_', '-')} must be 0 or more")
+            chosen[name] = value
+    return chosen
+
+
 def _check_sharing(args: argparse.Namespace) -> None:
     from .mount import sharing_refusal
 
@@ -324,7 +351,8 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
                          prearchive_ttl=args.prearchive_ttl,
                          request_timeout=args.timeout, import_timeout=args.import_timeout,
                          debug_fuse=args.debug_fuse,
-                         allow_other=args.allow_other, allow_root=args.allow_root)
+                         allow_other=args.allow_other, allow_root=args.allow_root,
+                         **_ceilings(args, credentials.url))
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
     mounted = False
 
@@ -383,6 +411,8 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
         argv.append("--allow-other")
     if args.allow_root:
         argv.append("--allow-root")
+    for name, value in _ceilings(args, credentials.url).items():  # the config's, resolved here
+        argv += ["--" + name.replace("_", "-"), str(value)]
     # The password goes over the pipe only: not left in the daemon's environment
     # (readable in /proc by root, inherited by everything the daemon starts).
     env = {name: value for name, value in os.environ.items() if name != "XNAT_PASS"}
