@@ -7,6 +7,7 @@ checked in the test server's request log (each entry's end time and duration).
 from __future__ import annotations
 
 import os
+import sys
 import subprocess
 import time
 from collections.abc import Iterator
@@ -116,3 +117,40 @@ def test_one_login_when_the_session_expires_under_load(mount: Mount) -> None:
     assert len(logins) == 1
     assert sum(e["status"] == 401 for e in entries) >= 2  # parallel requests did find it gone
     assert os.listdir(mount.path)
+
+
+def xnatfs(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "xnatfs.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_token_file_mounts_without_a_password(server: TestServer, tmp_path: Path) -> None:
+    """``xnatfs token issue --to FILE`` on the login node; batch jobs mount with
+    ``--credentials-file FILE`` (or XNATFS_CREDENTIALS_FILE) and log in with the
+    token; a file others can read is refused with the fix in the message."""
+    env = make_env(tmp_path / "issuer")
+    token_file = tmp_path / "xnat-token.toml"
+    done = xnatfs("token", "issue", "--url", server.url, "--to", str(token_file), env=env)
+    assert done.returncode == 0, done.stderr
+    assert os.stat(token_file).st_mode & 0o777 == 0o600
+    text = token_file.read_text()
+    assert "alias = " in text and "password" not in text
+    job_env = {k: v for k, v in make_env(tmp_path / "job").items()
+               if k not in ("XNAT_USER", "XNAT_PASS")}
+    mark = server.log_mark()
+    job_env["XNATFS_CREDENTIALS_FILE"] = str(token_file)
+    home = tmp_path / "job"
+    mount_xnatfs(server, tmp_path / "jobmnt", home / "blocks", job_env, [])
+    try:
+        assert "NEURO_PUB" in os.listdir(tmp_path / "jobmnt")
+    finally:
+        unmount(tmp_path / "jobmnt")
+    logins = [e for e in server.requests_since(mark)
+              if e["route"] == "jsession" and e["method"] == "POST"]
+    assert logins  # the token's alias was the user
+    token_file.chmod(0o644)
+    (tmp_path / "refused").mkdir()
+    refused = xnatfs("mount", server.url, str(tmp_path / "refused"), "--credentials-file",
+                     str(token_file), env=job_env)
+    assert refused.returncode != 0
+    assert f"chmod 600 {token_file}" in refused.stderr
