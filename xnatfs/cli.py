@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     ceilings.add_argument("--max-request-rate", type=float, metavar="R",
                           help="requests per second on average, bursts of 2 s worth "
                                "(default: the config's max_request_rate, else 50; 0: none)")
+    ceilings.add_argument("--session-file", type=Path, metavar="PATH",
+                          help="share one XNAT session with the other mounts naming PATH "
+                               "(on the cluster's shared storage): one login for a job array")
     mount.add_argument("--log-level", default="WARNING")
     mount.add_argument("--log-file", type=Path,
                        help="log here (default: stderr in the foreground, "
@@ -291,7 +294,8 @@ def _apply_config_switches(args: argparse.Namespace, site: str) -> None:
 
 
 def _ceilings(args: argparse.Namespace, site: str) -> dict[str, Any]:
-    """The mount's request ceilings given here, else in the config file, else the defaults."""
+    """The mount's request ceilings and session file given here, else in the
+    config file, else the defaults."""
     from .credentials import CredentialsError, mount_values
 
     try:
@@ -307,6 +311,9 @@ def _ceilings(args: argparse.Namespace, site: str) -> dict[str, Any]:
             if value < 0:
                 raise UserError(f"xnatfs: {name.replace('_', '-')} must be 0 or more")
             chosen[name] = value
+    session_file = getattr(args, "session_file", None) or values.get("session_file")
+    if session_file:
+        chosen["session_file"] = Path(session_file).expanduser().resolve()
     return chosen
 
 

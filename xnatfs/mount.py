@@ -64,6 +64,7 @@ class MountConfig:
     allow_root: bool = False          # root may read too (a Docker daemon, say)
     max_requests: int = ClientSettings.max_requests          # requests at once (0: no ceiling)
     max_request_rate: float = ClientSettings.max_request_rate  # per second (0: no ceiling)
+    session_file: Path | None = None  # one JSESSION shared by the nodes of a cluster
 
     @property
     def operation_timeout(self) -> float:
@@ -226,7 +227,8 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
     started = time.time()  # for the status file: before the login it counts
     config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.cache_dir.chmod(0o700)  # cached data is as private as the mount
-    client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache())
+    client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache(),
+                        session_file=config.session_file)
     await client.connect()
     refused: MountRefused | None = None
     try:

@@ -29,6 +29,7 @@ from collections.abc import (
     Mapping,
 )
 from contextlib import aclosing
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 from urllib.parse import quote
@@ -49,6 +50,7 @@ from ..errors import (
 from .answers import error_class, parse_json, status_page_message, table_rows
 from .ceilings import Release, RequestGate, retry_after_seconds
 from .logins import LoginHold, SharedSessions
+from .sessionfile import SessionFile
 from .settings import ClientSettings
 
 log = logging.getLogger("xnatfs.client")  # one logger for the package, as before the split
@@ -89,18 +91,23 @@ class XnatConnection:
 
     def __init__(self, credentials: Credentials, *, settings: ClientSettings | None = None,
                  session_cache: SessionCache | None = None,
+                 session_file: Path | None = None,
                  http: httpx.AsyncClient | None = None) -> None:
         """``session_cache`` shares sessions between processes (mounts, commands):
         a live session found there is used instead of logging in, and this
         client's own login is stored there. A session is logged out at the end
         only by the client that logged it in: one that borrowed it leaves it to
-        the others still using it. ``http`` is for tests (a mock transport); by
+        the others still using it. ``session_file`` shares one session between
+        the nodes of a cluster instead (:mod:`.sessionfile`); it is never
+        logged out, other nodes may be using it. ``http`` is for tests (a mock transport); by
         default the client owns its pool."""
         self.credentials = credentials
         self.settings = settings or ClientSettings()
         self._base_url = credentials.url.rstrip("/")
         self._shared_sessions = SharedSessions(session_cache, self._base_url, credentials.user)
         self._session_reused = False  # the session in use came from the cache
+        self._session_file = (SessionFile(session_file, self._base_url, credentials.user)
+                              if session_file is not None else None)
         self._owns_http = http is None
         self._http = http or _new_http_client(self.settings)
         settings = self.settings
@@ -204,12 +211,60 @@ class XnatConnection:
         return idle > self._session_timeout * _IDLE_RENEWAL_FRACTION
 
     async def _log_in(self, rejected: str | None) -> None:
+        if self._session_file is not None:
+            await self._log_in_through_file(rejected)
+            return
         cached = await self._shared_sessions.get()
         if cached is not None and cached != rejected and await self._session_is_alive(cached):
             self._counts["sessions_reused"] += 1
             self._adopt_session(cached)
             self._session_reused = True
             return
+        session_id = await self._post_login()
+        self._adopt_session(session_id)
+        self._session_reused = False
+        await self._shared_sessions.put(session_id)
+
+    async def _log_in_through_file(self, rejected: str | None) -> None:
+        """The cluster's shared session: the file's if XNAT knows it, else the
+        one this node logs in and publishes (holding the claim), else the one
+        another node publishes meanwhile, else (that node silent) our own."""
+        assert self._session_file is not None
+        shared = self._session_file
+        published = await shared.read()
+        if published is not None and published != rejected:
+            if await self._session_is_alive(published):
+                self._adopt_shared(published)
+                return
+            rejected = published
+        if await shared.claim():
+            fresh = await shared.read()
+            if fresh is not None and fresh != rejected:  # published since we read it
+                await shared.release()
+                self._adopt_shared(fresh)
+                return
+            try:
+                session_id = await self._post_login()
+            except BaseException:
+                await shared.release()
+                raise
+            await shared.publish(session_id)
+            self._adopt_shared(session_id)
+            return
+        published = await shared.wait_for_new(rejected)
+        if published is not None:
+            self._adopt_shared(published)
+            return
+        self._adopt_session(await self._post_login())
+        self._session_reused = False
+
+    def _adopt_shared(self, session_id: str) -> None:
+        self._counts["sessions_reused"] += 1
+        self._adopt_session(session_id)
+        self._session_reused = True  # other nodes use it: never logged out here
+
+    async def _post_login(self) -> str:
+        """``POST /data/JSESSION`` with the credentials: a new session."""
         self._login_hold.check()
         try:
             session_id = await self._send(
@@ -220,9 +275,7 @@ class XnatConnection:
             self._login_hold.refused(exc)
             raise
         self._login_hold.accepted()
-        self._adopt_session(session_id)
-        self._session_reused = False
-        await self._shared_sessions.put(session_id)
+        return session_id
 
     async def _session_is_alive(self, session_id: str) -> bool:
         """Whether XNAT still knows ``session_id`` (a guest session does not count)."""
