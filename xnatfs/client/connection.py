@@ -246,10 +246,12 @@ class XnatConnection:
             try:
                 session_id = await self._post_login()
             except BaseException:
-                await shared.release()
+                with trio.CancelScope(shield=True):  # or the others wait out CLAIM_STALE
+                    await shared.release()
                 raise
             await shared.publish(session_id)
-            self._adopt_shared(session_id)
+            self._adopt_session(session_id)
+            self._session_reused = True  # published: other nodes use it, never logged out
             return
         published = await shared.wait_for_new(rejected)
         if published is not None:
