@@ -296,3 +296,45 @@ def test_the_site_the_user_named(home: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert named_site("https://given.example.org/", "work") == "https://given.example.org"
     with pytest.raises(CredentialsError):
         named_site(None, "missing")
+
+
+# ------------------------------------------------- credentials files (batch jobs)
+def _secret_file(path, text: str, mode: int = 0o600):  # noqa: ANN001, ANN202
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_a_credentials_file_open_to_others_is_refused(tmp_path) -> None:  # noqa: ANN001
+    from xnatfs.credentialfile import read_credentials_file
+
+    path = _secret_file(tmp_path / "c.toml", 'user = "alice"\npassword = "pw"\n', 0o640)
+    with pytest.raises(CredentialsError, match=f"chmod 600 {path}"):
+        read_credentials_file(path, "https://xnat.example.org")
+    path.chmod(0o600)
+    found = read_credentials_file(path, "https://xnat.example.org")
+    assert (found.user, found.password) == ("alice", "pw")
+    assert "pw" not in repr(found)
+
+
+def test_a_token_file_names_its_site_and_expires(tmp_path) -> None:  # noqa: ANN001
+    import time
+
+    from xnatfs.credentialfile import read_credentials_file, write_token_file
+
+    path = tmp_path / "token.toml"
+    later = int((time.time() + 3600) * 1000)
+    write_token_file(path, "https://xnat.example.org",
+                     {"alias": "a1b2", "secret": 'se"cret', "estimatedExpirationTime": later})
+    assert path.stat().st_mode & 0o777 == 0o600
+    found = read_credentials_file(path, None)  # the site comes from the file
+    assert (found.url, found.user, found.password) == ("https://xnat.example.org", "a1b2",
+                                                       'se"cret')
+    with pytest.raises(CredentialsError, match="not https://other.example.org"):
+        read_credentials_file(path, "https://other.example.org")
+    with pytest.raises(FileExistsError):
+        write_token_file(path, "https://xnat.example.org", {"alias": "x", "secret": "y"})
+    expired = _secret_file(tmp_path / "old.toml",
+                           'alias = "a"\nsecret = "s"\nexpires = 1000\n')
+    with pytest.raises(CredentialsError, match="expired"):
+        read_credentials_file(expired, "https://xnat.example.org")

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .status import STATUS_FILE_NAME
 
@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="site URL (or XNAT_URL / --profile) and the mount point")
     mount.add_argument("--user", help="XNAT user or alias token (the password is prompted)")
     mount.add_argument("--profile", help="profile in ~/.config/xnatfs/config.toml")
+    mount.add_argument("--credentials-file", type=Path, metavar="FILE",
+                       help="user and password, or alias token, in a file of mode 0600 "
+                            "(batch jobs; default: XNATFS_CREDENTIALS_FILE, config "
+                            "credentials_file)")
     mount.add_argument("--foreground", action="store_true", help="stay attached")
     mount.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                        help=f"block cache location (default {DEFAULT_CACHE_DIR})")
@@ -100,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --snapshot: files up to this size are downloaded whole and "
                             "checked against the snapshot's MD5 before any byte is served; "
                             "bigger ones when read whole (default 64M)")
+    ceilings = mount.add_argument_group("protecting the server")
+    ceilings.add_argument("--max-requests", type=int, metavar="N",
+                          help="requests to XNAT at once, of every kind (default: the "
+                               "config's max_requests, else 16; 0: no ceiling)")
+    ceilings.add_argument("--max-request-rate", type=float, metavar="R",
+                          help="requests per second on average, bursts of 2 s worth "
+                               "(default: the config's max_request_rate, else 50; 0: none)")
+    ceilings.add_argument("--session-file", type=Path, metavar="PATH",
+                          help="share one XNAT session with the other mounts naming PATH "
+                               "(on the cluster's shared storage): one login for a job array")
     mount.add_argument("--log-level", default="WARNING")
     mount.add_argument("--log-file", type=Path,
                        help="log here (default: stderr in the foreground, "
@@ -157,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", type=Path, default=DEFAULT_CACHE_DIR / "demo-server")
     demo.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
 
+    token = commands.add_parser("token", help="alias tokens for batch jobs")
+    token_actions = token.add_subparsers(dest="action", required=True)
+    issue = token_actions.add_parser("issue", help="issue an alias token into a new file "
+                                                   "of mode 0600 (for --credentials-file)")
+    issue.add_argument("--to", type=Path, required=True, metavar="FILE")
+    _add_site_options(issue)
+
     testserver = commands.add_parser(
         "testserver", help="run the bundled XNAT-compatible server (tests, demos, benchmarks)")
     from .testing.cli import add_arguments
@@ -169,6 +190,8 @@ def _add_site_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="site URL (default: XNAT_URL or the profile's)")
     parser.add_argument("--user", help="XNAT user or alias token (the password is prompted)")
     parser.add_argument("--profile", help="profile in ~/.config/xnatfs/config.toml")
+    parser.add_argument("--credentials-file", type=Path, metavar="FILE",
+                        help="credentials in a file of mode 0600 (see xnatfs mount)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--insecure", action="store_true")
     parser.set_defaults(credentials_on_stdin=False)
@@ -206,17 +229,64 @@ def _mount_target(args: argparse.Namespace) -> tuple[str | None, Path]:
 
 
 def _resolve_credentials(args: argparse.Namespace, url: str | None) -> Credentials:
-    from .credentials import Credentials, CredentialsError, resolve_credentials
+    from .credentials import Credentials, CredentialsError, named_site, resolve_credentials
 
     if args.credentials_on_stdin:
         data = json.loads(sys.stdin.readline())
         return Credentials(data["url"], data["user"], data["password"], "parent process")
     try:
+        from_file = _credentials_file(args, url)
+        if from_file is not None and not args.user:
+            from .credentialfile import read_credentials_file
+
+            return read_credentials_file(from_file, named_site(url, args.profile))
         return resolve_credentials(
             url, user=args.user, profile=args.profile,
             ask_password=lambda site, user: getpass.getpass(f"Password for {user} at {site}: "))
     except CredentialsError as exc:
         raise UserError(f"xnatfs: {exc}") from None
+
+
+def _credentials_file(args: argparse.Namespace, url: str | None) -> Path | None:
+    """The credentials file given here, else in XNATFS_CREDENTIALS_FILE, else in
+    the config file (the ``[mount]`` table or the profile's ``credentials_file``)."""
+    from .credentialfile import CREDENTIALS_FILE_ENV
+    from .credentials import mount_values, named_site
+
+    if getattr(args, "credentials_file", None):
+        return Path(args.credentials_file)
+    if os.environ.get(CREDENTIALS_FILE_ENV):
+        return Path(os.environ[CREDENTIALS_FILE_ENV])
+    configured = mount_values(named_site(url, args.profile) or "", args.profile)
+    if configured.get("credentials_file"):
+        return Path(configured["credentials_file"]).expanduser()
+    return None
+
+
+def token_command(args: argparse.Namespace) -> int:
+    """``xnatfs token issue --to FILE``: an alias token for batch jobs, so that no
+    password is stored where they run."""
+    from .credentialfile import write_token_file
+    from .credentials import CredentialsError
+
+    if args.to.exists():
+        raise UserError(f"xnatfs: {args.to} exists; choose a new file")
+
+    async def issue(client):  # noqa: ANN001, ANN202
+        return await client.issue_alias_token()
+
+    token = run_with_client(args, issue)
+    site = _resolve_credentials(args, args.url).url
+    try:
+        write_token_file(args.to, site, token)
+    except (CredentialsError, OSError) as exc:
+        raise UserError(f"xnatfs: {exc}") from None
+    expires = token.get("estimatedExpirationTime")
+    when = (time.strftime("%Y-%m-%d %H:%M", time.localtime(expires / 1000))
+            if isinstance(expires, int) else "when XNAT says")
+    print(f"alias token written to {args.to} (mode 0600); it expires {when}. Use: "
+          f"xnatfs mount --credentials-file {args.to} ...")
+    return 0
 
 
 def _apply_config_switches(args: argparse.Namespace, site: str) -> None:
@@ -234,6 +304,30 @@ def _apply_config_switches(args: argparse.Namespace, site: str) -> None:
             setattr(args, name, value)
             if value:
                 args.from_config.add(name)
+
+
+def _ceilings(args: argparse.Namespace, site: str) -> dict[str, Any]:
+    """The mount's request ceilings and session file given here, else in the
+    config file, else the defaults."""
+    from .credentials import CredentialsError, mount_values
+
+    try:
+        values = mount_values(site, args.profile)
+    except CredentialsError as exc:
+        raise UserError(f"xnatfs: {exc}") from None
+    chosen: dict[str, Any] = {}
+    for name in ("max_requests", "max_request_rate"):
+        value = getattr(args, name, None)
+        if value is None:
+            value = values.get(name)
+        if value is not None:
+            if value < 0:
+                raise UserError(f"xnatfs: {name.replace('_', '-')} must be 0 or more")
+            chosen[name] = value
+    session_file = getattr(args, "session_file", None) or values.get("session_file")
+    if session_file:
+        chosen["session_file"] = Path(session_file).expanduser().resolve()
+    return chosen
 
 
 def _check_sharing(args: argparse.Namespace) -> None:
@@ -356,7 +450,8 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
                          debug_fuse=args.debug_fuse,
                          allow_other=args.allow_other, allow_root=args.allow_root,
                          snapshot=args.snapshot.resolve() if args.snapshot else None,
-                         snapshot_check_first=args.snapshot_check_first)
+                         snapshot_check_first=args.snapshot_check_first,
+                         **_ceilings(args, credentials.url))
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
     mounted = False
 
@@ -418,6 +513,8 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
         argv.append("--allow-other")
     if args.allow_root:
         argv.append("--allow-root")
+    for name, value in _ceilings(args, credentials.url).items():  # the config's, resolved here
+        argv += ["--" + name.replace("_", "-"), str(value)]
     # The password goes over the pipe only: not left in the daemon's environment
     # (readable in /proc by root, inherited by everything the daemon starts).
     env = {name: value for name, value in os.environ.items() if name != "XNAT_PASS"}
@@ -606,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
             return prearchive_command(args)
         if args.command == "demo":
             return demo(args)
+        if args.command == "token":
+            return token_command(args)
         if args.command == "testserver":
             from .testing.cli import run
 

@@ -197,6 +197,51 @@ MOUNT_SWITCHES = ("direct_archive", "write_behind", "allow_other", "allow_root",
                   "allow_overwrite", "allow_delete")
 
 
+# Mount options with a value, from the same tables as MOUNT_SWITCHES.
+MOUNT_VALUES: dict[str, tuple[type, ...]] = {
+    "max_requests": (int,), "max_request_rate": (int, float),
+    "credentials_file": (str,), "session_file": (str,)}
+
+
+def mount_values(site: str, profile: str | None = None,
+                 config_path: Path | None = None) -> dict[str, Any]:
+    """Mount options with a value (``MOUNT_VALUES``) from the config file's
+    ``[mount]`` table and the profile in use, as for :func:`mount_switches`.
+
+    Raises:
+        CredentialsError: the file is unreadable or a value has the wrong type.
+    """
+    config_file = config_path or default_config_path()
+    values: dict[str, Any] = {}
+    for table in _mount_tables(site, profile, config_file):
+        for name, types in MOUNT_VALUES.items():
+            if name in table:
+                value = table[name]
+                if isinstance(value, bool) or not isinstance(value, types):
+                    raise CredentialsError(f"{config_file}: {name} must be a "
+                                           f"{' or '.join(t.__name__ for t in types)}")
+                values[name] = value
+    return values
+
+
+def _mount_tables(site: str, profile: str | None,
+                  config_file: Path) -> list[Mapping[str, Any]]:
+    """The ``[mount]`` table, then the profile's (``--profile``, or the site's)."""
+    config = _load_config(config_file)
+    tables: list[Mapping[str, Any]] = []
+    if isinstance(config.get("mount"), Mapping):
+        tables.append(config["mount"])
+    profiles = config.get("profiles", {})
+    if isinstance(profiles, Mapping):
+        if profile:
+            tables.append(_profile(profiles, profile, config_file))
+        else:
+            tables.extend(entry for entry in profiles.values()
+                          if isinstance(entry, Mapping) and entry.get("url")
+                          and normalise_site_url(entry["url"]) == site)
+    return tables
+
+
 def mount_switches(site: str, profile: str | None = None,
                    config_path: Path | None = None) -> dict[str, bool]:
     """On/off mount options (``MOUNT_SWITCHES``) from the config file: the
@@ -213,20 +258,8 @@ def mount_switches(site: str, profile: str | None = None,
         CredentialsError: the file is unreadable or a switch is not true/false.
     """
     config_file = config_path or default_config_path()
-    config = _load_config(config_file)
-    tables: list[Mapping[str, Any]] = []
-    if isinstance(config.get("mount"), Mapping):
-        tables.append(config["mount"])
-    profiles = config.get("profiles", {})
-    if isinstance(profiles, Mapping):
-        if profile:
-            tables.append(_profile(profiles, profile, config_file))
-        else:
-            tables.extend(entry for entry in profiles.values()
-                          if isinstance(entry, Mapping) and entry.get("url")
-                          and normalise_site_url(entry["url"]) == site)
     switches: dict[str, bool] = {}
-    for table in tables:
+    for table in _mount_tables(site, profile, config_file):
         for name in MOUNT_SWITCHES:
             if name in table:
                 if not isinstance(table[name], bool):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -31,6 +32,11 @@ from .results import ResultWrites
 from .tree import Tree
 
 log = logging.getLogger(__name__)
+
+
+# The rate ceiling's bucket holds this many seconds' worth of requests: a walk
+# of a folder (``find -ls``: some 60 listings in a second) goes at full speed.
+BURST_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,9 @@ class MountConfig:
     allow_root: bool = False          # root may read too (a Docker daemon, say)
     snapshot: Path | None = None      # serve this snapshot's tree, read-only (xnatfs.snapshot)
     snapshot_check_first: int = 64 * 1024**2  # its files up to this size: checked before served
+    max_requests: int = ClientSettings.max_requests          # requests at once (0: no ceiling)
+    max_request_rate: float = ClientSettings.max_request_rate  # per second (0: no ceiling)
+    session_file: Path | None = None  # one JSESSION shared by the nodes of a cluster
 
     @property
     def operation_timeout(self) -> float:
@@ -70,7 +79,9 @@ class MountConfig:
         return ClientSettings(
             read_timeout=self.request_timeout,
             deadline=min(max(2 * self.request_timeout, 60.0), 0.9 * self.operation_timeout),
-            verify_tls=self.verify_tls, upload_answer_timeout=self.import_timeout)
+            verify_tls=self.verify_tls, upload_answer_timeout=self.import_timeout,
+            max_requests=self.max_requests, max_request_rate=self.max_request_rate,
+            request_burst=max(1, math.ceil(BURST_SECONDS * self.max_request_rate)))
 
     def __repr__(self) -> str:  # credentials have their own password-free repr
         return (f"MountConfig(url={self.credentials.url!r}, mountpoint={self.mountpoint!r}, "
@@ -218,7 +229,8 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
     started = time.time()  # for the status file: before the login it counts
     config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.cache_dir.chmod(0o700)  # cached data is as private as the mount
-    client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache())
+    client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache(),
+                        session_file=config.session_file)
     await client.connect()
     snapshot = None
     if config.snapshot is not None:

@@ -29,6 +29,10 @@ class ClientSettings:
         upload_answer_timeout: seconds to wait for the answer to an upload once
             all of it is sent: XNAT answers an import only when it has imported
             the whole archive, minutes for a big one.
+        max_requests: requests at once, of every kind (0: no ceiling); those
+            beyond wait (:mod:`.ceilings`).
+        max_request_rate: requests per second on average (0: no ceiling)...
+        request_burst: ...of which this many may go at once after a quiet spell.
     """
 
     connect_timeout: float = 10.0
@@ -41,3 +45,7 @@ class ClientSettings:
     chunk_size: int = 1 << 20
     verify_tls: bool = True
     upload_answer_timeout: float = 900.0
+    # See the README's "Protecting the server" for why these numbers.
+    max_requests: int = 16
+    max_request_rate: float = 50.0
+    request_burst: int = 100
