@@ -135,6 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true",
                         help=f"print the mount's {STATUS_FILE_NAME} as it is")
 
+    prefetch = commands.add_parser(
+        "prefetch", help="fill the caches for a project, subject, session or scan, through "
+                         "a running mount or from the site directly (--url/--profile)")
+    prefetch.add_argument("paths", nargs="+", metavar="PATH",
+                          help="a folder or file of a mount; with --url/--profile, "
+                               "PROJECT[/SUBJECT[/SESSION[/scans/SCAN]]]")
+    prefetch.add_argument("--jobs", type=int, default=4,
+                          help="files read at once (default 4)")
+    prefetch.add_argument("--to", type=Path, metavar="DIR",
+                          help="also write the files into DIR, laid out as in the mount")
+    prefetch.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+                          help="seconds between progress lines when stderr is no "
+                               "terminal (default 5)")
+    _add_site_options(prefetch)
+    prefetch.set_defaults(url=None)
+    prefetch.add_argument("--cache-size", type=parse_size, default=parse_size("10G"),
+                          help="with --url/--profile: the disk cache limit, as the mount's "
+                               "(default 10G)")
+    prefetch.add_argument("--timeout", type=float, default=30.0,
+                          help="with --url/--profile: seconds a read may wait for bytes "
+                               "that do not come, times 4 (default 30)")
+
     umount = commands.add_parser("umount", help="unmount")
     umount.add_argument("mountpoint", type=Path)
 
@@ -557,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
             from .sitecommands import status_command
 
             return status_command(args)
+        if args.command == "prefetch":
+            from .prefetch import prefetch_command
+
+            return prefetch_command(args)
         if args.command == "uploads":
             from .sitecommands import uploads_command
 

@@ -150,6 +150,14 @@ class BlockCache(Downloads):
             raise Stale(f"{ident.uri}: the file's blocks were dropped while it was read")
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    async def cached_bytes(self, ident: FileIdentity) -> int:
+        """Bytes of the file the disk cache holds, in whole blocks, without reading
+        them (one census): what ``xnatfs prefetch`` skips as already cached."""
+        await self.indexed.wait()
+        state = self._state(ident)
+        await self._take_census(state)
+        return sum(self._block_length(ident, index) for index in state.on_disk)
+
     def received(self, ident: FileIdentity) -> int:
         """Bytes of the file downloaded so far: whether a slow read is still moving."""
         state = self.files.get(ident.key)
