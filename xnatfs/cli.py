@@ -604,4 +604,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m xnatfs.cli``: run the package's module, not this copy of it, so
+    # that the UserError other modules import from ``.cli`` is the one caught.
+    from xnatfs.cli import main as package_main
+
+    sys.exit(package_main())

@@ -78,6 +78,11 @@ def summary_count(stderr: str, what: str) -> int:
 def test_prefetch_through_a_mount_fills_its_cache(server: TestServer, mount_factory,  # noqa: ANN001
                                                   tmp_path: Path) -> None:
     mount = mount_factory(server)
+    outside = prefetch(mount.env, str(tmp_path))
+    assert outside.returncode == 1 and "not in an xnatfs mount" in outside.stderr
+    uploads = prefetch(mount.env, str(mount.path / "uploads"))
+    assert uploads.returncode == 1 and "not prefetched" in uploads.stderr
+
     session = mount.path / SESSION
     listed = resource_files(session)
     assert len(listed) > 40
@@ -181,6 +186,8 @@ def test_direct_prefetch_into_a_folder_resumes_and_fills_a_later_mounts_cache(
         server.set_knobs(latency_ms=0)
     assert "prefetch interrupted" in log.read_text()
     done_before = resource_files(out)
+    missing = prefetch(env, *direct[:-1], "NEURO_PUB/NOBODY")
+    assert missing.returncode == 1 and "NEURO_PUB/NOBODY: not found" in missing.stderr
 
     rerun = prefetch(env, *direct)
     assert rerun.returncode == 0, rerun.stderr
@@ -201,18 +208,6 @@ def test_direct_prefetch_into_a_folder_resumes_and_fills_a_later_mounts_cache(
         assert written[rel].read_bytes() == path.read_bytes()
     assert set(done_before) <= {f"{OTHER_SESSION}/{rel}" for rel in shown}
     assert downloads(server, mark) == []
-
-
-def test_prefetch_refuses_what_it_cannot_fetch(server: TestServer, mount_factory,  # noqa: ANN001
-                                               tmp_path: Path) -> None:
-    mount = mount_factory(server)
-    outside = prefetch(mount.env, str(tmp_path))
-    assert outside.returncode == 1 and "not in an xnatfs mount" in outside.stderr
-    uploads = prefetch(mount.env, str(mount.path / "uploads"))
-    assert uploads.returncode == 1 and "not prefetched" in uploads.stderr
-    missing = prefetch(make_env(tmp_path), "--url", server.url, "--cache-dir",
-                       str(tmp_path / "c"), "NEURO_PUB/NOBODY")
-    assert missing.returncode == 1 and "NEURO_PUB/NOBODY: not found" in missing.stderr
 
 
 # ------------------------------------------------------------- containers
