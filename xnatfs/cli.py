@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     prefetch.add_argument("--cache-size", type=parse_size, default=parse_size("10G"),
                           help="with --url/--profile: the disk cache limit, as the mount's "
                                "(default 10G)")
+    prefetch.add_argument("--shared-cache", type=Path, metavar="DIR",
+                          help="with --url/--profile: also fill this shared cache, as a "
+                               "mount's --shared-cache (default: the config file's, or none)")
+    prefetch.add_argument("--shared-cache-max", type=parse_size, metavar="SIZE",
+                          help="with --url/--profile: trim the shared cache to this size, "
+                               "as a mount's option (default: the config file's, or none)")
     prefetch.add_argument("--timeout", type=float, default=30.0,
                           help="with --url/--profile: seconds a read may wait for bytes "
                                "that do not come, times 4 (default 30)")

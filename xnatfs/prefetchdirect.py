@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import signal
 from collections.abc import Iterator
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import trio
 
@@ -27,7 +27,7 @@ from .areas.generated import GeneratedArea
 from .areas.remote_files import RemoteFiles, identity
 from .areas.resources import ResourceArea
 from .areas.root import RootArea
-from .blockcache import BlockCache
+from .blockcache import DEFAULT_BLOCK_SIZE, BlockCache, prepare_shared
 from .client import XnatClient
 from .deadlines import Deadlines
 from .errors import XnatError
@@ -152,13 +152,19 @@ async def prefetch_site(client: XnatClient, args: argparse.Namespace, progress: 
     cache_dir = args.cache_dir
     cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     cache_dir.chmod(0o700)  # cached data is as private as a mount's
+    shared, shared_max = shared_tier(args, client.credentials.url)
+    if shared is not None:
+        try:
+            await prepare_shared(shared, DEFAULT_BLOCK_SIZE)
+        except OSError as exc:
+            raise PrefetchError(f"the shared cache {shared}: {exc.strerror or exc}") from None
     interrupted = False
     failure: Exception | None = None
     blocks: BlockCache | None = None
     try:
         async with trio.open_nursery() as nursery:
             blocks = BlockCache(client, cache_dir / "blocks", size_limit=args.cache_size,
-                                nursery=nursery)
+                                nursery=nursery, shared_dir=shared, shared_max=shared_max)
             deadlines = Deadlines(op_timeout=4 * args.timeout)
             tree = archive_tree(client, blocks, deadlines, nursery)
             with trio.CancelScope() as work:
@@ -191,6 +197,28 @@ async def prefetch_site(client: XnatClient, args: argparse.Namespace, progress: 
         if failure is not None:
             raise failure
     return interrupted
+
+
+def shared_tier(args: argparse.Namespace, site: str) -> tuple[Path | None, int | None]:
+    """The shared cache a mount of ``site`` would use: ``--shared-cache`` (and
+    ``--shared-cache-max``), else the config file's ``shared_cache``, as for
+    ``xnatfs mount``."""
+    from .cli import parse_size
+    from .credentials import CredentialsError, mount_values
+
+    shared, shared_max = args.shared_cache, args.shared_cache_max
+    try:
+        values = mount_values(site, args.profile)
+    except CredentialsError as exc:
+        raise PrefetchError(str(exc)) from None
+    if shared is None and "shared_cache" in values:
+        shared = Path(values["shared_cache"]).expanduser()
+    if shared_max is None and "shared_cache_max" in values:
+        try:
+            shared_max = parse_size(values["shared_cache_max"])
+        except argparse.ArgumentTypeError as exc:
+            raise PrefetchError(f"shared_cache_max in the config file: {exc}") from None
+    return shared, shared_max
 
 
 async def _reader(queue: Iterator[Item], blocks: BlockCache, progress: Progress,

@@ -4,6 +4,7 @@ recipes rely on (a bind mount of the mount point, another uid reading)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from xnatfs.status import STATUS_FILE_NAME
 from xnatfs.testing.harness import TestServer
 
 from .conftest import make_env, mount_xnatfs, unmount
@@ -208,6 +210,27 @@ def test_direct_prefetch_into_a_folder_resumes_and_fills_a_later_mounts_cache(
         assert written[rel].read_bytes() == path.read_bytes()
     assert set(done_before) <= {f"{OTHER_SESSION}/{rel}" for rel in shown}
     assert downloads(server, mark) == []
+
+
+def test_direct_prefetch_fills_the_shared_cache_other_nodes_read(
+        server: TestServer, mount_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    """A login node fills the cluster's shared cache; a node's mount with a cache
+    of its own and the same --shared-cache then downloads nothing."""
+    shared = tmp_path / "shared"
+    login = tmp_path / "login"
+    scan = "NEURO_PUB/NP002/NP002_MR1/scans/2"  # a scan by its ID
+    run = prefetch(make_env(login), "--url", server.url, "--cache-dir", str(login / "blocks"),
+                   "--shared-cache", str(shared), scan)
+    assert run.returncode == 0, run.stderr
+    node = mount_factory(server, "--shared-cache", str(shared), name="node")
+    mark = server.log_mark()
+    [folder] = (node.path / scan).parent.glob("2-*")
+    files = resource_files(folder)
+    assert f"prefetch done: {len(files)} of {len(files)} files" in run.stderr and files
+    assert all(path.read_bytes() for path in files.values())
+    assert downloads(server, mark) == []
+    status = json.loads((node.path / STATUS_FILE_NAME).read_bytes())
+    assert status["bytes"]["from_shared_cache"] == sum(p.stat().st_size for p in files.values())
 
 
 # ------------------------------------------------------------- containers
