@@ -27,8 +27,8 @@ def test_on_a_terminal_the_line_is_redrawn_in_place_and_the_summary_follows() ->
     assert "2/3 files (1 already cached)" in text and "1 failed" in text
     summary = text.split("\n", 1)[1]  # after the bar's line
     assert summary.startswith("prefetch done: 2 of 3 files, 2.0 MiB of 3.0 MiB")
-    assert "already cached: 1 files; from the cache: 1.0 MiB; fetched from XNAT: 1.0 MiB" \
-        in summary
+    assert ("already cached: 1 files; from the cache: 1.0 MiB; "
+            "fetched (XNAT, or a shared cache): 1.0 MiB") in summary
     assert "    P/S/E/resources/R/files/x: Input/output error" in summary
 
 

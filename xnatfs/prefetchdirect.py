@@ -190,7 +190,8 @@ async def prefetch_site(client: XnatClient, args: argparse.Namespace, progress: 
                         readers.start_soon(_reader, queue, blocks, progress, dest,
                                            4 * args.timeout, disk)
             interrupted = work.cancelled_caught
-            nursery.cancel_scope.cancel()  # the signal watcher, the progress; block writes are shielded
+            # Stops the signal watcher and the progress line; block writes are shielded.
+            nursery.cancel_scope.cancel()
     finally:
         if blocks is not None:
             blocks.close()

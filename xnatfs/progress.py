@@ -119,7 +119,7 @@ class Progress:
             f"{self.files_total} files, {human_bytes(self.bytes_done)} of "
             f"{human_bytes(self.bytes_total)} in {elapsed:.1f} s",
             f"  {self.already_word}: {self.files_cached} files; from the cache: "
-            f"{human_bytes(self.bytes_cached)}; fetched from XNAT: "
+            f"{human_bytes(self.bytes_cached)}; fetched (XNAT, or a shared cache): "
             f"{human_bytes(self.bytes_fetched)} ({rate}/s)"]
         if into is not None:
             lines.append(f"  written to {into}")
