@@ -568,7 +568,7 @@ GENERIC_MOUNT_OPTIONS = {
 FSTAB_ALIASES = {"ro": "read-only", "xnat-user": "user"}  # "user" means another thing there
 NOT_FROM_FSTAB = {"foreground", "debug-fuse", "credentials-on-stdin", "ready-fd"}
 NO_SOURCE = {"none", "xnatfs"}  # fstab's placeholders for "the URL comes from the profile"
-COMMANDS = {"mount", "umount", "status", "uploads", "prearchive", "cache", "demo",
+COMMANDS = {"mount", "umount", "status", "uploads", "prearchive", "cache", "prefetch", "demo",
             "testserver"}
 
 
