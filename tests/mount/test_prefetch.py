@@ -63,6 +63,12 @@ def downloads(server: TestServer, mark: int) -> list[str]:
     return [e["path"] for e in server.requests_since(mark) if e["route"] == "files.download"]
 
 
+def in_flight(mountpoint: Path) -> int:
+    """Downloads the mount is making or about to make (its status file)."""
+    status = json.loads((mountpoint / STATUS_FILE_NAME).read_bytes())
+    return int(status["downloads"]["in_flight"] + status["downloads"]["queued"])
+
+
 def resource_files(folder: Path) -> dict[str, Path]:
     """What a folder of a mount (or a copy of it) holds under resources' files/
     folders, by path below ``folder`` (found with find(1), not the code tested)."""
@@ -149,6 +155,8 @@ def test_an_interrupted_prefetch_resumes(server: TestServer, mount_factory,  # n
         server.set_knobs(latency_ms=0)
     stderr = log.read_text()
     assert "prefetch interrupted" in stderr and "run the same command again" in stderr
+    # What the mount had on its way when the reader went away, it finishes (and caches).
+    wait_for(lambda: not in_flight(mount.path), what="the mount's downloads to end")
     fetched_before = set(downloads(server, mark))
     assert 10 <= len(fetched_before) < total
 
@@ -156,10 +164,12 @@ def test_an_interrupted_prefetch_resumes(server: TestServer, mount_factory,  # n
     rerun = prefetch(mount.env, str(session))
     assert rerun.returncode == 0, rerun.stderr
     cached = summary_count(rerun.stderr, "already cached")
+    assert f"({cached} already cached)" in rerun.stderr  # in the progress line too
     fetched = downloads(server, mark)
     # What was downloaded before the interrupt is cached, skipped, not fetched again.
-    assert cached >= 10 and len(fetched) == total - cached
-    assert not set(fetched) & fetched_before
+    assert cached >= 10 and len(fetched) <= total - cached
+    # Each file came from XNAT once over both runs.
+    assert not set(fetched) & fetched_before and len(set(fetched) | fetched_before) == total
 
 
 def test_direct_prefetch_into_a_folder_resumes_and_fills_a_later_mounts_cache(
