@@ -240,6 +240,24 @@ def test_direct_prefetch_fills_the_shared_cache_other_nodes_read(
     assert status["bytes"]["from_shared_cache"] == sum(p.stat().st_size for p in files.values())
 
 
+def test_files_that_fail_are_named_and_the_exit_status_says_so(server: TestServer,
+                                                                tmp_path: Path) -> None:
+    server.set_knobs(fail_rate=1.0, fault_status=403, fault_path=r"/qc\.json$")
+    try:
+        run = prefetch(make_env(tmp_path), "--url", server.url, "--cache-dir",
+                       str(tmp_path / "blocks"), "NEURO_PUB/NP002/NP002_MR1/resources")
+    finally:
+        server.set_knobs(fail_rate=0.0, fault_status=503, fault_path="")
+    assert run.returncode == 1, run.stderr
+    assert "failed: 2 files" in run.stderr
+    named = re.findall(r"^    (\S+): ", run.stderr, re.MULTILINE)
+    assert sorted(named) == [
+        "NEURO_PUB/NP002/NP002_MR1/resources/QC/files/qc.json",
+        "NEURO_PUB/NP002/NP002_MR1/resources/QC/files/reports/2023/qc.json"]
+    files = int(re.search(r"prefetch done: (\d+) of (\d+) files", run.stderr).group(2))
+    assert f"prefetch done: {files - 2} of {files} files" in run.stderr
+
+
 # ------------------------------------------------------------- containers
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
