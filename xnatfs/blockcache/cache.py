@@ -220,6 +220,9 @@ class BlockCache(Downloads):
         if self.shared is None:
             await self._fetch(state, index, speculative=speculative)
             return
+        if claimed is None and index in state.loading:  # a disk read or lookup of it runs
+            await state.loading[index].wait()
+            return
         event = claimed if claimed is not None else trio.Event()
         state.loading[index] = event  # other readers of this block wait for us
         try:
@@ -239,7 +242,8 @@ class BlockCache(Downloads):
             self.nursery.start_soon(self._store, state, index, data)
             self._start_digest(state)
         finally:
-            del state.loading[index]
+            if state.loading.get(index) is event:
+                del state.loading[index]
             event.set()
 
     async def _obtain_in_background(self, state: FileState, index: int, speculative: bool,
