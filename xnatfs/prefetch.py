@@ -193,8 +193,9 @@ def read_through_mount(item: Item, progress: Progress, stop: threading.Event,
     part: PartFile | None = None
     try:
         cached_text = _xattr(path, CACHED_XATTR)
-        # No answer: not a file XNAT lists (a result still being sent): nothing to fetch.
-        cached = item.size if cached_text is None else int(cached_text)
+        # No answer (a result still being sent, a mount that does not tell): read it,
+        # which costs XNAT nothing more than reading it later would.
+        cached = 0 if cached_text is None else int(cached_text)
         if dest.complete(item) if dest is not None else cached >= item.size:
             progress.already(item.size)
             return
