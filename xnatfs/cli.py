@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"block cache location (default {DEFAULT_CACHE_DIR})")
     mount.add_argument("--cache-size", type=parse_size, default=parse_size("10G"),
                        help="disk cache limit (default 10G)")
+    mount.add_argument("--shared-cache", type=Path, metavar="DIR",
+                       help="shared block cache of a cluster, on a file system the nodes "
+                            "share (default: none)")
+    mount.add_argument("--shared-cache-max", type=parse_size, metavar="SIZE",
+                       help="trim the shared cache to this size (default: no bound; "
+                            "or run xnatfs cache prune)")
     mount.add_argument("--metadata-ttl", type=float, default=60.0,
                        help="seconds listings are cached (default 60, minimum 1)")
     mount.add_argument("--read-only", action="store_true", help="mount read-only")
@@ -154,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what a mount is doing: requests, bytes, "
                                                  "downloads, uploads, errors")
     status.add_argument("mountpoint", type=Path)
+    cache = commands.add_parser("cache", help="look after a cache")
+    cache_actions = cache.add_subparsers(dest="action", required=True)
+    prune = cache_actions.add_parser(
+        "prune", help="bound a shared cache: remove least recently used files, and "
+                      "temporaries and claims older than --age")
+    prune.add_argument("--shared", type=Path, required=True, metavar="DIR",
+                       help="the shared cache folder (as given to --shared-cache)")
+    prune.add_argument("--max", type=parse_size, required=True, metavar="SIZE",
+                       help="keep at most this much (10G, 500M...)")
+    prune.add_argument("--age", type=float, default=3600.0, metavar="SECONDS",
+                       help="temporaries and claims older than this are left-overs "
+                            "(default 3600)")
     status.add_argument("--json", action="store_true",
                         help=f"print the mount's {STATUS_FILE_NAME} as it is")
 
@@ -161,6 +179,33 @@ def build_parser() -> argparse.ArgumentParser:
         "snapshot", help="print the listings of a mounted project, subject, session, scan or "
                          "resource folder as JSON, to mount later with --snapshot")
     snapshot.add_argument("path", type=Path, help="a folder of a running mount")
+    prefetch = commands.add_parser(
+        "prefetch", help="fill the caches for a project, subject, session or scan, through "
+                         "a running mount or from the site directly (--url/--profile)")
+    prefetch.add_argument("paths", nargs="+", metavar="PATH",
+                          help="a folder or file of a mount; with --url/--profile, "
+                               "PROJECT[/SUBJECT[/SESSION[/scans/SCAN]]]")
+    prefetch.add_argument("--jobs", type=int, default=4,
+                          help="files read at once (default 4)")
+    prefetch.add_argument("--to", type=Path, metavar="DIR",
+                          help="also write the files into DIR, laid out as in the mount")
+    prefetch.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+                          help="seconds between progress lines when stderr is no "
+                               "terminal (default 5)")
+    _add_site_options(prefetch)
+    prefetch.set_defaults(url=None)
+    prefetch.add_argument("--cache-size", type=parse_size, default=parse_size("10G"),
+                          help="with --url/--profile: the disk cache limit, as the mount's "
+                               "(default 10G)")
+    prefetch.add_argument("--shared-cache", type=Path, metavar="DIR",
+                          help="with --url/--profile: also fill this shared cache, as a "
+                               "mount's --shared-cache (default: the config file's, or none)")
+    prefetch.add_argument("--shared-cache-max", type=parse_size, metavar="SIZE",
+                          help="with --url/--profile: trim the shared cache to this size, "
+                               "as a mount's option (default: the config file's, or none)")
+    prefetch.add_argument("--timeout", type=float, default=30.0,
+                          help="with --url/--profile: seconds a read may wait for bytes "
+                               "that do not come, times 4 (default 30)")
 
     umount = commands.add_parser("umount", help="unmount")
     umount.add_argument("mountpoint", type=Path)
@@ -290,14 +335,23 @@ def token_command(args: argparse.Namespace) -> int:
 
 
 def _apply_config_switches(args: argparse.Namespace, site: str) -> None:
-    """Mount switches (``direct_archive``, ``allow_other``...) from the config file,
-    unless given here; ``args.from_config`` names those taken from the file."""
-    from .credentials import CredentialsError, mount_switches
+    """Mount switches (``direct_archive``, ``allow_other``...) and values
+    (``shared_cache``...) from the config file, unless given here;
+    ``args.from_config`` names the switches taken from the file."""
+    from .credentials import CredentialsError, mount_switches, mount_values
 
     try:
         switches = mount_switches(site, args.profile)
+        values = mount_values(site, args.profile)
     except CredentialsError as exc:
         raise UserError(f"xnatfs: {exc}") from None
+    if args.shared_cache is None and "shared_cache" in values:
+        args.shared_cache = Path(values["shared_cache"]).expanduser()
+    if args.shared_cache_max is None and "shared_cache_max" in values:
+        try:
+            args.shared_cache_max = parse_size(str(values["shared_cache_max"]))
+        except argparse.ArgumentTypeError as exc:
+            raise UserError(f"xnatfs: shared_cache_max in the config file: {exc}") from None
     args.from_config = set()
     for name, value in switches.items():
         if not getattr(args, name):
@@ -451,6 +505,7 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
                          allow_other=args.allow_other, allow_root=args.allow_root,
                          snapshot=args.snapshot.resolve() if args.snapshot else None,
                          snapshot_check_first=args.snapshot_check_first,
+                         shared_cache=args.shared_cache, shared_cache_max=args.shared_cache_max,
                          **_ceilings(args, credentials.url))
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
     mounted = False
@@ -515,6 +570,10 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
         argv.append("--allow-root")
     for name, value in _ceilings(args, credentials.url).items():  # the config's, resolved here
         argv += ["--" + name.replace("_", "-"), str(value)]
+    if args.shared_cache is not None:
+        argv += ["--shared-cache", str(args.shared_cache.absolute())]
+    if args.shared_cache_max is not None:
+        argv += ["--shared-cache-max", str(args.shared_cache_max)]
     # The password goes over the pipe only: not left in the daemon's environment
     # (readable in /proc by root, inherited by everything the daemon starts).
     env = {name: value for name, value in os.environ.items() if name != "XNAT_PASS"}
@@ -640,7 +699,8 @@ GENERIC_MOUNT_OPTIONS = {
 FSTAB_ALIASES = {"ro": "read-only", "xnat-user": "user"}  # "user" means another thing there
 NOT_FROM_FSTAB = {"foreground", "debug-fuse", "credentials-on-stdin", "ready-fd"}
 NO_SOURCE = {"none", "xnatfs"}  # fstab's placeholders for "the URL comes from the profile"
-COMMANDS = {"mount", "umount", "status", "snapshot", "uploads", "prearchive", "demo", "testserver"}
+COMMANDS = {"mount", "umount", "status", "snapshot", "uploads", "prearchive", "cache", "prefetch",
+            "token", "demo", "testserver"}
 
 
 def fstab_arguments(argv: list[str]) -> list[str]:
@@ -693,6 +753,10 @@ def main(argv: list[str] | None = None) -> int:
             from .sitecommands import snapshot_command
 
             return snapshot_command(args)
+        if args.command == "prefetch":
+            from .prefetch import prefetch_command
+
+            return prefetch_command(args)
         if args.command == "uploads":
             from .sitecommands import uploads_command
 
@@ -701,6 +765,10 @@ def main(argv: list[str] | None = None) -> int:
             from .sitecommands import prearchive_command
 
             return prearchive_command(args)
+        if args.command == "cache":
+            from .sitecommands import cache_command
+
+            return cache_command(args)
         if args.command == "demo":
             return demo(args)
         if args.command == "token":
@@ -716,4 +784,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m xnatfs.cli``: run the package's module, not this copy of it, so
+    # that the UserError other modules import from ``.cli`` is the one caught.
+    from xnatfs.cli import main as package_main
+
+    sys.exit(package_main())

@@ -197,10 +197,13 @@ MOUNT_SWITCHES = ("direct_archive", "write_behind", "allow_other", "allow_root",
                   "allow_overwrite", "allow_delete")
 
 
-# Mount options with a value, from the same tables as MOUNT_SWITCHES.
+# Mount options with a value, from the same tables as MOUNT_SWITCHES: the
+# request ceilings, batch credentials, and a cluster's shared cache tier (a
+# path, and a size as text, "500G", or a number of bytes).
 MOUNT_VALUES: dict[str, tuple[type, ...]] = {
     "max_requests": (int,), "max_request_rate": (int, float),
-    "credentials_file": (str,), "session_file": (str,)}
+    "credentials_file": (str,), "session_file": (str,),
+    "shared_cache": (str,), "shared_cache_max": (str, int)}
 
 
 def mount_values(site: str, profile: str | None = None,

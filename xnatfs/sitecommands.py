@@ -1,7 +1,8 @@
 """``xnatfs uploads`` and ``xnatfs prearchive``: commands that talk to a site
 without a mount (what the spool kept, and the prearchive); ``xnatfs status``,
-which reads a mount's status file, and ``xnatfs snapshot``, which records a
-mounted folder's listings."""
+which reads a mount's status file; ``xnatfs snapshot``, which records a
+mounted folder's listings; ``xnatfs cache prune``, which bounds a shared cache
+tier."""
 
 from __future__ import annotations
 
@@ -56,6 +57,20 @@ def snapshot_command(args: argparse.Namespace) -> int:
     except SnapshotError as exc:
         raise UserError(f"xnatfs: {exc}") from None
     sys.stdout.write(dumps(document))
+    return 0
+
+
+def cache_command(args: argparse.Namespace) -> int:
+    """``xnatfs cache prune --shared DIR --max SIZE``: bound a shared cache tier
+    (safe while mounts use it, and beside other pruners)."""
+    from .blockcache.shared import LAYOUT, prune
+
+    if not (args.shared / LAYOUT).is_dir():
+        raise UserError(f"xnatfs: {args.shared} holds no xnatfs shared cache")
+    report = prune(args.shared, args.max, max_age=args.age)
+    print(f"kept {report.kept_bytes} bytes; removed {report.removed_bytes} bytes "
+          f"({report.removed_files} blocks) and {report.removed_temporaries} left-over "
+          f"temporaries or claims")
     return 0
 
 

@@ -89,6 +89,10 @@ class RemoteFiles:
         self.open_handles.add(handle)
         return handle
 
+    async def cached_bytes(self, node: Node) -> int:
+        """Bytes of ``node``'s file on the local disk cache (``user.xnatfs.cached``)."""
+        return await self.blocks.cached_bytes(identity(node))
+
     async def read(self, handle: RemoteFileHandle, offset: int, size: int) -> bytes:
         ident = handle.ident
         if handle.stale:
