@@ -217,7 +217,7 @@ def test_the_shared_cache_from_the_mount_table_and_the_sites_profile(home: Path)
     write_config(home, '[mount]\nshared_cache = "/shared/xnatfs"\nshared_cache_max = "500G"\n'
                        f'[profiles.work]\nurl = "{SITE}"\nshared_cache_max = 1073741824\n')
     assert mount_values(SITE) == {"shared_cache": "/shared/xnatfs",
-                                  "shared_cache_max": "1073741824"}
+                                  "shared_cache_max": 1073741824}
     assert mount_values("https://elsewhere.example.org")["shared_cache_max"] == "500G"
     assert mount_switches(SITE) == {}  # values are not switches
 
@@ -239,7 +239,8 @@ def test_and_the_cli_takes_them_unless_given(home: Path) -> None:
                                   "shared_cache_max = [1]"])
 def test_mount_values_must_be_text_or_numbers(home: Path, line: str) -> None:
     write_config(home, f"[mount]\n{line}\n")
-    with pytest.raises(CredentialsError, match="must be a path or a size"):
+    with pytest.raises(CredentialsError, match="shared_cache must be a path|"
+                                              "shared_cache_max must be a size"):
         mount_values(SITE)
 
 

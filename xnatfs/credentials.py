@@ -200,10 +200,12 @@ MOUNT_SWITCHES = ("direct_archive", "write_behind", "allow_other", "allow_root",
 # Mount options with a value, from the same tables as MOUNT_SWITCHES: the
 # request ceilings, batch credentials, and a cluster's shared cache tier (a
 # path, and a size as text, "500G", or a number of bytes).
-MOUNT_VALUES: dict[str, tuple[type, ...]] = {
-    "max_requests": (int,), "max_request_rate": (int, float),
-    "credentials_file": (str,), "session_file": (str,),
-    "shared_cache": (str,), "shared_cache_max": (str, int)}
+MOUNT_VALUES: dict[str, tuple[tuple[type, ...], str]] = {
+    "max_requests": ((int,), "a whole number"),
+    "max_request_rate": ((int, float), "a number"),
+    "credentials_file": ((str,), "a path"), "session_file": ((str,), "a path"),
+    "shared_cache": ((str,), "a path"),
+    "shared_cache_max": ((str, int), "a size (\"500G\" or bytes)")}
 
 
 def mount_values(site: str, profile: str | None = None,
@@ -217,12 +219,11 @@ def mount_values(site: str, profile: str | None = None,
     config_file = config_path or default_config_path()
     values: dict[str, Any] = {}
     for table in _mount_tables(site, profile, config_file):
-        for name, types in MOUNT_VALUES.items():
+        for name, (types, what) in MOUNT_VALUES.items():
             if name in table:
                 value = table[name]
-                if isinstance(value, bool) or not isinstance(value, types):
-                    raise CredentialsError(f"{config_file}: {name} must be a "
-                                           f"{' or '.join(t.__name__ for t in types)}")
+                if isinstance(value, bool) or not isinstance(value, types) or value == "":
+                    raise CredentialsError(f"{config_file}: {name} must be {what}")
                 values[name] = value
     return values
 
