@@ -108,6 +108,8 @@ class SharedTier(DiskTier):
                          "it", index, state.ident.uri, CLAIM_WAIT)
                 return None
             await trio.sleep(CLAIM_POLL)
+            if index in state.pending or (key, index) in self.memory:
+                return None  # a download of this mount got to it meanwhile
         return None
 
     def _claim_soon(self, state: FileState, index: int) -> None:
