@@ -90,8 +90,9 @@ def md5_of(path: Path) -> str:
 def write_batch(zip_path: Path, members: list[tuple[str, Path]]) -> int:
     """The zip of a batch (stored, not compressed: outputs are often compressed
     already, and the link is rarely slower than deflate); its size."""
-    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED,
-                         allowZip64=True) as zf:
+    fd = os.open(zip_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # as the spool
+    with os.fdopen(fd, "wb") as file, zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED,
+                                                      allowZip64=True) as zf:
         for name, data in members:
             zf.write(data, name)
     return zip_path.stat().st_size

@@ -245,7 +245,10 @@ def write_record(spool_dir: Path, record: UploadRecord) -> None:
         del fields["details"]  # a record without is as earlier versions wrote (and read) it
     # One temporary per thread: two saves of one upload may run at once.
     tmp = spool_dir / f"meta.{threading.get_ident()}.tmp"
-    tmp.write_text(json.dumps(fields))
+    # 0600 whatever the umask: it names the file, and its details may name subjects.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(fields))
     os.replace(tmp, meta)
 
 

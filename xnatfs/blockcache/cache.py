@@ -66,6 +66,7 @@ class BlockCache(Downloads):
         self.disk = diskcache.Cache(str(directory), size_limit=size_limit,
                                     eviction_policy="least-recently-stored",
                                     disk=DirectDisk)
+        private_index(directory)
         self.memory: LRUCache[tuple[str, int], Block] = LRUCache(maxsize=memory_bytes,
                                                                  getsizeof=len)
         self.files: LRUCache[str, FileState] = LRUCache(maxsize=4096)
@@ -324,3 +325,18 @@ class BlockCache(Downloads):
         if state is None:
             state = FileState(ident, max(1, -(-ident.size // self.block_size)))
         await self._drop_state(state, bad=False)
+
+
+INDEX_FILES = ("cache.db", "cache.db-wal", "cache.db-shm")
+
+
+def private_index(directory: Path) -> None:
+    """Make diskcache's SQLite index (file URIs and digests) 0600, as the block
+    files are: sqlite creates it, and later its -wal and -shm (which take the
+    database's mode), through the umask, and a cache made by an earlier version
+    has it 0644. Its folder is 0700 already; this is the second lock."""
+    for name in INDEX_FILES:
+        try:
+            os.chmod(directory / name, 0o600)
+        except FileNotFoundError:
+            pass
