@@ -4,6 +4,7 @@ of these files was 0644 under the usual umask 022 before."""
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 import trio
 
 from xnatfs.blockcache import BlockCache
+from xnatfs.cli import _setup_logging
 from xnatfs.results import write_batch
 from xnatfs.spoolfiles import UploadRecord, write_record
 
@@ -67,3 +69,21 @@ def test_an_upload_record_and_a_batch_zip_are_private(tmp_path: Path, usual_umas
     member.write_text("result\n")
     write_batch(spool / "batch.zip", [("result.txt", member)])
     assert mode(spool / "batch.zip") == 0o600
+
+
+def test_info_logs_what_the_mount_did_not_every_url(tmp_path: Path) -> None:
+    """httpx names every URL it requests at INFO (file names, prearchive labels):
+    the client's own DEBUG line names the path, so httpx's is left out."""
+    log = tmp_path / "mount.log"
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        _setup_logging("INFO", log)
+        logging.getLogger("httpx").info("HTTP Request: GET /data/prearchive/projects/P/1/NP001")
+        logging.getLogger("xnatfs.mount").info("mounted")
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = saved
+    text = log.read_text()
+    assert "mounted" in text and "NP001" not in text

@@ -434,8 +434,11 @@ def _setup_logging(level: str, log_file: Path | None, *, daemon: bool = False) -
     for handler in handlers:
         handler.setFormatter(OneLineFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=handlers, force=True)
-    # httpcore's debug lines carry every header, session cookies included.
+    # httpcore's debug lines carry every header, session cookies included; httpx's
+    # info line names every URL (file names, prearchive labels), which the
+    # client's own DEBUG line names too: INFO is for what the mount did.
     logging.getLogger("httpcore").setLevel(max(logging.INFO, logging.getLogger().level))
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def mount(args: argparse.Namespace) -> int:
@@ -492,6 +495,10 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
     from .mount import MountConfig, MountRefused, run_mount
 
     daemon = args.ready_fd is not None  # started by _mount_in_background
+    # This process is the mount: what it writes (cache, spool, records, log) holds
+    # names and data of the archive, so it is private unless a file says otherwise
+    # (the shared cache tier sets its group modes itself).
+    os.umask(0o077)
     _setup_logging(args.log_level, args.log_file, daemon=daemon)
     config = MountConfig(credentials=credentials, mountpoint=mountpoint.resolve(),
                          cache_dir=args.cache_dir, cache_size=args.cache_size,
