@@ -69,6 +69,7 @@ class Walked:
     mount: Mount
     seen: str  # every name, link, attribute and table the walk met
     session_id: str
+    status: str  # .xnatfs-status.json at the end of the walk
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,8 @@ def walked(server: TestServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
                               capture_output=True).returncode != 0  # kept in the spool
         assert not (mount.path / OWN / NAMED).exists()
         sessions = json.loads((home / "cache/xnatfs/sessions.json").read_text())
-        yield Walked(mount, "\n".join(seen), json.dumps(sessions))
+        status = (mount.path / ".xnatfs-status.json").read_text()
+        yield Walked(mount, "\n".join(seen), json.dumps(sessions), status)
     finally:
         unmount_and_wait(mount.path)
 
@@ -132,7 +134,7 @@ def test_the_background_mount_has_no_secret_in_argv_or_environment(walked: Walke
     assert PASSWORD not in ps.stdout
 
 
-def test_the_debug_log_has_no_secret_and_no_label_the_user_did_not_name(
+def test_the_debug_log_and_status_file_have_no_secret_and_no_label_not_named(
         walked: Walked, site: Site) -> None:
     log = log_of(walked)
     # The log is at DEBUG, and a name the user asked for is in it: so the test
@@ -142,11 +144,15 @@ def test_the_debug_log_has_no_secret_and_no_label_the_user_did_not_name(
     for secret in secrets_of(walked):
         assert secret not in log
     assert "Authorization" not in log and "Cookie" not in log
+    assert '"uploads"' in walked.status
+    for secret in secrets_of(walked):
+        assert secret not in walked.status
     walked_labels = {label for label in site.labels[OWN] if label in walked.seen}
     assert walked_labels == site.labels[OWN]  # every label of the project went past
     for project, labels in site.labels.items():
         for label in labels:
             assert label not in log, f"{project} label {label!r} in the log"
+            assert label not in walked.status, f"{project} label {label!r} in the status file"
 
 
 def test_everything_the_mount_wrote_is_private(walked: Walked) -> None:
