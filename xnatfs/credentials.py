@@ -195,11 +195,12 @@ def _prompted(site: str, user: str, ask_password: PasswordPrompt | None,
 
 MOUNT_SWITCHES = ("direct_archive", "write_behind", "allow_other", "allow_root",
                   "allow_overwrite", "allow_delete")
+MOUNT_PATHS = ("ca_bundle",)  # mount options that name a file (``~`` expanded)
 
 
 def mount_switches(site: str, profile: str | None = None,
-                   config_path: Path | None = None) -> dict[str, bool]:
-    """On/off mount options (``MOUNT_SWITCHES``) from the config file: the
+                   config_path: Path | None = None) -> dict[str, bool | str]:
+    """On/off mount options (``MOUNT_SWITCHES``) and files (``MOUNT_PATHS``) from the config file: the
     ``[mount]`` table, overridden by the profile in use (``--profile``, or the
     one whose ``url`` is the site)::
 
@@ -225,13 +226,18 @@ def mount_switches(site: str, profile: str | None = None,
             tables.extend(entry for entry in profiles.values()
                           if isinstance(entry, Mapping) and entry.get("url")
                           and normalise_site_url(entry["url"]) == site)
-    switches: dict[str, bool] = {}
+    switches: dict[str, bool | str] = {}
     for table in tables:
         for name in MOUNT_SWITCHES:
             if name in table:
                 if not isinstance(table[name], bool):
                     raise CredentialsError(f"{config_file}: {name} must be true or false")
                 switches[name] = table[name]
+        for name in MOUNT_PATHS:
+            if name in table:
+                if not isinstance(table[name], str) or not table[name]:
+                    raise CredentialsError(f"{config_file}: {name} must be a file name")
+                switches[name] = str(Path(table[name]).expanduser())
     return switches
 
 

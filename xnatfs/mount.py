@@ -44,6 +44,7 @@ class MountConfig:
     metadata_ttl: float = 60.0
     read_only: bool = False
     verify_tls: bool = True
+    ca_bundle: str | None = None      # a PEM file to trust instead of the usual CAs
     range_mode: str = "auto"          # auto: the first download tells; on/off: trust the user
     direct_archive: bool = False      # uploads go straight to the archive
     write_behind: bool = False        # close() of loose DICOM and resource files does not wait
@@ -68,7 +69,8 @@ class MountConfig:
         return ClientSettings(
             read_timeout=self.request_timeout,
             deadline=min(max(2 * self.request_timeout, 60.0), 0.9 * self.operation_timeout),
-            verify_tls=self.verify_tls, upload_answer_timeout=self.import_timeout)
+            verify_tls=self.verify_tls, ca_bundle=self.ca_bundle,
+            upload_answer_timeout=self.import_timeout)
 
     def __repr__(self) -> str:  # credentials have their own password-free repr
         return (f"MountConfig(url={self.credentials.url!r}, mountpoint={self.mountpoint!r}, "

@@ -36,7 +36,8 @@ How the package is laid out, one concern a module:
   JSESSION, and ``_send``, the one request primitive (retries, backoff,
   deadlines, errors). The only module that imports httpx. It keeps the
   hold after a refused login and the shared session cache in :mod:`.logins`,
-  what answers mean in :mod:`.answers`, its bounds in :mod:`.settings`.
+  what answers mean in :mod:`.answers`, its bounds in :mod:`.settings`, the
+  certificates it trusts and the TLS failures not worth a retry in :mod:`.tls`.
 * :mod:`.items`: the dataclasses the calls return, and the parsing of XNAT's
   rows and items into them (no requests).
 * :mod:`.listings`, :mod:`.downloads`, :mod:`.services`, :mod:`.writes`,

@@ -49,6 +49,7 @@ from ..errors import (
 from .answers import error_class, parse_json, status_page_message, table_rows
 from .logins import LoginHold, SharedSessions
 from .settings import ClientSettings
+from .tls import tls_failure, verification
 
 log = logging.getLogger("xnatfs.client")  # one logger for the package, as before the split
 
@@ -375,6 +376,9 @@ class XnatConnection:
         body is written, so XNAT had all of it and may have acted on it."""
         if upload and isinstance(exc, httpx.ReadTimeout):
             raise self._unanswered(path) from exc
+        refused = tls_failure(exc, path, ca_bundle=self.settings.ca_bundle)
+        if refused is not None:  # not transient: no retry, and the server is not down
+            raise refused from exc
         return unreachable(exc, path)
 
     def _unanswered(self, path: str) -> Unanswered:
@@ -449,7 +453,7 @@ def _new_http_client(settings: ClientSettings) -> httpx.AsyncClient:
                             max_keepalive_connections=settings.max_connections,
                             keepalive_expiry=15.0),
         headers={"User-Agent": USER_AGENT}, cookies=no_cookies, follow_redirects=False,
-        verify=settings.verify_tls)
+        verify=verification(settings))
 
 
 def _body_chunks(response: httpx.Response,

@@ -26,6 +26,8 @@ class ClientSettings:
             into one.
         verify_tls: check the server's certificate (off only for test sites
             with self-signed certificates).
+        ca_bundle: a PEM file of the certificates to trust instead of the
+            usual ones (a site's own CA, or its self-signed certificate).
         upload_answer_timeout: seconds to wait for the answer to an upload once
             all of it is sent: XNAT answers an import only when it has imported
             the whole archive, minutes for a big one.
@@ -40,4 +42,5 @@ class ClientSettings:
     max_connections: int = 16
     chunk_size: int = 1 << 20
     verify_tls: bool = True
+    ca_bundle: str | None = None
     upload_answer_timeout: float = 900.0
