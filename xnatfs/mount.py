@@ -255,6 +255,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                 try:
                     nursery.start_soon(_tune_after_init, operations, config.mountpoint)
                     nursery.start_soon(_terminate_on_signal, operations)
+                    nursery.start_soon(client.watch_server)
                     if on_ready is not None:
                         on_ready()
                     log.info("mounted %s on %s", config.credentials.url, config.mountpoint)

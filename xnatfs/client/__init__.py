@@ -17,7 +17,12 @@ Contract for the layers above:
   and login, which at worst leaves a spare session), so a retry never does
   something twice. Once an operation has failed that way, the server counts
   as down and operations make a single attempt each, until one is answered
-  (a crude circuit breaker: a dead server fails each call within one timeout).
+  (a circuit breaker: a dead server fails each call within one timeout; while
+  :meth:`XnatClient.watch_server` runs, as in the mount, within
+  ``down_attempt_timeout``, and a probe sees a slow server back).
+* TLS failures no retry mends (an untrusted certificate, one for another
+  host, a port without TLS) are :class:`~xnatfs.errors.TlsFailure` at once,
+  and do not count as a server down.
 * Login uses XNAT's JSESSION. The password (or alias token secret) goes only
   to ``POST /data/JSESSION``, as Basic credentials, at login and renewal;
   data requests carry only the cookie. A session in the

@@ -31,6 +31,10 @@ class ClientSettings:
         upload_answer_timeout: seconds to wait for the answer to an upload once
             all of it is sent: XNAT answers an import only when it has imported
             the whole archive, minutes for a big one.
+        down_attempt_timeout: while the server is found down and a probe
+            watches it (:meth:`XnatConnection.watch_server`), each operation's
+            one attempt waits this long at most (connect, read, a pool slot).
+        probe_interval: seconds between probes of a server found down.
     """
 
     connect_timeout: float = 10.0
@@ -44,3 +48,5 @@ class ClientSettings:
     verify_tls: bool = True
     ca_bundle: str | None = None
     upload_answer_timeout: float = 900.0
+    down_attempt_timeout: float = 1.0
+    probe_interval: float = 0.5
