@@ -18,6 +18,7 @@ from xnatfs.credentials import (
     SessionCache,
     default_session_cache_path,
     mount_switches,
+    mount_values,
     named_site,
     normalise_site_url,
     resolve_credentials,
@@ -212,6 +213,37 @@ def test_mount_switches_must_be_booleans(home: Path) -> None:
         mount_switches(SITE)
 
 
+def test_the_shared_cache_from_the_mount_table_and_the_sites_profile(home: Path) -> None:
+    write_config(home, '[mount]\nshared_cache = "/shared/xnatfs"\nshared_cache_max = "500G"\n'
+                       f'[profiles.work]\nurl = "{SITE}"\nshared_cache_max = 1073741824\n')
+    assert mount_values(SITE) == {"shared_cache": "/shared/xnatfs",
+                                  "shared_cache_max": 1073741824}
+    assert mount_values("https://elsewhere.example.org")["shared_cache_max"] == "500G"
+    assert mount_switches(SITE) == {}  # values are not switches
+
+
+def test_and_the_cli_takes_them_unless_given(home: Path) -> None:
+    from xnatfs.cli import _apply_config_switches, build_parser
+
+    write_config(home, '[mount]\nshared_cache = "~/shared"\nshared_cache_max = "2G"\n')
+    args = build_parser().parse_args(["mount", SITE, "/mnt"])
+    _apply_config_switches(args, SITE)
+    assert args.shared_cache == home / "shared" and args.shared_cache_max == 2 << 30
+    args = build_parser().parse_args(["mount", SITE, "/mnt", "--shared-cache", "/s",
+                                      "--shared-cache-max", "1M"])
+    _apply_config_switches(args, SITE)
+    assert args.shared_cache == Path("/s") and args.shared_cache_max == 1 << 20
+
+
+@pytest.mark.parametrize("line", ["shared_cache = true", 'shared_cache = ""',
+                                  "shared_cache_max = [1]"])
+def test_mount_values_must_be_text_or_numbers(home: Path, line: str) -> None:
+    write_config(home, f"[mount]\n{line}\n")
+    with pytest.raises(CredentialsError, match="shared_cache must be a path|"
+                                              "shared_cache_max must be a size"):
+        mount_values(SITE)
+
+
 # ------------------------------------------------------------ the dataclass
 def test_repr_never_shows_the_password() -> None:
     found = Credentials(SITE, "alice", "hunter2-very-secret")
@@ -296,3 +328,45 @@ def test_the_site_the_user_named(home: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert named_site("https://given.example.org/", "work") == "https://given.example.org"
     with pytest.raises(CredentialsError):
         named_site(None, "missing")
+
+
+# ------------------------------------------------- credentials files (batch jobs)
+def _secret_file(path, text: str, mode: int = 0o600):  # noqa: ANN001, ANN202
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_a_credentials_file_open_to_others_is_refused(tmp_path) -> None:  # noqa: ANN001
+    from xnatfs.credentialfile import read_credentials_file
+
+    path = _secret_file(tmp_path / "c.toml", 'user = "alice"\npassword = "pw"\n', 0o640)
+    with pytest.raises(CredentialsError, match=f"chmod 600 {path}"):
+        read_credentials_file(path, "https://xnat.example.org")
+    path.chmod(0o600)
+    found = read_credentials_file(path, "https://xnat.example.org")
+    assert (found.user, found.password) == ("alice", "pw")
+    assert "pw" not in repr(found)
+
+
+def test_a_token_file_names_its_site_and_expires(tmp_path) -> None:  # noqa: ANN001
+    import time
+
+    from xnatfs.credentialfile import read_credentials_file, write_token_file
+
+    path = tmp_path / "token.toml"
+    later = int((time.time() + 3600) * 1000)
+    write_token_file(path, "https://xnat.example.org",
+                     {"alias": "a1b2", "secret": 'se"cret', "estimatedExpirationTime": later})
+    assert path.stat().st_mode & 0o777 == 0o600
+    found = read_credentials_file(path, None)  # the site comes from the file
+    assert (found.url, found.user, found.password) == ("https://xnat.example.org", "a1b2",
+                                                       'se"cret')
+    with pytest.raises(CredentialsError, match="not https://other.example.org"):
+        read_credentials_file(path, "https://other.example.org")
+    with pytest.raises(FileExistsError):
+        write_token_file(path, "https://xnat.example.org", {"alias": "x", "secret": "y"})
+    expired = _secret_file(tmp_path / "old.toml",
+                           'alias = "a"\nsecret = "s"\nexpires = 1000\n')
+    with pytest.raises(CredentialsError, match="expired"):
+        read_credentials_file(expired, "https://xnat.example.org")

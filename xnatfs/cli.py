@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .status import STATUS_FILE_NAME
 
@@ -55,11 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="site URL (or XNAT_URL / --profile) and the mount point")
     mount.add_argument("--user", help="XNAT user or alias token (the password is prompted)")
     mount.add_argument("--profile", help="profile in ~/.config/xnatfs/config.toml")
+    mount.add_argument("--credentials-file", type=Path, metavar="FILE",
+                       help="user and password, or alias token, in a file of mode 0600 "
+                            "(batch jobs; default: XNATFS_CREDENTIALS_FILE, config "
+                            "credentials_file)")
     mount.add_argument("--foreground", action="store_true", help="stay attached")
     mount.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                        help=f"block cache location (default {DEFAULT_CACHE_DIR})")
     mount.add_argument("--cache-size", type=parse_size, default=parse_size("10G"),
                        help="disk cache limit (default 10G)")
+    mount.add_argument("--shared-cache", type=Path, metavar="DIR",
+                       help="shared block cache of a cluster, on a file system the nodes "
+                            "share (default: none)")
+    mount.add_argument("--shared-cache-max", type=parse_size, metavar="SIZE",
+                       help="trim the shared cache to this size (default: no bound; "
+                            "or run xnatfs cache prune)")
     mount.add_argument("--metadata-ttl", type=float, default=60.0,
                        help="seconds listings are cached (default 60, minimum 1)")
     mount.add_argument("--read-only", action="store_true", help="mount read-only")
@@ -95,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--import-timeout", type=float, default=900.0,
                        help="seconds to wait for XNAT's answer once an upload is sent "
                             "(it imports the whole archive first; default 900)")
+    mount.add_argument("--snapshot", type=Path, metavar="FILE",
+                       help="serve exactly the tree a snapshot recorded (xnatfs snapshot), "
+                            "read-only, without listing requests; URL defaults to its site")
+    mount.add_argument("--snapshot-check-first", type=parse_size, default=parse_size("64M"),
+                       metavar="SIZE",
+                       help="with --snapshot: files up to this size are downloaded whole and "
+                            "checked against the snapshot's MD5 before any byte is served; "
+                            "bigger ones when read whole (default 64M)")
+    ceilings = mount.add_argument_group("protecting the server")
+    ceilings.add_argument("--max-requests", type=int, metavar="N",
+                          help="requests to XNAT at once, of every kind (default: the "
+                               "config's max_requests, else 16; 0: no ceiling)")
+    ceilings.add_argument("--max-request-rate", type=float, metavar="R",
+                          help="requests per second on average, bursts of 2 s worth "
+                               "(default: the config's max_request_rate, else 50; 0: none)")
+    ceilings.add_argument("--session-file", type=Path, metavar="PATH",
+                          help="share one XNAT session with the other mounts naming PATH "
+                               "(on the cluster's shared storage): one login for a job array")
     mount.add_argument("--log-level", default="WARNING")
     mount.add_argument("--log-file", type=Path,
                        help="log here (default: stderr in the foreground, "
@@ -135,8 +163,52 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what a mount is doing: requests, bytes, "
                                                  "downloads, uploads, errors")
     status.add_argument("mountpoint", type=Path)
+    cache = commands.add_parser("cache", help="look after a cache")
+    cache_actions = cache.add_subparsers(dest="action", required=True)
+    prune = cache_actions.add_parser(
+        "prune", help="bound a shared cache: remove least recently used files, and "
+                      "temporaries and claims older than --age")
+    prune.add_argument("--shared", type=Path, required=True, metavar="DIR",
+                       help="the shared cache folder (as given to --shared-cache)")
+    prune.add_argument("--max", type=parse_size, required=True, metavar="SIZE",
+                       help="keep at most this much (10G, 500M...)")
+    prune.add_argument("--age", type=float, default=3600.0, metavar="SECONDS",
+                       help="temporaries and claims older than this are left-overs "
+                            "(default 3600)")
     status.add_argument("--json", action="store_true",
                         help=f"print the mount's {STATUS_FILE_NAME} as it is")
+
+    snapshot = commands.add_parser(
+        "snapshot", help="print the listings of a mounted project, subject, session, scan or "
+                         "resource folder as JSON, to mount later with --snapshot")
+    snapshot.add_argument("path", type=Path, help="a folder of a running mount")
+    prefetch = commands.add_parser(
+        "prefetch", help="fill the caches for a project, subject, session or scan, through "
+                         "a running mount or from the site directly (--url/--profile)")
+    prefetch.add_argument("paths", nargs="+", metavar="PATH",
+                          help="a folder or file of a mount; with --url/--profile, "
+                               "PROJECT[/SUBJECT[/SESSION[/scans/SCAN]]]")
+    prefetch.add_argument("--jobs", type=int, default=4,
+                          help="files read at once (default 4)")
+    prefetch.add_argument("--to", type=Path, metavar="DIR",
+                          help="also write the files into DIR, laid out as in the mount")
+    prefetch.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+                          help="seconds between progress lines when stderr is no "
+                               "terminal (default 5)")
+    _add_site_options(prefetch)
+    prefetch.set_defaults(url=None)
+    prefetch.add_argument("--cache-size", type=parse_size, default=parse_size("10G"),
+                          help="with --url/--profile: the disk cache limit, as the mount's "
+                               "(default 10G)")
+    prefetch.add_argument("--shared-cache", type=Path, metavar="DIR",
+                          help="with --url/--profile: also fill this shared cache, as a "
+                               "mount's --shared-cache (default: the config file's, or none)")
+    prefetch.add_argument("--shared-cache-max", type=parse_size, metavar="SIZE",
+                          help="with --url/--profile: trim the shared cache to this size, "
+                               "as a mount's option (default: the config file's, or none)")
+    prefetch.add_argument("--timeout", type=float, default=30.0,
+                          help="with --url/--profile: seconds a read may wait for bytes "
+                               "that do not come, times 4 (default 30)")
 
     umount = commands.add_parser("umount", help="unmount")
     umount.add_argument("mountpoint", type=Path)
@@ -146,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("mountpoint", type=Path, nargs="?", default=Path("xnat-demo"))
     demo.add_argument("--data", type=Path, default=DEFAULT_CACHE_DIR / "demo-server")
     demo.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+
+    token = commands.add_parser("token", help="alias tokens for batch jobs")
+    token_actions = token.add_subparsers(dest="action", required=True)
+    issue = token_actions.add_parser("issue", help="issue an alias token into a new file "
+                                                   "of mode 0600 (for --credentials-file)")
+    issue.add_argument("--to", type=Path, required=True, metavar="FILE")
+    _add_site_options(issue)
 
     testserver = commands.add_parser(
         "testserver", help="run the bundled XNAT-compatible server (tests, demos, benchmarks)")
@@ -159,6 +238,8 @@ def _add_site_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="site URL (default: XNAT_URL or the profile's)")
     parser.add_argument("--user", help="XNAT user or alias token (the password is prompted)")
     parser.add_argument("--profile", help="profile in ~/.config/xnatfs/config.toml")
+    parser.add_argument("--credentials-file", type=Path, metavar="FILE",
+                        help="credentials in a file of mode 0600 (see xnatfs mount)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--insecure", action="store_true")
     parser.add_argument("--ca-bundle", metavar="FILE")
@@ -170,11 +251,14 @@ def run_with_client(args: argparse.Namespace, work):  # noqa: ANN001, ANN202
     import trio
 
     from .client import ClientSettings, XnatClient
-    from .credentials import SessionCache
+    from .credentials import CredentialsError, SessionCache, mount_values
     from .errors import XnatError
 
     credentials = _resolve_credentials(args, args.url)
-    _apply_config_switches(args, credentials.url)
+    try:
+        _ca_bundle_from(mount_values(credentials.url, args.profile), args)
+    except CredentialsError as exc:
+        raise UserError(f"xnatfs: {exc}") from None
     _check_ca_bundle(args)
 
     async def main():  # noqa: ANN202
@@ -199,12 +283,17 @@ def _mount_target(args: argparse.Namespace) -> tuple[str | None, Path]:
 
 
 def _resolve_credentials(args: argparse.Namespace, url: str | None) -> Credentials:
-    from .credentials import Credentials, CredentialsError, resolve_credentials
+    from .credentials import Credentials, CredentialsError, named_site, resolve_credentials
 
     if args.credentials_on_stdin:
         data = json.loads(sys.stdin.readline())
         return Credentials(data["url"], data["user"], data["password"], "parent process")
     try:
+        from_file = _credentials_file(args, url)
+        if from_file is not None and not args.user:
+            from .credentialfile import read_credentials_file
+
+            return read_credentials_file(from_file, named_site(url, args.profile))
         return resolve_credentials(
             url, user=args.user, profile=args.profile,
             ask_password=lambda site, user: getpass.getpass(f"Password for {user} at {site}: "))
@@ -212,22 +301,80 @@ def _resolve_credentials(args: argparse.Namespace, url: str | None) -> Credentia
         raise UserError(f"xnatfs: {exc}") from None
 
 
+def _credentials_file(args: argparse.Namespace, url: str | None) -> Path | None:
+    """The credentials file given here, else in XNATFS_CREDENTIALS_FILE, else in
+    the config file (the ``[mount]`` table or the profile's ``credentials_file``)."""
+    from .credentialfile import CREDENTIALS_FILE_ENV
+    from .credentials import mount_values, named_site
+
+    if getattr(args, "credentials_file", None):
+        return Path(args.credentials_file)
+    if os.environ.get(CREDENTIALS_FILE_ENV):
+        return Path(os.environ[CREDENTIALS_FILE_ENV])
+    configured = mount_values(named_site(url, args.profile) or "", args.profile)
+    if configured.get("credentials_file"):
+        return Path(configured["credentials_file"]).expanduser()
+    return None
+
+
+def token_command(args: argparse.Namespace) -> int:
+    """``xnatfs token issue --to FILE``: an alias token for batch jobs, so that no
+    password is stored where they run."""
+    from .credentialfile import write_token_file
+    from .credentials import CredentialsError
+
+    if args.to.exists():
+        raise UserError(f"xnatfs: {args.to} exists; choose a new file")
+
+    async def issue(client):  # noqa: ANN001, ANN202
+        return await client.issue_alias_token()
+
+    token = run_with_client(args, issue)
+    site = _resolve_credentials(args, args.url).url
+    try:
+        write_token_file(args.to, site, token)
+    except (CredentialsError, OSError) as exc:
+        raise UserError(f"xnatfs: {exc}") from None
+    expires = token.get("estimatedExpirationTime")
+    when = (time.strftime("%Y-%m-%d %H:%M", time.localtime(expires / 1000))
+            if isinstance(expires, int) else "when XNAT says")
+    print(f"alias token written to {args.to} (mode 0600); it expires {when}. Use: "
+          f"xnatfs mount --credentials-file {args.to} ...")
+    return 0
+
+
 def _apply_config_switches(args: argparse.Namespace, site: str) -> None:
-    """Mount switches (``direct_archive``, ``allow_other``, ``ca_bundle``...) from the
-    config file, unless given here; ``args.from_config`` names those taken from
-    the file. A command without a mount's options takes only those it has."""
-    from .credentials import CredentialsError, mount_switches
+    """Mount switches (``direct_archive``, ``allow_other``...) and values
+    (``shared_cache``, ``ca_bundle``...) from the config file, unless given here;
+    ``args.from_config`` names the switches taken from the file."""
+    from .credentials import CredentialsError, mount_switches, mount_values
 
     try:
         switches = mount_switches(site, args.profile)
+        values = mount_values(site, args.profile)
     except CredentialsError as exc:
         raise UserError(f"xnatfs: {exc}") from None
+    if args.shared_cache is None and "shared_cache" in values:
+        args.shared_cache = Path(values["shared_cache"]).expanduser()
+    if args.shared_cache_max is None and "shared_cache_max" in values:
+        try:
+            args.shared_cache_max = parse_size(str(values["shared_cache_max"]))
+        except argparse.ArgumentTypeError as exc:
+            raise UserError(f"xnatfs: shared_cache_max in the config file: {exc}") from None
     args.from_config = set()
     for name, value in switches.items():
-        if name in vars(args) and not getattr(args, name):
+        if not getattr(args, name):
             setattr(args, name, value)
             if value:
                 args.from_config.add(name)
+    _ca_bundle_from(values, args)
+
+
+def _ca_bundle_from(values: dict[str, Any], args: argparse.Namespace) -> None:
+    """``ca_bundle`` from the config file's values, unless given here."""
+    if not args.ca_bundle and values.get("ca_bundle"):
+        args.ca_bundle = str(Path(values["ca_bundle"]).expanduser())
+        args.from_config = getattr(args, "from_config", set()) | {"ca_bundle"}
 
 
 def _check_ca_bundle(args: argparse.Namespace) -> None:
@@ -246,6 +393,30 @@ def _check_ca_bundle(args: argparse.Namespace) -> None:
         raise UserError(f"xnatfs: {_switch_name(args, 'ca_bundle')} {path}: {reason} "
                         "(a PEM file of certificates is expected)") from None
     args.ca_bundle = str(path)
+
+
+def _ceilings(args: argparse.Namespace, site: str) -> dict[str, Any]:
+    """The mount's request ceilings and session file given here, else in the
+    config file, else the defaults."""
+    from .credentials import CredentialsError, mount_values
+
+    try:
+        values = mount_values(site, args.profile)
+    except CredentialsError as exc:
+        raise UserError(f"xnatfs: {exc}") from None
+    chosen: dict[str, Any] = {}
+    for name in ("max_requests", "max_request_rate"):
+        value = getattr(args, name, None)
+        if value is None:
+            value = values.get(name)
+        if value is not None:
+            if value < 0:
+                raise UserError(f"xnatfs: {name.replace('_', '-')} must be 0 or more")
+            chosen[name] = value
+    session_file = getattr(args, "session_file", None) or values.get("session_file")
+    if session_file:
+        chosen["session_file"] = Path(session_file).expanduser().resolve()
+    return chosen
 
 
 def _check_sharing(args: argparse.Namespace) -> None:
@@ -305,6 +476,8 @@ def _setup_logging(level: str, log_file: Path | None, *, daemon: bool = False) -
 
 def mount(args: argparse.Namespace) -> int:
     url, mountpoint = _mount_target(args)
+    if args.snapshot is not None:
+        url = _snapshot_site(args.snapshot, url)
     try:
         is_dir = mountpoint.is_dir()
     except OSError as exc:
@@ -333,6 +506,21 @@ def mount(args: argparse.Namespace) -> int:
     return _mount_in_foreground(args, credentials, mountpoint)
 
 
+def _snapshot_site(path: Path, url: str | None) -> str:
+    """The site a snapshot mount reads from: the snapshot's own (a URL given
+    must be the same site: the snapshot names that site's files)."""
+    from .credentials import CredentialsError, normalise_site_url
+    from .snapshot import SnapshotError, load
+
+    try:
+        site = load(path).site
+        if url is not None and normalise_site_url(url) != normalise_site_url(site):
+            raise UserError(f"xnatfs: {path} is a snapshot of {site}, not of {url}")
+    except (SnapshotError, CredentialsError) as exc:
+        raise UserError(f"xnatfs: {exc}") from None
+    return site
+
+
 def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
                          mountpoint: Path) -> int:
     import trio
@@ -352,7 +540,11 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
                          prearchive_ttl=args.prearchive_ttl,
                          request_timeout=args.timeout, import_timeout=args.import_timeout,
                          debug_fuse=args.debug_fuse,
-                         allow_other=args.allow_other, allow_root=args.allow_root)
+                         allow_other=args.allow_other, allow_root=args.allow_root,
+                         snapshot=args.snapshot.resolve() if args.snapshot else None,
+                         snapshot_check_first=args.snapshot_check_first,
+                         shared_cache=args.shared_cache, shared_cache_max=args.shared_cache_max,
+                         **_ceilings(args, credentials.url))
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
     mounted = False
 
@@ -397,6 +589,9 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
             "--log-file", str(log_file)]
     if args.read_only:
         argv.append("--read-only")
+    if args.snapshot is not None:
+        argv += ["--snapshot", str(args.snapshot.resolve()),
+                 "--snapshot-check-first", str(args.snapshot_check_first)]
     if args.direct_archive:
         argv.append("--direct-archive")
     if args.write_behind:
@@ -413,6 +608,12 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
         argv.append("--allow-other")
     if args.allow_root:
         argv.append("--allow-root")
+    for name, value in _ceilings(args, credentials.url).items():  # the config's, resolved here
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    if args.shared_cache is not None:
+        argv += ["--shared-cache", str(args.shared_cache.absolute())]
+    if args.shared_cache_max is not None:
+        argv += ["--shared-cache-max", str(args.shared_cache_max)]
     # The password goes over the pipe only: not left in the daemon's environment
     # (readable in /proc by root, inherited by everything the daemon starts).
     env = {name: value for name, value in os.environ.items() if name != "XNAT_PASS"}
@@ -538,7 +739,8 @@ GENERIC_MOUNT_OPTIONS = {
 FSTAB_ALIASES = {"ro": "read-only", "xnat-user": "user"}  # "user" means another thing there
 NOT_FROM_FSTAB = {"foreground", "debug-fuse", "credentials-on-stdin", "ready-fd"}
 NO_SOURCE = {"none", "xnatfs"}  # fstab's placeholders for "the URL comes from the profile"
-COMMANDS = {"mount", "umount", "status", "uploads", "prearchive", "demo", "testserver"}
+COMMANDS = {"mount", "umount", "status", "snapshot", "uploads", "prearchive", "cache", "prefetch",
+            "token", "demo", "testserver"}
 
 
 def fstab_arguments(argv: list[str]) -> list[str]:
@@ -587,6 +789,14 @@ def main(argv: list[str] | None = None) -> int:
             from .sitecommands import status_command
 
             return status_command(args)
+        if args.command == "snapshot":
+            from .sitecommands import snapshot_command
+
+            return snapshot_command(args)
+        if args.command == "prefetch":
+            from .prefetch import prefetch_command
+
+            return prefetch_command(args)
         if args.command == "uploads":
             from .sitecommands import uploads_command
 
@@ -595,8 +805,14 @@ def main(argv: list[str] | None = None) -> int:
             from .sitecommands import prearchive_command
 
             return prearchive_command(args)
+        if args.command == "cache":
+            from .sitecommands import cache_command
+
+            return cache_command(args)
         if args.command == "demo":
             return demo(args)
+        if args.command == "token":
+            return token_command(args)
         if args.command == "testserver":
             from .testing.cli import run
 
@@ -608,4 +824,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m xnatfs.cli``: run the package's module, not this copy of it, so
+    # that the UserError other modules import from ``.cli`` is the one caught.
+    from xnatfs.cli import main as package_main
+
+    sys.exit(package_main())

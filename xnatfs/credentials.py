@@ -195,12 +195,61 @@ def _prompted(site: str, user: str, ask_password: PasswordPrompt | None,
 
 MOUNT_SWITCHES = ("direct_archive", "write_behind", "allow_other", "allow_root",
                   "allow_overwrite", "allow_delete")
-MOUNT_PATHS = ("ca_bundle",)  # mount options that name a file (``~`` expanded)
+
+
+# Mount options with a value, from the same tables as MOUNT_SWITCHES: the
+# request ceilings, batch credentials, and a cluster's shared cache tier (a
+# path, and a size as text, "500G", or a number of bytes).
+MOUNT_VALUES: dict[str, tuple[tuple[type, ...], str]] = {
+    "max_requests": ((int,), "a whole number"),
+    "max_request_rate": ((int, float), "a number"),
+    "credentials_file": ((str,), "a path"), "session_file": ((str,), "a path"),
+    "shared_cache": ((str,), "a path"),
+    "shared_cache_max": ((str, int), "a size (\"500G\" or bytes)"),
+    "ca_bundle": ((str,), "a path")}
+
+
+def mount_values(site: str, profile: str | None = None,
+                 config_path: Path | None = None) -> dict[str, Any]:
+    """Mount options with a value (``MOUNT_VALUES``) from the config file's
+    ``[mount]`` table and the profile in use, as for :func:`mount_switches`.
+
+    Raises:
+        CredentialsError: the file is unreadable or a value has the wrong type.
+    """
+    config_file = config_path or default_config_path()
+    values: dict[str, Any] = {}
+    for table in _mount_tables(site, profile, config_file):
+        for name, (types, what) in MOUNT_VALUES.items():
+            if name in table:
+                value = table[name]
+                if isinstance(value, bool) or not isinstance(value, types) or value == "":
+                    raise CredentialsError(f"{config_file}: {name} must be {what}")
+                values[name] = value
+    return values
+
+
+def _mount_tables(site: str, profile: str | None,
+                  config_file: Path) -> list[Mapping[str, Any]]:
+    """The ``[mount]`` table, then the profile's (``--profile``, or the site's)."""
+    config = _load_config(config_file)
+    tables: list[Mapping[str, Any]] = []
+    if isinstance(config.get("mount"), Mapping):
+        tables.append(config["mount"])
+    profiles = config.get("profiles", {})
+    if isinstance(profiles, Mapping):
+        if profile:
+            tables.append(_profile(profiles, profile, config_file))
+        else:
+            tables.extend(entry for entry in profiles.values()
+                          if isinstance(entry, Mapping) and entry.get("url")
+                          and normalise_site_url(entry["url"]) == site)
+    return tables
 
 
 def mount_switches(site: str, profile: str | None = None,
-                   config_path: Path | None = None) -> dict[str, bool | str]:
-    """On/off mount options (``MOUNT_SWITCHES``) and files (``MOUNT_PATHS``) from the config file: the
+                   config_path: Path | None = None) -> dict[str, bool]:
+    """On/off mount options (``MOUNT_SWITCHES``) from the config file: the
     ``[mount]`` table, overridden by the profile in use (``--profile``, or the
     one whose ``url`` is the site)::
 
@@ -214,30 +263,13 @@ def mount_switches(site: str, profile: str | None = None,
         CredentialsError: the file is unreadable or a switch is not true/false.
     """
     config_file = config_path or default_config_path()
-    config = _load_config(config_file)
-    tables: list[Mapping[str, Any]] = []
-    if isinstance(config.get("mount"), Mapping):
-        tables.append(config["mount"])
-    profiles = config.get("profiles", {})
-    if isinstance(profiles, Mapping):
-        if profile:
-            tables.append(_profile(profiles, profile, config_file))
-        else:
-            tables.extend(entry for entry in profiles.values()
-                          if isinstance(entry, Mapping) and entry.get("url")
-                          and normalise_site_url(entry["url"]) == site)
-    switches: dict[str, bool | str] = {}
-    for table in tables:
+    switches: dict[str, bool] = {}
+    for table in _mount_tables(site, profile, config_file):
         for name in MOUNT_SWITCHES:
             if name in table:
                 if not isinstance(table[name], bool):
                     raise CredentialsError(f"{config_file}: {name} must be true or false")
                 switches[name] = table[name]
-        for name in MOUNT_PATHS:
-            if name in table:
-                if not isinstance(table[name], str) or not table[name]:
-                    raise CredentialsError(f"{config_file}: {name} must be a file name")
-                switches[name] = str(Path(table[name]).expanduser())
     return switches
 
 

@@ -24,7 +24,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from .areas import Areas
+from .areas import MountAreas
 from .areas.base import Handle, Writer
 from .deadlines import Deadlines
 from .errors import BadRequest, Exists, InvalidArgument, IsADirectory, NotADirectory, XnatError
@@ -96,7 +96,7 @@ class Operations(pyfuse3.Operations):
         self.tree = tree
         self.deadlines = deadlines
         self.nursery = nursery
-        self.areas: Areas | None = None  # set by the mount, once the areas are made
+        self.areas: MountAreas | None = None  # set by the mount, once the areas are made
         self.initialized = trio.Event()  # set once the kernel has sent INIT
         self.uid = os.getuid()
         self.gid = os.getgid()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import pyfuse3
 import trio
 
 from . import areas
-from .blockcache import BlockCache
+from .blockcache import DEFAULT_BLOCK_SIZE, BlockCache, prepare_shared
 from .client import ClientSettings, XnatClient
 from .credentials import Credentials, SessionCache
 from .deadlines import Deadlines
@@ -31,6 +32,11 @@ from .results import ResultWrites
 from .tree import Tree
 
 log = logging.getLogger(__name__)
+
+
+# The rate ceiling's bucket holds this many seconds' worth of requests: a walk
+# of a folder (``find -ls``: some 60 listings in a second) goes at full speed.
+BURST_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,13 @@ class MountConfig:
     debug_fuse: bool = False
     allow_other: bool = False         # every local user may read (not upload)
     allow_root: bool = False          # root may read too (a Docker daemon, say)
+    snapshot: Path | None = None      # serve this snapshot's tree, read-only (xnatfs.snapshot)
+    snapshot_check_first: int = 64 * 1024**2  # its files up to this size: checked before served
+    max_requests: int = ClientSettings.max_requests          # requests at once (0: no ceiling)
+    max_request_rate: float = ClientSettings.max_request_rate  # per second (0: no ceiling)
+    session_file: Path | None = None  # one JSESSION shared by the nodes of a cluster
+    shared_cache: Path | None = None  # the shared block tier of a cluster (--shared-cache)
+    shared_cache_max: int | None = None  # trim it to this many bytes (any mount may)
 
     @property
     def operation_timeout(self) -> float:
@@ -70,7 +83,9 @@ class MountConfig:
             read_timeout=self.request_timeout,
             deadline=min(max(2 * self.request_timeout, 60.0), 0.9 * self.operation_timeout),
             verify_tls=self.verify_tls, ca_bundle=self.ca_bundle,
-            upload_answer_timeout=self.import_timeout)
+            upload_answer_timeout=self.import_timeout,
+            max_requests=self.max_requests, max_request_rate=self.max_request_rate,
+            request_burst=max(1, math.ceil(BURST_SECONDS * self.max_request_rate)))
 
     def __repr__(self) -> str:  # credentials have their own password-free repr
         return (f"MountConfig(url={self.credentials.url!r}, mountpoint={self.mountpoint!r}, "
@@ -94,7 +109,7 @@ def fuse_options(config: MountConfig) -> set[str]:
         options.add("allow_other")
     elif config.allow_root:
         options.add("allow_root")  # libfuse: allow_other for the kernel, then refuses others
-    if config.read_only:
+    if config.read_only or config.snapshot is not None:
         options.add("ro")
     if config.debug_fuse:
         options.add("debug")
@@ -218,31 +233,47 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
     started = time.time()  # for the status file: before the login it counts
     config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.cache_dir.chmod(0o700)  # cached data is as private as the mount
-    client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache())
+    if config.shared_cache is not None:
+        await prepare_shared(config.shared_cache, DEFAULT_BLOCK_SIZE)
+    client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache(),
+                        session_file=config.session_file)
     await client.connect()
+    snapshot = None
+    if config.snapshot is not None:
+        from .snapshot import load
+
+        snapshot = await trio.to_thread.run_sync(load, config.snapshot)
     refused: MountRefused | None = None
     try:
         async with trio.open_nursery() as nursery:
-            uploads = UploadManager(client, config.cache_dir / "uploads", nursery,
-                                    site=config.credentials.url,  # normalised
-                                    direct_archive=config.direct_archive,
-                                    write_behind=config.write_behind)
-            results = None if config.read_only else ResultWrites(
-                client, config.cache_dir / "uploads", nursery, site=config.credentials.url,
-                write_behind=config.write_behind)
             tree = Tree(client, metadata_ttl=config.metadata_ttl)
             blocks = BlockCache(client, config.cache_dir / "blocks", size_limit=config.cache_size,
-                                nursery=nursery, range_mode=config.range_mode)
+                                nursery=nursery, range_mode=config.range_mode,
+                                shared_dir=config.shared_cache,
+                                shared_max=config.shared_cache_max)
             deadlines = Deadlines(op_timeout=config.operation_timeout,
                                   upload_timeout=max(3600.0, 2 * config.import_timeout))
             operations = Operations(tree, deadlines, nursery=nursery)
-            operations.areas = areas.install(tree, operations, blocks=blocks, uploads=uploads,
-                                             deadlines=deadlines, nursery=nursery,
-                                             prearchive_ttl=config.prearchive_ttl,
-                                             results=results,
-                                             allow_overwrite=config.allow_overwrite,
-                                             allow_delete=config.allow_delete,
-                                             failures=operations.failures, started=started)
+            uploads = results = None
+            if snapshot is not None:  # listings from the file, nothing written
+                operations.areas = areas.install_snapshot(
+                    tree, operations, snapshot, blocks=blocks, deadlines=deadlines,
+                    nursery=nursery, cache_dir=config.cache_dir,
+                    check_first=config.snapshot_check_first,
+                    failures=operations.failures, started=started)
+            else:
+                uploads = UploadManager(client, config.cache_dir / "uploads", nursery,
+                                        site=config.credentials.url,  # normalised
+                                        direct_archive=config.direct_archive,
+                                        write_behind=config.write_behind)
+                results = None if config.read_only else ResultWrites(
+                    client, config.cache_dir / "uploads", nursery,
+                    site=config.credentials.url, write_behind=config.write_behind)
+                operations.areas = areas.install(
+                    tree, operations, blocks=blocks, uploads=uploads, deadlines=deadlines,
+                    nursery=nursery, prearchive_ttl=config.prearchive_ttl, results=results,
+                    allow_overwrite=config.allow_overwrite, allow_delete=config.allow_delete,
+                    failures=operations.failures, started=started)
             try:
                 pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
             except RuntimeError as exc:
@@ -260,7 +291,8 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                         on_ready()
                     log.info("mounted %s on %s", config.credentials.url, config.mountpoint)
                     await pyfuse3.main()
-                    await uploads.finish_background_uploads()
+                    if uploads is not None:
+                        await uploads.finish_background_uploads()
                     if results is not None:
                         await results.finish_background_uploads()
                 finally:

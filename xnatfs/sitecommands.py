@@ -1,6 +1,8 @@
 """``xnatfs uploads`` and ``xnatfs prearchive``: commands that talk to a site
 without a mount (what the spool kept, and the prearchive); ``xnatfs status``,
-which reads a mount's status file."""
+which reads a mount's status file; ``xnatfs snapshot``, which records a
+mounted folder's listings; ``xnatfs cache prune``, which bounds a shared cache
+tier."""
 
 from __future__ import annotations
 
@@ -29,6 +31,46 @@ def status_command(args: argparse.Namespace) -> int:
         sys.stdout.write(raw.decode())
     else:
         sys.stdout.write(human_text(json.loads(raw)))
+    return 0
+
+
+def snapshot_command(args: argparse.Namespace) -> int:
+    """The snapshot of a mounted folder, as JSON on stdout (no credentials: the
+    listings, digests and URIs come from the mount, its site from the status file)."""
+    import json
+
+    from . import __version__
+    from .mount import mounted_type
+    from .snapshot import SnapshotError, dumps, mount_root, take
+    from .status import STATUS_FILE_NAME
+
+    path = args.path.absolute()
+    root = mount_root(path)
+    if mounted_type(root) != "fuse.xnatfs":
+        raise UserError(f"xnatfs: {args.path} is not in an xnatfs mount")
+    try:
+        site = json.loads((root / STATUS_FILE_NAME).read_bytes())["site"]
+        document = take(path, site=site, version=__version__, root=root)
+    except OSError as exc:
+        raise UserError(f"xnatfs: cannot read {exc.filename or args.path}: "
+                        f"{exc.strerror}") from None
+    except SnapshotError as exc:
+        raise UserError(f"xnatfs: {exc}") from None
+    sys.stdout.write(dumps(document))
+    return 0
+
+
+def cache_command(args: argparse.Namespace) -> int:
+    """``xnatfs cache prune --shared DIR --max SIZE``: bound a shared cache tier
+    (safe while mounts use it, and beside other pruners)."""
+    from .blockcache.shared import LAYOUT, prune
+
+    if not (args.shared / LAYOUT).is_dir():
+        raise UserError(f"xnatfs: {args.shared} holds no xnatfs shared cache")
+    report = prune(args.shared, args.max, max_age=args.age)
+    print(f"kept {report.kept_bytes} bytes; removed {report.removed_bytes} bytes "
+          f"({report.removed_files} blocks) and {report.removed_temporaries} left-over "
+          f"temporaries or claims")
     return 0
 
 

@@ -29,7 +29,8 @@ STATUS_FILE_NAME = ".xnatfs-status.json"  # a dot: never an XNAT project ID ([A-
 FORMAT_VERSION = 1
 # The client's events, counted beside the requests (by kind) in its statistics.
 CLIENT_EVENTS = frozenset({"retries", "relogins", "sessions_reused", "transport_failures",
-                           "stream_resumes", "range_ignored", "server_down"})
+                           "stream_resumes", "range_ignored", "server_down", "paused",
+                           "pause_refusals"})
 
 
 @dataclass
@@ -51,6 +52,7 @@ def gather(sources: StatusSources) -> dict[str, Any]:
     counts = client.statistics()
     answers = client.answers()
     kinds = {kind: n for kind, n in counts.items() if kind not in CLIENT_EVENTS}
+    gate = client.gate_state()
     stats = sources.blocks.stats
     session_since = client.session_since
     states: Counter[str] = Counter()
@@ -76,6 +78,9 @@ def gather(sources: StatusSources) -> dict[str, Any]:
             "server_errors_5xx": sum(n for status, n in answers.items() if status >= 500),
             "no_answer": counts.get("transport_failures", 0),
             "times_server_seemed_down": counts.get("server_down", 0),
+            "in_flight": gate["in_flight"],
+            "queued": gate["queued"],
+            "pauses_for_retry_after": counts.get("paused", 0),
         },
         "session": {
             "logged_in_at": None if session_since is None else round(session_since, 3),
@@ -84,7 +89,14 @@ def gather(sources: StatusSources) -> dict[str, Any]:
         },
         "bytes": {
             "from_xnat": client.bytes_received,
+            "from_shared_cache": stats.bytes_from_shared,
             "from_local_cache": stats.bytes_from_cache,
+        },
+        "shared_cache": {
+            "enabled": sources.blocks.shared is not None,
+            "entries_published": stats.shared_published,
+            "entries_found_bad": stats.shared_bad,
+            "failed_or_hung_calls": stats.shared_outages,
         },
         "downloads": {
             "in_flight": stats.downloads_running,
@@ -122,6 +134,9 @@ def human_text(document: dict[str, Any], now: float | None = None) -> str:
         f"429 {requests['rate_limited_429']}, 5xx {requests['server_errors_5xx']}, "
         f"no answer {requests['no_answer']})",
     ]
+    lines.append(f"  now             {requests['in_flight']} in flight, {requests['queued']} "
+                 f"queued (ceilings), {requests['pauses_for_retry_after']} pauses for "
+                 f"Retry-After")
     lines += [f"  {kind:24} {n}" for kind, n in requests["by_kind"].items()]
     lines.append("answers by status " + ("  ".join(
         f"{status}: {n}" for status, n in requests["by_status"].items()) or "none"))
@@ -130,7 +145,13 @@ def human_text(document: dict[str, Any], now: float | None = None) -> str:
                  f"{'none' if since is None else _duration(now - since) + ' old'}"
                  f"  (relogins {session['relogins']})")
     lines.append(f"bytes from XNAT   {_size(document['bytes']['from_xnat'])}")
+    lines.append(f"bytes from shared {_size(document['bytes']['from_shared_cache'])}")
     lines.append(f"bytes from cache  {_size(document['bytes']['from_local_cache'])}")
+    shared = document["shared_cache"]
+    if shared["enabled"]:
+        lines.append(f"shared cache      {shared['entries_published']} blocks published, "
+                     f"{shared['entries_found_bad']} found bad, "
+                     f"{shared['failed_or_hung_calls']} calls failed or hung")
     downloads = document["downloads"]
     lines.append(f"downloads         {downloads['in_flight']} in flight, "
                  f"{downloads['queued']} queued")

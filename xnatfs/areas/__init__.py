@@ -9,6 +9,7 @@
 ``documents``             not an area: each object's XML document (generated files)
 ``accession``             accession IDs as links to the labelled folders
 ``status``                ``.xnatfs-status.json`` in the root: the mount's counters
+``snapshot``              a snapshot mount's tree (``--snapshot``), in place of all but status
 ``root``                  the root folder: each area's top entries
 ``remote_files``          not an area: reading listed files, for archive and prearchive
 ``tables``                not an area: project tables (CSV) and subjects'/sessions' metadata
@@ -26,6 +27,8 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -34,6 +37,7 @@ from ..deadlines import Deadlines
 from ..tree import Node, Tree
 from ..imports import UploadManager
 from ..results import ResultWrites
+from ..snapshot import Snapshot
 from ..status import StatusSources, gather
 from .accession import AccessionArea
 from .archive import ArchiveArea
@@ -44,8 +48,17 @@ from .prearchive import PrearchiveArea
 from .remote_files import RemoteFiles
 from .resources import ResourceArea
 from .root import RootArea
+from .snapshot import CHECK_FIRST, SnapshotArea
 from .status import StatusArea
 from .uploads import UploadArea
+
+
+class MountAreas(Protocol):
+    """What ``fs.py`` asks of a mount's areas as a whole."""
+
+    async def local_space(self) -> os.statvfs_result: ...
+
+    async def sync(self) -> None: ...
 
 
 @dataclass
@@ -113,3 +126,39 @@ def install(tree: Tree, kernel: Kernel, *, blocks: BlockCache, uploads: UploadMa
     for area in (root, archive, resources, upload_area, prearchive, generated, accession):
         tree.register(area)
     return areas
+
+
+@dataclass
+class SnapshotAreas:
+    """The areas of a snapshot mount: the snapshot's tree and the status file."""
+
+    tree: Tree
+    snapshot: SnapshotArea
+    root: RootArea
+    cache_dir: Path
+
+    async def local_space(self) -> os.statvfs_result:
+        """The disk of the block cache (nothing is written into the mount)."""
+        return await trio.to_thread.run_sync(os.statvfs, self.cache_dir)
+
+    async def sync(self) -> None:
+        """Nothing is ever written: nothing to wait for."""
+
+
+def install_snapshot(tree: Tree, kernel: Kernel, snapshot: Snapshot, *, blocks: BlockCache,
+                     deadlines: Deadlines, nursery: trio.Nursery, cache_dir: Path,
+                     check_first: int = CHECK_FIRST,
+                     failures: Counter[str] | None = None,
+                     started: float | None = None) -> SnapshotAreas:
+    """Make the areas of a snapshot mount (``--snapshot``): the root shows the
+    snapshot's projects and the status file; no uploads, no prearchive, no
+    documents or tables (a snapshot pins only what XNAT lists)."""
+    files = RemoteFiles(tree, blocks, kernel, deadlines, nursery)
+    area = SnapshotArea(tree, kernel, snapshot, files, check_first=check_first)
+    sources = StatusSources(tree.client, blocks, [], failures if failures is not None
+                            else Counter(), time.time() if started is None else started)
+    status = StatusArea(tree, kernel, lambda: gather(sources))
+    root = RootArea(tree, kernel, [status, area])
+    for registered in (root, area, GeneratedArea(tree, kernel)):
+        tree.register(registered)
+    return SnapshotAreas(tree, area, root, cache_dir)

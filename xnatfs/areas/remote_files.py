@@ -45,11 +45,12 @@ class RemoteFileHandle(Handle):
     """A listed file opened for reading."""
 
     def __init__(self, node: Node, reads: RemoteFiles, ident: FileIdentity,
-                 keep_cache: bool) -> None:
+                 keep_cache: bool, checked_first: bool = False) -> None:
         super().__init__(node)
         self.reads = reads
         self.ident = ident
         self.keep_cache = keep_cache
+        self.checked_first = checked_first  # no byte before the whole file passed its digest
         self.stale = False  # opened on bytes since dropped as wrong
         self._failed: tuple[int, float, Unreachable | None] | None = None  # offset, when, what
 
@@ -89,9 +90,12 @@ class RemoteFiles:
         blocks.add_drop_listener(self._blocks_dropped)
         tree.add_forget_listener(self._forgotten)
 
-    def open(self, node: Node, *, cacheable: bool = True) -> RemoteFileHandle:
+    def open(self, node: Node, *, cacheable: bool = True,
+             checked_first: bool = False) -> RemoteFileHandle:
         """``cacheable``: whether the file's content is final for its identity
-        (archive files are; prearchive ones may still change under one)."""
+        (archive files are; prearchive ones may still change under one);
+        ``checked_first``: serve no byte before the whole file passed its digest
+        check (a snapshot mount's small files)."""
         if node.size <= SMALL_FILE:
             self._read_ahead_series(node)
         ident = identity(node)
@@ -100,9 +104,13 @@ class RemoteFiles:
         # mtime, so it cannot tell) or of one dropped as bad.
         keep_cache = cacheable and self._page_identity.get(node.inode) == ident
         self._page_identity[node.inode] = ident
-        handle = RemoteFileHandle(node, self, ident, keep_cache)
+        handle = RemoteFileHandle(node, self, ident, keep_cache, checked_first)
         self.open_handles.add(handle)
         return handle
+
+    async def cached_bytes(self, node: Node) -> int:
+        """Bytes of ``node``'s file on the local disk cache (``user.xnatfs.cached``)."""
+        return await self.blocks.cached_bytes(identity(node))
 
     async def read(self, handle: RemoteFileHandle, offset: int, size: int) -> bytes:
         ident = handle.ident
@@ -112,11 +120,12 @@ class RemoteFiles:
             # Opened before the file changed: its pages would mix with the new version's.
             raise Stale(f"{ident.uri} changed since it was opened")
         try:
-            return await self._read_while_moving(ident, offset, size)
+            return await self._read_while_moving(ident, offset, size, handle.checked_first)
         except NotFound as exc:  # deleted on the server since it was opened
             raise Stale(exc.message, path=ident.uri) from None
 
-    async def _read_while_moving(self, ident: FileIdentity, off: int, size: int) -> bytes:
+    async def _read_while_moving(self, ident: FileIdentity, off: int, size: int,
+                                 checked_first: bool = False) -> bytes:
         """A read waits ``op_timeout`` at most while nothing of its file arrives,
         and as long as it keeps arriving: without Range (real XNAT), a first read
         far into a big file waits for one download to get there from byte 0,
@@ -126,7 +135,8 @@ class RemoteFiles:
             before = self.blocks.received(ident)
             with trio.move_on_after(deadlines.op_timeout) as scope, \
                     deadlines.cancelled_at_unmount(scope):
-                return await self.blocks.read(ident, off, size)  # type: ignore[return-value]
+                return await self.blocks.read(  # type: ignore[return-value]
+                    ident, off, size, checked_first=checked_first)
             if deadlines.unmounting or self.blocks.received(ident) == before:
                 raise trio.TooSlowError
 

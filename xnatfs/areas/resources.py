@@ -54,6 +54,7 @@ from .resource_paths import (experiment_of, file_key, group_owner, name_in_xnat,
 log = logging.getLogger(__name__)
 
 WRITING_TTL = 1.0  # s the kernel may keep entries of a resource with local writes
+CACHED_XATTR = "user.xnatfs.cached"
 WALK_AHEAD = 4     # subjects' resource listings fetched at once in a walk
 
 
@@ -295,6 +296,15 @@ class ResourceArea(Area):
             if upload.state is State.DONE and upload.background is None \
                     and not upload.open_handles and not upload.dirty:
                 self._confirmed(upload)
+
+    async def getxattr(self, node: Node, key: str) -> bytes:
+        """``user.xnatfs.cached`` (not listed: it costs a look at the disk cache):
+        how many bytes of a file XNAT lists the local cache holds, so that
+        ``xnatfs prefetch`` skips what is there without reading it."""
+        if key == CACHED_XATTR and node.kind is FILE and node.upload is None \
+                and node.file is not None and self.files is not None:
+            return str(await self.files.cached_bytes(node)).encode()
+        return await super().getxattr(node, key)
 
     async def refresh_xattrs(self, node: Node) -> None:
         await self._settle(node)

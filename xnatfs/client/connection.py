@@ -29,6 +29,7 @@ from collections.abc import (
     Mapping,
 )
 from contextlib import aclosing
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 from urllib.parse import quote
@@ -47,7 +48,9 @@ from ..errors import (
     XnatError,
 )
 from .answers import error_class, parse_json, status_page_message, table_rows
+from .ceilings import Release, RequestGate, retry_after_seconds
 from .logins import LoginHold, SharedSessions
+from .sessionfile import SessionFile
 from .settings import ClientSettings
 from .tls import tls_failure, verification
 
@@ -67,6 +70,8 @@ _JSESSIONID_COOKIE = re.compile(r"JSESSIONID=([^;\s]+)")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._-]{8,256}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_PAUSING = frozenset({429, 503})  # answers whose Retry-After pauses the whole client
+_RELEASE = "xnatfs.release"  # the response extension that carries its slot's Release
 # RFC 3986 pchar plus "/": everything else in an XNAT path is percent-encoded
 # ("[" and "]" too: Tomcat refuses them raw with 400).
 _PATH_SAFE = "/:@!$&'()*+,;=~"
@@ -87,18 +92,23 @@ class XnatConnection:
 
     def __init__(self, credentials: Credentials, *, settings: ClientSettings | None = None,
                  session_cache: SessionCache | None = None,
+                 session_file: Path | None = None,
                  http: httpx.AsyncClient | None = None) -> None:
         """``session_cache`` shares sessions between processes (mounts, commands):
         a live session found there is used instead of logging in, and this
         client's own login is stored there. A session is logged out at the end
         only by the client that logged it in: one that borrowed it leaves it to
-        the others still using it. ``http`` is for tests (a mock transport); by
+        the others still using it. ``session_file`` shares one session between
+        the nodes of a cluster instead (:mod:`.sessionfile`); it is never
+        logged out, other nodes may be using it. ``http`` is for tests (a mock transport); by
         default the client owns its pool."""
         self.credentials = credentials
         self.settings = settings or ClientSettings()
         self._base_url = credentials.url.rstrip("/")
         self._shared_sessions = SharedSessions(session_cache, self._base_url, credentials.user)
         self._session_reused = False  # the session in use came from the cache
+        self._session_file = (SessionFile(session_file, self._base_url, credentials.user)
+                              if session_file is not None else None)
         self._owns_http = http is None
         self._http = http or _new_http_client(self.settings)
         settings = self.settings
@@ -108,6 +118,8 @@ class XnatConnection:
         self._down_timeouts = httpx.Timeout(min(settings.down_attempt_timeout,
                                                 settings.read_timeout))
         self._login_lock = trio.Lock()
+        self._gate = RequestGate(settings.max_requests, settings.max_request_rate,
+                                 settings.request_burst)
         self._login_hold = LoginHold(self._base_url, credentials.user)
         self._session_id: str | None = None
         self._last_activity: float | None = None
@@ -165,8 +177,15 @@ class XnatConnection:
 
     def statistics(self) -> dict[str, int]:
         """Requests sent, by kind (``files.stream``, ``session.login``...), and events:
-        ``retries``, ``relogins``, ``sessions_reused``, ``range_ignored``, ``stream_resumes``."""
+        ``retries``, ``relogins``, ``sessions_reused``, ``range_ignored``, ``stream_resumes``,
+        ``paused`` (a Retry-After honoured), ``pause_refusals`` (an operation failed
+        because the pause outlasted its deadline)."""
         return dict(self._counts)
+
+    def gate_state(self) -> dict[str, int]:
+        """Requests now holding a slot (``in_flight``) and waiting for one
+        (``queued``, a pause or the rate ceiling included)."""
+        return {"in_flight": self._gate.in_flight, "queued": self._gate.queued}
 
     def answers(self) -> dict[int, int]:
         """Answers received, by HTTP status (every attempt, retried ones too)."""
@@ -197,12 +216,62 @@ class XnatConnection:
         return idle > self._session_timeout * _IDLE_RENEWAL_FRACTION
 
     async def _log_in(self, rejected: str | None) -> None:
+        if self._session_file is not None:
+            await self._log_in_through_file(rejected)
+            return
         cached = await self._shared_sessions.get()
         if cached is not None and cached != rejected and await self._session_is_alive(cached):
             self._counts["sessions_reused"] += 1
             self._adopt_session(cached)
             self._session_reused = True
             return
+        session_id = await self._post_login()
+        self._adopt_session(session_id)
+        self._session_reused = False
+        await self._shared_sessions.put(session_id)
+
+    async def _log_in_through_file(self, rejected: str | None) -> None:
+        """The cluster's shared session: the file's if XNAT knows it, else the
+        one this node logs in and publishes (holding the claim), else the one
+        another node publishes meanwhile, else (that node silent) our own."""
+        assert self._session_file is not None
+        shared = self._session_file
+        published = await shared.read()
+        if published is not None and published != rejected:
+            if await self._session_is_alive(published):
+                self._adopt_shared(published)
+                return
+            rejected = published
+        if await shared.claim():
+            fresh = await shared.read()
+            if fresh is not None and fresh != rejected:  # published since we read it
+                await shared.release()
+                self._adopt_shared(fresh)
+                return
+            try:
+                session_id = await self._post_login()
+            except BaseException:
+                with trio.CancelScope(shield=True):  # or the others wait out CLAIM_STALE
+                    await shared.release()
+                raise
+            await shared.publish(session_id)
+            self._adopt_session(session_id)
+            self._session_reused = True  # published: other nodes use it, never logged out
+            return
+        published = await shared.wait_for_new(rejected)
+        if published is not None:
+            self._adopt_shared(published)
+            return
+        self._adopt_session(await self._post_login())
+        self._session_reused = False
+
+    def _adopt_shared(self, session_id: str) -> None:
+        self._counts["sessions_reused"] += 1
+        self._adopt_session(session_id)
+        self._session_reused = True  # other nodes use it: never logged out here
+
+    async def _post_login(self) -> str:
+        """``POST /data/JSESSION`` with the credentials: a new session."""
         self._login_hold.check()
         try:
             session_id = await self._send(
@@ -213,9 +282,7 @@ class XnatConnection:
             self._login_hold.refused(exc)
             raise
         self._login_hold.accepted()
-        self._adopt_session(session_id)
-        self._session_reused = False
-        await self._shared_sessions.put(session_id)
+        return session_id
 
     async def _session_is_alive(self, session_id: str) -> bool:
         """Whether XNAT still knows ``session_id`` (a guest session does not count)."""
@@ -302,71 +369,93 @@ class XnatConnection:
                 if use_session:
                     session_id = await self._session_for_request()
                     request_headers.update(_cookie(session_id))
-                request = self._http.build_request(
-                    method, self._url(path), params=params, headers=request_headers,
-                    content=body() if body is not None else None, timeout=timeouts)
-                self._counts[kind] += 1
-                retry_after = None
-                try:
-                    response = await self._http.send(request, stream=True)
-                except TRANSPORT_FAILURES as exc:
-                    self._counts["transport_failures"] += 1
-                    failure = self._transport_failure(exc, path, upload=body is not None)
-                else:
-                    keep = False
+                pause: float | None = None
+                renew = False
+                async with self._gate.slot(give_up_at) as release:
+                    request = self._http.build_request(
+                        method, self._url(path), params=params, headers=request_headers,
+                        content=body() if body is not None else None, timeout=timeouts)
+                    self._counts[kind] += 1
                     try:
-                        status = response.status_code
-                        self._answers[status] += 1
-                        log.debug("%s %s -> %d", method, path, status)
-                        if status < 500 and status != 429 and self._server_down:
-                            self._answers_again()
-                        self._note_session_timeout(response)
-                        may_renew = use_session and not renewed and (
-                            attempts is None or attempts > 1)
-                        # Behind some proxies and single sign-on, a lost session is
-                        # answered with a redirect to a login page, not a 401.
-                        if may_renew and status not in accept and (
-                                status == 401 or status in _REDIRECTS):
-                            renewed = True
-                            attempt -= 1  # a renewal is not a failed attempt
-                            assert session_id is not None
-                            await self._renew_session(rejected=session_id)
-                            continue
-                        if use_session:
-                            self._last_activity = trio.current_time()
-                        if 200 <= status < 300 or status in accept:
-                            try:
-                                result = await handle(response)
-                            except HtmlAnswer:
-                                if not may_renew:
-                                    raise
-                                # ... or with the login page itself.
-                                renewed = True
-                                attempt -= 1
-                                assert session_id is not None
-                                await self._renew_session(rejected=session_id)
-                                continue
-                            keep = keep_open
-                            return result
-                        error = await _error_from_response(response, path)
-                        if status != 429 and status < 500:
-                            raise error
-                        if body is not None and status == 504:
-                            # A proxy gave up waiting for XNAT, which had it all.
-                            raise self._unanswered(path) from error
-                        refusal = final(error) if final is not None else None
-                        if refusal is not None:
-                            raise refusal
-                        failure = error
-                        retry_after = _retry_after_seconds(response)
+                        response = await self._http.send(request, stream=True)
                     except TRANSPORT_FAILURES as exc:
+                        self._counts["transport_failures"] += 1
                         failure = self._transport_failure(exc, path, upload=body is not None)
-                    finally:
-                        if not keep:
-                            await response.aclose()
+                    else:
+                        keep = False
+                        try:
+                            status = response.status_code
+                            self._answers[status] += 1
+                            log.debug("%s %s -> %d", method, path, status)
+                            if status < 500 and status != 429 and self._server_down:
+                                self._answers_again()
+                            self._note_session_timeout(response)
+                            may_renew = use_session and not renewed and (
+                                attempts is None or attempts > 1)
+                            # Behind some proxies and single sign-on, a lost session is
+                            # answered with a redirect to a login page, not a 401.
+                            if may_renew and status not in accept and (
+                                    status == 401 or status in _REDIRECTS):
+                                renew = True
+                            else:
+                                if use_session:
+                                    self._last_activity = trio.current_time()
+                                if 200 <= status < 300 or status in accept:
+                                    response.extensions[_RELEASE] = release
+                                    try:
+                                        result = await handle(response)
+                                    except HtmlAnswer:
+                                        if not may_renew:
+                                            raise
+                                        renew = True  # ... or with the login page itself.
+                                    else:
+                                        if keep_open:
+                                            release.keep()
+                                            keep = True
+                                        return result
+                                else:
+                                    error = await _error_from_response(response, path)
+                                    if status != 429 and status < 500:
+                                        raise error
+                                    if body is not None and status == 504:
+                                        # A proxy gave up waiting for XNAT, which had it all.
+                                        raise self._unanswered(path) from error
+                                    refusal = final(error) if final is not None else None
+                                    if refusal is not None:
+                                        raise refusal
+                                    failure = error
+                                    retry_after = retry_after_seconds(
+                                        response.headers.get("retry-after"))
+                                    if retry_after is not None and status in _PAUSING:
+                                        pause = self._gate.pause(retry_after, error)
+                        except TRANSPORT_FAILURES as exc:
+                            failure = self._transport_failure(exc, path,
+                                                              upload=body is not None)
+                        finally:
+                            if not keep:
+                                await response.aclose()
+                if renew:  # outside the slot: the login needs one
+                    renewed = True
+                    attempt -= 1  # a renewal is not a failed attempt
+                    assert session_id is not None
+                    await self._renew_session(rejected=session_id)
+                    continue
+                assert failure is not None
                 if attempt >= limit:
                     raise self._gave_up(failure, began_down)
-                delay = self._backoff(attempt, retry_after)
+                if pause is not None:
+                    # Every request of the client waits for the pause (RequestGate);
+                    # this one just goes back to the queue.
+                    delay = pause
+                    if trio.current_time() + delay >= give_up_at:
+                        self._counts["pause_refusals"] += 1
+                        raise failure
+                    self._counts["paused"] += 1
+                    self._counts["retries"] += 1
+                    log.warning("%s %s: the server asks for a pause of %.1f s (%s); "
+                                "all requests wait", method, path, delay, failure)
+                    continue
+                delay = self._backoff(attempt)
                 if trio.current_time() + delay >= give_up_at:
                     raise self._gave_up(failure, began_down)
                 self._counts["retries"] += 1
@@ -399,8 +488,8 @@ class XnatConnection:
         ``down_attempt_timeout`` while :meth:`watch_server` runs). One that
         ``began_down`` tells nothing new, and must not undo the server's being
         seen back since it began (its one attempt was a short one)."""
-        if failure.status == 500:
-            return failure  # the application failed at this one thing; the server is up
+        if failure.status in (500, 429):
+            return failure  # the application failed or throttled this; the server is up
         if not self._server_down and not began_down:
             log.warning("%s seems down (%s); failing fast until it answers", self._base_url,
                         failure)
@@ -449,14 +538,12 @@ class XnatConnection:
             if response.status_code < 500 and response.status_code != 429 and self._server_down:
                 self._answers_again()
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential with "equal jitter": between half and all of the doubled delay."""
+    def _backoff(self, attempt: int) -> float:
+        """Exponential with "equal jitter": between half and all of the doubled delay.
+        (A ``Retry-After`` on a 429 or 503 is a pause of the whole client instead.)"""
         settings = self.settings
         ceiling = min(settings.backoff_max, settings.backoff_initial * 2 ** (attempt - 1))
-        delay = random.uniform(ceiling / 2, ceiling)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, settings.backoff_max))
-        return delay
+        return random.uniform(ceiling / 2, ceiling)
 
     async def _get_json(self, path: str, *, kind: str,
                         params: Mapping[str, str] | None = None) -> Any:
@@ -578,11 +665,6 @@ async def _error_from_response(response: httpx.Response, path: str) -> XnatError
     return error_class(status)(message or f"HTTP {status}", status=status, path=path)
 
 
-def _retry_after_seconds(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "")
-    return float(value) if value.isdigit() else None
-
-
 class OpenAnswer:
     """An answer whose body its owner reads later, a chunk at a time (a
     download, across many calls). It wraps the httpx response so that only
@@ -591,6 +673,8 @@ class OpenAnswer:
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
         self.status = response.status_code
+        # The request's slot under the client's ceiling, held until closed.
+        self._release: Release | None = response.extensions.get(_RELEASE)
 
     def header(self, name: str) -> str | None:
         return self._response.headers.get(name)
@@ -612,4 +696,9 @@ class OpenAnswer:
         return _body_chunks(self._response)
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        release, self._release = self._release, None
+        try:
+            await self._response.aclose()
+        finally:
+            if release is not None:
+                release()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import trio
 
-from ..errors import Conflict, XnatError
+from ..errors import Conflict, ServerError, XnatError
 from .connection import XnatConnection, body_text, discard_body
 from .items import (
     PrearchiveSession,
@@ -29,6 +30,16 @@ from .items import (
 
 class ImportCalls(XnatConnection):
     """Uploads (``import_*``) and the prearchive (``*_prearchive*``)."""
+
+    async def issue_alias_token(self) -> dict[str, Any]:
+        """A new alias token of the logged-in user: ``GET /data/services/tokens/issue``
+        (XNAT's AliasTokenRestlet), answered with the token's JSON (``alias``,
+        ``secret``, ``estimatedExpirationTime`` in epoch ms...)."""
+        answer = await self._get_json("/data/services/tokens/issue", kind="tokens.issue")
+        if not isinstance(answer, dict):
+            raise ServerError("the token answer is not a JSON object",
+                              path="/data/services/tokens/issue")
+        return answer
 
     # ----------------------------------------------------------------- imports
     async def import_archive(self, body: Path | AsyncIterator[bytes], *, name: str,

@@ -35,6 +35,10 @@ class ClientSettings:
             watches it (:meth:`XnatConnection.watch_server`), each operation's
             one attempt waits this long at most (connect, read, a pool slot).
         probe_interval: seconds between probes of a server found down.
+        max_requests: requests at once, of every kind (0: no ceiling); those
+            beyond wait (:mod:`.ceilings`).
+        max_request_rate: requests per second on average (0: no ceiling)...
+        request_burst: ...of which this many may go at once after a quiet spell.
     """
 
     connect_timeout: float = 10.0
@@ -50,3 +54,7 @@ class ClientSettings:
     upload_answer_timeout: float = 900.0
     down_attempt_timeout: float = 1.0
     probe_interval: float = 0.5
+    # See the README's "Protecting the server" for why these numbers.
+    max_requests: int = 16
+    max_request_rate: float = 50.0
+    request_burst: int = 100

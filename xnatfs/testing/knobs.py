@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import email.utils
 import json
+import math
 import os
 import random
 import re
@@ -43,6 +45,16 @@ class Knobs:
     prearchive_settle_s: float = 5.0  # gradual-DICOM RECEIVING -> READY after this idle time
     catalog_conflicts: bool = True   # two uploads into one resource at once: the later
                                      # catalog write fails with 500, as XNAT's does
+    # Throttling, as a proxy in front of XNAT does it (nginx limit_req answers 503,
+    # or 429 with limit_req_status): the next throttle_requests requests, and every
+    # request until the epoch time throttle_until, get throttle_status with
+    # Retry-After: throttle_retry_after_s (an HTTP-date if throttle_http_date;
+    # no header if negative). fault_path narrows it.
+    throttle_status: int = 429
+    throttle_requests: int = 0
+    throttle_until: float = 0.0
+    throttle_retry_after_s: float = 1.0
+    throttle_http_date: bool = False
 
     def update(self, changes: dict[str, Any]) -> None:
         fields = {f.name: f for f in dataclasses.fields(self)}
@@ -54,6 +66,23 @@ class Knobs:
 
     def fault_applies(self, path: str) -> bool:
         return not self.fault_path or re.search(self.fault_path, path) is not None
+
+    def throttled(self, path: str) -> dict[str, str] | None:
+        """The Retry-After headers of a throttled answer to this request, or None
+        when it is not throttled (each throttled request uses up one of
+        ``throttle_requests``)."""
+        if not self.fault_applies(path):
+            return None
+        if self.throttle_requests > 0:
+            self.throttle_requests -= 1
+        elif time.time() >= self.throttle_until:
+            return None
+        seconds = self.throttle_retry_after_s
+        if seconds < 0:
+            return {}
+        if self.throttle_http_date:
+            return {"Retry-After": email.utils.formatdate(time.time() + seconds, usegmt=True)}
+        return {"Retry-After": str(math.ceil(seconds))}
 
     def roll(self, rate: float, path: str) -> bool:
         return rate > 0 and self.fault_applies(path) and random.random() < rate

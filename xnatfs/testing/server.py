@@ -92,6 +92,11 @@ def _make_middleware(ctx: ServerContext):  # noqa: ANN202 - aiohttp middleware
                     await asyncio.Event().wait()
                 if knobs.latency_ms > 0:
                     await asyncio.sleep(knobs.latency_ms / 1000)
+                retry_after = knobs.throttled(path)
+                if retry_after is not None:
+                    request["fault"] = "throttled"
+                    raise XnatHTTPError(knobs.throttle_status, "Too many requests (throttled "
+                                        "by the test server)", retry_after)
                 if knobs.roll(knobs.fail_rate, path):
                     status = knobs.fault_status
                     request["fault"] = "5xx" if status >= 500 else str(status)
