@@ -350,17 +350,20 @@ class XnatConnection:
         """
         settings = self.settings
         deadline = settings.deadline if body is None else math.inf
-        give_up_at = trio.current_time() + deadline
-        failure: XnatError | None = None
-        renewed = False
-        attempt = 0
         limit = min(settings.max_attempts, attempts or settings.max_attempts)
         timeouts = self._upload_timeouts if body is not None else httpx.USE_CLIENT_DEFAULT
         began_down = self._server_down
         if began_down:
             limit = 1  # fail fast while the server is down; one answer ends that
             if self._watched and body is None:
-                timeouts = self._down_timeouts  # see watch_server
+                # See watch_server; the wait for a slot (hung requests may hold
+                # them all) counts in the one second too.
+                timeouts = self._down_timeouts
+                deadline = min(deadline, settings.down_attempt_timeout)
+        give_up_at = trio.current_time() + deadline
+        failure: XnatError | None = None
+        renewed = False
+        attempt = 0
         with trio.move_on_after(deadline):
             while True:
                 attempt += 1
@@ -462,7 +465,7 @@ class XnatConnection:
                 log.warning("%s %s failed (%s); attempt %d of %d in %.2f s", method, path,
                             failure, attempt + 1, limit, delay)
                 await trio.sleep(delay)
-        raise self._gave_up(Unreachable(f"no answer within {settings.deadline:g} s",
+        raise self._gave_up(Unreachable(f"no answer within {deadline:g} s",
                                         path=path), began_down) from failure
 
     def _transport_failure(self, exc: Exception, path: str, *, upload: bool) -> Unreachable:
