@@ -495,6 +495,30 @@ async def test_silent_server_fails_within_the_deadline(server: TestServer,
             assert time.monotonic() - started < 10
 
 
+async def test_a_server_found_down_is_watched_and_seen_back_when_slow(server: TestServer,
+                                                                       tmp_path: Path) -> None:
+    """While ``watch_server`` runs, an operation on a server found down waits
+    ``down_attempt_timeout`` at most; one that then answers, but slower than
+    that, is seen back by the probe (operations alone would keep giving up on
+    it), and operations then wait a whole request timeout again."""
+    watched = dataclasses.replace(FAST, down_attempt_timeout=0.3, probe_interval=0.1)
+    async with new_client(server, tmp_path, settings=watched) as client, \
+            trio.open_nursery() as nursery:
+        nursery.start_soon(client.watch_server)
+        with knobs(server, fail_rate=1.0), pytest.raises(ServerError):
+            await client.list_projects()  # four 503s: the server counts as down
+        with knobs(server, latency_ms=600):
+            started = time.monotonic()
+            with pytest.raises(Unreachable):
+                await client.list_projects()
+            assert time.monotonic() - started < 0.6
+            with trio.fail_after(5):
+                while client.statistics().get("server.probe", 0) == 0 or client._server_down:
+                    await trio.sleep(0.05)
+            assert len(await client.list_projects()) >= 1  # a 0.6 s answer: waited for
+        nursery.cancel_scope.cancel()
+
+
 async def test_an_upload_longer_than_the_deadline_is_bounded_by_progress_only(
         server: TestServer, tmp_path: Path) -> None:
     """A big archive on a slow link takes as long as it takes: the import

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds the prearchive listing is cached (default 5)")
     mount.add_argument("--insecure", action="store_true",
                        help="do not verify the server's TLS certificate")
+    mount.add_argument("--ca-bundle", metavar="FILE",
+                       help="trust the certificates in this PEM file (a site's own CA or "
+                            "self-signed certificate) instead of the usual ones")
     mount.add_argument("--range", choices=("auto", "on", "off"), default="auto",
                        help="use HTTP Range requests: learn from the first download (auto), or force")
     mount.add_argument("--timeout", type=float, default=30.0,
@@ -239,6 +242,7 @@ def _add_site_options(parser: argparse.ArgumentParser) -> None:
                         help="credentials in a file of mode 0600 (see xnatfs mount)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--ca-bundle", metavar="FILE")
     parser.set_defaults(credentials_on_stdin=False)
 
 
@@ -247,13 +251,18 @@ def run_with_client(args: argparse.Namespace, work):  # noqa: ANN001, ANN202
     import trio
 
     from .client import ClientSettings, XnatClient
-    from .credentials import SessionCache
+    from .credentials import CredentialsError, SessionCache, mount_values
     from .errors import XnatError
 
     credentials = _resolve_credentials(args, args.url)
+    try:
+        _ca_bundle_from(mount_values(credentials.url, args.profile), args)
+    except CredentialsError as exc:
+        raise UserError(f"xnatfs: {exc}") from None
+    _check_ca_bundle(args)
 
     async def main():  # noqa: ANN202
-        settings = ClientSettings(verify_tls=not args.insecure)
+        settings = ClientSettings(verify_tls=not args.insecure, ca_bundle=args.ca_bundle)
         async with XnatClient(credentials, settings=settings,
                               session_cache=SessionCache()) as client:
             return await work(client)
@@ -336,7 +345,7 @@ def token_command(args: argparse.Namespace) -> int:
 
 def _apply_config_switches(args: argparse.Namespace, site: str) -> None:
     """Mount switches (``direct_archive``, ``allow_other``...) and values
-    (``shared_cache``...) from the config file, unless given here;
+    (``shared_cache``, ``ca_bundle``...) from the config file, unless given here;
     ``args.from_config`` names the switches taken from the file."""
     from .credentials import CredentialsError, mount_switches, mount_values
 
@@ -358,6 +367,32 @@ def _apply_config_switches(args: argparse.Namespace, site: str) -> None:
             setattr(args, name, value)
             if value:
                 args.from_config.add(name)
+    _ca_bundle_from(values, args)
+
+
+def _ca_bundle_from(values: dict[str, Any], args: argparse.Namespace) -> None:
+    """``ca_bundle`` from the config file's values, unless given here."""
+    if not args.ca_bundle and values.get("ca_bundle"):
+        args.ca_bundle = str(Path(values["ca_bundle"]).expanduser())
+        args.from_config = getattr(args, "from_config", set()) | {"ca_bundle"}
+
+
+def _check_ca_bundle(args: argparse.Namespace) -> None:
+    """A ``--ca-bundle`` (or ``ca_bundle``) that cannot be read is said now, by
+    name, not as a failed connection; its path is made absolute for the mount
+    process."""
+    if not args.ca_bundle:
+        return
+    import ssl
+
+    path = Path(args.ca_bundle).expanduser().resolve()
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UserError(f"xnatfs: {_switch_name(args, 'ca_bundle')} {path}: {reason} "
+                        "(a PEM file of certificates is expected)") from None
+    args.ca_bundle = str(path)
 
 
 def _ceilings(args: argparse.Namespace, site: str) -> dict[str, Any]:
@@ -401,7 +436,8 @@ def _check_sharing(args: argparse.Namespace) -> None:
 def _switch_name(args: argparse.Namespace, switch: str) -> str:
     """A switch as the user gave it: ``--allow-other``, or the config file's line."""
     if switch in getattr(args, "from_config", ()):
-        return f"'{switch} = true' in the config file"
+        value = "true" if getattr(args, switch) is True else "..."
+        return f"'{switch} = {value}' in the config file"
     return "--" + switch.replace("_", "-")
 
 
@@ -467,6 +503,7 @@ def mount(args: argparse.Namespace) -> int:
     if not args.credentials_on_stdin:  # the parent already applied the config file
         _apply_config_switches(args, credentials.url)
     _check_sharing(args)
+    _check_ca_bundle(args)
     if not args.foreground:
         return _mount_in_background(args, credentials, mountpoint)
     return _mount_in_foreground(args, credentials, mountpoint)
@@ -503,7 +540,8 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
     config = MountConfig(credentials=credentials, mountpoint=mountpoint.resolve(),
                          cache_dir=args.cache_dir, cache_size=args.cache_size,
                          metadata_ttl=args.metadata_ttl, read_only=args.read_only,
-                         verify_tls=not args.insecure, range_mode=args.range,
+                         verify_tls=not args.insecure, ca_bundle=args.ca_bundle,
+                         range_mode=args.range,
                          direct_archive=args.direct_archive, write_behind=args.write_behind,
                          allow_overwrite=args.allow_overwrite, allow_delete=args.allow_delete,
                          prearchive_ttl=args.prearchive_ttl,
@@ -571,6 +609,8 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
         argv.append("--allow-delete")
     if args.insecure:
         argv.append("--insecure")
+    if args.ca_bundle:
+        argv += ["--ca-bundle", args.ca_bundle]
     if args.allow_other:
         argv.append("--allow-other")
     if args.allow_root:

@@ -205,7 +205,8 @@ MOUNT_VALUES: dict[str, tuple[tuple[type, ...], str]] = {
     "max_request_rate": ((int, float), "a number"),
     "credentials_file": ((str,), "a path"), "session_file": ((str,), "a path"),
     "shared_cache": ((str,), "a path"),
-    "shared_cache_max": ((str, int), "a size (\"500G\" or bytes)")}
+    "shared_cache_max": ((str, int), "a size (\"500G\" or bytes)"),
+    "ca_bundle": ((str,), "a path")}
 
 
 def mount_values(site: str, profile: str | None = None,

@@ -12,6 +12,7 @@ them into ``FUSEError(errno_for(exc))``. Anything else (a ``KeyError``, a
     ├── BadRequest            any other 4xx: XNAT refused what we asked
     ├── ServerError           5xx that outlived the retries, or an unusable answer
     ├── Unreachable           no (complete) answer in time, after the retries
+    ├── TlsFailure            the server's certificate is refused, or it speaks no TLS
     ├── Stale                 the object changed under us (size or digest differ)
     ├── ReadOnly              a write to archived content, which the mount refuses
     ├── NoSpace               the local disk holding an upload's copy is full
@@ -58,6 +59,7 @@ __all__ = [
     "ReadOnly",
     "ServerError",
     "Stale",
+    "TlsFailure",
     "Unreachable",
     "XnatError",
     "errno_for",
@@ -121,6 +123,12 @@ class Unreachable(XnatError):
 class Unanswered(Unreachable):
     """The server received a whole upload but gave no answer in time: it may have
     imported it (XNAT answers an import once it is done), so it is not sent again."""
+
+
+class TlsFailure(XnatError):
+    """TLS failed in a way no retry mends: the server's certificate is not
+    trusted, has expired or names another host, or the port speaks no TLS.
+    Not a server that is down: it is said at once, with what to do."""
 
 
 class Stale(XnatError):
@@ -206,6 +214,7 @@ ERRNO_BY_ERROR: dict[type[XnatError], int] = {
     HtmlAnswer: errno.EIO,
     Unreachable: errno.EIO,
     Unanswered: errno.ETIMEDOUT,
+    TlsFailure: errno.EIO,  # nothing closer: ECONNREFUSED would say the server is off
     Stale: errno.ESTALE,
     ReadOnly: errno.EROFS,
     NoSpace: errno.ENOSPC,

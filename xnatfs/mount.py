@@ -50,6 +50,7 @@ class MountConfig:
     metadata_ttl: float = 60.0
     read_only: bool = False
     verify_tls: bool = True
+    ca_bundle: str | None = None      # a PEM file to trust instead of the usual CAs
     range_mode: str = "auto"          # auto: the first download tells; on/off: trust the user
     direct_archive: bool = False      # uploads go straight to the archive
     write_behind: bool = False        # close() of loose DICOM and resource files does not wait
@@ -81,7 +82,8 @@ class MountConfig:
         return ClientSettings(
             read_timeout=self.request_timeout,
             deadline=min(max(2 * self.request_timeout, 60.0), 0.9 * self.operation_timeout),
-            verify_tls=self.verify_tls, upload_answer_timeout=self.import_timeout,
+            verify_tls=self.verify_tls, ca_bundle=self.ca_bundle,
+            upload_answer_timeout=self.import_timeout,
             max_requests=self.max_requests, max_request_rate=self.max_request_rate,
             request_burst=max(1, math.ceil(BURST_SECONDS * self.max_request_rate)))
 
@@ -284,6 +286,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                 try:
                     nursery.start_soon(_tune_after_init, operations, config.mountpoint)
                     nursery.start_soon(_terminate_on_signal, operations)
+                    nursery.start_soon(client.watch_server)
                     if on_ready is not None:
                         on_ready()
                     log.info("mounted %s on %s", config.credentials.url, config.mountpoint)

@@ -342,3 +342,22 @@ def test_labels_with_spaces_are_reachable(demo_mount: Mount, tmp_path: Path) -> 
     assert (session / "scans").is_dir()
     shutil.copytree(session / "resources", tmp_path / "res")
     assert any((tmp_path / "res").rglob("qc.json"))
+
+
+def test_a_protected_project_is_listed_and_its_contents_refused(demo_server: TestServer,
+                                                                mount_factory) -> None:  # noqa: ANN001
+    """bob has no role in ONC-PROT (protected): XNAT lists it to him, as its web
+    pages do, and refuses its subjects (403). The mount shows it and answers
+    "Permission denied" inside, not "No such file or directory"; a private
+    project he cannot see stays unlisted and missing."""
+    mount = mount_factory(demo_server, name="bob", user="bob")
+    names = os.listdir(mount.path)
+    assert "ONC-PROT" in names and "ALICE_LAB" not in names
+    assert (mount.path / "ONC-PROT").is_dir()
+    with pytest.raises(PermissionError):
+        os.listdir(mount.path / "ONC-PROT")
+    listing = subprocess.run(["ls", str(mount.path / "ONC-PROT")], capture_output=True,
+                             text=True)
+    assert listing.returncode != 0 and "Permission denied" in listing.stderr
+    with pytest.raises(FileNotFoundError):
+        os.listdir(mount.path / "ALICE_LAB")

@@ -645,26 +645,38 @@ def test_server_down_fails_within_a_bound_and_recovers(fresh_server: TestServer,
 
 
 def test_a_hung_server_fails_fast_after_the_first_failure(fresh_server: TestServer,
-                                                          mount_factory) -> None:
-    """With a short ``--timeout`` too: the client gives up before the file
-    operation waiting for it would, so it learns the server is down and the
-    next operations make one attempt each (each took the whole 4 × timeout)."""
-    put_files(fresh_server, {"a.bin": b"a"})
-    for experiment in ("E2", "E3"):
+                                                          mount_factory) -> None:  # noqa: ANN001
+    """Once an operation has given up on a hung server (it counts as down), the
+    next uncached ones fail within a second each: a listing, and a read (which
+    the kernel asks twice). Each waited a whole request timeout before, 2 s
+    here. The first operation after the server is back succeeds at once."""
+    sessions = ("E", "E2", "E3", "E4", "E5")
+    for experiment in sessions:
         put_files(fresh_server, {"a.bin": b"a"}, experiment=experiment)
-    mount = mount_factory(fresh_server, "--timeout", "1")
-    assert os.listdir(mount.path / "P/S") == ["subject.xml", "resources", "E", "E2", "E3"]
+    mount = mount_factory(fresh_server, "--timeout", "2")
+    root = mount.path / "P/S"
+    assert sorted(os.listdir(root)) == sorted(("subject.xml", "resources", *sessions))
+    files = {e: root / e / "resources/R/files" for e in sessions}
+    assert os.listdir(files["E5"]) == ["a.bin"]  # its listing cached, its bytes not
+
+    def failing(call: Callable[[], Any]) -> float:
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            call()
+        return time.monotonic() - started
+
     fresh_server.set_knobs(hang=True)
     try:
-        took = []
-        for experiment in ("E2", "E3"):
-            started = time.monotonic()
-            with pytest.raises(OSError):
-                os.listdir(mount.path / "P/S" / experiment / "resources/R/files")
-            took.append(time.monotonic() - started)
+        first = failing(lambda: os.listdir(files["E2"]))  # gives the server up
+        listing = failing(lambda: os.listdir(files["E3"]))
+        reading = failing(lambda: read_all(files["E5"] / "a.bin"))
     finally:
         fresh_server.set_knobs(hang=False)
-    assert took[1] < took[0] / 2, took
+    back = time.monotonic()
+    assert os.listdir(files["E4"]) == ["a.bin"]
+    recovered = time.monotonic() - back
+    assert listing < 1.7 and reading < 1.7, (first, listing, reading)
+    assert recovered < 1.0, recovered
     assert "seems down" in (mount.cache_dir.parent / "mount.log").read_text()
 
 

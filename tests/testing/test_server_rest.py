@@ -288,8 +288,15 @@ def test_range_on_when_enabled(admin: httpx.Client, server: TestServer) -> None:
 
 # ------------------------------------------------------- statuses, writes
 def test_private_project_is_invisible_and_protected_is_forbidden(alice: httpx.Client) -> None:
+    """A protected project is listed to every user (XNAT's guest may read its
+    ``xnat:projectData``, and users inherit the guest's permissions:
+    ``DefaultGroupsAndPermissionsCache.getPermissionCriteria``), its item is
+    readable, its data refused."""
     ids = {r["ID"] for r in alice.get("/data/projects").json()["ResultSet"]["Result"]}
-    assert "PRIVP" not in ids and "PUBP" in ids
+    assert "PRIVP" not in ids and {"PUBP", "PROTP"} <= ids
+    shown = alice.get("/data/projects", params={"format": "json", "accessible": "true"})
+    assert {"PUBP", "PROTP"} <= {r["id"] for r in shown.json()["ResultSet"]["Result"]}
+    assert alice.get("/data/projects/PROTP?format=json").status_code == 200
     assert alice.get("/data/projects/PRIVP/subjects").status_code == 404
     r = alice.get("/data/projects/PROTP/subjects")
     assert r.status_code == 403 and h3(r) == "Unable to read subjects for Project: PROTP"
@@ -561,3 +568,26 @@ def test_an_object_by_id_is_found_through_a_share_the_user_reads(
     assert alice.get(f"/data/experiments/{unshared}?format=json").status_code == 404
     rows = alice.get(f"/data/subjects/{subject}/projects?format=json").json()["ResultSet"]["Result"]
     assert [(r["ID"], r["label"]) for r in rows] == [("HIDDEN_OWN", "H1"), ("ALICE_SHR", "SHR1")]
+
+
+def test_an_object_by_id_in_a_protected_project_is_not_found(admin: httpx.Client,
+                                                              alice: httpx.Client) -> None:
+    """An ID is looked up with a secured search (``ExperimentResource.represent``:
+    ``getXnatExperimentdatasById(id, user, false)``), which finds nothing the user
+    may not read: 404, as in a private project, where the project's own listing
+    is 403. (Last in the module: the tests above count the projects.)"""
+    for url in ("/data/projects/PROT_IDS?accessibility=protected",
+                "/data/projects/PROT_IDS/subjects/PS1",
+                "/data/projects/PROT_IDS/subjects/PS1/experiments/PS1_MR"
+                "?xsiType=xnat:mrSessionData"):
+        assert admin.put(url).status_code in (200, 201), url
+    subject = admin.get("/data/projects/PROT_IDS/subjects/PS1?format=json").json()[
+        "items"][0]["data_fields"]["ID"]
+    session = admin.get("/data/projects/PROT_IDS/experiments/PS1_MR?format=json").json()[
+        "items"][0]["data_fields"]["ID"]
+    r = alice.get("/data/projects/PROT_IDS/subjects")
+    assert r.status_code == 403, r.status_code
+    for url in (f"/data/experiments/{session}?format=json", f"/data/subjects/{subject}/projects",
+                f"/data/experiments/{session}/scans"):
+        assert alice.get(url).status_code == 404, url
+        assert admin.get(url).status_code == 200, url

@@ -111,10 +111,11 @@ def test_single_file_download_is_byte_identical(session: xnat.session.XNATSessio
         demo_server, experiment.id, "2", "DICOM", name)
 
 
-def test_protected_project_is_unlisted_and_its_data_forbidden(demo_server: TestServer) -> None:
+def test_protected_project_is_listed_and_its_data_forbidden(demo_server: TestServer) -> None:
     with xnat.connect(demo_server.url, user="bob", password="bob",
                       extension_types=False) as connection:
-        assert "ONC-PROT" not in connection.projects.keys()
+        assert "ONC-PROT" in connection.projects.keys()
+        assert "SECRET" in connection.projects.keys() and "ALICE_LAB" not in connection.projects
         with pytest.raises(xnat.exceptions.XNATResponseError, match="403"):
             connection.get_json("/data/projects/ONC-PROT/subjects")
         with pytest.raises(xnat.exceptions.XNATResponseError, match="404"):

@@ -30,7 +30,7 @@ import trio
 from cachetools import TTLCache
 
 from .. import client as xc
-from ..errors import NotEmpty, XnatError
+from ..errors import NotEmpty, Unreachable, XnatError
 from ..naming import label_from_name, require_label, safe_name, scan_folder_name
 from ..tree import Kind, Node, Tree, time_ns, xnat_xattrs
 from .base import Area, Kernel
@@ -236,6 +236,8 @@ class ArchiveArea(Area):
                                ("resources", node.project, node.experiment_id, None), **common)]
         try:
             assessed = bool((await self.session_detail(node.experiment_id)).assessors)
+        except Unreachable:
+            raise  # scans/ and resources/ would ask again, and wait as long again
         except XnatError as exc:  # scans/ and resources/ say so when entered
             log.debug("assessors of %s unknown: %s", node.experiment_id, exc)
             assessed = False

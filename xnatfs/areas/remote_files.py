@@ -20,12 +20,17 @@ import trio
 
 from ..blockcache import BlockCache, FileIdentity
 from ..deadlines import Deadlines
-from ..errors import NotFound, Stale, XnatError
+from ..errors import NotFound, Stale, Unreachable, XnatError
 from ..tree import Node, Tree
 from .base import Handle, Kernel
 
 log = logging.getLogger(__name__)
 
+# The kernel reads a page again right after its read failed (readahead, then
+# ->read_folio, in mm/filemap.c): within this many seconds, the same handle's
+# read at the same offset fails as it just did, instead of waiting as long again
+# for a server that did not answer.
+REPEAT_WINDOW = 0.5
 # Files in one folder fetched ahead when one of them is opened (a DICOM series).
 SERIES_READ_AHEAD = 16
 SMALL_FILE = 8 * 1024 * 1024
@@ -47,9 +52,23 @@ class RemoteFileHandle(Handle):
         self.keep_cache = keep_cache
         self.checked_first = checked_first  # no byte before the whole file passed its digest
         self.stale = False  # opened on bytes since dropped as wrong
+        self._failed: tuple[int, float, Unreachable | None] | None = None  # offset, when, what
 
     async def read(self, offset: int, size: int) -> bytes:
-        return await self.reads.read(self, offset, size)
+        failed = self._failed
+        if failed is not None and failed[0] == offset \
+                and trio.current_time() - failed[1] < REPEAT_WINDOW:
+            if failed[2] is None:
+                raise trio.TooSlowError
+            raise Unreachable(failed[2].message, status=failed[2].status, path=failed[2].path)
+        try:
+            return await self.reads.read(self, offset, size)
+        except Unreachable as exc:
+            self._failed = (offset, trio.current_time(), exc)
+            raise
+        except trio.TooSlowError:
+            self._failed = (offset, trio.current_time(), None)
+            raise
 
     async def release(self) -> None:
         self.reads.open_handles.discard(self)

@@ -17,7 +17,12 @@ Contract for the layers above:
   and login, which at worst leaves a spare session), so a retry never does
   something twice. Once an operation has failed that way, the server counts
   as down and operations make a single attempt each, until one is answered
-  (a crude circuit breaker: a dead server fails each call within one timeout).
+  (a circuit breaker: a dead server fails each call within one timeout; while
+  :meth:`XnatClient.watch_server` runs, as in the mount, within
+  ``down_attempt_timeout``, and a probe sees a slow server back).
+* TLS failures no retry mends (an untrusted certificate, one for another
+  host, a port without TLS) are :class:`~xnatfs.errors.TlsFailure` at once,
+  and do not count as a server down.
 * Login uses XNAT's JSESSION. The password (or alias token secret) goes only
   to ``POST /data/JSESSION``, as Basic credentials, at login and renewal;
   data requests carry only the cookie. A session in the
@@ -36,7 +41,8 @@ How the package is laid out, one concern a module:
   JSESSION, and ``_send``, the one request primitive (retries, backoff,
   deadlines, errors). The only module that imports httpx. It keeps the
   hold after a refused login and the shared session cache in :mod:`.logins`,
-  what answers mean in :mod:`.answers`, its bounds in :mod:`.settings`.
+  what answers mean in :mod:`.answers`, its bounds in :mod:`.settings`, the
+  certificates it trusts and the TLS failures not worth a retry in :mod:`.tls`.
 * :mod:`.items`: the dataclasses the calls return, and the parsing of XNAT's
   rows and items into them (no requests).
 * :mod:`.listings`, :mod:`.downloads`, :mod:`.services`, :mod:`.writes`,

@@ -52,6 +52,7 @@ from .ceilings import Release, RequestGate, retry_after_seconds
 from .logins import LoginHold, SharedSessions
 from .sessionfile import SessionFile
 from .settings import ClientSettings
+from .tls import tls_failure, verification
 
 log = logging.getLogger("xnatfs.client")  # one logger for the package, as before the split
 
@@ -114,6 +115,8 @@ class XnatConnection:
         self._upload_timeouts = httpx.Timeout(
             connect=settings.connect_timeout, read=settings.upload_answer_timeout,
             write=settings.read_timeout, pool=settings.deadline)
+        self._down_timeouts = httpx.Timeout(min(settings.down_attempt_timeout,
+                                                settings.read_timeout))
         self._login_lock = trio.Lock()
         self._gate = RequestGate(settings.max_requests, settings.max_request_rate,
                                  settings.request_burst)
@@ -122,6 +125,8 @@ class XnatConnection:
         self._last_activity: float | None = None
         self._session_timeout: float | None = None
         self._server_down = False  # the last operation found no working server
+        self._watched = False  # a watch_server task probes while it is down
+        self._went_down = trio.Event()  # set when the server is found down
         self._counts: Counter[str] = Counter()
         self._answers: Counter[int] = Counter()  # answers by HTTP status (the status file)
         self.bytes_received = 0  # of files' bodies (ByteStream adds to it)
@@ -345,13 +350,20 @@ class XnatConnection:
         """
         settings = self.settings
         deadline = settings.deadline if body is None else math.inf
+        limit = min(settings.max_attempts, attempts or settings.max_attempts)
+        timeouts = self._upload_timeouts if body is not None else httpx.USE_CLIENT_DEFAULT
+        began_down = self._server_down
+        if began_down:
+            limit = 1  # fail fast while the server is down; one answer ends that
+            if self._watched and body is None:
+                # See watch_server; the wait for a slot (hung requests may hold
+                # them all) counts in the one second too.
+                timeouts = self._down_timeouts
+                deadline = min(deadline, settings.down_attempt_timeout)
         give_up_at = trio.current_time() + deadline
         failure: XnatError | None = None
         renewed = False
         attempt = 0
-        limit = min(settings.max_attempts, attempts or settings.max_attempts)
-        if self._server_down:
-            limit = 1  # fail fast while the server is down; one answer ends that
         with trio.move_on_after(deadline):
             while True:
                 attempt += 1
@@ -365,9 +377,7 @@ class XnatConnection:
                 async with self._gate.slot(give_up_at) as release:
                     request = self._http.build_request(
                         method, self._url(path), params=params, headers=request_headers,
-                        content=body() if body is not None else None,
-                        timeout=(self._upload_timeouts if body is not None
-                                 else httpx.USE_CLIENT_DEFAULT))
+                        content=body() if body is not None else None, timeout=timeouts)
                     self._counts[kind] += 1
                     try:
                         response = await self._http.send(request, stream=True)
@@ -381,8 +391,7 @@ class XnatConnection:
                             self._answers[status] += 1
                             log.debug("%s %s -> %d", method, path, status)
                             if status < 500 and status != 429 and self._server_down:
-                                log.info("%s answers again", self._base_url)
-                                self._server_down = False
+                                self._answers_again()
                             self._note_session_timeout(response)
                             may_renew = use_session and not renewed and (
                                 attempts is None or attempts > 1)
@@ -436,7 +445,7 @@ class XnatConnection:
                     continue
                 assert failure is not None
                 if attempt >= limit:
-                    raise self._gave_up(failure)
+                    raise self._gave_up(failure, began_down)
                 if pause is not None:
                     # Every request of the client waits for the pause (RequestGate);
                     # this one just goes back to the queue.
@@ -451,13 +460,13 @@ class XnatConnection:
                     continue
                 delay = self._backoff(attempt)
                 if trio.current_time() + delay >= give_up_at:
-                    raise self._gave_up(failure)
+                    raise self._gave_up(failure, began_down)
                 self._counts["retries"] += 1
                 log.warning("%s %s failed (%s); attempt %d of %d in %.2f s", method, path,
                             failure, attempt + 1, limit, delay)
                 await trio.sleep(delay)
-        raise self._gave_up(Unreachable(f"no answer within {settings.deadline:g} s",
-                                        path=path)) from failure
+        raise self._gave_up(Unreachable(f"no answer within {deadline:g} s",
+                                        path=path), began_down) from failure
 
     def _transport_failure(self, exc: Exception, path: str, *, upload: bool) -> Unreachable:
         """A failed request as an error to retry; raises :class:`Unanswered` for an
@@ -465,6 +474,9 @@ class XnatConnection:
         body is written, so XNAT had all of it and may have acted on it."""
         if upload and isinstance(exc, httpx.ReadTimeout):
             raise self._unanswered(path) from exc
+        refused = tls_failure(exc, path, ca_bundle=self.settings.ca_bundle)
+        if refused is not None:  # not transient: no retry, and the server is not down
+            raise refused from exc
         return unreachable(exc, path)
 
     def _unanswered(self, path: str) -> Unanswered:
@@ -472,18 +484,62 @@ class XnatConnection:
                           f"{self.settings.upload_answer_timeout:g} s (it may have acted on it)",
                           path=path)
 
-    def _gave_up(self, failure: XnatError) -> XnatError:
+    def _gave_up(self, failure: XnatError, began_down: bool = False) -> XnatError:
         """An operation failed for want of a (working) server: until the server
         answers again, operations make one attempt each, so that a dead server
-        fails every system call within one request timeout."""
+        fails every system call within one request timeout (within
+        ``down_attempt_timeout`` while :meth:`watch_server` runs). One that
+        ``began_down`` tells nothing new, and must not undo the server's being
+        seen back since it began (its one attempt was a short one)."""
         if failure.status in (500, 429):
             return failure  # the application failed or throttled this; the server is up
-        if not self._server_down:
+        if not self._server_down and not began_down:
             log.warning("%s seems down (%s); failing fast until it answers", self._base_url,
                         failure)
             self._server_down = True
             self._counts["server_down"] += 1
+            self._went_down.set()
         return failure
+
+    def _answers_again(self) -> None:
+        log.info("%s answers again", self._base_url)
+        self._server_down = False
+        self._went_down = trio.Event()
+
+    async def watch_server(self) -> None:
+        """Probe a server found down until it answers; run for as long as the
+        client is used (the mount runs it in its nursery).
+
+        While it runs, an operation on a server found down makes its one attempt
+        within ``down_attempt_timeout`` instead of a whole request timeout: a
+        refused connection fails at once, a hung server within that second, and
+        a server back up answers the next operation, as before. A server that
+        only answers slower than that is seen back by this probe, which waits a
+        whole request timeout (``GET /data/JSESSION``, no credentials: any
+        answer but a 5xx or 429 will do), every ``probe_interval`` seconds."""
+        self._watched = True
+        try:
+            while True:
+                await self._went_down.wait()
+                while self._server_down:
+                    await self._probe()
+                    if self._server_down:
+                        await trio.sleep(self.settings.probe_interval)
+        finally:
+            self._watched = False
+
+    async def _probe(self) -> None:
+        self._counts["server.probe"] += 1
+        request = self._http.build_request("GET", self._url("/data/JSESSION"))
+        with trio.move_on_after(self.settings.deadline):
+            try:
+                response = await self._http.send(request)
+            except TRANSPORT_FAILURES:
+                self._counts["transport_failures"] += 1
+                return
+            self._answers[response.status_code] += 1
+            if response.status_code < 500 and response.status_code != 429 and self._server_down:
+                self._answers_again()
 
     def _backoff(self, attempt: int) -> float:
         """Exponential with "equal jitter": between half and all of the doubled delay.
@@ -537,7 +593,7 @@ def _new_http_client(settings: ClientSettings) -> httpx.AsyncClient:
                             max_keepalive_connections=settings.max_connections,
                             keepalive_expiry=15.0),
         headers={"User-Agent": USER_AGENT}, cookies=no_cookies, follow_redirects=False,
-        verify=settings.verify_tls)
+        verify=verification(settings))
 
 
 def _body_chunks(response: httpx.Response,

@@ -26,9 +26,15 @@ class ClientSettings:
             into one.
         verify_tls: check the server's certificate (off only for test sites
             with self-signed certificates).
+        ca_bundle: a PEM file of the certificates to trust instead of the
+            usual ones (a site's own CA, or its self-signed certificate).
         upload_answer_timeout: seconds to wait for the answer to an upload once
             all of it is sent: XNAT answers an import only when it has imported
             the whole archive, minutes for a big one.
+        down_attempt_timeout: while the server is found down and a probe
+            watches it (:meth:`XnatConnection.watch_server`), each operation's
+            one attempt waits this long at most (connect, read, a pool slot).
+        probe_interval: seconds between probes of a server found down.
         max_requests: requests at once, of every kind (0: no ceiling); those
             beyond wait (:mod:`.ceilings`).
         max_request_rate: requests per second on average (0: no ceiling)...
@@ -44,7 +50,10 @@ class ClientSettings:
     max_connections: int = 16
     chunk_size: int = 1 << 20
     verify_tls: bool = True
+    ca_bundle: str | None = None
     upload_answer_timeout: float = 900.0
+    down_attempt_timeout: float = 1.0
+    probe_interval: float = 0.5
     # See the README's "Protecting the server" for why these numbers.
     max_requests: int = 16
     max_request_rate: float = 50.0

@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD[:admin]",
                         help="add an account (repeatable); ':admin' makes it a site admin")
     parser.add_argument("--site-id", default="XNAT", help="prefix of accession IDs")
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM",
+                        help="serve HTTPS with this certificate (chain) file")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM",
+                        help="the certificate's private key (default: in --tls-cert)")
     shaping = parser.add_argument_group("shaping and faults (for tests and benchmarks)")
     shaping.add_argument("--latency-ms", type=float, default=0.0,
                          help="added to every request")
@@ -83,8 +87,14 @@ def run(args: argparse.Namespace) -> int:
             return 2
         password, _, flag = rest.partition(":")
         store.add_user(name, password, admin=(flag == "admin"))
+    tls = None
+    if args.tls_cert is not None:
+        import ssl
+
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
     try:
-        asyncio.run(serve(ctx, args.host, args.port))
+        asyncio.run(serve(ctx, args.host, args.port, tls=tls))
     except KeyboardInterrupt:
         pass
     return 0

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import re
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,17 +258,20 @@ def make_context(data_dir: Path, knobs: Knobs, *, request_log: Path | None = Non
 
 
 async def serve(ctx: ServerContext, host: str, port: int,
-                ready: asyncio.Event | None = None) -> None:
+                ready: asyncio.Event | None = None,
+                tls: ssl.SSLContext | None = None) -> None:
+    """Serve until cancelled; ``tls``: over HTTPS with that context's certificate."""
     app = build_app(ctx)
     runner = web.AppRunner(app, access_log=None, handle_signals=True)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=512)
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=512, ssl_context=tls)
     await site.start()
     server = site._server  # aiohttp exposes the bound sockets only here
     if port == 0 and server is not None and server.sockets:  # type: ignore[attr-defined]
         port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-    log.info("XNAT test server listening on http://%s:%d", host, port)
-    print(json.dumps({"listening": f"http://{host}:{port}"}), flush=True)
+    scheme = "https" if tls is not None else "http"
+    log.info("XNAT test server listening on %s://%s:%d", scheme, host, port)
+    print(json.dumps({"listening": f"{scheme}://{host}:{port}"}), flush=True)
     if ready is not None:
         ready.set()
     try:

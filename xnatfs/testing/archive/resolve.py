@@ -91,8 +91,11 @@ class Access:
         return self.caller.is_admin or self.role(project["id"]) in ("owner", "member")
 
     def listed(self, project: sqlite3.Row) -> bool:
-        """``/data/projects`` lists only the projects the user can read."""
-        return self.readable(project)
+        """``/data/projects`` lists the projects whose ``xnat:projectData`` the user
+        may read: a protected one too, whose guest permission every user inherits
+        (``ProjectListResource.DefaultProjectHandler``, ``Permissions.getAllowedValues``;
+        its data, not its listing, is refused)."""
+        return self.visible(project)
 
 
 def resolve(store: Store, access: Access, path: ArchivePath, *, for_write: bool = False,
@@ -163,7 +166,10 @@ def resolve(store: Store, access: Access, path: ArchivePath, *, for_write: bool 
             # XNAT's lookup by ID is a secured search, which finds an object
             # through any project it is shared into that the user may read.
             project = _readable_share(store, access, out) or project
-        if project is None or not access.visible(project):
+        # A secured search finds nothing in a project whose data the user may
+        # not read: a protected one is a 404 here, not a 403 (ExperimentResource's
+        # getXnatExperimentdatasById(id, user, ...) returns null).
+        if project is None or not access.readable(project):
             raise XnatHTTPError(404, "Unable to find the specified experiment.")
         out.project = project
     if out.project is not None and (out.subject is not None or path.collection not in (None,)):

@@ -90,7 +90,10 @@ def _display_search_projects(request: web.Request, store: Store,
             continue
         if "collaborator" in request.query and role != "collaborator":
             continue
-        if not (access.readable(p) or ("accessible" not in request.query and access.visible(p))):
+        # The user's read criteria on xnat:projectData (protected ones too);
+        # ``accessible=false``: only those the user has no role in.
+        if not access.visible(p) or (
+                request.query.get("accessible", "").lower() == "false" and role is not None):
             continue
         rows.append({
             "id": p["id"], "secondary_id": p["secondary_id"], "name": p["name"],
