@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"block cache location (default {DEFAULT_CACHE_DIR})")
     mount.add_argument("--cache-size", type=parse_size, default=parse_size("10G"),
                        help="disk cache limit (default 10G)")
+    mount.add_argument("--shared-cache", type=Path, metavar="DIR",
+                       help="shared block cache of a cluster, on a file system the nodes "
+                            "share (default: none)")
+    mount.add_argument("--shared-cache-max", type=parse_size, metavar="SIZE",
+                       help="trim the shared cache to this size (default: no bound; "
+                            "or run xnatfs cache prune)")
     mount.add_argument("--metadata-ttl", type=float, default=60.0,
                        help="seconds listings are cached (default 60, minimum 1)")
     mount.add_argument("--read-only", action="store_true", help="mount read-only")
@@ -132,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what a mount is doing: requests, bytes, "
                                                  "downloads, uploads, errors")
     status.add_argument("mountpoint", type=Path)
+    cache = commands.add_parser("cache", help="look after a cache")
+    cache_actions = cache.add_subparsers(dest="action", required=True)
+    prune = cache_actions.add_parser(
+        "prune", help="bound a shared cache: remove least recently used files, and "
+                      "temporaries and claims older than --age")
+    prune.add_argument("--shared", type=Path, required=True, metavar="DIR",
+                       help="the shared cache folder (as given to --shared-cache)")
+    prune.add_argument("--max", type=parse_size, required=True, metavar="SIZE",
+                       help="keep at most this much (10G, 500M...)")
+    prune.add_argument("--age", type=float, default=3600.0, metavar="SECONDS",
+                       help="temporaries and claims older than this are left-overs "
+                            "(default 3600)")
     status.add_argument("--json", action="store_true",
                         help=f"print the mount's {STATUS_FILE_NAME} as it is")
 
@@ -207,14 +225,23 @@ def _resolve_credentials(args: argparse.Namespace, url: str | None) -> Credentia
 
 
 def _apply_config_switches(args: argparse.Namespace, site: str) -> None:
-    """Mount switches (``direct_archive``, ``allow_other``...) from the config file,
-    unless given here; ``args.from_config`` names those taken from the file."""
-    from .credentials import CredentialsError, mount_switches
+    """Mount switches (``direct_archive``, ``allow_other``...) and values
+    (``shared_cache``...) from the config file, unless given here;
+    ``args.from_config`` names the switches taken from the file."""
+    from .credentials import CredentialsError, mount_switches, mount_values
 
     try:
         switches = mount_switches(site, args.profile)
+        values = mount_values(site, args.profile)
     except CredentialsError as exc:
         raise UserError(f"xnatfs: {exc}") from None
+    if args.shared_cache is None and "shared_cache" in values:
+        args.shared_cache = Path(values["shared_cache"]).expanduser()
+    if args.shared_cache_max is None and "shared_cache_max" in values:
+        try:
+            args.shared_cache_max = parse_size(values["shared_cache_max"])
+        except argparse.ArgumentTypeError as exc:
+            raise UserError(f"xnatfs: shared_cache_max in the config file: {exc}") from None
     args.from_config = set()
     for name, value in switches.items():
         if not getattr(args, name):
@@ -324,7 +351,8 @@ def _mount_in_foreground(args: argparse.Namespace, credentials: Credentials,
                          prearchive_ttl=args.prearchive_ttl,
                          request_timeout=args.timeout, import_timeout=args.import_timeout,
                          debug_fuse=args.debug_fuse,
-                         allow_other=args.allow_other, allow_root=args.allow_root)
+                         allow_other=args.allow_other, allow_root=args.allow_root,
+                         shared_cache=args.shared_cache, shared_cache_max=args.shared_cache_max)
     ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
     mounted = False
 
@@ -383,6 +411,10 @@ def _mount_in_background(args: argparse.Namespace, credentials: Credentials,
         argv.append("--allow-other")
     if args.allow_root:
         argv.append("--allow-root")
+    if args.shared_cache is not None:
+        argv += ["--shared-cache", str(args.shared_cache.absolute())]
+    if args.shared_cache_max is not None:
+        argv += ["--shared-cache-max", str(args.shared_cache_max)]
     # The password goes over the pipe only: not left in the daemon's environment
     # (readable in /proc by root, inherited by everything the daemon starts).
     env = {name: value for name, value in os.environ.items() if name != "XNAT_PASS"}
@@ -508,7 +540,8 @@ GENERIC_MOUNT_OPTIONS = {
 FSTAB_ALIASES = {"ro": "read-only", "xnat-user": "user"}  # "user" means another thing there
 NOT_FROM_FSTAB = {"foreground", "debug-fuse", "credentials-on-stdin", "ready-fd"}
 NO_SOURCE = {"none", "xnatfs"}  # fstab's placeholders for "the URL comes from the profile"
-COMMANDS = {"mount", "umount", "status", "uploads", "prearchive", "demo", "testserver"}
+COMMANDS = {"mount", "umount", "status", "uploads", "prearchive", "cache", "demo",
+            "testserver"}
 
 
 def fstab_arguments(argv: list[str]) -> list[str]:
@@ -565,6 +598,10 @@ def main(argv: list[str] | None = None) -> int:
             from .sitecommands import prearchive_command
 
             return prearchive_command(args)
+        if args.command == "cache":
+            from .sitecommands import cache_command
+
+            return cache_command(args)
         if args.command == "demo":
             return demo(args)
         if args.command == "testserver":

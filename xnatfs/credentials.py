@@ -197,6 +197,10 @@ MOUNT_SWITCHES = ("direct_archive", "write_behind", "allow_other", "allow_root",
                   "allow_overwrite", "allow_delete")
 
 
+# Mount options with a value: the shared cache tier of a cluster (a path, a size).
+MOUNT_VALUES = ("shared_cache", "shared_cache_max")
+
+
 def mount_switches(site: str, profile: str | None = None,
                    config_path: Path | None = None) -> dict[str, bool]:
     """On/off mount options (``MOUNT_SWITCHES``) from the config file: the
@@ -213,6 +217,39 @@ def mount_switches(site: str, profile: str | None = None,
         CredentialsError: the file is unreadable or a switch is not true/false.
     """
     config_file = config_path or default_config_path()
+    switches: dict[str, bool] = {}
+    for table in _mount_tables(site, profile, config_file):
+        for name in MOUNT_SWITCHES:
+            if name in table:
+                if not isinstance(table[name], bool):
+                    raise CredentialsError(f"{config_file}: {name} must be true or false")
+                switches[name] = table[name]
+    return switches
+
+
+def mount_values(site: str, profile: str | None = None,
+                 config_path: Path | None = None) -> dict[str, str]:
+    """Mount options with a value (``MOUNT_VALUES``) from the same tables as
+    :func:`mount_switches`, as text (``shared_cache = "/shared/xnatfs"``,
+    ``shared_cache_max = "500G"``; a size may also be a number of bytes).
+
+    Raises:
+        CredentialsError: the file is unreadable or a value is not text or a number.
+    """
+    config_file = config_path or default_config_path()
+    values: dict[str, str] = {}
+    for table in _mount_tables(site, profile, config_file):
+        for name in MOUNT_VALUES:
+            if name in table:
+                value = table[name]
+                if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+                    raise CredentialsError(f"{config_file}: {name} must be a path or a size")
+                values[name] = str(value)
+    return values
+
+
+def _mount_tables(site: str, profile: str | None, config_file: Path) -> list[Mapping[str, Any]]:
+    """The ``[mount]`` table, then the profile's: later ones override."""
     config = _load_config(config_file)
     tables: list[Mapping[str, Any]] = []
     if isinstance(config.get("mount"), Mapping):
@@ -225,14 +262,7 @@ def mount_switches(site: str, profile: str | None = None,
             tables.extend(entry for entry in profiles.values()
                           if isinstance(entry, Mapping) and entry.get("url")
                           and normalise_site_url(entry["url"]) == site)
-    switches: dict[str, bool] = {}
-    for table in tables:
-        for name in MOUNT_SWITCHES:
-            if name in table:
-                if not isinstance(table[name], bool):
-                    raise CredentialsError(f"{config_file}: {name} must be true or false")
-                switches[name] = table[name]
-    return switches
+    return tables
 
 
 def _load_config(path: Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from . import areas
-from .blockcache import BlockCache
+from .blockcache import DEFAULT_BLOCK_SIZE, BlockCache, prepare_shared
 from .client import ClientSettings, XnatClient
 from .credentials import Credentials, SessionCache
 from .deadlines import Deadlines
@@ -56,6 +56,8 @@ class MountConfig:
     debug_fuse: bool = False
     allow_other: bool = False         # every local user may read (not upload)
     allow_root: bool = False          # root may read too (a Docker daemon, say)
+    shared_cache: Path | None = None  # the shared block tier of a cluster (--shared-cache)
+    shared_cache_max: int | None = None  # trim it to this many bytes (any mount may)
 
     @property
     def operation_timeout(self) -> float:
@@ -216,6 +218,8 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
     started = time.time()  # for the status file: before the login it counts
     config.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.cache_dir.chmod(0o700)  # cached data is as private as the mount
+    if config.shared_cache is not None:
+        await prepare_shared(config.shared_cache, DEFAULT_BLOCK_SIZE)
     client = XnatClient(config.credentials, settings=settings, session_cache=SessionCache())
     await client.connect()
     refused: MountRefused | None = None
@@ -230,7 +234,9 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                 write_behind=config.write_behind)
             tree = Tree(client, metadata_ttl=config.metadata_ttl)
             blocks = BlockCache(client, config.cache_dir / "blocks", size_limit=config.cache_size,
-                                nursery=nursery, range_mode=config.range_mode)
+                                nursery=nursery, range_mode=config.range_mode,
+                                shared_dir=config.shared_cache,
+                                shared_max=config.shared_cache_max)
             deadlines = Deadlines(op_timeout=config.operation_timeout,
                                   upload_timeout=max(3600.0, 2 * config.import_timeout))
             operations = Operations(tree, deadlines, nursery=nursery)

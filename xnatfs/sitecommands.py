@@ -1,6 +1,7 @@
 """``xnatfs uploads`` and ``xnatfs prearchive``: commands that talk to a site
 without a mount (what the spool kept, and the prearchive); ``xnatfs status``,
-which reads a mount's status file."""
+which reads a mount's status file; ``xnatfs cache prune``, which bounds a
+shared cache tier."""
 
 from __future__ import annotations
 
@@ -29,6 +30,20 @@ def status_command(args: argparse.Namespace) -> int:
         sys.stdout.write(raw.decode())
     else:
         sys.stdout.write(human_text(json.loads(raw)))
+    return 0
+
+
+def cache_command(args: argparse.Namespace) -> int:
+    """``xnatfs cache prune --shared DIR --max SIZE``: bound a shared cache tier
+    (safe while mounts use it, and beside other pruners)."""
+    from .blockcache.shared import LAYOUT, prune
+
+    if not (args.shared / LAYOUT).is_dir():
+        raise UserError(f"xnatfs: {args.shared} holds no xnatfs shared cache")
+    report = prune(args.shared, args.max, max_age=args.age)
+    print(f"kept {report.kept_bytes} bytes; removed {report.removed_bytes} bytes "
+          f"({report.removed_files} blocks) and {report.removed_temporaries} left-over "
+          f"temporaries or claims")
     return 0
 
 

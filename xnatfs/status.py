@@ -84,7 +84,14 @@ def gather(sources: StatusSources) -> dict[str, Any]:
         },
         "bytes": {
             "from_xnat": client.bytes_received,
+            "from_shared_cache": stats.bytes_from_shared,
             "from_local_cache": stats.bytes_from_cache,
+        },
+        "shared_cache": {
+            "enabled": sources.blocks.shared is not None,
+            "entries_published": stats.shared_published,
+            "entries_found_bad": stats.shared_bad,
+            "failed_or_hung_calls": stats.shared_outages,
         },
         "downloads": {
             "in_flight": stats.downloads_running,
@@ -130,7 +137,13 @@ def human_text(document: dict[str, Any], now: float | None = None) -> str:
                  f"{'none' if since is None else _duration(now - since) + ' old'}"
                  f"  (relogins {session['relogins']})")
     lines.append(f"bytes from XNAT   {_size(document['bytes']['from_xnat'])}")
+    lines.append(f"bytes from shared {_size(document['bytes']['from_shared_cache'])}")
     lines.append(f"bytes from cache  {_size(document['bytes']['from_local_cache'])}")
+    shared = document["shared_cache"]
+    if shared["enabled"]:
+        lines.append(f"shared cache      {shared['entries_published']} blocks published, "
+                     f"{shared['entries_found_bad']} found bad, "
+                     f"{shared['failed_or_hung_calls']} calls failed or hung")
     downloads = document["downloads"]
     lines.append(f"downloads         {downloads['in_flight']} in flight, "
                  f"{downloads['queued']} queued")

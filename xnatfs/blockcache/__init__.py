@@ -15,6 +15,10 @@ How the package is laid out, one concern a module:
 * :mod:`.disk`: the disk tier: block files (through ``directdisk``; eviction
   is the disk cache's own, least recently stored), the index of cached files
   read at mount time, a file's census, the disk read-ahead, the stores.
+* :mod:`.shared`: the shared tier on a cluster file system (``--shared-cache``):
+  block files published by rename, claims, pruning. Blocking calls only.
+* :mod:`.sharedtier`: the block cache's use of it, from worker threads,
+  bounded: looked up after the disk and before XNAT, filled after a download.
 * :mod:`.integrity`: the digest check, and dropping a file's blocks when they
   are wrong.
 * :mod:`.downloads`: ranged blocks in parallel, the single streaming download
@@ -24,7 +28,8 @@ How the package is laid out, one concern a module:
   ``drop``, ``close``) and the read path with its read-ahead window.
 
 Composition: the layers are classes that add methods, never state, each on
-the one below (:class:`~.disk.DiskTier` ← :class:`~.integrity.DigestCheck` ←
+the one below (:class:`~.disk.DiskTier` ← :class:`~.sharedtier.SharedTier` ←
+:class:`~.integrity.DigestCheck` ←
 :class:`~.downloads.Downloads` ← :class:`BlockCache`), and ``BlockCache``
 sets the state they share in its ``__init__``. A read calls them as methods
 of one object, as it did when this was one module: no forwarding layer, no
@@ -40,6 +45,7 @@ from __future__ import annotations
 from .blocks import Block, CacheStatistics, Download, FileIdentity, FileState, PendingBlock
 from .cache import DEFAULT_BLOCK_SIZE, SEQUENTIAL_AHEAD, SEQUENTIAL_BEHIND, BlockCache
 from .disk import DISK_READ_AHEAD_BLOCKS
+from .sharedtier import prepare_shared
 from .downloads import PAUSED_DOWNLOAD_LIMIT, PAUSED_DOWNLOAD_POLL
 
 __all__ = [
@@ -56,4 +62,5 @@ __all__ = [
     "FileIdentity",
     "FileState",
     "PendingBlock",
+    "prepare_shared",
 ]

@@ -118,6 +118,8 @@ class FileState:
     version: str | None = None  # Last-Modified of its first download: every later one must match
     received: int = 0           # bytes received by its finished downloads
     streams: list[ByteStream] = field(default_factory=list)  # its downloads under way
+    shared_claims: set[int] = field(default_factory=set)  # blocks this mount claimed in the shared tier
+    from_shared: set[int] = field(default_factory=set)    # blocks that came from the shared tier
 
 
 @dataclass
@@ -131,6 +133,10 @@ class CacheStatistics:
     digest_failures: int = 0
     bytes_from_cache: int = 0  # read bytes that were already there (memory or disk)
     downloads_running: int = 0  # downloads from XNAT under way now
+    bytes_from_shared: int = 0  # read bytes of blocks that came from the shared tier
+    shared_published: int = 0   # blocks this mount put in the shared tier
+    shared_bad: int = 0         # damaged shared entries found (and removed)
+    shared_outages: int = 0     # shared-tier calls that failed or hung
 
 
 def want(state: FileState, end: int) -> None:

@@ -17,6 +17,7 @@ chain more than before the split.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,9 @@ from ..directdisk import DirectDisk
 from ..errors import Stale
 from .blocks import Block, CacheStatistics, FileIdentity, FileState, PendingBlock, want
 from .downloads import Downloads
+from .shared import SharedCache
+
+log = logging.getLogger("xnatfs.blockcache")
 
 DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
 # How far a read may land after (or before) where the previous one ended and still
@@ -45,7 +49,8 @@ class BlockCache(Downloads):
     def __init__(self, client: XnatClient, directory: Path, *, size_limit: int,
                  nursery: trio.Nursery, block_size: int = DEFAULT_BLOCK_SIZE,
                  memory_bytes: int = 64 * 1024 * 1024, range_mode: str = "auto",
-                 max_parallel: int = 8, max_window: int = 32 * 1024 * 1024) -> None:
+                 max_parallel: int = 8, max_window: int = 32 * 1024 * 1024,
+                 shared_dir: Path | None = None, shared_max: int | None = None) -> None:
         self.client = client
         self.block_size = block_size
         self.range_mode = range_mode
@@ -84,6 +89,16 @@ class BlockCache(Downloads):
         # disk lookup before its download. Trusted only once the read succeeded.
         self._files_on_disk: set[str] = set()
         self._index_complete = False
+        # The shared tier (--shared-cache), consulted after the disk, before XNAT.
+        self.shared = SharedCache(shared_dir, block_size) if shared_dir is not None else None
+        self.shared_max = shared_max
+        self.shared_limiter = trio.CapacityLimiter(4)
+        self.publish_limiter = trio.CapacityLimiter(2)
+        self._shared_down_until = float("-inf")
+        self._shared_publishing = 0
+        self._shared_since_trim = 0
+        self._shared_trimming = False
+        self._shared_touched = LRUCache(maxsize=65536)
         self.indexed = trio.Event()  # set once the index is read (or could not be)
         nursery.start_soon(self._index_disk)
 
@@ -138,7 +153,10 @@ class BlockCache(Downloads):
                 await source.wait_for(hi)
                 parts.append(source.view(lo, hi))
             else:
-                self.stats.bytes_from_cache += hi - lo
+                if index in state.from_shared:
+                    self.stats.bytes_from_shared += hi - lo
+                else:
+                    self.stats.bytes_from_cache += hi - lo
                 parts.append(memoryview(source)[lo:hi])
         # Once the end of the file has been asked for, any read may be the one that
         # completes it (the kernel's readahead requests arrive in any order).
@@ -184,7 +202,54 @@ class BlockCache(Downloads):
                 if data is not None:
                     return data
             if key not in self.memory and index not in state.pending:
-                await self._fetch(state, index)
+                await self._obtain(state, index)
+
+    async def _obtain(self, state: FileState, index: int, *, speculative: bool = False,
+                      claimed: trio.Event | None = None) -> None:
+        """A block neither in memory nor on disk: from the shared tier if it has it,
+        else put on its way from XNAT. ``claimed``: the caller already put this
+        event in ``state.loading`` (a read-ahead started in the background)."""
+        if self.shared is None:
+            await self._fetch(state, index, speculative=speculative)
+            return
+        event = claimed if claimed is not None else trio.Event()
+        state.loading[index] = event  # other readers of this block wait for us
+        try:
+            data = await self._from_shared(state, index)
+            key = (state.ident.key, index)
+            if key in self.memory or index in state.pending or state.dropped:
+                return
+            if data is None:
+                await self._fetch(state, index, speculative=speculative)
+                return
+            # Like a downloaded block: in memory, stored on the local disk, and
+            # part of the file's digest check (another node's bytes are checked too).
+            self.memory[key] = data
+            state.from_shared.add(index)
+            state.fetched = True
+            await self._store_slots.acquire()
+            self.nursery.start_soon(self._store, state, index, data)
+            self._start_digest(state)
+        finally:
+            del state.loading[index]
+            event.set()
+
+    async def _obtain_in_background(self, state: FileState, index: int, speculative: bool,
+                                    claimed: trio.Event) -> None:
+        try:  # _obtain releases the claim whatever happens
+            await self._obtain(state, index, speculative=speculative, claimed=claimed)
+        except Exception:  # a failed read-ahead is only a missed chance
+            log.exception("reading block %d of %s ahead failed", index, state.ident.uri)
+
+    async def _get_ahead(self, state: FileState, index: int, *, speculative: bool = False) -> None:
+        """Put a block nobody waits for yet on its way: with a shared tier, looked
+        up in the background (a claim there may take seconds)."""
+        if self.shared is None:
+            await self._fetch(state, index, speculative=speculative)
+        elif index not in state.loading and index not in state.pending:
+            claimed = state.loading[index] = trio.Event()
+            self.nursery.start_soon(self._obtain_in_background, state, index, speculative,
+                                    claimed)
 
     # ---------------------------------------------------------- read-ahead
     async def _read_ahead(self, state: FileState, offset: int, end: int) -> None:
@@ -206,7 +271,7 @@ class BlockCache(Downloads):
         last = min((end + state.window - 1) // self.block_size, state.nblocks - 1)
         for index in range(first, last + 1):
             if not await self._has_block(state, index):
-                await self._fetch(state, index)
+                await self._get_ahead(state, index)
         state.ahead_until = max(state.ahead_until, last + 1)
 
     async def prefetch_whole(self, ident: FileIdentity, *, speculative: bool = True) -> None:
@@ -218,7 +283,7 @@ class BlockCache(Downloads):
         want(state, ident.size)
         for index in range(state.nblocks):
             if not await self._has_block(state, index):
-                await self._fetch(state, index, speculative=speculative)
+                await self._get_ahead(state, index, speculative=speculative)
 
     async def first_bytes(self, ident: FileIdentity) -> bool:
         """Return once the first byte of a file has arrived (True), its download

@@ -240,6 +240,7 @@ class Downloads(DigestCheck):
                      download: Download | None) -> None:
         """Fail the pending blocks in ``[position, stop)`` that no other download will fill."""
         first, last = position // self.block_size, -(-stop // self.block_size)
+        failed = []
         for index in sorted(i for i in state.pending if first <= i < last):
             pending = state.pending[index]
             at = index * self.block_size + pending.filled
@@ -248,6 +249,8 @@ class Downloads(DigestCheck):
                 continue
             del state.pending[index]
             pending.fail(error)
+            failed.append(index)
+        self._release_claims_soon(state, failed)
 
     async def _distribute(self, state: FileState, position: int, chunk: bytes,
                           download: Download | None) -> int:
@@ -269,6 +272,7 @@ class Downloads(DigestCheck):
                     pending = state.pending.get(index)
                 else:
                     pending = self._open_block(state, index)
+                    self._claim_soon(state, index)
             if pending is not None:
                 pending.feed_at(within, view[:take])
                 if pending.complete and state.pending.get(index) is pending:
@@ -295,6 +299,7 @@ class Downloads(DigestCheck):
         self.memory[(state.ident.key, index)] = data
         self.stats.fetched_blocks += 1
         self.nursery.start_soon(self._store, state, index, data)
+        self._publish_soon(state, index, data)
         self._start_digest(state)
 
 

@@ -24,12 +24,12 @@ from cachetools import LRUCache
 
 from ..errors import Stale
 from .blocks import FileIdentity, FileState, progressed
-from .disk import DiskTier
+from .sharedtier import SharedTier
 
 log = logging.getLogger("xnatfs.blockcache")  # one logger for the package, as before the split
 
 
-class DigestCheck(DiskTier):
+class DigestCheck(SharedTier):
     """The methods of :class:`~xnatfs.blockcache.BlockCache` that check and drop
     files; state as for :class:`~.disk.DiskTier`."""
 
@@ -137,6 +137,7 @@ class DigestCheck(DiskTier):
         if bad:
             state.verified = False
             self._suspect.add(ident.key)
+            self._drop_shared_soon(ident)
         error = Stale(why or f"{ident.uri}: dropped from the cache")
         for pending in state.pending.values():
             pending.fail(error)
