@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from xnatfs.blockcache import downloads as blockcache  # PAUSED_DOWNLOAD_LIMIT lives there
-from xnatfs.blockcache import BlockCache, FileIdentity
+from xnatfs.blockcache import BlockCache, FileIdentity, prepare_shared
 from xnatfs.client import ClientSettings, XnatClient
 from xnatfs.credentials import Credentials, SessionCache
 from xnatfs.testing.harness import TestServer
@@ -158,3 +158,37 @@ async def test_a_stream_paused_too_long_stops_and_a_later_read_restarts_it(
                 await trio.sleep(0.05)
         assert await blocks.read(ident, len(BIG) - 5000, 5000) == BIG[-5000:]
         assert blocks.stats.fetch_requests == 2
+
+
+async def test_a_read_waits_for_a_read_ahead_that_began_while_it_asked_the_disk(
+        server: TestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a shared tier, a read-ahead looks blocks up in the background and marks
+    them loading. A read that asked the disk for the same block meanwhile must wait
+    for it, not start a second lookup over it: the two overwrote each other's
+    marker, and the loser's cleanup failed (KeyError: every read of the file then
+    failed or hung; four mounts of S10 in contrib/bench.py all died of it)."""
+    shared = tmp_path / "shared"
+    await prepare_shared(shared, BLOCK)
+    async with connect(server, tmp_path) as client:
+        ident = await big_file(server, client)
+        async with trio.open_nursery() as nursery:
+            blocks = BlockCache(client, tmp_path / "blocks", size_limit=1 << 30,
+                                nursery=nursery, block_size=BLOCK, shared_dir=shared)
+            await blocks.indexed.wait()
+            raced: list[int] = []
+
+            async def has_block(state, index: int) -> bool:  # noqa: ANN001
+                if not raced:  # a read-ahead of this block starts while the disk is asked
+                    raced.append(index)
+                    await blocks._get_ahead(state, index)
+                await trio.sleep(0)
+                return False
+
+            monkeypatch.setattr(blocks, "_has_block", has_block)
+            monkeypatch.setattr(blocks, "_never_on_disk", lambda state: False)
+            with trio.fail_after(20):
+                assert await blocks.read(ident, 0, 3 * BLOCK) == BIG[:3 * BLOCK]
+            assert raced == [0]
+            assert blocks.stats.fetch_requests == 1  # one download carried the blocks
+            nursery.cancel_scope.cancel()
+        blocks.close()

@@ -201,7 +201,10 @@ class BlockCache(Downloads):
                 data = await self._load_from_disk(state, index)
                 if data is not None:
                     return data
-            if key not in self.memory and index not in state.pending:
+            # A read-ahead may have started on it while the disk was asked (_get_ahead
+            # marks it loading): wait for that one rather than race it.
+            if (key not in self.memory and index not in state.pending
+                    and index not in state.loading):
                 await self._obtain(state, index)
 
     async def _obtain(self, state: FileState, index: int, *, speculative: bool = False,
@@ -231,7 +234,8 @@ class BlockCache(Downloads):
             self.nursery.start_soon(self._store, state, index, data)
             self._start_digest(state)
         finally:
-            del state.loading[index]
+            if state.loading.get(index) is event:
+                del state.loading[index]
             event.set()
 
     async def _obtain_in_background(self, state: FileState, index: int, speculative: bool,
