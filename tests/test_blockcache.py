@@ -7,6 +7,7 @@ itself does (disk lookups, downloads), which no mount-level view shows.
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,7 +17,10 @@ import pytest
 import trio
 
 from xnatfs.blockcache import downloads as blockcache  # PAUSED_DOWNLOAD_LIMIT lives there
-from xnatfs.blockcache import BlockCache, FileIdentity, prepare_shared
+from xnatfs.blockcache import (DEFAULT_BLOCK_SIZE, BlockCache, FileIdentity, prepare_shared,
+                               sharedtier)
+from xnatfs.blockcache.shared import SharedCache
+from xnatfs.errors import Stale
 from xnatfs.client import ClientSettings, XnatClient
 from xnatfs.credentials import Credentials, SessionCache
 from xnatfs.testing.harness import TestServer
@@ -158,6 +162,77 @@ async def test_a_stream_paused_too_long_stops_and_a_later_read_restarts_it(
                 await trio.sleep(0.05)
         assert await blocks.read(ident, len(BIG) - 5000, 5000) == BIG[-5000:]
         assert blocks.stats.fetch_requests == 2
+
+
+# ------------------------------------------------------------ the shared tier
+async def test_a_hung_shared_tier_costs_one_bound_then_reads_go_to_xnat(
+        server: TestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster file system that stops answering: the read waits its bound
+    once, then XNAT serves it; the tier is left alone for a while after."""
+    monkeypatch.setattr(sharedtier, "SHARED_IO_TIMEOUT", 0.5)
+    release = threading.Event()
+    calls = []
+
+    def hang(self: SharedCache, *args: object) -> bytes:
+        calls.append(args)
+        release.wait(30)
+        raise OSError("released")
+
+    monkeypatch.setattr(SharedCache, "read_or_claim", hang)
+    monkeypatch.setattr(SharedCache, "touch", hang)
+    try:
+        async with connect(server, tmp_path) as client:
+            first, second = await two_files(client)
+            async with trio.open_nursery() as nursery:
+                blocks = BlockCache(client, tmp_path / "blocks", size_limit=1 << 30,
+                                    nursery=nursery, shared_dir=tmp_path / "shared")
+                await blocks.indexed.wait()
+                with trio.fail_after(5):
+                    assert len(await blocks.read(first, 0, first.size)) == first.size
+                    assert len(await blocks.read(second, 0, second.size)) == second.size
+                assert len(calls) == 1  # the second file did not try the hung tier
+                assert blocks.stats.shared_outages == 1 and blocks.stats.fetch_requests == 2
+                nursery.cancel_scope.cancel()
+            blocks.close()
+    finally:
+        release.set()
+
+
+async def test_blocks_from_the_shared_tier_are_digest_checked_and_dropped_when_wrong(
+        server: TestServer, tmp_path: Path) -> None:
+    """A block whose own hash is right but whose bytes are not the file's (a node
+    that published wrong bytes): the file's MD5 check catches it, and the
+    file's blocks leave the shared tier so no node reads them again."""
+    shared_dir = tmp_path / "shared"
+    async with connect(server, tmp_path) as client:
+        ident, _ = await two_files(client)
+        assert ident.size <= DEFAULT_BLOCK_SIZE  # one block
+        tier = SharedCache(shared_dir, DEFAULT_BLOCK_SIZE)
+        tier.prepare()
+        good = await client_bytes(server, ident)
+        tier.publish(ident.key, 0, bytes(b ^ 0xFF for b in good))
+        async with trio.open_nursery() as nursery:
+            blocks = BlockCache(client, tmp_path / "blocks", size_limit=1 << 30,
+                                nursery=nursery, shared_dir=shared_dir)
+            await blocks.indexed.wait()
+            with pytest.raises(Stale):
+                await blocks.read(ident, 0, ident.size)
+            assert blocks.stats.fetch_requests == 0 and blocks.stats.digest_failures == 1
+            with trio.fail_after(5):  # dropped from the tier in the background
+                while tier.entry(ident.key, 0).exists():
+                    await trio.sleep(0.05)
+            assert await blocks.read(ident, 0, ident.size) == good  # from XNAT, checked
+            assert blocks.stats.fetch_requests == 1
+            nursery.cancel_scope.cancel()
+        blocks.close()
+
+
+async def client_bytes(server: TestServer, ident: FileIdentity) -> bytes:
+    async with httpx.AsyncClient(base_url=server.url, auth=("admin", "admin"),
+                                 trust_env=False) as http:
+        answer = await http.get(ident.uri)
+        answer.raise_for_status()
+        return answer.content
 
 
 async def test_a_read_waits_for_a_read_ahead_that_began_while_it_asked_the_disk(

@@ -18,6 +18,7 @@ from xnatfs.credentials import (
     SessionCache,
     default_session_cache_path,
     mount_switches,
+    mount_values,
     named_site,
     normalise_site_url,
     resolve_credentials,
@@ -210,6 +211,36 @@ def test_mount_switches_must_be_booleans(home: Path) -> None:
     write_config(home, '[mount]\nwrite_behind = "yes"\n')
     with pytest.raises(CredentialsError, match="write_behind must be true or false"):
         mount_switches(SITE)
+
+
+def test_the_shared_cache_from_the_mount_table_and_the_sites_profile(home: Path) -> None:
+    write_config(home, '[mount]\nshared_cache = "/shared/xnatfs"\nshared_cache_max = "500G"\n'
+                       f'[profiles.work]\nurl = "{SITE}"\nshared_cache_max = 1073741824\n')
+    assert mount_values(SITE) == {"shared_cache": "/shared/xnatfs",
+                                  "shared_cache_max": "1073741824"}
+    assert mount_values("https://elsewhere.example.org")["shared_cache_max"] == "500G"
+    assert mount_switches(SITE) == {}  # values are not switches
+
+
+def test_and_the_cli_takes_them_unless_given(home: Path) -> None:
+    from xnatfs.cli import _apply_config_switches, build_parser
+
+    write_config(home, '[mount]\nshared_cache = "~/shared"\nshared_cache_max = "2G"\n')
+    args = build_parser().parse_args(["mount", SITE, "/mnt"])
+    _apply_config_switches(args, SITE)
+    assert args.shared_cache == home / "shared" and args.shared_cache_max == 2 << 30
+    args = build_parser().parse_args(["mount", SITE, "/mnt", "--shared-cache", "/s",
+                                      "--shared-cache-max", "1M"])
+    _apply_config_switches(args, SITE)
+    assert args.shared_cache == Path("/s") and args.shared_cache_max == 1 << 20
+
+
+@pytest.mark.parametrize("line", ["shared_cache = true", 'shared_cache = ""',
+                                  "shared_cache_max = [1]"])
+def test_mount_values_must_be_text_or_numbers(home: Path, line: str) -> None:
+    write_config(home, f"[mount]\n{line}\n")
+    with pytest.raises(CredentialsError, match="must be a path or a size"):
+        mount_values(SITE)
 
 
 # ------------------------------------------------------------ the dataclass

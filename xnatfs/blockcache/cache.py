@@ -215,6 +215,9 @@ class BlockCache(Downloads):
         if self.shared is None:
             await self._fetch(state, index, speculative=speculative)
             return
+        if claimed is None and index in state.loading:  # a disk read or lookup of it runs
+            await state.loading[index].wait()
+            return
         event = claimed if claimed is not None else trio.Event()
         state.loading[index] = event  # other readers of this block wait for us
         try:

@@ -113,6 +113,8 @@ class SharedTier(DiskTier):
                          "it", index, state.ident.uri, CLAIM_WAIT)
                 return None
             await trio.sleep(CLAIM_POLL)
+            if index in state.pending or (key, index) in self.memory:
+                return None  # a download of this mount got to it meanwhile
         return None
 
     def _claim_soon(self, state: FileState, index: int) -> None:
@@ -178,20 +180,26 @@ class SharedTier(DiskTier):
             return
         self.stats.shared_published += 1
         self._shared_since_trim += len(data)
-        if (self.shared_max is not None and not self._shared_trimming
-                and self._shared_since_trim >= max(self.shared_max // 16, self.block_size)):
+        if self._trim_due() and not self._shared_trimming:
             self._shared_trimming = True
-            self._shared_since_trim = 0
             self.nursery.start_soon(self._trim_shared)
 
+    def _trim_due(self) -> bool:
+        """Whether this mount published a sixteenth of ``shared_max`` since it last trimmed."""
+        return (self.shared_max is not None
+                and self._shared_since_trim >= max(self.shared_max // 16, self.block_size))
+
     async def _trim_shared(self) -> None:
-        """Bound the tier at ``shared_max`` (any mount may; pruners do not clash)."""
+        """Bound the tier at ``shared_max`` (any mount may; pruners do not clash),
+        again while blocks published during a trim make another one due."""
         assert self.shared is not None and self.shared_max is not None
         try:
-            report = await trio.to_thread.run_sync(prune, self.shared.root, self.shared_max,
-                                                   abandon_on_cancel=True)
-            log.info("shared cache trimmed: %d bytes kept, %d removed",
-                     report.kept_bytes, report.removed_bytes)
+            while self._trim_due():
+                self._shared_since_trim = 0
+                report = await trio.to_thread.run_sync(
+                    prune, self.shared.root, self.shared_max, abandon_on_cancel=True)
+                log.info("shared cache trimmed: %d bytes kept, %d removed",
+                         report.kept_bytes, report.removed_bytes)
         except OSError as exc:
             log.warning("cannot trim the shared cache: %s", exc)
         finally:
