@@ -45,12 +45,22 @@ S9    ``mkdir`` of a new session resource, ``cp -r``  xnatpy                    
       the same on a default mount beside it (close                               behind;
       waits per file); every run verified by                                     default:
       XNAT's listing (sizes, MD5s), requests counted                             none
+S10   four mounts, each with its own ``--cache-dir``  -                           <= 0.3
+      and all with one ``--shared-cache`` tier, read
+      scan 3 (``cp -r``) and then the NIfTI (``dd``)
+      at once, one process per mount: bytes XNAT
+      served / bytes the mounts read
+      ... the wall time of the same                   four xnatpy processes at    (none)
+                                                     once, each
+                                                     ``download_dir`` of the
+                                                     scan + the NIfTI's
+                                                     ``download``
 ====  =============================================  ==========================  ==========
 
 Profiles. ``wan`` adds 20 ms to every request and caps each connection at
 25 MB/s, through the server's knobs; ``loopback`` shapes nothing. S1 is
 always measured unshaped and S2 always shaped (they are the two legs of the
-same read); the profile shapes S3, S4, S5, S7 and S9 (the issue states
+same read); the profile shapes S3, S4, S5, S7, S9 and S10 (the issue states
 their targets for wan, so with ``--profile loopback`` those ratios are for
 information). S0 and S6 make no network requests. Before each S6 run the
 same cached blocks are read cold straight from disk (4 threads): S6 cannot
@@ -81,11 +91,27 @@ mount process, CPU from ``/proc/PID/stat`` of the mount and server processes
 and from the rusage of the client commands, so the output can name the
 bottleneck (the bundled server, curl, xnatfs, the shaping).
 
+S10 (issue 23, many nodes and one XNAT) stands for four cluster nodes: four
+mounts on this machine, each with a fresh local cache and all sharing one
+fresh ``--shared-cache`` folder, mounted before the clock starts (as xnatpy
+logs in before it). Four workers start together, each ``cp -r`` of the scan
+then ``dd`` of the NIfTI through its own mount; the run ends when the last
+one does. XNAT's bytes are the ``sent`` bytes of the server's request log
+(file bodies and zips that went out, downloads cut short included); the
+mounts' bytes are what the workers copied and read, checked equal across
+them. The notes say how many file downloads each file cost, which bytes
+XNAT sent more than once (the spans of each file's downloads that overlap),
+what the tier holds afterwards, and what each mount's status file says it
+got from XNAT, the tier and its local cache. Baseline: four xnatpy processes
+logged in beforehand, then at once each ``scan.download_dir`` (one zip) and
+the NIfTI's ``download`` (MD5 checked).
+
 ``--quick`` (the smoke test in ``tests/test_bench_smoke.py``): one run of
 each figure, S1 reads 256 MiB, S2 64 MiB, S5 walks one subject (and skips
 the xnatpy walk that HEADs every file), S7 uploads a ~34 MB zip, S9 writes
-40 of the tree's files (~3 MB) and skips the xnatpy ``per_file`` baseline;
-about two and a half minutes, including the data set build when it is missing.
+40 of the tree's files (~3 MB) and skips the xnatpy ``per_file`` baseline,
+S10 reads the scan only (no NIfTI), with Range off only;
+about four minutes, including the data set build when it is missing.
 
 Reading the output: each row gives the xnatfs median, the baseline median,
 their ratio and the issue's target (``ok``/``MISS``); rows marked ``[...]``
@@ -179,15 +205,16 @@ class Scope:
     head_walk_runs: int      # runs of the (slow) xnatpy walk that HEADs every file
     s9_files: int | None     # files of the S9 tree written (None: all 300)
     s9_per_file: bool        # also the xnatpy per_file baseline (one PUT per file)
+    s10_nifti: bool          # S10 reads the NIfTI too, not only the DICOM scan
 
 
 FULL = Scope(runs=3, s1_bytes=None, s2_bytes=None, s5_subjects=SUBJECTS,
              upload_series=4, upload_slices=512, head_walk_runs=1, s9_files=None,
-             s9_per_file=True)
+             s9_per_file=True, s10_nifti=True)
 # --quick skips the xnatpy walk that HEADs every file (~900 requests per subject).
 QUICK = Scope(runs=1, s1_bytes=256 * MiB, s2_bytes=64 * MiB, s5_subjects=(SUBJECT,),
               upload_series=1, upload_slices=64, head_walk_runs=0, s9_files=40,
-              s9_per_file=False)
+              s9_per_file=False, s10_nifti=False)
 
 
 # ---------------------------------------------------------------- results
@@ -709,17 +736,7 @@ class Bench:
 
     def requests(self, mark: int, settle: float = 0.3) -> dict[str, int]:
         time.sleep(settle)  # a cancelled stream is logged when its handler ends
-        counts: Counter[str] = Counter()
-        for entry in self.server.requests_since(mark):
-            route = entry.get("route", "other")
-            if route == "control":
-                continue
-            method = entry.get("method", "GET")
-            key = route if method == "GET" else f"{route} {method}"
-            if entry.get("range"):
-                key += " (range)"
-            counts[key] += 1
-        return dict(sorted(counts.items()))
+        return count_routes(self.server.requests_since(mark))
 
     def new_mount(self, tag: str, cache_dir: Path | None = None,
                   options: tuple[str, ...] = ()) -> XnatfsMount:
@@ -835,7 +852,7 @@ class Bench:
         steps: list[tuple[str, Callable[[], None]]] = [
             ("S0", self.s0), ("S1", self.s1), ("S6", self.s6), ("S2", self.s2),
             ("S3", self.s3), ("S4", self.s4), ("S5", self.s5), ("S7", self.s7),
-            ("S8", self.s8), ("S9", self.s9)]
+            ("S8", self.s8), ("S9", self.s9), ("S10", self.s10)]
         for scenario, step in steps:
             if not self.wanted(scenario):
                 continue
@@ -1619,6 +1636,193 @@ class Bench:
                                 higher_is_better=False, mode=mode,
                                 variant="vs xnatpy per_file"))
 
+    # S10 ---------------------------------------------------------------
+    def s10_out(self, tag: str) -> Path:
+        out = self.workdir / "out" / tag
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        return out
+
+    def xnatpy_s10(self) -> Run:
+        """Four xnatpy processes at once, each logged in before the clock starts (as
+        S4's baseline), then each downloads the scan (``download_dir``: one zip) and
+        the NIfTI (``FileData.download``, MD5 checked): what four jobs do without a mount."""
+        outs = [self.s10_out(f"s10-xnatpy-{i}") for i in range(S10_MOUNTS)]
+        env = dict(self.mount_env, PYTHONPATH=str(REPO))
+        args = [self.server.url, PROJECT, SUBJECT, SESSION, DICOM_SCAN, NIFTI_SCAN,
+                NIFTI_RESOURCE, NIFTI_NAME, "1" if self.scope.s10_nifti else "0"]
+        errs = [open(self.workdir / "logs" / f"s10-xnatpy-{i}.err", "wb")  # noqa: SIM115
+                for i in range(S10_MOUNTS)]
+        procs = [subprocess.Popen([sys.executable, "-c", S10_XNATPY_WORKER, str(out), *args],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                  env=env) for out, err in zip(outs, errs)]
+
+        def kill_all() -> None:
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+
+        try:
+            for proc in procs:
+                assert proc.stdout is not None
+                line = in_thread(proc.stdout.readline, 120, kill_all)
+                if line.strip() != b"ready":
+                    raise BenchError(f"an xnatpy worker did not log in: {line[:200]!r}")
+            self.drop_caches()
+            mark = self.mark()
+            watch = CpuWatch({"server": self.server.process.pid})
+            children = os.times()
+            started = time.monotonic()
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write(b"go\n")
+                proc.stdin.close()
+            ends = []
+            for proc in procs:
+                assert proc.stdout is not None
+                out_text = in_thread(proc.stdout.read, 1800, kill_all)
+                proc.wait(60)
+                if proc.returncode != 0:
+                    raise BenchError(f"an xnatpy worker failed ({proc.returncode}); see "
+                                     f"logs/s10-xnatpy-*.err")
+                ends.append(json.loads(out_text.decode().strip().splitlines()[-1]))
+            wall = max(e["end"] for e in ends) - started
+            cpu = watch.stop()
+            after = os.times()
+            cpu["xnatpy x4"] = round(100.0 * (after.children_user + after.children_system
+                                              - children.children_user
+                                              - children.children_system) / wall, 1)
+        finally:
+            kill_all()
+            for proc in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
+            for err in errs:
+                err.close()
+        entries = self.server_entries(mark)
+        got = [folder_bytes(out) for out in outs]
+        for out in outs:
+            shutil.rmtree(out, ignore_errors=True)
+        if len(set(got)) != 1:
+            raise BenchError(f"the xnatpy workers got different data: {got}")
+        return Run(value=wall, seconds=wall, requests=count_routes(entries), cpu=cpu,
+                   extra={"files": got[0][0] - (1 if self.scope.s10_nifti else 0),
+                          "bytes_read": sum(n for _, n in got),
+                          "bytes_served": served_bytes(entries),
+                          "scan_s": [round(e["scan_s"], 3) for e in ends]})
+
+    def server_entries(self, mark: int) -> list[dict[str, Any]]:
+        """The request log since ``mark`` (the mounts are gone by then, so every
+        download, finished or cut short, has its line), without the bench's knobs."""
+        return [e for e in self.server.requests_since(mark) if e.get("route") != "control"]
+
+    def xnatfs_s10(self, rng: str) -> Run:
+        """Four fresh mounts, each with its own local cache and all with one new
+        shared tier; four workers started together, each ``cp -r`` of the scan then
+        ``dd`` of the NIfTI through its own mount."""
+        self.s10_count += 1
+        shared = self.workdir / "caches" / f"s10-shared-{rng}-{self.s10_count}"
+        shutil.rmtree(shared, ignore_errors=True)
+        shared.mkdir(parents=True)
+        mounts = [self.new_mount(f"s10-{rng}-{i}", options=("--shared-cache", str(shared)))
+                  for i in range(S10_MOUNTS)]
+        outs = [self.s10_out(f"s10-cp-{i}") for i in range(S10_MOUNTS)]
+        nbytes = self.nifti_size if self.scope.s10_nifti else 0
+
+        def kill_all() -> None:
+            for mount in mounts:
+                mount.kill()
+
+        def worker(mount: XnatfsMount, out: Path) -> tuple[float, float, float]:
+            cp = run_cmd(["cp", "-r", str(mount.path / self.paths["dicom_scan"]), str(out)],
+                         timeout=1200, on_timeout=kill_all, stall=STALL_SECONDS)
+            if cp.returncode != 0:
+                raise BenchError(f"cp failed: {failure(cp, mount.path)}")
+            dd_s = 0.0
+            if nbytes:
+                dd = run_cmd(["dd", f"if={self.nifti_path(mount)}", "of=/dev/null", "bs=1M"],
+                             timeout=1800, on_timeout=kill_all, stall=STALL_SECONDS)
+                if dd.returncode != 0:
+                    raise BenchError(f"dd failed: {failure(dd, mount.path)}")
+                dd_s = dd.seconds
+            return cp.seconds, dd_s, time.monotonic()
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        try:
+            with contextlib.ExitStack() as stack:
+                for mount in mounts:
+                    stack.enter_context(mount)
+                self.drop_caches()
+                mark = self.mark()
+                watch = CpuWatch({"server": self.server.process.pid,
+                                  **{f"mount{i}": m.pid for i, m in enumerate(mounts)}})
+                started = time.monotonic()
+                with ThreadPoolExecutor(S10_MOUNTS) as pool:
+                    futures = [pool.submit(worker, m, o) for m, o in zip(mounts, outs)]
+                    times = [f.result() for f in futures if f.exception() is None]
+                    errors = [str(f.exception()) for f in futures if f.exception() is not None]
+                if errors:  # the one that stalled first, not the others it took down
+                    errors.sort(key=lambda e: not ("stalled" in e or "timed out" in e))
+                    raise BenchError(errors[0] + (f" (and {len(errors) - 1} more workers)"
+                                                  if len(errors) > 1 else ""))
+                wall = max(end for _, _, end in times) - started
+                cpu = watch.stop()
+                status = [mount_status(m.path) for m in mounts]
+                rss = [m.rss().get("VmHWM", 0.0) for m in mounts]
+            entries = self.server_entries(mark)
+            got = [folder_bytes(out) for out in outs]
+            tier = folder_bytes(shared)
+        finally:
+            for path in (shared, *outs, *(m.cache_dir for m in mounts)):
+                shutil.rmtree(path, ignore_errors=True)
+        if len(set(got)) != 1:
+            raise BenchError(f"the mounts gave different data: {got} (files, bytes)")
+        read = sum(n for _, n in got) + S10_MOUNTS * nbytes
+        served = served_bytes(entries)
+        # The CPU use goes with the wall time (wall_run), not twice into the notes.
+        return Run(value=served / read, seconds=wall, requests=count_routes(entries),
+                   rss_mb={"VmHWM max": max(rss)},
+                   extra={"wall_s": round(wall, 3), "files": got[0][0], "cpu": cpu,
+                          "bytes_read": read, "bytes_served": served,
+                          "cp_s": [round(c, 3) for c, _, _ in times],
+                          "dd_s": [round(d, 3) for _, d, _ in times],
+                          "tier_files": tier[0], "tier_bytes": tier[1],
+                          "downloads": download_overlap(entries),
+                          "mount_bytes": status})
+
+    def s10(self) -> None:
+        self.s10_count = 0
+        what = f"scan {DICOM_SCAN}" + (" + the NIfTI" if self.scope.s10_nifti else "")
+        xnatpy = Measure(f"{S10_MOUNTS} xnatpy processes at once ({what})", "s")
+        # --quick: Range off only (real XNAT 1.8), to keep the smoke test short.
+        ranges = self.ranges[:1] if self.args.quick else self.ranges
+        ratios = {rng: Measure(f"xnatfs, Range {rng}", "") for rng in ranges}
+        walls = {rng: Measure(f"xnatfs, Range {rng}", "s") for rng in ranges}
+        try:
+            for _ in range(self.scope.runs):  # alternated: the machine's noise hits all
+                self.shape(self.profile)
+                self.guarded(xnatpy, self.xnatpy_s10)
+                for rng in ranges:
+                    self.shape(self.profile, rng == "on")
+                    self.guarded(ratios[rng], lambda rng=rng: self.xnatfs_s10(rng))
+                    walls[rng].runs.append(wall_run(ratios[rng].runs[-1]))
+        finally:
+            self.shape("loopback")
+        self.baselines["S10 xnatpy x4"] = xnatpy
+        files = scan_files(xnatpy, *ratios.values())  # xnatpy's: the DICOM files only
+        title = (f"{S10_MOUNTS} mounts, one shared tier, read scan {DICOM_SCAN} ({files} "
+                 f"files)" + (" and the NIfTI" if self.scope.s10_nifti else "") + " at once")
+        for rng in ranges:
+            fig = self.add(Figure("S10", rng, f"{title}: bytes XNAT served / bytes read",
+                                  ratios[rng], shaping=self.profile, higher_is_better=False,
+                                  target=("<=", 0.3)))
+            fig.notes.extend(s10_notes(ratios[rng], xnatpy))
+            self.add(Figure("S10", rng, f"{title}: wall time", walls[rng],
+                            shaping=self.profile, baseline=xnatpy,
+                            baseline_label=f"{S10_MOUNTS} xnatpy at once",
+                            higher_is_better=False))
+
     # ------------------------------------------------------------- output
     def results(self) -> dict[str, Any]:
         scenarios: dict[str, list[dict[str, Any]]] = {}
@@ -1667,6 +1871,133 @@ def failure(done: Done, mountpoint: Path) -> str:
 def archive_requests(requests: dict[str, int]) -> int:
     """Requests of a run but for logins and logouts (``SESSION_ROUTES``)."""
     return sum(n for k, n in requests.items() if k.split()[0] not in SESSION_ROUTES)
+
+
+def count_routes(entries: list[dict[str, Any]]) -> dict[str, int]:
+    """Requests by route (``files.download``...), method and Range, as the table lists them."""
+    counts: Counter[str] = Counter()
+    for entry in entries:
+        route = entry.get("route", "other")
+        if route == "control":
+            continue
+        method = entry.get("method", "GET")
+        key = route if method == "GET" else f"{route} {method}"
+        if entry.get("range"):
+            key += " (range)"
+        counts[key] += 1
+    return dict(sorted(counts.items()))
+
+
+# ---------------------------------------------------------------------- S10
+S10_MOUNTS = 4
+
+# One of S10's xnatpy baseline processes: log in, say "ready", wait for "go" on
+# stdin, download, print when it finished (CLOCK_MONOTONIC, shared by all processes).
+S10_XNATPY_WORKER = """
+import json, os, sys, time
+import xnat
+out, url, project, subject, session, dicom_scan, nifti_scan, resource, name, nifti = \\
+    sys.argv[1:11]
+conn = xnat.connect(url, user=os.environ["XNAT_USER"], password=os.environ["XNAT_PASS"],
+                    extension_types=False, loglevel="ERROR")
+print("ready", flush=True)
+sys.stdin.readline()
+started = time.monotonic()
+experiment = conn.projects[project].subjects[subject].experiments[session]
+experiment.scans[dicom_scan].download_dir(out, verbose=False)
+scan_s = time.monotonic() - started
+if nifti == "1":
+    experiment.scans[nifti_scan].resources[resource].files[name].download(
+        os.path.join(out, name), verbose=False)
+print(json.dumps({"scan_s": scan_s, "end": time.monotonic()}), flush=True)
+conn.disconnect()
+"""
+
+
+def folder_bytes(root: Path) -> tuple[int, int]:
+    """Files and bytes below ``root``."""
+    sizes = [p.stat().st_size for p in root.rglob("*") if p.is_file()]
+    return len(sizes), sum(sizes)
+
+
+def mount_status(mountpoint: Path) -> dict[str, Any]:
+    """The ``bytes`` section of a mount's status file (from XNAT, from each cache tier)."""
+    try:
+        return dict(json.loads((mountpoint / ".xnatfs-status.json").read_text())["bytes"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return {"error": str(exc)}
+
+
+def served_bytes(entries: list[dict[str, Any]]) -> int:
+    """Body bytes the server sent (``sent``: also of downloads cut short)."""
+    return sum(int(e.get("sent", e.get("bytes", 0)) or 0) for e in entries)
+
+
+def download_overlap(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which file bytes the server sent more than once (several mounts fetching the
+    same file or block): per file, the union of the byte spans sent against their sum."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for e in entries:
+        if e.get("route") != "files.download" or e.get("method") != "GET":
+            continue
+        sent = int(e.get("sent", e.get("bytes", 0)) or 0)
+        start = int(str(e["range"]).split("-")[0]) if e.get("range") else 0
+        spans.setdefault(e["path"], []).append((start, start + sent))
+    distinct = again = 0
+    twice: list[tuple[str, int, int]] = []
+    for path, parts in spans.items():
+        union, end = 0, 0
+        for a, b in sorted(parts):
+            if b > end:
+                union += b - max(a, end)
+                end = b
+        total = sum(b - a for a, b in parts)
+        distinct += union
+        if total > union:
+            again += total - union
+            twice.append((path.rsplit("/", 1)[-1], len(parts), total - union))
+    twice.sort(key=lambda t: -t[2])
+    return {"files": len(spans), "requests": sum(len(p) for p in spans.values()),
+            "distinct_bytes": distinct, "bytes_sent_again": again,
+            "files_sent_again": len(twice),
+            "most_sent_again": [{"file": n, "requests": r, "bytes_again": b}
+                                for n, r, b in twice[:5]]}
+
+
+def wall_run(run: Run) -> Run:
+    """S10's wall time, from the same run as its byte ratio."""
+    if run.value is None:
+        return Run(error=run.error)
+    return Run(value=run.extra["wall_s"], seconds=run.extra["wall_s"], cpu=run.extra["cpu"])
+
+
+def s10_notes(measure: Measure, xnatpy: Measure) -> list[str]:
+    """What XNAT sent, what was sent more than once, per file, and what each tier gave."""
+    runs = [r for r in measure.runs if r.value is not None]
+    notes = []
+    for r in runs:
+        x, dl = r.extra, r.extra["downloads"]
+        notes.append(
+            f"{measure.name}: XNAT sent {x['bytes_served'] / MB:.1f} MB for "
+            f"{x['bytes_read'] / MB:.1f} MB read; {dl['requests']} file downloads for "
+            f"{dl['files']} files ({dl['requests'] / max(dl['files'], 1):.2f} per file); "
+            f"sent more than once: {dl['bytes_sent_again'] / MB:.1f} MB of "
+            f"{dl['files_sent_again']} files; tier {x['tier_files']} files, "
+            f"{x['tier_bytes'] / MB:.1f} MB; wall {x['wall_s']:.1f} s (cp -r "
+            f"{max(x['cp_s']):.1f} s, dd {max(x['dd_s']):.1f} s, slowest of "
+            f"{S10_MOUNTS})")
+        tiers: Counter[str] = Counter()
+        for status in x["mount_bytes"]:
+            tiers.update({k: v for k, v in status.items() if isinstance(v, int)})
+        if tiers:
+            notes.append(f"{measure.name}: the mounts' status files (sum of "
+                         f"{S10_MOUNTS}): " + ", ".join(f"{k} {v / MB:.1f} MB"
+                                                        for k, v in sorted(tiers.items())))
+    for r in xnatpy.runs:
+        if r.value is not None:
+            notes.append(f"{xnatpy.name}: XNAT sent {r.extra['bytes_served'] / MB:.1f} MB "
+                         f"in {sum(r.requests.values())} requests; {r.value:.1f} s")
+    return notes
 
 
 def s9_notes(measure: Measure, files: int, *, by_route: bool = False) -> list[str]:
@@ -2074,7 +2405,7 @@ def header(bench: Bench) -> str:
     lines = [
         f"xnatfs benchmark: profile {meta['profile']} ({'quick' if meta['quick'] else 'full'}, "
         f"{meta['runs']} run(s) per figure, median shown)",
-        f"  shaping: S1 loopback, S2 wan, S3/S4/S5/S7/S9 {meta['profile']}; "
+        f"  shaping: S1 loopback, S2 wan, S3/S4/S5/S7/S9/S10 {meta['profile']}; "
         f"wan = {SHAPING['wan']['latency_ms']:g} ms/request + "
         f"{SHAPING['wan']['bandwidth_mb_s']:g} MB/s per connection (server knobs)",
         f"  page cache dropped before cold runs: {meta.get('drop_caches')}",
@@ -2105,7 +2436,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="1 run each, smaller reads (smoke test, < 2 minutes)")
     parser.add_argument("--profile", choices=tuple(SHAPING), default="wan",
-                        help="shaping of S3, S4, S5, S7, S9 (default wan; S1 is always "
+                        help="shaping of S3, S4, S5, S7, S9, S10 (default wan; S1 is always "
                              "loopback and S2 always wan)")
     parser.add_argument("--runs", type=int, help="runs per figure (default 3, quick 1)")
     parser.add_argument("--data", default=str(DEFAULT_DATA),
@@ -2114,7 +2445,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--range", default="off,on",
                         help="server Range modes to run: off,on (default both)")
     parser.add_argument("--scenarios",
-                        help="only these, e.g. S0,S1,S6 or S9 (S8 needs S1/S4/S5/S7)")
+                        help="only these, e.g. S0,S1,S6, S9 or S10 (S8 needs S1/S4/S5/S7)")
     parser.add_argument("--workdir", help="mount points, caches, logs (default a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--strict", action="store_true",

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = [f"S{n}" for n in range(10)]
+SCENARIOS = [f"S{n}" for n in range(11)]
 
 
 def fuse_available() -> bool:
@@ -69,6 +69,15 @@ def test_quick_benchmark_reports_every_scenario(tmp_path: Path) -> None:
         for run in figure["runs"]:
             assert not str(run.get("error", "")).startswith("verification failed"), run["error"]
             assert "error" in run or run["extra"]["verified"], run
+    # S10: four mounts on one shared tier against four xnatpy processes; the ratio
+    # is of bytes XNAT sent (from the server's log) to bytes the mounts read.
+    ratio, wall = results["scenarios"]["S10"]
+    assert ratio["target"] == "<= 0.3" and wall["baseline"]["name"] == "4 xnatpy at once"
+    for run in ratio["runs"]:
+        if "error" not in run:
+            extra = run["extra"]
+            assert run["value"] == extra["bytes_served"] / extra["bytes_read"]
+            assert extra["bytes_read"] > 4 * 20 * 10**6 and extra["files"] >= 224
     # The table names every scenario, and says where the results went.
     for scenario in SCENARIOS:
         assert f"\n{scenario} " in result.stdout

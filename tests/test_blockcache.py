@@ -17,7 +17,8 @@ import pytest
 import trio
 
 from xnatfs.blockcache import downloads as blockcache  # PAUSED_DOWNLOAD_LIMIT lives there
-from xnatfs.blockcache import DEFAULT_BLOCK_SIZE, BlockCache, FileIdentity, sharedtier
+from xnatfs.blockcache import (DEFAULT_BLOCK_SIZE, BlockCache, FileIdentity, prepare_shared,
+                               sharedtier)
 from xnatfs.blockcache.shared import SharedCache
 from xnatfs.errors import Stale
 from xnatfs.client import ClientSettings, XnatClient
@@ -116,7 +117,7 @@ async def big_file(server: TestServer, client: XnatClient) -> FileIdentity:
 
 
 @asynccontextmanager
-async def header_read(server: TestServer, tmp_path: Path
+async def header_read(server: TestServer, tmp_path: Path, shared: Path | None = None
                       ) -> AsyncIterator[tuple[BlockCache, FileIdentity]]:
     """A cache with memory for 8 blocks (a whole-file stream may run 2 blocks
     past its reader) that has read the first 4 KiB of the big file."""
@@ -124,7 +125,8 @@ async def header_read(server: TestServer, tmp_path: Path
         ident = await big_file(server, client)
         async with trio.open_nursery() as nursery:
             blocks = BlockCache(client, tmp_path / "blocks", size_limit=1 << 30,
-                                nursery=nursery, block_size=BLOCK, memory_bytes=8 * BLOCK)
+                                nursery=nursery, block_size=BLOCK, memory_bytes=8 * BLOCK,
+                                shared_dir=shared)
             await blocks.indexed.wait()
             assert await blocks.read(ident, 0, 4096) == BIG[:4096]
             yield blocks, ident
@@ -232,3 +234,66 @@ async def client_bytes(server: TestServer, ident: FileIdentity) -> bytes:
         answer = await http.get(ident.uri)
         answer.raise_for_status()
         return answer.content
+
+
+async def test_a_read_waits_for_a_read_ahead_that_began_while_it_asked_the_disk(
+        server: TestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a shared tier, a read-ahead looks blocks up in the background and marks
+    them loading. A read that asked the disk for the same block meanwhile must wait
+    for it, not start a second lookup over it: the two overwrote each other's
+    marker, and the loser's cleanup failed (KeyError: every read of the file then
+    failed or hung; four mounts of S10 in contrib/bench.py all died of it)."""
+    shared = tmp_path / "shared"
+    await prepare_shared(shared, BLOCK)
+    async with connect(server, tmp_path) as client:
+        ident = await big_file(server, client)
+        async with trio.open_nursery() as nursery:
+            blocks = BlockCache(client, tmp_path / "blocks", size_limit=1 << 30,
+                                nursery=nursery, block_size=BLOCK, shared_dir=shared)
+            await blocks.indexed.wait()
+            raced: list[int] = []
+
+            async def has_block(state, index: int) -> bool:  # noqa: ANN001
+                if not raced:  # a read-ahead of this block starts while the disk is asked
+                    raced.append(index)
+                    await blocks._get_ahead(state, index)
+                await trio.sleep(0)
+                return False
+
+            monkeypatch.setattr(blocks, "_has_block", has_block)
+            monkeypatch.setattr(blocks, "_never_on_disk", lambda state: False)
+            with trio.fail_after(20):
+                assert await blocks.read(ident, 0, 3 * BLOCK) == BIG[:3 * BLOCK]
+            assert raced == [0]
+            assert blocks.stats.fetch_requests == 1  # one download carried the blocks
+            nursery.cancel_scope.cancel()
+        blocks.close()
+
+
+async def test_a_whole_file_stream_claims_blocks_ahead_of_it_and_releases_them_when_it_stops(
+        server: TestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without Range another node cannot fetch one block: it would download the
+    whole file from byte 0. So a stream claims the blocks ahead of it, not just
+    the one it is in, and other nodes (whose kernel readahead runs past the
+    stream's pacing) wait for them (S10 in contrib/bench.py: four NIfTI
+    downloads for four mounts before, one now). A stream that stops releases
+    the claims it will not fill."""
+    monkeypatch.setattr(sharedtier, "CLAIM_AHEAD", 8 * BLOCK)
+    monkeypatch.setattr(blockcache, "PAUSED_DOWNLOAD_LIMIT", 1.0)
+    shared = tmp_path / "shared"
+    await prepare_shared(shared, BLOCK)
+    folder = SharedCache(shared, BLOCK)
+
+    def claimed(key: str) -> set[int]:
+        return {int(p.name.split(".")[0]) for p in folder.folder(key).glob("*.claim")}
+
+    async with header_read(server, tmp_path, shared) as (blocks, ident):
+        state = blocks.files[ident.key]
+        (stream,) = state.downloads
+        with trio.fail_after(10):  # paced: the stream stops 2 blocks past its reader
+            while max(claimed(ident.key), default=-1) < 8:
+                await trio.sleep(0.05)
+        assert stream.position < 4 * BLOCK  # claimed far past where it is
+        with trio.fail_after(10):
+            while state.downloads or claimed(ident.key):
+                await trio.sleep(0.05)

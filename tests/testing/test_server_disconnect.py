@@ -139,3 +139,37 @@ def test_download_abandoned_mid_response_is_a_client_disconnect(
     assert entry["status"] == 499, entry
     assert server_errors(server) == []
     assert admin.get(uri + "?format=json").status_code == 200
+
+
+def test_log_counts_the_bytes_actually_sent(fresh_server: TestServer,
+                                            admin: httpx.Client) -> None:
+    """``sent`` in the request log is what went out: all of a whole download or a
+    zip, part of one the client walked away from (sendfile, unshaped), where
+    ``bytes`` says 0. The benchmark's S10 counts what XNAT served with it."""
+    server = fresh_server
+    project = "/data/projects/SENT"
+    assert admin.put(project).status_code in (200, 201)
+    url = f"{project}/resources/BIG/files/big.bin"
+    size = 32 << 20  # more than the socket buffers hold, so sendfile blocks on the reader
+    assert admin.put(url, content=bytes(size)).status_code == 200
+
+    mark = server.log_mark()
+    assert len(admin.get(url).content) == size
+    whole = logged(server, mark, "files.download")
+    assert (whole["status"], whole["bytes"], whole["sent"]) == (200, size, size)
+
+    mark = server.log_mark()
+    sock = raw_request(server, "GET", url, {})
+    got = 0
+    while got < (1 << 20):
+        got += len(sock.recv(65536))
+    hang_up(sock)
+    cut = logged(server, mark, "files.download")
+    assert cut["status"] == 499 and cut["bytes"] == 0, cut
+    assert got - 1024 <= cut["sent"] < size, (got, cut)
+
+    mark = server.log_mark()
+    zipped = admin.get(f"{project}/resources/BIG/files", params={"format": "zip"})
+    assert zipped.status_code == 200
+    entry = logged(server, mark, "files.archive")
+    assert entry["sent"] == len(zipped.content) > 0, entry  # deflated zeros: small

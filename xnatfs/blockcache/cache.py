@@ -218,7 +218,10 @@ class BlockCache(Downloads):
                 data = await self._load_from_disk(state, index)
                 if data is not None:
                     return data
-            if key not in self.memory and index not in state.pending:
+            # A read-ahead may have started on it while the disk was asked (_get_ahead
+            # marks it loading): wait for that one rather than race it.
+            if (key not in self.memory and index not in state.pending
+                    and index not in state.loading):
                 await self._obtain(state, index)
 
     async def _obtain(self, state: FileState, index: int, *, speculative: bool = False,

@@ -188,6 +188,7 @@ class Downloads(DigestCheck):
                 self._learned_range(None)
             if download is not None:
                 state.downloads.remove(download)
+                self._release_claims_ahead(state, position)
 
     async def _same_version(self, state: FileState, version: str | None) -> bool:
         """Whether a download's answer is of the file the cached blocks came from.
@@ -272,7 +273,11 @@ class Downloads(DigestCheck):
                     pending = state.pending.get(index)
                 else:
                     pending = self._open_block(state, index)
-                    self._claim_soon(state, index)
+            if download is not None and within == 0:
+                # Other nodes wait for this stream's blocks rather than start a
+                # whole-file download of their own (a reader here may have opened
+                # the block first: claim from the stream's position all the same).
+                self._claim_soon(state, index)
             if pending is not None:
                 pending.feed_at(within, view[:take])
                 if pending.complete and state.pending.get(index) is pending:

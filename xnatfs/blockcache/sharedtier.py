@@ -35,6 +35,11 @@ SHARED_RETRY_AFTER = 60.0  # how long a hung or failing tier is left alone
 CLAIM_WAIT = 5.0           # how long a block another node claimed is waited for
 CLAIM_POLL = 0.075         # how often its published name is looked for meanwhile
 PUBLISH_QUEUE = 16         # blocks waiting to be published at most (they hold memory)
+# A whole-file stream (no Range) claims this far past the block it enters. It runs
+# only max_ahead (16 MiB) past its own reader, and another node's kernel readahead
+# (16 MiB) past its reader: claiming just the block entered let that readahead find
+# the next blocks unclaimed and start a second whole-file download (S10, Range off).
+CLAIM_AHEAD = 32 * 1024 * 1024
 
 T = TypeVar("T")
 
@@ -115,10 +120,30 @@ class SharedTier(DiskTier):
     def _claim_soon(self, state: FileState, index: int) -> None:
         """A running download entered block ``index``: tell other nodes, so that
         they wait for it rather than download it too."""
-        if self.shared is None or index in state.shared_claims:
+        if self.shared is None:
             return
-        state.shared_claims.add(index)
-        self.nursery.start_soon(self._shared_call, self.shared.claim, state.ident.key, index)
+        last = min(index + max(CLAIM_AHEAD // self.block_size, 1), state.nblocks - 1)
+        for ahead in range(index, last + 1):
+            if (ahead in state.shared_claims or ahead in state.from_shared
+                    or (state.ident.key, ahead) in self.memory):
+                continue
+            state.shared_claims.add(ahead)
+            self.nursery.start_soon(self._shared_call, self.shared.claim, state.ident.key,
+                                    ahead)
+
+    def _release_claims_ahead(self, state: FileState, position: int) -> None:
+        """A whole-file stream ended at ``position``: release the claims it made ahead
+        of it that no block of ours (pending or downloaded) and no other stream of
+        this mount will honour, so that other nodes need not wait for them."""
+        if self.shared is None or not state.shared_claims:
+            return
+        first = -(-position // self.block_size)
+        self._release_claims_soon(state, [
+            index for index in state.shared_claims
+            if index >= first and index not in state.pending
+            and (state.ident.key, index) not in self.memory
+            and not any(d.position <= index * self.block_size < d.stop
+                        for d in state.downloads)])
 
     def _release_claims_soon(self, state: FileState, indices: list[int]) -> None:
         """The downloads of these blocks failed: let other nodes fetch them."""

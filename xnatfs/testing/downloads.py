@@ -179,11 +179,12 @@ async def archive_response(request: web.Request, entries: list[tuple[str, Path, 
     response.content_type = _ARCHIVE_TYPES[fmt]
     response.enable_chunked_encoding()
     await response.prepare(request)
-    await stream_archive(response, entries, fmt, knobs)
+    await stream_archive(request, response, entries, fmt, knobs)
     return response
 
 
-async def stream_archive(response: web.StreamResponse, entries: list[tuple[str, Path, float]],
+async def stream_archive(request: web.Request, response: web.StreamResponse,
+                         entries: list[tuple[str, Path, float]],
                          fmt: str, knobs: Knobs) -> None:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
@@ -201,6 +202,7 @@ async def stream_archive(response: web.StreamResponse, entries: list[tuple[str, 
     try:
         while (chunk := await queue.get()) is not None:
             await response.write(chunk)
+            request["sent"] = request.get("sent", 0) + len(chunk)
             await throttle.consumed(len(chunk))
     finally:
         sink.closed_by_reader.set()

@@ -91,9 +91,12 @@ class Knobs:
 class RequestLog:
     """Append-only JSON-lines log of every request, readable by tests.
 
-    Each line: ``{"t", "method", "path", "query", "status", "route", "bytes", "range"}``.
-    ``route`` is a coarse name (``files.download``, ``scans.list``...) set by the
-    handler, so a test can count requests by kind without parsing URLs.
+    Each line: ``{"t", "method", "path", "query", "status", "route", "bytes", "sent",
+    "range"}``. ``route`` is a coarse name (``files.download``, ``scans.list``...)
+    set by the handler, so a test can count requests by kind without parsing URLs.
+    ``bytes`` is the length of a file body sent whole (0 when it was cut short);
+    ``sent`` is the body bytes that went out, also of a download the client
+    hung up on and of a streamed zip or tar: what the server actually served.
     """
 
     def __init__(self, path: Path) -> None:
@@ -163,7 +166,12 @@ async def send_file_body(request: web.Request, response: web.StreamResponse,
         if transport is None:
             raise ConnectionResetError("client went away")
         await response.write(b"")  # flush headers before handing the socket to sendfile
-        await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
+        fobj.seek(offset)
+        try:
+            await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
+        finally:
+            # asyncio leaves the file at offset + bytes sent, also when sendfile failed.
+            request["sent"] = request.get("sent", 0) + fobj.tell() - offset
         return
     throttle = Throttle(knobs.bandwidth_mb_s)
     loop = asyncio.get_running_loop()
@@ -174,6 +182,7 @@ async def send_file_body(request: web.Request, response: web.StreamResponse,
         if not chunk:
             break
         await response.write(chunk)
+        request["sent"] = request.get("sent", 0) + len(chunk)
         remaining -= len(chunk)
         await throttle.consumed(len(chunk))
     if cut_at is not None:

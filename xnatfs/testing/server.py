@@ -171,6 +171,7 @@ def _log_request(ctx: ServerContext, request: web.Request, started: float, statu
         "t": round(time.time(), 4), "method": request.method, "path": request.path,
         "query": request.query_string, "status": status,
         "route": request.get("route", "other"), "bytes": request.get("bytes", 0),
+        "sent": request.get("sent", 0),
         "range": request.get("range"), "fault": request.get("fault"),
         "ms": round((time.monotonic() - started) * 1000, 2),
     })
