@@ -71,7 +71,7 @@ class Ledger:
             for token, kind, what, age in late:
                 reported.add(token)
                 message = (f"STUCK: {kind} {what} has run {age:.1f} s, past its bound of "
-                           f"{self.bounds[kind]:.0f} s")
+                           f"{self.bounds[kind]:.1f} s")
                 print(message, file=sys.stderr, flush=True)
                 with self.lock:
                     self.stuck.append(message)
@@ -218,7 +218,7 @@ def result_writer(ledger: Ledger, number: str, folder: Path, rng: random.Random,
         size = rng.choice((rng.randint(0, 4096), rng.randint(4096, 256 * 1024),
                            rng.randint(256 * 1024, 3 * 1024 * 1024)))
         data = rng.randbytes(size)
-        record = write_file(ledger, "result", folder / f"{number}-{n:05d}.bin", data, out)
+        record = write_file(ledger, "result", folder / f"w{number}-{n:05d}.bin", data, out)
         if record is not None and record.stage == "done":
             with ledger.op("readback", str(record.path)) as op:
                 read_whole(ledger, record.path, data, op)
