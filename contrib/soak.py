@@ -2,7 +2,7 @@
 """The xnatfs soak (issue 24): a real mount under the test server's faults.
 
     python contrib/soak.py --minutes N [--seed S] [--readers 64] [--writers 16]
-                           [--timeout 5] [--json PATH] [--keep]
+                           [--timeout 5] [--server-range] [--json PATH] [--keep]
 
 Builds the demo data set in a temporary folder, serves it with ``xnatfs
 testserver``, mounts it, and for N minutes runs 64 readers of different
@@ -42,13 +42,16 @@ def main() -> int:
     parser.add_argument("--readers", type=int, default=64)
     parser.add_argument("--writers", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=5.0, help="the mount's --timeout")
+    parser.add_argument("--server-range", action="store_true",
+                        help="the server honours HTTP Range (real XNAT 1.8 does not)")
     parser.add_argument("--json", type=Path, help="write the figures as JSON here too")
     parser.add_argument("--keep", action="store_true",
                         help="keep the working folder (server data, mount log)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="xnatfs-soak-"))
     config = SoakConfig(seconds=args.minutes * 60, seed=args.seed, workdir=workdir,
-                        readers=args.readers, writers=args.writers, timeout=args.timeout)
+                        readers=args.readers, writers=args.writers, timeout=args.timeout,
+                        server_range=args.server_range)
     print(f"xnatfs soak, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}; "
           f"work in {workdir}", flush=True)

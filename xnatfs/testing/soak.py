@@ -62,6 +62,7 @@ class SoakConfig:
                                      # unchanged this long
     slack: float = 3.0               # scheduling on a busy machine, added to each bound
     data_dir: Path | None = None     # a built demo data set to serve (else built here)
+    server_range: bool = False       # the server honours HTTP Range (real XNAT 1.8: no)
 
     def bounds(self) -> dict[str, float]:
         """How long each kind of operation may take: the README's bound of a file
@@ -85,6 +86,7 @@ def run_soak(config: SoakConfig, say: Any = print) -> Report:
     data = config.data_dir or work / "data"
     server = TestServer(data, dataset="demo", args=["--prearchive-settle", "1"])
     server.start()
+    server.set_knobs(range=config.server_range)
     mount = work / "mnt"
     cache = work / "cache"
     env = dict(env_without_proxies(), XNAT_USER="admin", XNAT_PASS="admin",
