@@ -43,6 +43,9 @@ UPLOAD_ATTEMPTS = 3                 # xnatfs.spool.UPLOAD_ATTEMPTS (sleeps 1 s, 
 # Each phase of the schedule is one of these; a round has each once.
 FAULTS = ("calm", "fail503", "fail500", "drop", "truncate", "latency", "hang", "expire",
           "throttle")
+# A server silent for longer than any operation's bound (4 x --timeout + 5 s):
+# operations must fail within their bound, and the mount recover after it.
+LONG_HANG = "long_hang"
 
 
 @dataclass
@@ -63,6 +66,7 @@ class SoakConfig:
     slack: float = 3.0               # scheduling on a busy machine, added to each bound
     data_dir: Path | None = None     # a built demo data set to serve (else built here)
     server_range: bool = False       # the server honours HTTP Range (real XNAT 1.8: no)
+    long_hang: bool = False          # a LONG_HANG phase in each round
 
     def bounds(self) -> dict[str, float]:
         """How long each kind of operation may take: the README's bound of a file
@@ -140,7 +144,7 @@ def _soak_mounted(config: SoakConfig, server: TestServer, mount: Path, cache: Pa
         _abort_connection(mount)
         return
     server.set_knobs(**CALM)
-    report.fill_ops(ledger)
+    report.fill_ops(ledger, config.slack)
     report.fault_phases = dict(faults.phases)
     report.sessions_expired = faults.sessions_expired
     _check_writes(server, mount, cache, env, writes, report, step)
@@ -206,7 +210,8 @@ def _fault_schedule(config: SoakConfig, server: TestServer, ledger: Ledger,
     plan: list[str] = []
     while not ledger.stop.is_set() and time.monotonic() < end:
         if not plan:  # every kind once per round, in a seeded order
-            plan = rng.sample(FAULTS, len(FAULTS))
+            kinds = FAULTS + ((LONG_HANG,) if config.long_hang else ())
+            plan = rng.sample(kinds, len(kinds))
         kind = plan.pop()
         length = rng.uniform(*config.phase)
         changes: dict[str, Any] = dict(CALM)
@@ -223,6 +228,9 @@ def _fault_schedule(config: SoakConfig, server: TestServer, ledger: Ledger,
         elif kind == "hang":  # a server that stops answering for a while, then recovers
             changes["hang"] = True
             length = min(length, config.timeout * 1.5)
+        elif kind == LONG_HANG:
+            changes["hang"] = True
+            length = 4 * config.timeout + 5
         elif kind == "throttle":
             changes.update(throttle_requests=rng.randint(5, 40), throttle_retry_after_s=1.0)
         server.set_knobs(**changes)
