@@ -53,4 +53,3 @@ def test_the_checks_can_fail() -> None:
     with ledger.op("read", "missing") as failed:
         raise FileNotFoundError(2, "No such file")
     assert failed.error == "ENOENT" and ledger.errors["read"]["ENOENT"] == 1
-
