@@ -13,13 +13,29 @@ from collections.abc import Iterator
 
 import trio
 
+from .client.settings import OPERATION_DEADLINE
+
+
+@contextlib.contextmanager
+def operation_until(deadline: float) -> Iterator[None]:
+    """Run the block as (part of) an operation that must end at ``deadline``."""
+    token = OPERATION_DEADLINE.set(deadline)
+    try:
+        yield
+    finally:
+        OPERATION_DEADLINE.reset(token)
+
 
 class Deadlines:
     """The bounds of the mount's operations, and the requests being answered."""
 
-    def __init__(self, *, op_timeout: float = 120.0, upload_timeout: float = 3600.0) -> None:
-        self.op_timeout = op_timeout          # any operation, and a read without progress
+    def __init__(self, *, op_timeout: float = 120.0, upload_timeout: float = 3600.0,
+                 quiet_timeout: float = 30.0) -> None:
+        self.op_timeout = op_timeout          # any operation
         self.upload_timeout = upload_timeout  # operations that wait for an upload
+        # A read past op_timeout waits on only while its file's bytes arrive: it
+        # fails once none came for this long (one request timeout).
+        self.quiet_timeout = quiet_timeout
         self.unmounting = False
         self._running: set[trio.CancelScope] = set()
 

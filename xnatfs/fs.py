@@ -26,7 +26,7 @@ import trio
 
 from .areas import MountAreas
 from .areas.base import Handle, Writer
-from .deadlines import Deadlines
+from .deadlines import Deadlines, operation_until
 from .errors import BadRequest, Exists, InvalidArgument, IsADirectory, NotADirectory, XnatError
 from .errors import errno_for
 from .naming import NAME_MAX
@@ -57,7 +57,8 @@ def fuse_errors(handler: Callable[Concatenate[Operations, P], Awaitable[T]]
             if bounded_inside:  # one cancel scope per read, the hot path: its own
                 return await handler(self, *args, **kwargs)
             timeout = deadlines.upload_timeout if slow else deadlines.op_timeout
-            with trio.fail_after(timeout) as scope, deadlines.cancelled_at_unmount(scope):
+            with trio.fail_after(timeout) as scope, deadlines.cancelled_at_unmount(scope), \
+                    operation_until(scope.deadline):
                 return await handler(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise

@@ -252,7 +252,8 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                                 shared_dir=config.shared_cache,
                                 shared_max=config.shared_cache_max)
             deadlines = Deadlines(op_timeout=config.operation_timeout,
-                                  upload_timeout=max(3600.0, 2 * config.import_timeout))
+                                  upload_timeout=max(3600.0, 2 * config.import_timeout),
+                                  quiet_timeout=config.request_timeout)
             operations = Operations(tree, deadlines, nursery=nursery)
             uploads = results = None
             if snapshot is not None:  # listings from the file, nothing written

@@ -14,12 +14,14 @@ here. What it keeps is what the kernel's page cache needs to stay right:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 
 import trio
 
 from ..blockcache import BlockCache, FileIdentity
-from ..deadlines import Deadlines
+from ..deadlines import Deadlines, operation_until
 from ..errors import NotFound, Stale, Unreachable, XnatError
 from ..tree import Node, Tree
 from .base import Handle, Kernel
@@ -27,9 +29,11 @@ from .base import Handle, Kernel
 log = logging.getLogger(__name__)
 
 # The kernel reads a page again right after its read failed (readahead, then
-# ->read_folio, in mm/filemap.c): within this many seconds, the same handle's
-# read at the same offset fails as it just did, instead of waiting as long again
-# for a server that did not answer.
+# ->read_folio, in mm/filemap.c), and one system call may span several reads
+# (the readahead requests of a big pread, the folio it waits for at another
+# offset): within this many seconds, the same handle's reads fail as the last
+# one just did, instead of waiting again for a server that did not answer,
+# which took a call past its bound (issue 24, defect 1).
 REPEAT_WINDOW = 0.5
 # Files in one folder fetched ahead when one of them is opened (a DICOM series).
 SERIES_READ_AHEAD = 16
@@ -56,8 +60,7 @@ class RemoteFileHandle(Handle):
 
     async def read(self, offset: int, size: int) -> bytes:
         failed = self._failed
-        if failed is not None and failed[0] == offset \
-                and trio.current_time() - failed[1] < REPEAT_WINDOW:
+        if failed is not None and trio.current_time() - failed[1] < REPEAT_WINDOW:
             if failed[2] is None:
                 raise trio.TooSlowError
             raise Unreachable(failed[2].message, status=failed[2].status, path=failed[2].path)
@@ -126,19 +129,23 @@ class RemoteFiles:
 
     async def _read_while_moving(self, ident: FileIdentity, off: int, size: int,
                                  checked_first: bool = False) -> bytes:
-        """A read waits ``op_timeout`` at most while nothing of its file arrives,
-        and as long as it keeps arriving: without Range (real XNAT), a first read
-        far into a big file waits for one download to get there from byte 0,
-        which takes longer than any fixed bound on a slow link."""
+        """A read ends ``op_timeout`` after it began, or, while its file's bytes
+        keep arriving, ``quiet_timeout`` after the last of them: without Range
+        (real XNAT), a first read far into a big file waits for one download to
+        get there from byte 0, which takes longer than any fixed bound on a slow
+        link. Its deadline is the operation's (``OPERATION_DEADLINE``): the
+        downloads it starts make no attempt it could not wait for."""
         deadlines = self.deadlines
+        deadline = trio.current_time() + deadlines.op_timeout
         while True:
-            before = self.blocks.received(ident)
-            with trio.move_on_after(deadlines.op_timeout) as scope, \
-                    deadlines.cancelled_at_unmount(scope):
+            with trio.move_on_at(deadline) as scope, deadlines.cancelled_at_unmount(scope), \
+                    operation_until(deadline):
                 return await self.blocks.read(  # type: ignore[return-value]
                     ident, off, size, checked_first=checked_first)
-            if deadlines.unmounting or self.blocks.received(ident) == before:
+            moving_until = self.blocks.last_arrival(ident) + deadlines.quiet_timeout
+            if deadlines.unmounting or moving_until <= trio.current_time():
                 raise trio.TooSlowError
+            deadline = moving_until
 
     def _forgotten(self, inode: int) -> None:
         self._page_identity.pop(inode, None)  # the kernel dropped the pages too
@@ -184,7 +191,10 @@ class RemoteFiles:
             self.nursery.start_soon(self._prefetch_quietly, sibling, True)
 
     async def _prefetch_quietly(self, ident: FileIdentity, speculative: bool) -> None:
+        """The next files are fetched for no operation (nobody waits for them yet):
+        the client's own deadline bounds them, not the open's that started them."""
         try:
-            await self.blocks.prefetch_whole(ident, speculative=speculative)
+            with operation_until(math.inf) if speculative else contextlib.nullcontext():
+                await self.blocks.prefetch_whole(ident, speculative=speculative)
         except XnatError as exc:
             log.debug("read-ahead of %s failed: %s", ident.uri, exc)

@@ -117,6 +117,7 @@ class FileState:
     verified: bool | None = None  # digest matched / did not / not known yet
     version: str | None = None  # Last-Modified of its first download: every later one must match
     received: int = 0           # bytes received by its finished downloads
+    arrived_at: float = float("-inf")  # trio time its last downloaded bytes arrived
     streams: list[ByteStream] = field(default_factory=list)  # its downloads under way
     shared_claims: set[int] = field(default_factory=set)  # blocks this mount claimed in the shared tier
     from_shared: set[int] = field(default_factory=set)    # blocks that came from the shared tier

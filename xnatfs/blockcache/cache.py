@@ -192,6 +192,15 @@ class BlockCache(Downloads):
             return 0
         return state.received + sum(stream.received for stream in state.streams)
 
+    def last_arrival(self, ident: FileIdentity) -> float:
+        """When bytes of the file last arrived from a download (trio time; -inf:
+        never, in this mount): whether a read past its bound still moves."""
+        state = self.files.get(ident.key)
+        if state is None or state.ident != ident:
+            return float("-inf")
+        moving = [s.moved_at for s in state.streams if s.moved_at is not None]
+        return max([state.arrived_at, *moving])
+
     async def _locate(self, state: FileState, index: int) -> Block | PendingBlock:
         """Block ``index`` from memory or disk, or the pending block a download will fill."""
         key = (state.ident.key, index)

@@ -256,6 +256,7 @@ class Downloads(DigestCheck):
     async def _distribute(self, state: FileState, position: int, chunk: bytes,
                           download: Download | None) -> int:
         """Feed ``chunk`` (file bytes from ``position``) into pending blocks."""
+        state.arrived_at = trio.current_time()
         view = memoryview(chunk)
         while view:
             index, within = divmod(position, self.block_size)

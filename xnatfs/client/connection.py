@@ -51,7 +51,7 @@ from .answers import error_class, parse_json, status_page_message, table_rows
 from .ceilings import Release, RequestGate, retry_after_seconds
 from .logins import LoginHold, SharedSessions
 from .sessionfile import SessionFile
-from .settings import ClientSettings
+from .settings import OPERATION_DEADLINE, ClientSettings
 from .tls import tls_failure, verification
 
 log = logging.getLogger("xnatfs.client")  # one logger for the package, as before the split
@@ -327,7 +327,8 @@ class XnatConnection:
                     keep_open: bool = False,
                     body: Callable[[], AsyncIterator[bytes]] | None = None,
                     attempts: int | None = None,
-                    final: Callable[[XnatError], XnatError | None] | None = None) -> T:
+                    final: Callable[[XnatError], XnatError | None] | None = None,
+                    give_up_by: float | None = None) -> T:
         """Run one operation: attempts, backoff, session renewal, all within the deadline.
 
         ``handle`` gets every 2xx answer (and those in ``accept``) with its body
@@ -347,9 +348,24 @@ class XnatConnection:
         the answer by ``upload_answer_timeout``. An upload sent whole whose
         answer never came is not sent again (:class:`Unanswered`): XNAT may
         have imported it.
+
+        Nor does any other request outlast the operation it is made for
+        (:data:`~.settings.OPERATION_DEADLINE`, or ``give_up_by`` when given):
+        it waits only as long as that allows, and is not sent once it has
+        passed. Running out of the operation's time does not count the server
+        as down (it may only be slow).
         """
         settings = self.settings
         deadline = settings.deadline if body is None else math.inf
+        cut_short = False
+        if body is None:
+            until = give_up_by if give_up_by is not None else OPERATION_DEADLINE.get()
+            left = until - trio.current_time()
+            if left <= 0:
+                raise Unreachable("no time left for a request within the operation's bound",
+                                  path=path)
+            if left < deadline:
+                deadline, cut_short = left, True
         limit = min(settings.max_attempts, attempts or settings.max_attempts)
         timeouts = self._upload_timeouts if body is not None else httpx.USE_CLIENT_DEFAULT
         began_down = self._server_down
@@ -465,8 +481,8 @@ class XnatConnection:
                 log.warning("%s %s failed (%s); attempt %d of %d in %.2f s", method, path,
                             failure, attempt + 1, limit, delay)
                 await trio.sleep(delay)
-        raise self._gave_up(Unreachable(f"no answer within {deadline:g} s",
-                                        path=path), began_down) from failure
+        raise self._gave_up(Unreachable(f"no answer within {deadline:.3g} s",
+                                        path=path), began_down or cut_short) from failure
 
     def _transport_failure(self, exc: Exception, path: str, *, upload: bool) -> Unreachable:
         """A failed request as an error to retry; raises :class:`Unanswered` for an

@@ -12,6 +12,8 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 
+import trio
+
 from ..errors import ServerError, Stale, Unreachable, XnatError
 from .connection import TRANSPORT_FAILURES, OpenAnswer, XnatConnection, open_answer, unreachable
 
@@ -36,7 +38,8 @@ class DownloadCalls(XnatConnection):
         ``end``). A connection that breaks off is resumed where it stopped, up
         to ``max_attempts`` times; then :class:`Unreachable` (or :class:`Stale`
         if the file changed meanwhile). Each wait for data is bounded by
-        ``read_timeout``; the download as a whole is not.
+        ``read_timeout``; the download as a whole is not, but a resume gives up
+        ``deadline`` after the download last moved.
 
         A download with an ``end`` asks for a range, so its first answer tells
         whether the server honours Range (:attr:`ByteStream.ranged`). Where it
@@ -68,6 +71,7 @@ class ByteStream:
             honoured it (206) or sent the whole file (200); None before.
         received: bytes received so far, those resent before ``position`` by a
             server ignoring Range too (how a reader far ahead sees it move).
+        moved_at: trio time it last moved (an answer opened, bytes came), or None.
     """
 
     def __init__(self, client: XnatConnection, uri: str, start: int, end: int | None) -> None:
@@ -87,6 +91,9 @@ class ByteStream:
         self._body_end: int | None = None  # file offset where the current answer ends
         self._resumes = 0
         self._finished = False
+        # When the download last moved (an answer opened, bytes came): a resume
+        # gives up a request deadline after it, whatever operation started it.
+        self.moved_at: float | None = None
 
     def __aiter__(self) -> ByteStream:
         return self
@@ -107,6 +114,7 @@ class ByteStream:
             except TRANSPORT_FAILURES as exc:
                 failure = exc
             else:
+                self.moved_at = trio.current_time()
                 chunk = self._trim(chunk)
                 if chunk:
                     self.position += len(chunk)
@@ -133,8 +141,15 @@ class ByteStream:
         if self.position > 0 or self.end is not None:
             last_byte = "" if self.end is None else str(self.end - 1)
             headers["Range"] = f"bytes={self.position}-{last_byte}"
+        # The first request is bounded by the operation that opened the download;
+        # a resume, by when the download last moved (the reader that started it
+        # may be long gone, others read on), never by a fresh deadline of its own.
+        give_up_by = (None if self.moved_at is None
+                      else self.moved_at + client.settings.deadline)
         answer = await client._send("GET", self.uri, kind="files.stream", headers=headers,
-                                    accept={416}, keep_open=True, handle=open_answer)
+                                    accept={416}, keep_open=True, handle=open_answer,
+                                    give_up_by=give_up_by)
+        self.moved_at = trio.current_time()
         self._answer = answer
         status = answer.status
         if status == 416:  # position is at or past the end

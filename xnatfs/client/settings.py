@@ -3,7 +3,25 @@ pool size): one place for what :mod:`~xnatfs.mount` and the command line tune.""
 
 from __future__ import annotations
 
+import math
+from contextvars import ContextVar
 from dataclasses import dataclass
+
+import trio
+
+# When the operation the client works for must end (trio time; inf outside
+# one): the mount sets it per FUSE operation (:mod:`xnatfs.deadlines`), and
+# ``_send`` starts no attempt past it and waits no longer than it allows, so
+# that no layer starts an attempt the operation cannot wait for. Tasks started
+# on an operation's behalf (its downloads, a series read-ahead) inherit it:
+# trio copies the context of the task that starts them.
+OPERATION_DEADLINE: ContextVar[float] = ContextVar("xnatfs_operation_deadline",
+                                                   default=math.inf)
+
+
+def operation_time_left() -> float:
+    """Seconds until the current operation's deadline (inf outside one)."""
+    return OPERATION_DEADLINE.get() - trio.current_time()
 
 
 @dataclass(frozen=True)

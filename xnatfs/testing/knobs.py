@@ -37,6 +37,9 @@ class Knobs:
     fault_status: int = 503          # what fail_rate answers (a 4xx: the server refuses)
     drop_rate: float = 0.0           # abort the connection halfway through a file body
     truncate_rate: float = 0.0       # close cleanly after half of a file body
+    stall_rate: float = 0.0          # stop halfway through a file body and from then on
+                                     # answer nothing (sets ``hang``): a server gone silent
+                                     # mid-download, its connection left open
     hang: bool = False               # accept requests but never answer them
     answer_delay_ms: float = 0.0     # handle the request, then hold its answer back this
                                      # long (XNAT importing a big archive before it answers)
@@ -161,6 +164,8 @@ async def send_file_body(request: web.Request, response: web.StreamResponse,
         cut_at, how = count // 2, "drop"
     elif knobs.roll(knobs.truncate_rate, path):
         cut_at, how = count // 2, "truncate"
+    elif knobs.roll(knobs.stall_rate, path):
+        cut_at, how = count // 2, "stall"
     if cut_at is None and knobs.bandwidth_mb_s <= 0:
         transport = request.transport
         if transport is None:
@@ -188,6 +193,14 @@ async def send_file_body(request: web.Request, response: web.StreamResponse,
     if cut_at is not None:
         request["fault"] = how
         transport = request.transport
+        if how == "stall":
+            knobs.hang = True  # gone silent: new requests are not answered either
+            # Hold the connection open, sending nothing, until the client hangs up
+            # or the test lifts the hang (bounded: an hour).
+            for _ in range(36000):
+                if transport is None or transport.is_closing() or not knobs.hang:
+                    break
+                await asyncio.sleep(0.1)
         if transport is not None:
             if how == "drop":
                 transport.abort()
