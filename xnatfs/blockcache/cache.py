@@ -90,6 +90,10 @@ class BlockCache(Downloads):
         # disk lookup before its download. Trusted only once the read succeeded.
         self._files_on_disk: set[str] = set()
         self._index_complete = False
+        # Files whose blocks passed the digest check (a marker on disk), and
+        # files with blocks from an earlier mount never checked whole: not served.
+        self._verified_on_disk: set[str] = set()
+        self._doubted: set[str] = set()
         # The shared tier (--shared-cache), consulted after the disk, before XNAT.
         self.shared = SharedCache(shared_dir, block_size) if shared_dir is not None else None
         self.shared_max = shared_max
@@ -258,6 +262,7 @@ class BlockCache(Downloads):
             # part of the file's digest check (another node's bytes are checked too).
             self.memory[key] = data
             state.from_shared.add(index)
+            self._unmark_verified_soon(state)
             state.fetched = True
             await self._store_slots.acquire()
             self.nursery.start_soon(self._store, state, index, data)

@@ -28,6 +28,9 @@ log = logging.getLogger("xnatfs.blockcache")  # one logger for the package, as b
 
 # Blocks read from the disk cache into memory ahead of a sequential reader.
 DISK_READ_AHEAD_BLOCKS = 4
+# The key suffix of a file's marker, "<file key>:ok": its blocks on disk passed
+# the file's digest check (see "How it reads" in the README).
+VERIFIED = "ok"
 
 
 class DiskTier:
@@ -47,6 +50,8 @@ class DiskTier:
     stats: CacheStatistics
     _files_on_disk: set[str]  # the index: keys of the files with blocks on disk
     _index_complete: bool     # the index was read: a file not in it has no block there
+    _verified_on_disk: set[str]  # keys of the files whose blocks passed the digest check
+    _doubted: set[str]  # files with blocks from an earlier mount, never checked whole
     indexed: trio.Event  # set once the index is read (or could not be)
 
     def _block_length(self, ident: FileIdentity, index: int) -> int:
@@ -56,18 +61,84 @@ class DiskTier:
         return f"{state.ident.key}:{index}"
 
     async def _index_disk(self) -> None:
-        def file_keys() -> set[str]:
-            return {key.split(":", 1)[0] for key in self.disk.iterkeys()}
+        def file_keys() -> tuple[set[str], set[str]]:
+            files: set[str] = set()
+            verified: set[str] = set()
+            for key in self.disk.iterkeys():
+                file_key, _, suffix = key.partition(":")
+                (verified if suffix == VERIFIED else files).add(file_key)
+            return files, verified
 
         try:
-            keys = await trio.to_thread.run_sync(file_keys, limiter=self.lookup_limiter)
+            keys, verified = await trio.to_thread.run_sync(file_keys,
+                                                           limiter=self.lookup_limiter)
         except Exception as exc:  # without the index, every miss is looked up on disk
             log.warning("cannot index the disk cache: %s", exc)
         else:
+            # Blocks stored by an earlier mount of a file it never checked whole:
+            # nothing vouches for them (the server may have sent wrong bytes).
+            # (Files stored by this mount meanwhile are in _files_on_disk already.)
+            self._doubted |= keys - verified - self._files_on_disk
             self._files_on_disk |= keys
+            self._verified_on_disk |= verified
             self._index_complete = True
         finally:
             self.indexed.set()
+
+    async def _drop_doubted(self, state: FileState) -> bool:
+        """Before the census of a file whose blocks on disk an earlier mount
+        stored and never checked against the file's digest: delete them, so that
+        they are fetched (and checked) again rather than served. True if so."""
+        key = state.ident.key
+        if key not in self._doubted:
+            return False
+        self._doubted.discard(key)
+        if not state.ident.digest:
+            return False  # nothing to check them against: trusted as before
+        # Not those this mount stored already (they are this mount's own).
+        keys = [self._disk_key(state, i) for i in range(state.nblocks)
+                if i not in state.on_disk]
+
+        def delete() -> None:
+            for block_key in keys:
+                self.disk.delete(block_key)
+
+        log.info("%s: cached blocks never checked against the file's digest; fetching "
+                 "them again", state.ident.uri)
+        try:
+            await trio.to_thread.run_sync(delete, limiter=self.disk_limiter)
+        except Exception as exc:  # left on disk, but not served: the census skips them
+            log.warning("cannot delete the unchecked blocks of %s: %s", state.ident.uri, exc)
+        self._files_on_disk.discard(key)
+        return True
+
+    def _mark_verified_soon(self, state: FileState) -> None:
+        """The file passed its digest check: say so on disk (its blocks are
+        trusted by later mounts), shielded like a block's store."""
+        self._verified_on_disk.add(state.ident.key)
+        self.nursery.start_soon(self._set_marker, state, True)
+
+    def _unmark_verified_soon(self, state: FileState) -> None:
+        """Blocks of the file are being downloaded anew: until the file is
+        checked whole again, later mounts must not trust them."""
+        if state.ident.key in self._verified_on_disk:
+            self._verified_on_disk.discard(state.ident.key)
+            self.nursery.start_soon(self._set_marker, state, False)
+
+    async def _set_marker(self, state: FileState, verified: bool) -> None:
+        marker = f"{state.ident.key}:{VERIFIED}"
+
+        def write() -> None:
+            if verified and not state.dropped:
+                self.disk.set(marker, b"1")
+            else:
+                self.disk.delete(marker)
+
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(write, limiter=self.disk_limiter)
+            except Exception as exc:  # without it, the blocks are only fetched again
+                log.warning("cannot record the digest check of %s: %s", state.ident.uri, exc)
 
     def _never_on_disk(self, state: FileState) -> bool:
         """Whether the disk cache surely has no block of this file."""
@@ -123,7 +194,7 @@ class DiskTier:
             await state.census.wait()
             return
         state.census = trio.Event()
-        if self._never_on_disk(state):
+        if self._never_on_disk(state) or await self._drop_doubted(state):
             state.census.set()
             return
         keys = [self._disk_key(state, i) for i in range(state.nblocks)]

@@ -98,6 +98,8 @@ class Downloads(DigestCheck):
         if state.dropped or index in state.pending or (state.ident.key, index) in self.memory:
             return
         pending = self._open_block(state, index)
+        if not state.fetched:
+            self._unmark_verified_soon(state)
         state.fetched = True
         start = index * self.block_size
         if self._range_supported is None:

@@ -24,6 +24,7 @@ from cachetools import LRUCache
 
 from ..errors import Stale
 from .blocks import FileIdentity, FileState, progressed
+from .disk import VERIFIED
 from .sharedtier import SharedTier
 
 log = logging.getLogger("xnatfs.blockcache")  # one logger for the package, as before the split
@@ -95,6 +96,7 @@ class DigestCheck(SharedTier):
             state.verified = actual == state.ident.digest
             if state.verified:
                 self._suspect.discard(state.ident.key)
+                self._mark_verified_soon(state)
             else:
                 self.stats.digest_failures += 1
                 log.error("digest mismatch for %s: listed %s, received %s; dropping its blocks",
@@ -150,9 +152,12 @@ class DigestCheck(SharedTier):
             except Exception:
                 log.exception("drop listener failed for %s", ident.uri)
 
+        self._verified_on_disk.discard(ident.key)
+
         def delete_all() -> None:
             for i in range(state.nblocks):
                 self.disk.delete(f"{ident.key}:{i}")
+            self.disk.delete(f"{ident.key}:{VERIFIED}")
 
         with trio.CancelScope(shield=True):
             try:
