@@ -28,6 +28,7 @@ import trio
 
 from xnatfs import errors
 from xnatfs.client import ClientSettings, RemoteFile, XnatClient
+from xnatfs.client.settings import operation_until
 from xnatfs.credentials import Credentials, SessionCache
 from xnatfs.errors import (
     AuthenticationFailed,
@@ -493,6 +494,37 @@ async def test_silent_server_fails_within_the_deadline(server: TestServer,
             with pytest.raises(Unreachable):
                 await read_bytes(client, "/data/experiments/X/resources/1/files/a", 0, 10)
             assert time.monotonic() - started < 10
+
+
+async def test_no_request_outlasts_the_operation_it_is_made_for(server: TestServer,
+                                                               tmp_path: Path) -> None:
+    """A call made for an operation with little time left gives up when the
+    operation must end, not a whole deadline later; with none left it sends
+    nothing. Running out of the operation's time does not count the server as
+    down, and a task started from the operation does not inherit its bound
+    (an upload's retries, a read-ahead: they keep the client's own)."""
+    bounded = dataclasses.replace(FAST, read_timeout=1.5, deadline=3.0)
+    async with new_client(server, tmp_path, settings=bounded) as client:
+        with knobs(server, hang=True):
+            started = trio.current_time()
+            with operation_until(started + 0.5), pytest.raises(Unreachable):
+                await client.list_projects()
+            assert trio.current_time() - started < 1.5
+            assert not client._server_down
+            mark = server.log_mark()
+            with operation_until(trio.current_time() - 1), pytest.raises(Unreachable):
+                await client.list_projects()
+            assert requests_since(server, mark) == []
+
+            async def background() -> None:
+                with pytest.raises(Unreachable):
+                    await client.list_projects()
+
+            started = trio.current_time()
+            with operation_until(started + 0.5):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(background)
+            assert trio.current_time() - started > 1.4  # at least one read timeout
 
 
 async def test_a_server_found_down_is_watched_and_seen_back_when_slow(server: TestServer,

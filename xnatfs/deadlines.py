@@ -13,17 +13,9 @@ from collections.abc import Iterator
 
 import trio
 
-from .client.settings import OPERATION_DEADLINE
+from .client.settings import operation_until
 
-
-@contextlib.contextmanager
-def operation_until(deadline: float) -> Iterator[None]:
-    """Run the block as (part of) an operation that must end at ``deadline``."""
-    token = OPERATION_DEADLINE.set(deadline)
-    try:
-        yield
-    finally:
-        OPERATION_DEADLINE.reset(token)
+__all__ = ["Deadlines", "operation_until"]
 
 
 class Deadlines:

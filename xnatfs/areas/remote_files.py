@@ -14,9 +14,7 @@ here. What it keeps is what the kernel's page cache needs to stay right:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 
 import trio
 
@@ -133,7 +131,7 @@ class RemoteFiles:
         keep arriving, ``quiet_timeout`` after the last of them: without Range
         (real XNAT), a first read far into a big file waits for one download to
         get there from byte 0, which takes longer than any fixed bound on a slow
-        link. Its deadline is the operation's (``OPERATION_DEADLINE``): the
+        link. Its deadline is the operation's (``operation_until``): the
         downloads it starts make no attempt it could not wait for."""
         deadlines = self.deadlines
         deadline = trio.current_time() + deadlines.op_timeout
@@ -191,10 +189,7 @@ class RemoteFiles:
             self.nursery.start_soon(self._prefetch_quietly, sibling, True)
 
     async def _prefetch_quietly(self, ident: FileIdentity, speculative: bool) -> None:
-        """The next files are fetched for no operation (nobody waits for them yet):
-        the client's own deadline bounds them, not the open's that started them."""
         try:
-            with operation_until(math.inf) if speculative else contextlib.nullcontext():
-                await self.blocks.prefetch_whole(ident, speculative=speculative)
+            await self.blocks.prefetch_whole(ident, speculative=speculative)
         except XnatError as exc:
             log.debug("read-ahead of %s failed: %s", ident.uri, exc)

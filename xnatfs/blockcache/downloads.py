@@ -36,11 +36,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import Iterator
 
 import trio
 
 from ..client import ByteStream, XnatClient
+from ..client.settings import operation_deadline
 from ..errors import Stale, Unreachable, XnatError
 from .blocks import CacheStatistics, Download, FileState, PendingBlock
 from .integrity import DigestCheck
@@ -102,18 +104,22 @@ class Downloads(DigestCheck):
             self._unmark_verified_soon(state)
         state.fetched = True
         start = index * self.block_size
+        # The download's first request is bounded by the operation that asked for
+        # the block (none for a read-ahead in the background): see open_stream.
+        until = operation_deadline()
         if self._range_supported is None:
             # The first download asks for this block's range: its answer says
             # whether Range works, with no probe round trip before the data.
             self._range_learning = trio.Event()
             self.nursery.start_soon(functools.partial(
                 self._download, state, start, start + pending.length, None, learns_range=True,
-                speculative=speculative))
+                speculative=speculative, until=until))
             return
         if self._range_supported:
             stop = start + pending.length
             self.nursery.start_soon(functools.partial(
-                self._download, state, start, stop, None, speculative=speculative))
+                self._download, state, start, stop, None, speculative=speculative,
+                until=until))
             return
         # No Range: every download starts at byte 0 and fills each missing block it
         # passes. One that has not passed this block yet will fill it.
@@ -128,15 +134,16 @@ class Downloads(DigestCheck):
         download = Download(0, stop)
         state.downloads.append(download)
         self.nursery.start_soon(functools.partial(
-            self._download, state, 0, stop, download, speculative=speculative))
+            self._download, state, 0, stop, download, speculative=speculative, until=until))
 
     async def _download(self, state: FileState, start: int, stop: int,
                         download: Download | None, *, learns_range: bool = False,
-                        speculative: bool = False) -> None:
+                        speculative: bool = False, until: float = math.inf) -> None:
         """Download bytes ``[start, stop)`` into pending blocks. ``download`` is set for
         whole-file streams, which also open the missing blocks they pass.
         ``learns_range``: this is the first download, and its answer tells whether
-        the server honours Range."""
+        the server honours Range. ``until``: the deadline of the operation that
+        started it, which its first request keeps."""
         ident = state.ident
         position = start
         try:
@@ -146,7 +153,8 @@ class Downloads(DigestCheck):
                     return
                 self.stats.fetch_requests += 1
                 # The client resumes broken downloads itself, within its bounds.
-                async with self.client.open_stream(ident.uri, start, stop) as chunks:
+                async with self.client.open_stream(ident.uri, start, stop,
+                                                   give_up_by=until) as chunks:
                     if learns_range:
                         learns_range = False
                         self._learned_range(chunks.ranged)

@@ -51,7 +51,7 @@ from .answers import error_class, parse_json, status_page_message, table_rows
 from .ceilings import Release, RequestGate, retry_after_seconds
 from .logins import LoginHold, SharedSessions
 from .sessionfile import SessionFile
-from .settings import OPERATION_DEADLINE, ClientSettings
+from .settings import ClientSettings, operation_deadline
 from .tls import tls_failure, verification
 
 log = logging.getLogger("xnatfs.client")  # one logger for the package, as before the split
@@ -350,7 +350,7 @@ class XnatConnection:
         have imported it.
 
         Nor does any other request outlast the operation it is made for
-        (:data:`~.settings.OPERATION_DEADLINE`, or ``give_up_by`` when given):
+        (:func:`~.settings.operation_deadline`, or ``give_up_by`` when given):
         it waits only as long as that allows, and is not sent once it has
         passed. Running out of the operation's time does not count the server
         as down (it may only be slow).
@@ -359,7 +359,8 @@ class XnatConnection:
         deadline = settings.deadline if body is None else math.inf
         cut_short = False
         if body is None:
-            until = give_up_by if give_up_by is not None else OPERATION_DEADLINE.get()
+            until = min(operation_deadline(),
+                        math.inf if give_up_by is None else give_up_by)
             left = until - trio.current_time()
             if left <= 0:
                 raise Unreachable("no time left for a request within the operation's bound",

@@ -24,8 +24,8 @@ class DownloadCalls(XnatConnection):
     """``open_stream`` for :class:`~xnatfs.client.XnatClient`."""
 
     @asynccontextmanager
-    async def open_stream(self, uri: str, start: int = 0,
-                          end: int | None = None) -> AsyncIterator[ByteStream]:
+    async def open_stream(self, uri: str, start: int = 0, end: int | None = None, *,
+                          give_up_by: float | None = None) -> AsyncIterator[ByteStream]:
         """A download of bytes ``[start, end)`` of ``uri`` (to the end of the file
         when ``end`` is None), read chunk by chunk::
 
@@ -39,7 +39,9 @@ class DownloadCalls(XnatConnection):
         to ``max_attempts`` times; then :class:`Unreachable` (or :class:`Stale`
         if the file changed meanwhile). Each wait for data is bounded by
         ``read_timeout``; the download as a whole is not, but a resume gives up
-        ``deadline`` after the download last moved.
+        ``deadline`` after the download last moved. ``give_up_by`` (trio time):
+        the first request gives up then at the latest (the deadline of the
+        operation it is made for, when another task makes it).
 
         A download with an ``end`` asks for a range, so its first answer tells
         whether the server honours Range (:attr:`ByteStream.ranged`). Where it
@@ -47,6 +49,7 @@ class DownloadCalls(XnatConnection):
         the file the server sends anyway.
         """
         stream = ByteStream(self, uri, start, end)
+        stream.first_by = give_up_by
         try:
             await stream.open()
             yield stream
@@ -94,6 +97,7 @@ class ByteStream:
         # When the download last moved (an answer opened, bytes came): a resume
         # gives up a request deadline after it, whatever operation started it.
         self.moved_at: float | None = None
+        self.first_by: float | None = None  # when the first request gives up, if sooner
 
     def __aiter__(self) -> ByteStream:
         return self
@@ -144,7 +148,7 @@ class ByteStream:
         # The first request is bounded by the operation that opened the download;
         # a resume, by when the download last moved (the reader that started it
         # may be long gone, others read on), never by a fresh deadline of its own.
-        give_up_by = (None if self.moved_at is None
+        give_up_by = (self.first_by if self.moved_at is None
                       else self.moved_at + client.settings.deadline)
         answer = await client._send("GET", self.uri, kind="files.stream", headers=headers,
                                     accept={416}, keep_open=True, handle=open_answer,

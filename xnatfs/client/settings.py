@@ -3,25 +3,42 @@ pool size): one place for what :mod:`~xnatfs.mount` and the command line tune.""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
 import trio
 
-# When the operation the client works for must end (trio time; inf outside
-# one): the mount sets it per FUSE operation (:mod:`xnatfs.deadlines`), and
-# ``_send`` starts no attempt past it and waits no longer than it allows, so
-# that no layer starts an attempt the operation cannot wait for. Tasks started
-# on an operation's behalf (its downloads, a series read-ahead) inherit it:
-# trio copies the context of the task that starts them.
-OPERATION_DEADLINE: ContextVar[float] = ContextVar("xnatfs_operation_deadline",
-                                                   default=math.inf)
+# When the operation the client works for must end (trio time), and the task
+# that works for it: the mount sets it per FUSE operation
+# (:mod:`xnatfs.deadlines`), and ``_send`` starts no attempt past it and waits
+# no longer than it allows, so that no layer starts an attempt the operation
+# cannot wait for. It binds only the task that set it: trio copies the context
+# into the tasks a task starts, and a background task (an upload's retries, a
+# series read-ahead) must not inherit the deadline of the call that started
+# it. A task that works for an operation (a read's download) sets it itself.
+_OPERATION: ContextVar[tuple[float, object] | None] = ContextVar("xnatfs_operation",
+                                                                 default=None)
 
 
-def operation_time_left() -> float:
-    """Seconds until the current operation's deadline (inf outside one)."""
-    return OPERATION_DEADLINE.get() - trio.current_time()
+def operation_deadline() -> float:
+    """When the operation the current task works for must end (inf: none)."""
+    entry = _OPERATION.get()
+    if entry is None or entry[1] is not trio.lowlevel.current_task():
+        return math.inf
+    return entry[0]
+
+
+@contextlib.contextmanager
+def operation_until(deadline: float) -> Iterator[None]:
+    """Run the block, in this task, for an operation that must end at ``deadline``."""
+    token = _OPERATION.set((deadline, trio.lowlevel.current_task()))
+    try:
+        yield
+    finally:
+        _OPERATION.reset(token)
 
 
 @dataclass(frozen=True)
