@@ -297,3 +297,40 @@ async def test_a_whole_file_stream_claims_blocks_ahead_of_it_and_releases_them_w
         with trio.fail_after(10):
             while state.downloads or claimed(ident.key):
                 await trio.sleep(0.05)
+
+
+async def test_a_claim_released_while_it_is_still_being_written_is_not_left_behind(
+        server: TestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claims are written in worker threads, in the background. A stream that
+    stops before they are on disk releases them: the release must come after
+    the claim, or the claim stays and other nodes wait for it until it goes
+    stale (seen on a loaded CI machine)."""
+    monkeypatch.setattr(sharedtier, "CLAIM_AHEAD", 8 * BLOCK)
+    monkeypatch.setattr(blockcache, "PAUSED_DOWNLOAD_LIMIT", 0.2)
+    claims_may_go_on = threading.Event()
+    write_claim = SharedCache.claim
+    claims = {"asked": 0, "written": 0}
+
+    def slow_claim(self: SharedCache, key: str, index: int) -> bool:
+        claims["asked"] += 1
+        claims_may_go_on.wait(10)
+        try:
+            return write_claim(self, key, index)
+        finally:
+            claims["written"] += 1
+
+    monkeypatch.setattr(SharedCache, "claim", slow_claim)
+    shared = tmp_path / "shared"
+    await prepare_shared(shared, BLOCK)
+    folder = SharedCache(shared, BLOCK)
+    async with header_read(server, tmp_path, shared) as (blocks, ident):
+        state = blocks.files[ident.key]
+        with trio.fail_after(10):  # the stream stopped; its claims are not on disk yet
+            while state.downloads:
+                await trio.sleep(0.05)
+        assert claims["asked"] > 0 and claims["written"] == 0
+        claims_may_go_on.set()
+        with trio.fail_after(10):
+            while (claims["written"] < claims["asked"]
+                   or list(folder.folder(ident.key).glob("*.claim"))):
+                await trio.sleep(0.05)

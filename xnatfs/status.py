@@ -95,6 +95,7 @@ def gather(sources: StatusSources) -> dict[str, Any]:
         "shared_cache": {
             "enabled": sources.blocks.shared is not None,
             "entries_published": stats.shared_published,
+            "entries_being_published": sources.blocks.publications_in_flight,
             "entries_found_bad": stats.shared_bad,
             "failed_or_hung_calls": stats.shared_outages,
         },
@@ -149,7 +150,8 @@ def human_text(document: dict[str, Any], now: float | None = None) -> str:
     lines.append(f"bytes from cache  {_size(document['bytes']['from_local_cache'])}")
     shared = document["shared_cache"]
     if shared["enabled"]:
-        lines.append(f"shared cache      {shared['entries_published']} blocks published, "
+        lines.append(f"shared cache      {shared['entries_published']} blocks published "
+                     f"({shared['entries_being_published']} under way), "
                      f"{shared['entries_found_bad']} found bad, "
                      f"{shared['failed_or_hung_calls']} calls failed or hung")
     downloads = document["downloads"]

@@ -120,6 +120,7 @@ class FileState:
     arrived_at: float = float("-inf")  # trio time its last downloaded bytes arrived
     streams: list[ByteStream] = field(default_factory=list)  # its downloads under way
     shared_claims: set[int] = field(default_factory=set)  # blocks this mount claimed in the shared tier
+    claiming: dict[int, trio.Event] = field(default_factory=dict)  # claims still being written
     from_shared: set[int] = field(default_factory=set)    # blocks that came from the shared tier
 
 

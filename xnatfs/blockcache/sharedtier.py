@@ -128,8 +128,23 @@ class SharedTier(DiskTier):
                     or (state.ident.key, ahead) in self.memory):
                 continue
             state.shared_claims.add(ahead)
-            self.nursery.start_soon(self._shared_call, self.shared.claim, state.ident.key,
-                                    ahead)
+            state.claiming[ahead] = trio.Event()
+            self.nursery.start_soon(self._claim, state, ahead)
+
+    async def _claim(self, state: FileState, index: int) -> None:
+        assert self.shared is not None
+        try:
+            await self._shared_call(self.shared.claim, state.ident.key, index)
+        finally:
+            state.claiming.pop(index).set()
+
+    async def _claim_written(self, state: FileState, index: int) -> None:
+        """Wait until a claim started in the background is on disk: a release or
+        publication that removed it first would leave it behind, and other
+        nodes would wait for it until it went stale."""
+        claiming = state.claiming.get(index)
+        if claiming is not None:
+            await claiming.wait()
 
     def _release_claims_ahead(self, state: FileState, position: int) -> None:
         """A whole-file stream ended at ``position``: release the claims it made ahead
@@ -152,8 +167,12 @@ class SharedTier(DiskTier):
             return
         state.shared_claims.difference_update(held)
         for index in held:
-            self.nursery.start_soon(self._shared_call, self.shared.release,
-                                    state.ident.key, index)
+            self.nursery.start_soon(self._release, state, index)
+
+    async def _release(self, state: FileState, index: int) -> None:
+        assert self.shared is not None
+        await self._claim_written(state, index)
+        await self._shared_call(self.shared.release, state.ident.key, index)
 
     def _publish_soon(self, state: FileState, index: int, data: Block) -> None:
         """Put a block downloaded from XNAT in the shared tier, in the background."""
@@ -171,6 +190,7 @@ class SharedTier(DiskTier):
         try:
             if state.dropped:
                 return
+            await self._claim_written(state, index)
             done = await self._shared_call(self.shared.publish, state.ident.key, index, data,
                                            limiter=self.publish_limiter)
         finally:
@@ -183,6 +203,11 @@ class SharedTier(DiskTier):
         if self._trim_due() and not self._shared_trimming:
             self._shared_trimming = True
             self.nursery.start_soon(self._trim_shared)
+
+    @property
+    def publications_in_flight(self) -> int:
+        """Blocks being written to the shared tier now (a status counter)."""
+        return self._shared_publishing
 
     def _trim_due(self) -> bool:
         """Whether this mount published a sixteenth of ``shared_max`` since it last trimmed."""
