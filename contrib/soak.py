@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.mount.conftest import daemon_pid  # noqa: E402
-from tests.mount.test_model import opened_world, run_examples  # noqa: E402
+from tests.mount.model_setup import opened_world  # noqa: E402
+from tests.mount.test_model import run_examples  # noqa: E402
 from xnatfs.testing.harness import TestServer  # noqa: E402
 
 

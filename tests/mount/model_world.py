@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import math
+import sys
 import threading
 import time
 from collections import Counter
@@ -178,8 +179,18 @@ class Versions:
         return len(self.acceptable(started)) == 1
 
 
+SEEN: list[str] = []  # every violation raised in this process, the first ones first
+
+
 class Violation(AssertionError):
-    """An invariant broken: a wrong byte, a lost write, an operation over its bound."""
+    """An invariant broken: a wrong byte, a lost write, an operation over its bound.
+    Each is written to stderr when raised: shrinking replays a failure under other
+    fault rolls, and may end in "Flaky" or a timeout that no longer shows it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        SEEN.append(message)
+        print(f"model test: violation: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
