@@ -303,7 +303,7 @@ class MountModel(WriteRules, RuleBasedStateMachine):
 
     # --------------------------------------------- changes behind the mount
     @rule(action=st.sampled_from(["replace", "add", "delete"]), index=INDEX,
-          size=st.integers(0, 3000))
+          size=st.integers(1, 3000))  # XNAT refuses an empty PUT body (400)
     def change_behind(self, action: str, index: int, size: int) -> None:
         """Another client replaces, adds or deletes a file of LIVE (one stays)."""
         names = sorted(p.rsplit("/", 1)[1] for p, v in self.files.items()
