@@ -339,3 +339,32 @@ def test_a_change_through_xnatpy_shows_after_the_metadata_lifetime(
     folder = mount.path / "TABLES" / "S02"
     assert os.getxattr(folder, "user.xnat.field.mood") == b"calm"
     assert os.getxattr(folder, "user.xnat.handedness") == b"ambidextrous"
+
+
+def test_a_failing_server_fails_a_subjects_fields_rather_than_hiding_them(
+        started_demo_server: TestServer, mount_factory) -> None:  # noqa: ANN001
+    """Found by the model test (seed 9): with the subjects' listing failing,
+    ``getxattr user.xnat.group`` answered "No such attribute", as if XNAT held
+    no group. Now it fails (EIO), and answers again once the server does."""
+    import errno
+
+    server = started_demo_server
+    mount = mount_factory(server, "--metadata-ttl", "1", "--timeout", "1", name="failing")
+    # An open folder needs no lookup (which would fail first) to read its attributes.
+    fd = os.open(mount.path / "NEURO_PUB" / "NP001", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        group = os.getxattr(fd, "user.xnat.group")
+        assert group
+        server.set_knobs(fail_rate=1.0, fault_path=r"/projects/NEURO_PUB/subjects$")
+        try:
+            time.sleep(1.2)  # the cached listing outlives its metadata lifetime
+            for read in (lambda: os.getxattr(fd, "user.xnat.group"),
+                         lambda: os.listxattr(fd)):
+                with pytest.raises(OSError) as failed:
+                    read()
+                assert failed.value.errno in (errno.EIO, errno.ETIMEDOUT)
+        finally:
+            server.set_knobs(fail_rate=0.0, fault_path="")
+        assert os.getxattr(fd, "user.xnat.group") == group
+    finally:
+        os.close(fd)

@@ -30,7 +30,6 @@ from ..client.tables import (
     SessionRecord,
     SubjectRecord,
 )
-from ..errors import XnatError
 from ..naming import NAME_MAX
 from ..tablecsv import SCANS_NAME, SESSIONS_NAME, SUBJECTS_NAME, scans_csv, sessions_csv, subjects_csv
 from ..tree import Node, Tree
@@ -156,21 +155,15 @@ class ProjectTables:
     # ---------------------------------------------------- extended attributes
     async def subject_xattrs(self, node: Node) -> None:
         """Add the subject's fields and custom variables to ``node.xattrs``."""
-        try:
-            records = await self.subjects(node.project)
-        except XnatError as exc:  # the server is down: what the listing gave
-            log.debug("no demographics for %s: %s", node.subject_id, exc)
-            return
+        # A failure fails the read: answering without the fields (or with those
+        # of an earlier listing) would say XNAT holds none (or old ones).
+        records = await self.subjects(node.project)
         record = self._record((SUBJECTS, node.project), records, node.subject_id)
         node.xattrs = with_metadata(node.xattrs, SUBJECT_FIELDS, record)
 
     async def session_xattrs(self, node: Node) -> None:
         """Add the session's fields and custom variables to ``node.xattrs``."""
-        try:
-            records = await self.sessions(node.project)
-        except XnatError as exc:
-            log.debug("no fields for %s: %s", node.experiment_id, exc)
-            return
+        records = await self.sessions(node.project)
         record = self._record((SESSIONS, node.project), records, node.experiment_id)
         node.xattrs = with_metadata(node.xattrs, SESSION_FIELDS, record)
 
