@@ -569,6 +569,54 @@ def test_a_server_error_mid_queue_heals_and_each_file_is_sent_once(
     assert "kept in" not in log
 
 
+def deleted_spool_copies(mount: Mount) -> list[str]:
+    """The mount process's descriptors of local copies already deleted (the
+    spool may hold descriptors of the copies it still keeps)."""
+    pid = daemon_pid(mount.path)
+    uploads = str(mount.cache_dir.resolve() / "uploads") + "/"
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        if target.startswith(uploads) and target.endswith(" (deleted)"):
+            found.append(target)
+    return found
+
+
+def test_an_upload_a_silent_server_stopped_reading_leaves_no_descriptor_open(
+        server: TestServer, mount_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    """Write-behind: XNAT stops reading the body of a result file (httpx's
+    WriteTimeout, every attempt of one try); then it is back, the spool's
+    retry sends the file, and its local copy is deleted. The mount keeps no
+    descriptor of that copy: the soak once found each such file held open
+    (deleted) until the garbage collector's next full pass."""
+    mount = mount_factory(server, "--write-behind", "--timeout", "0.5")
+    resource = mount.path / SESSION / "resources" / "SILENT"
+    resource.mkdir()
+    out = write_tree(tmp_path / "out", {"volume.nii": os.urandom(32 << 20)})  # more than
+    result = out / "volume.nii"                    # loopback's socket buffers take in
+    server.set_knobs(hang=True, fault_path="/resources/SILENT/files")
+    try:
+        shutil.copy(result, resource / "files")  # write-behind: returns at close
+
+        def one_try_failed() -> bool:
+            return any(line.startswith("upload of ") and "SILENT/files/volume.nii failed "
+                       "(WriteTimeout" in line for line in
+                       (entry.split(" WARNING ", 1)[-1] for entry in
+                        mount_log(mount).splitlines()))
+
+        wait_until(one_try_failed, "a try whose every attempt met a WriteTimeout")
+    finally:
+        server.set_knobs(hang=False, fault_path="")
+    fsync_folder(resource / "files")  # the spool's next try sends it
+    assert listed(server, f"{SESSION_URI}/resources/SILENT") == digests(out)
+    assert "volume.nii" not in uploads_cli(mount, "list").stdout
+    wait_until(lambda: not deleted_spool_copies(mount),
+               "the descriptors of the deleted local copy to be closed", timeout=5)
+
+
 @pytest.mark.parametrize("allow_overwrite", [False, True], ids=["refused", "allowed"])
 def test_a_file_saved_again_while_its_first_version_is_sent(
         server: TestServer, mount_factory, allow_overwrite: bool) -> None:  # noqa: ANN001

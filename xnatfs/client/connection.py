@@ -28,7 +28,7 @@ from collections.abc import (
     Collection,
     Mapping,
 )
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
@@ -337,7 +337,7 @@ class XnatConnection:
         ``keep_open``, in which case ``handle``'s caller owns it. Requests made
         with ``use_session=False`` carry their own credentials in ``headers``;
         for them a 401 is final. ``body`` makes a fresh request body for each
-        attempt (an upload); ``attempts`` caps the attempts below the setting
+        attempt (an upload), closed when the attempt ends; ``attempts`` caps the attempts below the setting
         (1 for a body that cannot be produced twice). ``final`` picks out the 5xx
         answers that are a refusal rather than a failure, returning the error
         to raise at once.
@@ -391,10 +391,11 @@ class XnatConnection:
                     request_headers.update(_cookie(session_id))
                 pause: float | None = None
                 renew = False
-                async with self._gate.slot(give_up_at) as release:
+                async with self._gate.slot(give_up_at) as release, \
+                        _attempt_body(body) as content:
                     request = self._http.build_request(
                         method, self._url(path), params=params, headers=request_headers,
-                        content=body() if body is not None else None, timeout=timeouts)
+                        content=content, timeout=timeouts)
                     self._counts[kind] += 1
                     try:
                         response = await self._http.send(request, stream=True)
@@ -611,6 +612,28 @@ def _new_http_client(settings: ClientSettings) -> httpx.AsyncClient:
                             keepalive_expiry=15.0),
         headers={"User-Agent": USER_AGENT}, cookies=no_cookies, follow_redirects=False,
         verify=verification(settings))
+
+
+@asynccontextmanager
+async def _attempt_body(body: Callable[[], AsyncIterator[bytes]] | None
+                        ) -> AsyncGenerator[AsyncIterator[bytes] | None, None]:
+    """One attempt's request body, closed when the attempt ends, however it ended.
+
+    httpcore sends a body with ``async for`` and leaves it where it stopped
+    on a WriteTimeout (the server read no more), and the timeout's traceback
+    (through the frames that held the request) keeps that suspended
+    generator in a reference cycle once the operation gives up. Its file, a
+    local copy of an upload, then stayed open until the garbage collector's
+    next full pass: after the copy was sent and deleted, if need be (the
+    soak's "(deleted)" descriptors)."""
+    content = body() if body is not None else None
+    try:
+        yield content
+    finally:
+        close = getattr(content, "aclose", None)
+        if close is not None:
+            with trio.CancelScope(shield=True):  # a cancelled attempt closes it too
+                await close()
 
 
 def _body_chunks(response: httpx.Response,

@@ -178,13 +178,17 @@ def _import_params(project: str, subject: str | None, session: str | None,
 
 
 async def file_chunks(path: Path, chunk_size: int) -> AsyncIterator[bytes]:
-    """A file as request-body chunks, read in a worker thread."""
+    """A file as request-body chunks, read in a worker thread. Whoever iterates
+    it closes it (``aclose``) when done with it, sent whole or not: the file is
+    closed then (shielded: also when the request was cancelled), not when the
+    garbage collector gets to it."""
     handle = await trio.to_thread.run_sync(open, path, "rb")
     try:
         while chunk := await trio.to_thread.run_sync(handle.read, chunk_size):
             yield chunk
     finally:
-        await trio.to_thread.run_sync(handle.close)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(handle.close)
 
 
 async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
