@@ -219,6 +219,22 @@ def test_direct_prefetch_into_a_folder_resumes_and_fills_a_later_mounts_cache(
     assert downloads(server, mark) == []
 
 
+def test_a_direct_prefetch_leaves_every_file_it_read_in_the_cache(
+        server: TestServer, tmp_path: Path) -> None:
+    """The run ends only once the blocks it read are stored and their digest
+    checks recorded, the last file's too: a second run finds every file cached
+    (before, the blocks of the last few files a reader got from the download
+    itself were still on their way to the disk when the run ended)."""
+    direct = ["--url", server.url, "--cache-dir", str(tmp_path / "blocks"), OTHER_SESSION]
+    env = make_env(tmp_path / "home")
+    first = prefetch(env, *direct)
+    assert first.returncode == 0, first.stderr
+    again = prefetch(env, *direct)
+    done = re.search(r"prefetch done: (\d+) of (\d+) files", again.stderr)
+    assert again.returncode == 0 and done and done.group(1) == done.group(2), again.stderr
+    assert summary_count(again.stderr, "already cached") == int(done.group(2)), again.stderr
+
+
 def test_direct_prefetch_fills_the_shared_cache_other_nodes_read(
         server: TestServer, mount_factory, tmp_path: Path) -> None:  # noqa: ANN001
     """A login node fills the cluster's shared cache; a node's mount with a cache

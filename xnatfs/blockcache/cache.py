@@ -43,6 +43,9 @@ SEQUENTIAL_AHEAD = 16 * 1024 * 1024
 SEQUENTIAL_BEHIND = 8 * 1024 * 1024
 
 
+SETTLE_POLL = 0.05  # s between looks while settle() waits for background work
+
+
 class BlockCache(Downloads):
     """Blocks of remote files, in memory, on disk and in flight."""
 
@@ -101,6 +104,7 @@ class BlockCache(Downloads):
         self.publish_limiter = trio.CapacityLimiter(2)
         self._shared_down_until = float("-inf")
         self._shared_publishing = 0
+        self._shared_calls = 0
         self._shared_since_trim = 0
         self._shared_trimming = False
         self._shared_touched = LRUCache(maxsize=65536)
@@ -109,6 +113,28 @@ class BlockCache(Downloads):
 
     def close(self) -> None:
         self.disk.close()
+
+    async def settle(self) -> None:
+        """Wait for the work that finished reads leave in the background: blocks
+        downloaded whole but not yet stored (a reader may have had their bytes
+        already), the digest checks of files whose blocks are all here (their
+        markers let later mounts trust the blocks), and publications, claims and
+        releases in the shared tier. Not for downloads still under way. For a
+        process about to end (``xnatfs prefetch``, an unmount); the caller
+        bounds the wait."""
+        while self._work_left_behind():
+            await trio.sleep(SETTLE_POLL)
+
+    def _work_left_behind(self) -> bool:
+        if self._shared_publishing or self._shared_calls:
+            return True
+        for state in self.files.values():
+            if state.dropped:
+                continue
+            complete = [pending.complete for pending in state.pending.values()]
+            if any(complete) or (state.hashing and all(complete)):
+                return True
+        return False
 
     def add_drop_listener(self, listener: Callable[[FileIdentity], None]) -> None:
         """Call ``listener(ident)`` whenever the blocks of a file are dropped as

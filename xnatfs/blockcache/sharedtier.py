@@ -54,6 +54,7 @@ class SharedTier(DiskTier):
     publish_limiter: trio.CapacityLimiter  # publishing: never takes the lookups' threads
     _shared_down_until: float
     _shared_publishing: int
+    _shared_calls: int                     # claims and releases under way
     _shared_since_trim: int
     _shared_trimming: bool
     _shared_touched: LRUCache[str, bool]   # files whose folder this session touched
@@ -133,9 +134,11 @@ class SharedTier(DiskTier):
 
     async def _claim(self, state: FileState, index: int) -> None:
         assert self.shared is not None
+        self._shared_calls += 1
         try:
             await self._shared_call(self.shared.claim, state.ident.key, index)
         finally:
+            self._shared_calls -= 1
             state.claiming.pop(index).set()
 
     async def _claim_written(self, state: FileState, index: int) -> None:
@@ -171,8 +174,12 @@ class SharedTier(DiskTier):
 
     async def _release(self, state: FileState, index: int) -> None:
         assert self.shared is not None
-        await self._claim_written(state, index)
-        await self._shared_call(self.shared.release, state.ident.key, index)
+        self._shared_calls += 1
+        try:
+            await self._claim_written(state, index)
+            await self._shared_call(self.shared.release, state.ident.key, index)
+        finally:
+            self._shared_calls -= 1
 
     def _publish_soon(self, state: FileState, index: int, data: Block) -> None:
         """Put a block downloaded from XNAT in the shared tier, in the background."""
