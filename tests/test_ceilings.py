@@ -141,6 +141,25 @@ async def test_retry_after_pauses_every_request(autojump_clock: trio.testing.Moc
     assert stats["paused"] == 1 and client.answers()[429] == 1
 
 
+async def test_requests_waiting_for_a_slot_wait_for_a_pause_that_began_meanwhile(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """With every slot taken, requests queue for one; the 429 that asks for a
+    pause frees its slot, and the next request must not take it and go: it
+    waits for the pause as well (seen on a loaded machine: twice as many
+    throttled answers as slots)."""
+    xnat = MockXnat()
+    async with xnat.client(max_requests=1, max_request_rate=0) as client:
+        await client.connect()
+        xnat.throttle = [(429, "3")]
+        told = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for n in range(4):
+                nursery.start_soon(client.list_projects)
+    after = [s for s, _, _, _ in xnat.listings()][1:]
+    assert len(after) == 4 and min(after) >= told + 3.0
+    assert client.answers()[429] == 1
+
+
 async def test_503_with_an_http_date(autojump_clock: trio.testing.MockClock) -> None:
     xnat = MockXnat()
     async with xnat.client() as client:

@@ -74,10 +74,17 @@ class RequestGate:
         """
         self.queued += 1
         try:
-            await self._wait_pause(give_up_at)
-            await self._take_token()
-            if self._slots is not None:
-                await self._slots.acquire()
+            while True:
+                await self._wait_pause(give_up_at)
+                await self._take_token()
+                if self._slots is not None:
+                    await self._slots.acquire()
+                if self.remaining_pause() <= 0:
+                    break
+                # A pause began while this request waited for its token or
+                # slot (the answer that asked for it freed the slot): wait it out.
+                if self._slots is not None:
+                    self._slots.release()
         finally:
             self.queued -= 1
         release = Release(self)
