@@ -459,7 +459,7 @@ def test_an_import_dying_mid_stream_fails_cp_instead_of_hanging_it(upload_server
     more than the stream buffers): ``cp`` goes on into the local copy and fails
     at close, with the bytes kept. It used to wait in write() for the dead
     request to take more, unkillable, for the upload timeout (an hour)."""
-    mount = mount_factory(upload_server, "--timeout", "2")
+    mount = mount_factory(upload_server, "--timeout", "1")
     archive = tmp_path / "stalled.zip"
     write_dicom_archive(archive, synthetic_study("Stal^Led", "STALL1", slices=120, rows=256,
                                                  cols=256, seed=6))
