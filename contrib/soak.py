@@ -2,7 +2,7 @@
 """The xnatfs soak (issue 24): a real mount under the test server's faults.
 
     python contrib/soak.py --minutes N [--seed S] [--readers 64] [--writers 16]
-                           [--timeout 5] [--server-range] [--no-long-hang]
+                           [--timeout 5] [--server-range] [--no-long-hang] [--shared-cache]
                            [--json PATH] [--keep]
 
 Builds the demo data set in a temporary folder, serves it with ``xnatfs
@@ -45,6 +45,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=5.0, help="the mount's --timeout")
     parser.add_argument("--server-range", action="store_true",
                         help="the server honours HTTP Range (real XNAT 1.8 does not)")
+    parser.add_argument("--shared-cache", action="store_true",
+                        help="the mount also reads through a shared cache tier (in the work "
+                             "folder): with the 8 MB local cache, most blocks come from it")
     parser.add_argument("--no-long-hang", action="store_true",
                         help="leave out the phase where the server is silent for longer "
                              "than any operation's bound (4 x timeout + 5 s)")
@@ -55,7 +58,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="xnatfs-soak-"))
     config = SoakConfig(seconds=args.minutes * 60, seed=args.seed, workdir=workdir,
                         readers=args.readers, writers=args.writers, timeout=args.timeout,
-                        server_range=args.server_range, long_hang=not args.no_long_hang)
+                        server_range=args.server_range, long_hang=not args.no_long_hang,
+                        shared_cache=args.shared_cache)
     print(f"xnatfs soak, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}; "
           f"work in {workdir}", flush=True)

@@ -67,6 +67,7 @@ class SoakConfig:
     data_dir: Path | None = None     # a built demo data set to serve (else built here)
     server_range: bool = False       # the server honours HTTP Range (real XNAT 1.8: no)
     long_hang: bool = False          # a LONG_HANG phase in each round
+    shared_cache: bool = False       # reads also go through a shared cache tier (issue 23)
 
     def bounds(self) -> dict[str, float]:
         """How long each kind of operation may take: the README's bound of a file
@@ -103,6 +104,8 @@ def run_soak(config: SoakConfig, say: Any = print) -> Report:
                         "--cache-dir", str(cache), "--cache-size", config.cache_size,
                         "--timeout", str(config.timeout),
                         "--import-timeout", str(config.import_timeout),
+                        *(["--shared-cache", str(work / "shared")] if config.shared_cache
+                          else []),
                         "--log-level", "WARNING", "--log-file", str(work / "mount.log")],
                         env=env, check=True, timeout=60)
         try:
