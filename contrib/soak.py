@@ -46,8 +46,8 @@ def main() -> int:
     parser.add_argument("--server-range", action="store_true",
                         help="the server honours HTTP Range (real XNAT 1.8 does not)")
     parser.add_argument("--shared-cache", action="store_true",
-                        help="the mount also reads through a shared cache tier (in the work "
-                             "folder): with the 8 MB local cache, most blocks come from it")
+                        help="the mount publishes what it downloads into a shared cache tier "
+                             "(in the work folder), under the same faults")
     parser.add_argument("--no-long-hang", action="store_true",
                         help="leave out the phase where the server is silent for longer "
                              "than any operation's bound (4 x timeout + 5 s)")

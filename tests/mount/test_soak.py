@@ -1,7 +1,8 @@
 """A short seeded soak (issue 24): 64 readers of different files and 16 writers
 on a real mount while the server fails, drops, cuts, delays, hangs, throttles
 and forgets sessions; no wrong byte, no lost write, no operation past its
-bound, no descriptor or thread left behind. ``contrib/soak.py --minutes N``
+bound, no descriptor or thread left behind; with a shared cache tier (issue
+23) that gets every block downloaded. ``contrib/soak.py --minutes N``
 runs the same machinery (:mod:`xnatfs.testing.soak`) for longer."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ SEED = 2024
 
 def test_soak_under_faults(tmp_path: Path, demo_copy: Callable[[Path], Path]) -> None:
     config = SoakConfig(seconds=25, seed=SEED, workdir=tmp_path, phase=(1.5, 3.0),
-                        data_dir=demo_copy(tmp_path / "data"))
+                        data_dir=demo_copy(tmp_path / "data"), shared_cache=True)
     report = run_soak(config, say=print)
     print(report.text())
     assert not report.failures, report.text()
@@ -33,6 +34,10 @@ def test_soak_under_faults(tmp_path: Path, demo_copy: Callable[[Path], Path]) ->
     assert report.sessions_expired > 0
     assert {"read", "pread", "stat", "listdir", "readback", "result", "upload"} <= set(report.ops)
     assert report.writes["result done"] > 0 and report.writes["upload done"] > 0
+    # Publishing under faults (one mount's reads come from its memory, not the
+    # tier: tests/mount/test_shared_cache.py reads through several mounts).
+    assert report.status["shared_cache"]["entries_published"] > 0
+    assert report.status["shared_cache"]["failed_or_hung_calls"] == 0
 
 
 def test_the_checks_can_fail() -> None:

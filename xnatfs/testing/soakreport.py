@@ -165,6 +165,13 @@ class Report:
                      f"{requests.get('retries')}, no answer {requests.get('no_answer')}, "
                      f"server seemed down {requests.get('times_server_seemed_down')}, "
                      f"relogins {self.status.get('session', {}).get('relogins')}")
+        shared, moved = self.status.get("shared_cache", {}), self.status.get("bytes", {})
+        if shared.get("enabled"):
+            lines.append(f"shared cache: {moved.get('from_shared_cache')} bytes read from it "
+                         f"({moved.get('from_xnat')} from XNAT), "
+                         f"{shared.get('entries_published')} blocks published, "
+                         f"{shared.get('entries_found_bad')} found bad, "
+                         f"{shared.get('failed_or_hung_calls')} calls failed or hung")
         lines.append("writes: " + ", ".join(f"{k} {v}" for k, v in sorted(self.writes.items()))
                      + f"; kept and listed {self.kept_listed}, retried (exit "
                      f"{self.retry_status})")
