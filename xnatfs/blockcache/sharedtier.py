@@ -129,17 +129,20 @@ class SharedTier(DiskTier):
                     or (state.ident.key, ahead) in self.memory):
                 continue
             state.shared_claims.add(ahead)
-            state.claiming[ahead] = trio.Event()
-            self.nursery.start_soon(self._claim, state, ahead)
+            written = state.claiming[ahead] = trio.Event()
+            self.nursery.start_soon(self._claim, state, ahead, written)
 
-    async def _claim(self, state: FileState, index: int) -> None:
+    async def _claim(self, state: FileState, index: int, written: trio.Event) -> None:
         assert self.shared is not None
         self._shared_calls += 1
         try:
             await self._shared_call(self.shared.claim, state.ident.key, index)
         finally:
             self._shared_calls -= 1
-            state.claiming.pop(index).set()
+            # A claim of this block released and made again meanwhile has its own event.
+            if state.claiming.get(index) is written:
+                del state.claiming[index]
+            written.set()
 
     async def _claim_written(self, state: FileState, index: int) -> None:
         """Wait until a claim started in the background is on disk: a release or
