@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 # The rate ceiling's bucket holds this many seconds' worth of requests: a walk
 # of a folder (``find -ls``: some 60 listings in a second) goes at full speed.
 BURST_SECONDS = 2.0
-SETTLE_AT_UNMOUNT = 10.0  # s an unmount waits for digest checks and shared-tier writes
 
 
 @dataclass(frozen=True)
@@ -299,8 +298,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] | None = N
                         await results.finish_background_uploads()
                     # Digest checks mark blocks trusted by the next mount; the
                     # shared tier gets what was downloaded (bounded).
-                    with trio.move_on_after(SETTLE_AT_UNMOUNT):
-                        await blocks.settle()
+                    await blocks.settle()
                 finally:
                     pyfuse3.close(unmount=True)
                     blocks.close()

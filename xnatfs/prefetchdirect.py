@@ -41,7 +41,6 @@ from .tree import Node, Tree
 WALKED = frozenset({PROJECT, SUBJECT, SESSION, SCANS, SCAN, ASSESSORS, ASSESSOR, RESOURCES,
                     RESOURCE, FOLDER})
 LISTING_TTL = 3600.0  # s: one walk lists each folder once
-SETTLE_BOUND = 10.0  # s: the most an ending run waits for digest checks and publications
 
 
 class NoKernel:
@@ -194,8 +193,7 @@ async def prefetch_site(client: XnatClient, args: argparse.Namespace, progress: 
             # The digest checks of the files read whole mark their blocks as
             # trusted for the next mount, and the shared tier gets what was
             # downloaded: wait for them (bounded), not for downloads under way.
-            with trio.move_on_after(SETTLE_BOUND):
-                await blocks.settle()
+            await blocks.settle()
             # Stops the signal watcher and the progress line; block writes are shielded.
             nursery.cancel_scope.cancel()
     finally:

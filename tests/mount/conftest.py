@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,10 +118,27 @@ def mount_factory(tmp_path: Path) -> Iterator:
 
 
 @contextmanager
-def module_mount(server: TestServer, home: Path, *, wait: bool = False) -> Iterator[Mount]:
+def reachable_by_everyone(prefix: str) -> Iterator[Path]:
+    """A fresh folder every user can reach (pytest's tmp_path and /tmp may be
+    0700), for tests that act as other users; mounts left in it are unmounted."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        for entry in path.iterdir():
+            if entry.is_mount():
+                unmount(entry)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def module_mount(server: TestServer, home: Path, *options: str,
+                 wait: bool = False) -> Iterator[Mount]:
     """One mount of ``server`` kept in ``home`` (for a module's fixture: tests that
-    share it); unmounted afterwards, and with ``wait`` its process waited for."""
-    mount = Mount(home / "mnt", server, home / "blocks", make_env(home), [])
+    share it), with mount ``options``; unmounted afterwards, and with ``wait``
+    its process waited for."""
+    mount = Mount(home / "mnt", server, home / "blocks", make_env(home), list(options))
     mount_xnatfs(server, mount.path, mount.cache_dir, mount.env, mount.options)
     try:
         yield mount

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from xnatfs.mount import sharing_refusal
 from xnatfs.testing.harness import TestServer
 
-from .conftest import make_env, mount_xnatfs, unmount
+from .conftest import make_env, mount_xnatfs, reachable_by_everyone
 
 NOBODY = 65534   # the user a mount is shared with
 STRANGER = 65533  # a third user
@@ -35,15 +34,8 @@ def open_dir() -> Iterator[Path]:
     """A directory every user can reach (pytest's tmp_path and /tmp may be 0700)."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("acting as other users needs root and setpriv")
-    path = Path(tempfile.mkdtemp(prefix="xnatfs-access-", dir="/var/tmp"))
-    path.chmod(0o755)
-    try:
+    with reachable_by_everyone("xnatfs-access-") as path:
         yield path
-    finally:
-        for entry in path.iterdir():
-            if entry.is_mount():
-                unmount(entry)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def mount_in(open_dir: Path, server: TestServer, tmp_path: Path, *options: str) -> Path:

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 from xnatfs.status import STATUS_FILE_NAME
 from xnatfs.testing.harness import TestServer
 
-from .conftest import make_env, mount_xnatfs, unmount
+from .conftest import make_env, mount_xnatfs, reachable_by_everyone
 
 SESSION = "NEURO_PUB/NP001/NP001_MR1"
 OTHER_SESSION = "NEURO_PUB/NP001/NP001_MR2"
@@ -49,6 +48,23 @@ def start_prefetch(env: dict[str, str], log: Path, *args: str) -> subprocess.Pop
     with open(log, "wb") as stderr:
         return subprocess.Popen([sys.executable, "-m", "xnatfs.cli", "prefetch", *args],
                                 env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def interrupt_prefetch(server: TestServer, env: dict[str, str], log: Path, args: list[str],
+                       condition: Callable[[], bool], what: str, sig: signal.Signals) -> None:
+    """Run ``xnatfs prefetch ARGS`` against a slowed server until ``condition``,
+    then interrupt it with ``sig``: it must exit with 130 (its stderr in ``log``)."""
+    server.set_knobs(latency_ms=SLOW_MS)
+    try:
+        run = start_prefetch(env, log, *args)
+        try:
+            wait_for(condition, what=what)
+            run.send_signal(sig)
+            assert run.wait(timeout=60) == 130
+        finally:
+            run.kill()
+    finally:
+        server.set_knobs(latency_ms=0)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 60, what: str = "") -> None:
@@ -141,18 +157,10 @@ def test_an_interrupted_prefetch_resumes(server: TestServer, mount_factory,  # n
     session = mount.path / SESSION
     total = len(resource_files(session))
     mark = server.log_mark()
-    server.set_knobs(latency_ms=SLOW_MS)
-    try:
-        log = tmp_path / "first.log"
-        first = start_prefetch(mount.env, log, str(session), "--jobs", "2")
-        try:
-            wait_for(lambda: len(downloads(server, mark)) >= 10, what="10 downloads")
-            first.send_signal(signal.SIGTERM)
-            assert first.wait(timeout=60) == 130
-        finally:
-            first.kill()
-    finally:
-        server.set_knobs(latency_ms=0)
+    log = tmp_path / "first.log"
+    interrupt_prefetch(server, mount.env, log, [str(session), "--jobs", "2"],
+                       lambda: len(downloads(server, mark)) >= 10, "10 downloads",
+                       signal.SIGTERM)
     stderr = log.read_text()
     assert "prefetch interrupted" in stderr and "run the same command again" in stderr
     # What the mount had on its way when the reader went away, it finishes (and caches).
@@ -180,19 +188,10 @@ def test_direct_prefetch_into_a_folder_resumes_and_fills_a_later_mounts_cache(
     direct = ["--url", server.url, "--cache-dir", str(home / "blocks"), "--to", str(out),
               OTHER_SESSION]
     mark = server.log_mark()
-    server.set_knobs(latency_ms=SLOW_MS)
-    try:
-        log = tmp_path / "first.log"
-        first = start_prefetch(env, log, *direct, "--jobs", "2")
-        try:
-            wait_for(lambda: len(resource_files(out)) >= 8 if out.exists() else False,
-                     what="8 files written")
-            first.send_signal(signal.SIGINT)
-            assert first.wait(timeout=60) == 130
-        finally:
-            first.kill()
-    finally:
-        server.set_knobs(latency_ms=0)
+    log = tmp_path / "first.log"
+    interrupt_prefetch(server, env, log, [*direct, "--jobs", "2"],
+                       lambda: len(resource_files(out)) >= 8 if out.exists() else False,
+                       "8 files written", signal.SIGINT)
     assert "prefetch interrupted" in log.read_text()
     done_before = resource_files(out)
     missing = prefetch(env, *direct[:-1], "NEURO_PUB/NOBODY")
@@ -280,15 +279,8 @@ def open_dir() -> Iterator[Path]:
     """A directory every user can reach (pytest's tmp_path may be 0700)."""
     if os.geteuid() != 0 or not (shutil.which("setpriv") and shutil.which("unshare")):
         pytest.skip("binding and acting as other users needs root, setpriv and unshare")
-    path = Path(tempfile.mkdtemp(prefix="xnatfs-containers-", dir="/var/tmp"))
-    path.chmod(0o755)
-    try:
+    with reachable_by_everyone("xnatfs-containers-") as path:
         yield path
-    finally:
-        for entry in path.iterdir():
-            if entry.is_mount():
-                unmount(entry)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def in_new_namespace(script: str, **variables: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ import pytest
 
 from xnatfs.testing.harness import TestServer
 
-from .conftest import Mount, make_env, mount_xnatfs, peak_in_flight, unmount
+from .conftest import Mount, make_env, module_mount, mount_xnatfs, peak_in_flight, unmount
 
 MAX_REQUESTS = 3
 RATE = 10.0
@@ -33,14 +33,9 @@ def server(demo_copy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Test
 
 @pytest.fixture(scope="module")
 def mount(server: TestServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
-    home = tmp_path_factory.mktemp("protect-home")
-    options = ["--max-requests", str(MAX_REQUESTS), "--max-request-rate", str(RATE)]
-    mount = Mount(home / "mnt", server, home / "blocks", make_env(home), options)
-    mount_xnatfs(server, mount.path, mount.cache_dir, mount.env, options)
-    try:
+    with module_mount(server, tmp_path_factory.mktemp("protect-home"), "--max-requests",
+                      str(MAX_REQUESTS), "--max-request-rate", str(RATE)) as mount:
         yield mount
-    finally:
-        unmount(mount.path)
 
 
 def sessions(mount: Mount) -> list[Path]:

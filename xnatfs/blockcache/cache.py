@@ -44,6 +44,7 @@ SEQUENTIAL_BEHIND = 8 * 1024 * 1024
 
 
 SETTLE_POLL = 0.05  # s between looks while settle() waits for background work
+SETTLE_BOUND = 10.0  # s: the most settle() waits
 
 
 class BlockCache(Downloads):
@@ -120,10 +121,11 @@ class BlockCache(Downloads):
         already), the digest checks of files whose blocks are all here (their
         markers let later mounts trust the blocks), and publications, claims and
         releases in the shared tier. Not for downloads still under way. For a
-        process about to end (``xnatfs prefetch``, an unmount); the caller
-        bounds the wait."""
-        while self._work_left_behind():
-            await trio.sleep(SETTLE_POLL)
+        process about to end (``xnatfs prefetch``, an unmount); at most
+        ``SETTLE_BOUND`` seconds."""
+        with trio.move_on_after(SETTLE_BOUND):
+            while self._work_left_behind():
+                await trio.sleep(SETTLE_POLL)
 
     def _work_left_behind(self) -> bool:
         if self._shared_publishing or self._shared_calls:
