@@ -9,11 +9,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -115,6 +117,17 @@ def mount_factory(tmp_path: Path) -> Iterator:
     yield factory
     for mount in mounts:
         unmount(mount.path)
+
+
+def wait_for(probe: Callable[[], Any], timeout: float = 30, what: str = "", *,
+             every: float = 0.1) -> Any:
+    """Poll ``probe`` every ``every`` s until it returns something true, and return
+    that; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (result := probe()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+    return result
 
 
 @contextmanager

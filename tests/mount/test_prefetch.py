@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 from xnatfs.status import STATUS_FILE_NAME
 from xnatfs.testing.harness import TestServer
 
-from .conftest import make_env, mount_xnatfs, reachable_by_everyone
+from .conftest import make_env, mount_xnatfs, reachable_by_everyone, wait_for
 
 SESSION = "NEURO_PUB/NP001/NP001_MR1"
 OTHER_SESSION = "NEURO_PUB/NP001/NP001_MR2"
@@ -58,20 +57,13 @@ def interrupt_prefetch(server: TestServer, env: dict[str, str], log: Path, args:
     try:
         run = start_prefetch(env, log, *args)
         try:
-            wait_for(condition, what=what)
+            wait_for(condition, 60, what)
             run.send_signal(sig)
             assert run.wait(timeout=60) == 130
         finally:
             run.kill()
     finally:
         server.set_knobs(latency_ms=0)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 60, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def downloads(server: TestServer, mark: int) -> list[str]:
@@ -164,7 +156,7 @@ def test_an_interrupted_prefetch_resumes(server: TestServer, mount_factory,  # n
     stderr = log.read_text()
     assert "prefetch interrupted" in stderr and "run the same command again" in stderr
     # What the mount had on its way when the reader went away, it finishes (and caches).
-    wait_for(lambda: not in_flight(mount.path), what="the mount's downloads to end")
+    wait_for(lambda: not in_flight(mount.path), 60, "the mount's downloads to end")
     fetched_before = set(downloads(server, mark))
     assert 10 <= len(fetched_before) < total
 

@@ -35,6 +35,8 @@ from xnatfs.areas.remote_files import SERIES_READ_AHEAD
 from xnatfs.testing.harness import TestServer
 from xnatfs.testing.store import Store
 
+from .conftest import wait_for
+
 BS = DEFAULT_BLOCK_SIZE
 ADMIN = ("admin", "admin")
 # Routes and client request kinds that carry file contents.
@@ -116,14 +118,6 @@ def drop_page_cache() -> None:
 def read_all(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` (which does real I/O) until true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 # ----------------------------------------------------------------- fixtures

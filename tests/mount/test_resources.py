@@ -40,7 +40,7 @@ import pytest
 from xnatfs.testing.harness import TestServer, pids_with_cmdline
 
 from .conftest import (ADMIN, Mount, daemon_pid, drop_kernel_entries, mount_xnatfs,
-                       peak_in_flight, unmount_and_wait)
+                       peak_in_flight, unmount_and_wait, wait_for)
 from .test_cli import wait_for_unmount
 
 SESSION = Path("NEURO_PUB/NP001/NP001_MR1")      # the mount's path of the demo session
@@ -145,14 +145,6 @@ def uploads_cli(mount: Mount, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "xnatfs.cli", "uploads", *args,
                            "--cache-dir", str(mount.cache_dir)], env=mount.env,
                           capture_output=True, text=True, timeout=120)
-
-
-def wait_until(condition, what: str, timeout: float = 30) -> None:  # noqa: ANN001
-    """Poll ``condition`` (a few times a second) until it holds, at most ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def fsync_folder(path: Path) -> None:
@@ -495,7 +487,7 @@ def test_a_read_only_collaborator_is_refused_and_nothing_is_stored(
     assert os.getxattr(notes / "mine.txt", "user.xnatfs.upload.state") == b"failed"
     [upload_id] = [line.split()[0] for line in kept.splitlines() if "files/mine.txt" in line]
     assert uploads_cli(mount, "discard", upload_id).returncode == 0
-    wait_until(lambda: "mine.txt" not in os.listdir(notes), "the discarded file to go", 10)
+    wait_for(lambda: "mine.txt" not in os.listdir(notes), 10, "the discarded file to go")
     assert sorted(os.listdir(notes)) == ["copy.txt", "notes.txt"]
     os.unlink(notes / "copy.txt")  # rm of a kept file: gone, not an empty file left listed
     assert os.listdir(notes) == ["notes.txt"]
@@ -557,8 +549,8 @@ def test_a_server_error_mid_queue_heals_and_each_file_is_sent_once(
     try:
         subprocess.run(["cp", "-r", f"{tree}/.", str(resource / "files")], check=True,
                        timeout=60)
-        wait_until(lambda: any(e["status"] == 503 for e in server.requests_since(mark)),
-                   "the first failed upload")
+        wait_for(lambda: any(e["status"] == 503 for e in server.requests_since(mark)),
+                 what="the first failed upload")
     finally:
         server.set_knobs(fail_rate=0.0, fault_path="")
     fsync_folder(resource / "files")
@@ -607,14 +599,14 @@ def test_an_upload_a_silent_server_stopped_reading_leaves_no_descriptor_open(
                        (entry.split(" WARNING ", 1)[-1] for entry in
                         mount_log(mount).splitlines()))
 
-        wait_until(one_try_failed, "a try whose every attempt met a WriteTimeout")
+        wait_for(one_try_failed, what="a try whose every attempt met a WriteTimeout")
     finally:
         server.set_knobs(hang=False, fault_path="")
     fsync_folder(resource / "files")  # the spool's next try sends it
     assert listed(server, f"{SESSION_URI}/resources/SILENT") == digests(out)
     assert "volume.nii" not in uploads_cli(mount, "list").stdout
-    wait_until(lambda: not deleted_spool_copies(mount),
-               "the descriptors of the deleted local copy to be closed", timeout=5)
+    wait_for(lambda: not deleted_spool_copies(mount), 5,
+             "the descriptors of the deleted local copy to be closed")
 
 
 @pytest.mark.parametrize("allow_overwrite", [False, True], ids=["refused", "allowed"])
@@ -637,7 +629,7 @@ def test_a_file_saved_again_while_its_first_version_is_sent(
     server.set_knobs(answer_delay_ms=2500, fault_path=f"/resources/{label}/files/")
     try:
         target.write_bytes(first)  # returns at once: sent behind the close
-        wait_until(lambda: listed(server, uri), "XNAT to store the first version")
+        wait_for(lambda: listed(server, uri), what="XNAT to store the first version")
         target.write_bytes(second)  # XNAT has the first; its answer is not back yet
         if allow_overwrite:
             fsync_folder(resource / "files")
@@ -713,7 +705,7 @@ def test_a_killed_mount_sends_its_queued_writes_after_the_remount(
     try:
         (resource / "files" / "run0").mkdir()
         shutil.copy(tree / "run0" / "out.txt", resource / "files" / "run0" / "out.txt")
-        wait_until(lambda: listed(server, uri), "XNAT to store the first file")
+        wait_for(lambda: listed(server, uri), what="XNAT to store the first file")
         subprocess.run(["cp", "-r", *[str(tree / f"run{n}") for n in range(1, 5)],
                         str(resource / "files")], check=True, timeout=60)
         os.kill(daemon_pid(mount.path), signal.SIGKILL)
@@ -723,8 +715,8 @@ def test_a_killed_mount_sends_its_queued_writes_after_the_remount(
     assert list(listed(server, uri)) == ["run0/out.txt"]
     # The server logs a request once its answer is over: the held one's entry
     # must be in before the mark, or it would count as a write of what follows.
-    wait_until(lambda: writes_since(server, held, "/resources/CRASH/files/run0/"),
-               "the held answer to end")
+    wait_for(lambda: writes_since(server, held, "/resources/CRASH/files/run0/"),
+             what="the held answer to end")
     # Another site: the same server by another name gets nothing.
     elsewhere = server.url.replace("127.0.0.1", "localhost")
     mark = server.log_mark()
@@ -737,7 +729,7 @@ def test_a_killed_mount_sends_its_queued_writes_after_the_remount(
     assert writes_since(server, mark) == []
     # The same site: sent once the mount starts.
     mount_xnatfs(server, mount.path, mount.cache_dir, mount.env, mount.options)
-    wait_until(lambda: len(listed(server, uri)) == 5, "the queued files to be sent")
+    wait_for(lambda: len(listed(server, uri)) == 5, what="the queued files to be sent")
     assert listed(server, uri) == digests(tree)
     writes = writes_since(server, mark)
     assert writes and all(e["status"] == 200 and "overwrite" not in e["query"] for e in writes)

@@ -11,9 +11,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from xnatfs.blockcache import DEFAULT_BLOCK_SIZE as BS
 from xnatfs.blockcache.shared import HEADER_SIZE, LAYOUT, SharedCache, prune, unpack
 from xnatfs.testing.harness import TestServer
 
-from .conftest import Mount, daemon_pid, unmount
+from .conftest import Mount, daemon_pid, unmount, wait_for
 
 DATA_ROUTES = {"files.download", "files.stream"}
 STATUS = ".xnatfs-status.json"
@@ -86,14 +85,6 @@ def _idle(document: dict[str, Any]) -> dict[str, Any] | None:
     idle = (document["downloads"]["in_flight"] == 0
             and document["shared_cache"]["entries_being_published"] == 0)
     return document if idle else None
-
-
-def wait_for(probe: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := probe()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return result
 
 
 def entries(shared: Path) -> dict[Path, bytes]:
